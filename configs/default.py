@@ -1,0 +1,88 @@
+"""Shared defaults: SimpleNet as released (WRN50-2, layers 2+3, MVTec AD).
+
+Every other config starts from `get_config()` here and changes only what it
+must, so a key exists in every config and an unknown override is an error.
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.backbone = ml_collections.ConfigDict()
+  c.backbone.name = 'wide_resnet50_2'
+  c.backbone.layers = ('layer2', 'layer3')
+  c.backbone.weights_dir = 'pretrained'
+  c.backbone.random_init = False  # Only for tests/benchmarks: no weights needed.
+  c.backbone.dtype = 'float32'  # 'bfloat16' runs the backbone in bf16.
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.kind = 'mvtec'  # mvtec | mvtec_tfds | folder | cifar10 | demo
+  c.dataset.root = 'data/mvtec'
+  c.dataset.categories = ('all',)  # 'all' = the 15 MVTec AD categories.
+  c.dataset.resize = 256  # Shorter side, as torchvision's Resize(int).
+  c.dataset.crop = 224  # Center crop; 0 = no crop.
+  # Textures: resized to this square, no crop (0: the object transform).
+  c.dataset.texture_resize = 256
+  c.dataset.textures = ()  # Extra category names to treat as textures.
+  c.dataset.tfds_data_dir = ''  # tfds data dir ('' = ~/tensorflow_datasets).
+  c.dataset.num_workers = 8  # Decode/resize threads.
+  c.dataset.prefetch = 2  # Batches decoded ahead.
+  # folder datasets: see configs/folder.py.
+  c.dataset.train_dir = ''
+  c.dataset.test_dirs = ml_collections.ConfigDict()
+  c.dataset.mask_dir = ''
+  # cifar10: the normal class.
+  c.dataset.normal_class = -1  # -1 = each class in turn.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.patch_size = 3
+  c.model.pretrain_embed_dim = 1536
+  c.model.target_embed_dim = 1536
+  c.model.hidden = 1024  # Discriminator hidden width (released: dsc_hidden).
+  c.model.margin = 0.5
+  c.model.noise_mode = 'absolute'  # 'absolute': std = noise_std.
+  c.model.noise_std = 0.015  # 'relative': std = noise_rel * RMS(adapted).
+  c.model.noise_rel = 0.2
+  c.model.mix_noise = 1
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.variant = 'released'  # 'released' | 'paper' (see README).
+  c.optim.adaptor_lr = 1e-4
+  c.optim.adaptor_wd = 0.01
+  c.optim.disc_lr = 2e-4
+  c.optim.disc_wd = 1e-5
+  c.optim.cos_lr = False
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 4
+  c.train.num_passes = 160
+  c.train.eval_every = 0  # 0 = evaluate the final model only.
+  c.train.checkpoint_every = 10
+  c.train.keep_checkpoints = 2
+  c.train.cache_features = True
+  c.train.cache_max_gb = 8.0
+  c.train.cache_dtype = 'float32'  # 'bfloat16' halves the cache.
+  c.train.select_best_on_test = False  # Released behaviour; labelled as such.
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 8
+  c.eval.sigma = 4.0
+  c.eval.aupro_max_fpr = 0.3
+  c.eval.visualize = 'top'  # 'none' | 'top' | 'all'
+  c.eval.visualize_top_n = 8
+  c.eval.feature_histogram = True  # The paper's Fig. 3 diagnostic.
+
+  c.threshold = ml_collections.ConfigDict()
+  c.threshold.holdout_fraction = 0.0  # 0: quantile over the training images.
+  c.threshold.quantile = 0.99
+
+  c.predict = ml_collections.ConfigDict()
+  c.predict.inputs = ''  # A file, a directory or a glob.
+  c.predict.category = ''  # Which trained category's checkpoint to use.
+
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.multihost = False  # Call jax.distributed.initialize().
+  return c

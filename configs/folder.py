@@ -1,0 +1,28 @@
+"""Your own data: a folder of normal training images and test folders.
+
+  python main.py --config configs/folder.py --workdir runs/mine \
+    --config.dataset.train_dir=/data/parts/train \
+    --config.dataset.test_dirs.good=/data/parts/test/good \
+    --config.dataset.test_dirs.defect=/data/parts/test/defect \
+    --config.dataset.mask_dir=/data/parts/masks    # optional
+
+Test folders named 'good' or 'normal' hold normal images; any other name holds
+anomalous ones. Without masks the pixel metrics are skipped (and said so).
+A held-out 10% of the normal training images sets the decision threshold used
+by --mode=predict.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.dataset.kind = 'folder'
+  c.dataset.categories = ('folder',)
+  c.dataset.train_dir = ''
+  c.dataset.test_dirs = ml_collections.ConfigDict({'good': '', 'defect': ''})
+  c.dataset.mask_dir = ''
+  c.threshold.holdout_fraction = 0.1
+  return c

@@ -1,0 +1,97 @@
+"""Evaluation of one category: scores, metrics, heat maps.
+
+Streams the test set: per batch the device returns image scores and smoothed
+maps; the host keeps one float32 copy of the maps for the pixel metrics and
+nothing else, so memory grows only with the per-pixel arrays the metrics need.
+"""
+
+import os
+
+from absl import logging
+import numpy as np
+
+from simplenet_jax import metrics
+from simplenet_jax import parallel
+from simplenet_jax import visualize
+from simplenet_jax.data import loader
+
+
+def head_vars(state) -> dict:
+  return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+def _predict_batches(ctx, state, dataset, indices=None):
+  """Yields (batch, outputs) with outputs as numpy, padding removed."""
+  c = ctx.config
+  hv = head_vars(state)
+  for batch in loader.batches(dataset, c.eval.batch_size, indices=indices,
+                              num_workers=c.dataset.num_workers,
+                              prefetch=c.dataset.prefetch):
+    images, n = parallel.put_batch(batch['image'], ctx.mesh)
+    out = ctx.predict_fn(ctx.backbone_vars, hv, images)
+    yield batch, {k: parallel.to_host(v)[:n] for k, v in out.items()}
+
+
+def image_scores(ctx, state, dataset, indices) -> np.ndarray:
+  """Image scores (N,) of dataset[indices] (maps are computed and dropped)."""
+  return np.concatenate([o['image_scores'] for _, o in
+                         _predict_batches(ctx, state, dataset, indices)])
+
+
+def evaluate_category(ctx, state, meta, visualize_maps: bool = True) -> dict:
+  """Image AUROC, pixel AUROC and AUPRO of `state` on the category's test set.
+
+  Returns:
+    A table row: category, kind, image_auroc, pixel_auroc, aupro (fractions,
+    nan where undefined), n_test, plus the test-set selected best pass when
+    training recorded one.
+  """
+  c = ctx.config
+  test = ctx.test_set
+  pixel = metrics.PixelMetrics(expected_images=len(test),
+                               max_fpr=c.eval.aupro_max_fpr) if test.has_masks else None
+  scores, labels, names = [], [], []
+  for batch, out in _predict_batches(ctx, state, test):
+    scores.append(out['image_scores'])
+    labels.append(batch['label'])
+    names.extend(batch['path'])
+    if pixel is not None:
+      pixel.add(out['anomaly_maps'], batch['mask'])
+  scores = np.concatenate(scores)
+  labels = np.concatenate(labels)
+  row = {'category': ctx.category, 'kind': ctx.kind, 'n_test': int(len(labels)),
+         'image_auroc': metrics.image_auroc(scores, labels),
+         'pixel_auroc': float('nan'), 'aupro': float('nan')}
+  if pixel is not None:
+    row['pixel_auroc'] = pixel.pixel_auroc()
+    row['aupro'] = pixel.aupro()
+    map_range = pixel.score_range()
+  else:
+    logging.warning('%s: the test set has no masks; pixel AUROC and AUPRO are '
+                    'skipped (n/a).', ctx.category)
+    map_range = None
+  if meta and meta.get('best_on_test'):
+    row['best_on_test'] = meta['best_on_test']
+  if visualize_maps and c.eval.visualize != 'none':
+    _save_heatmaps(ctx, state, scores, map_range)
+  return row
+
+
+def _save_heatmaps(ctx, state, scores, map_range):
+  """Figure-1 style overlays of all or the top-N scoring test images."""
+  c = ctx.config
+  order = np.argsort(-scores, kind='stable')
+  if c.eval.visualize == 'top':
+    order = order[:c.eval.visualize_top_n]
+  if not len(order):
+    return
+  out_dir = os.path.join(ctx.workdir, 'heatmaps')
+  for batch, out in _predict_batches(ctx, state, ctx.test_set,
+                                     np.sort(order)):
+    maps = out['anomaly_maps']
+    vmin, vmax = map_range if map_range else (float(maps.min()),
+                                              float(maps.max()))
+    masks = batch['mask'] if ctx.test_set.has_masks else [None] * len(maps)
+    visualize.save_overlays(out_dir, batch['image'], maps, masks,
+                            batch['path'], out['image_scores'],
+                            vmin=vmin, vmax=vmax)

@@ -1,0 +1,323 @@
+"""Train state, optimisers and the training step of SimpleNet's head.
+
+One step (released `_train_discriminator`): adapt a batch of local features,
+add Gaussian noise to get anomalous features, score [adapted; fake] with the
+discriminator in train mode (BatchNorm statistics over both halves) and take
+one optimiser step on the truncated L1 loss, adaptor and discriminator
+together.
+"""
+
+import functools
+import math
+from typing import Any, Optional, Sequence, Union
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from simplenet_jax import model as model_lib
+from simplenet_jax.errors import UserError
+
+NOISE_MODES = ('absolute', 'relative')
+VARIANTS = ('released', 'paper')
+# Released: CosineAnnealingLR(dsc_opt, T_max, eta_min=dsc_lr * .4).
+COS_LR_FLOOR = 0.4
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything needed to continue training; array leaves only (orbax).
+
+  params: {'adaptor': ..., 'discriminator': ...}.
+  batch_stats: {'discriminator': {'bn': {'mean', 'var'}}} (BatchNorm running
+    statistics).
+  noise_std: f32 scalar, the std of the anomalous-feature noise (fixed for
+    'absolute', measured once by `calibrate_noise` for 'relative').
+  tx, margin, mix_noise: static, rebuilt from the config by
+    `create_train_state`.
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  noise_std: jax.Array
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  margin: float = flax.struct.field(pytree_node=False, default=0.5)
+  mix_noise: int = flax.struct.field(pytree_node=False, default=1)
+
+
+def _cfg_get(cfg, key, default):
+  return cfg[key] if key in cfg else default
+
+
+def _adam(lr, b1=0.9, b2=0.999, eps=1e-8, l2=0.0):
+  """torch.optim.Adam: L2 `weight_decay` is added to the gradient first."""
+  parts = [optax.add_decayed_weights(l2)] if l2 else []
+  parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+            optax.scale_by_learning_rate(lr)]
+  return optax.chain(*parts)
+
+
+def disc_lr_schedule(optim_cfg, steps_per_pass: int, num_passes: int):
+  """Discriminator learning rate per optimiser step.
+
+  With `optim.cos_lr` the released code steps CosineAnnealingLR(T_max,
+  eta_min=0.4 lr) once per pass over the training data, so the lr is constant
+  within a pass: lr(p) = eta_min + (lr - eta_min) (1 + cos(pi p / T_max)) / 2
+  for pass p. T_max is `optim.cos_period_passes` if the config has it, else
+  `num_passes` (released: (meta_epochs - 1) * gan_epochs = num_passes - 4, so
+  its last 4 passes climb back slightly; the cosine is periodic past T_max).
+  """
+  base = float(optim_cfg['disc_lr'])
+  if not optim_cfg['cos_lr']:
+    return base
+  if steps_per_pass < 1 or num_passes < 1:
+    raise UserError('optim.cos_lr needs steps_per_pass >= 1 and '
+                    f'train.num_passes >= 1 (got {steps_per_pass}, '
+                    f'{num_passes}).')
+  period = _cfg_get(optim_cfg, 'cos_period_passes', None) or num_passes
+  floor = COS_LR_FLOOR * base
+
+  def schedule(count):
+    p = (count // steps_per_pass).astype(jnp.float32)
+    return floor + (base - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * p / period))
+  return schedule
+
+
+def make_optimizer(optim_cfg, steps_per_pass: int,
+                   num_passes: int) -> optax.GradientTransformation:
+  """One optax transform over params {'adaptor', 'discriminator'}.
+
+  'released': adaptor AdamW(adaptor_lr, adaptor_wd); discriminator Adam
+    (disc_lr) with coupled L2 disc_wd.
+  'paper': both Adam with coupled L2 disc_wd (the paper's "weight decay
+    1e-5"), at adaptor_lr and disc_lr.
+  `cos_lr` schedules the discriminator lr only, as released.
+
+  Equal settings give the same (cached) object, so train states built from
+  the same config share compiled steps.
+  """
+  variant = optim_cfg.variant
+  if variant not in VARIANTS:
+    raise UserError(f'optim.variant must be one of {VARIANTS}, got '
+                    f'{variant!r}.')
+  cos_lr = bool(optim_cfg.cos_lr)
+  return _optimizer(
+      variant, float(optim_cfg.adaptor_lr), float(optim_cfg.adaptor_wd),
+      float(optim_cfg.disc_lr), float(optim_cfg.disc_wd), cos_lr,
+      int(steps_per_pass) if cos_lr else 0, int(num_passes) if cos_lr else 0,
+      _cfg_get(optim_cfg, 'cos_period_passes', None) if cos_lr else None)
+
+
+@functools.lru_cache(maxsize=64)
+def _optimizer(variant, adaptor_lr, adaptor_wd, disc_lr, disc_wd, cos_lr,
+               steps_per_pass, num_passes, cos_period_passes):
+  disc_cfg = {'disc_lr': disc_lr, 'cos_lr': cos_lr,
+              'cos_period_passes': cos_period_passes}
+  disc = _adam(disc_lr_schedule(disc_cfg, steps_per_pass, num_passes),
+               l2=disc_wd)
+  if variant == 'released':
+    adaptor = optax.adamw(adaptor_lr, b1=0.9, b2=0.999, eps=1e-8,
+                          weight_decay=adaptor_wd)
+  else:
+    adaptor = _adam(adaptor_lr, l2=disc_wd)
+  return optax.multi_transform(
+      {'adaptor': adaptor, 'discriminator': disc}, _top_level_labels)
+
+
+def _top_level_labels(params):
+  return {k: jax.tree.map(lambda _, k=k: k, v) for k, v in params.items()}
+
+
+def _modules(params):
+  """The head's modules, sized from the parameters they will be applied to."""
+  dim = params['adaptor']['fc']['kernel'].shape[1]
+  hidden = params['discriminator']['fc']['kernel'].shape[1]
+  return model_lib.Adaptor(dim), model_lib.Discriminator(hidden)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _init_head(key, embed_dim, hidden):
+  """Released init of adaptor and discriminator: (params, batch_stats)."""
+  k_adaptor, k_disc = jax.random.split(key)
+  x = jnp.zeros((2, embed_dim), jnp.float32)
+  adaptor_vars = model_lib.Adaptor(embed_dim).init(k_adaptor, x)
+  disc_vars = model_lib.Discriminator(hidden).init(k_disc, x, train=False)
+  params = {'adaptor': adaptor_vars['params'],
+            'discriminator': disc_vars['params']}
+  return params, {'discriminator': disc_vars['batch_stats']}
+
+
+def create_train_state(key: jax.Array, model_cfg, optim_cfg, embed_dim: int,
+                       steps_per_pass: int, num_passes: int) -> TrainState:
+  """Freshly initialised head (released init) and optimiser.
+
+  With model.noise_mode 'relative', noise_std is NaN until `calibrate_noise`
+  sets it; training before that gives NaN losses.
+  """
+  if model_cfg.noise_mode not in NOISE_MODES:
+    raise UserError(f'model.noise_mode must be one of {NOISE_MODES}, got '
+                    f'{model_cfg.noise_mode!r}.')
+  if int(model_cfg.mix_noise) < 1:
+    raise UserError(f'model.mix_noise must be >= 1, got {model_cfg.mix_noise}.')
+  if int(model_cfg.hidden) < 1:
+    raise UserError(f'model.hidden must be >= 1, got {model_cfg.hidden}.')
+  params, batch_stats = _init_head(key, int(embed_dim), int(model_cfg.hidden))
+  tx = make_optimizer(optim_cfg, steps_per_pass, num_passes)
+  std = (float(model_cfg.noise_std) if model_cfg.noise_mode == 'absolute'
+         else float('nan'))
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=jax.jit(tx.init)(params),
+      noise_std=jnp.asarray(std, jnp.float32),
+      tx=tx,
+      margin=float(model_cfg.margin),
+      mix_noise=int(model_cfg.mix_noise))
+
+
+def loss_fn(params, batch_stats, features, noise, margin,
+            mask: Optional[jax.Array] = None):
+  """Truncated L1 loss of one batch, given the noise.
+
+  Args:
+    params, batch_stats: as in TrainState.
+    features: (N, D) float32 local features (before the adaptor).
+    noise: (N, D) noise added to the adapted features.
+    margin: the loss margin.
+    mask: optional (N,) 0/1; 0 = padding row.
+
+  Returns:
+    (loss, (metrics, new_batch_stats, scores)); scores (2N,) are the
+    discriminator's train-mode outputs on [adapted; fake].
+  """
+  adaptor, disc = _modules(params)
+  adapted = adaptor.apply({'params': params['adaptor']}, features)
+  fake = adapted + noise
+  both_mask = None if mask is None else jnp.concatenate([mask, mask])
+  scores, updates = disc.apply(
+      {'params': params['discriminator'],
+       'batch_stats': batch_stats['discriminator']},
+      jnp.concatenate([adapted, fake]), train=True, mask=both_mask,
+      mutable=['batch_stats'])
+  n = features.shape[0]
+  loss, p_true, p_fake = model_lib.truncated_l1_loss(
+      scores[:n], scores[n:], margin, mask)
+  metrics = {'loss': loss, 'p_true': p_true, 'p_fake': p_fake}
+  return loss, (metrics, {'discriminator': updates['batch_stats']}, scores)
+
+
+def _prepare(features, mask):
+  features = jnp.asarray(features, jnp.float32)
+  if mask is not None:
+    mask = jnp.asarray(mask, jnp.float32)
+  return features, mask
+
+
+@jax.jit
+def train_step_with_noise(state: TrainState, features, noise,
+                          mask: Optional[jax.Array] = None):
+  """`train_step` with the noise given: (N, D) added to the adapted rows."""
+  features, mask = _prepare(features, mask)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (_, (metrics, batch_stats, _)), grads = grad_fn(
+      state.params, state.batch_stats, features, noise, state.margin, mask)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return state.replace(step=state.step + 1, params=params,
+                       batch_stats=batch_stats, opt_state=opt_state), metrics
+
+
+@jax.jit
+def train_step(state: TrainState, features, key: jax.Array,
+               mask: Optional[jax.Array] = None):
+  """One optimiser step on a batch of local features.
+
+  Args:
+    state: the TrainState.
+    features: (N, D) rows (float32 or bfloat16).
+    key: PRNG key for the noise; row i's noise depends on (key, i) only.
+    mask: optional (N,) float 0/1; rows with 0 (padding, e.g. for data
+      parallelism) affect neither loss, gradients nor BatchNorm statistics.
+
+  Returns:
+    (new_state, metrics): metrics {'loss', 'p_true', 'p_fake'} f32 scalars.
+  """
+  features, mask = _prepare(features, mask)
+  dim = state.params['adaptor']['fc']['kernel'].shape[1]
+  noise = model_lib.sample_noise(key, (features.shape[0], dim),
+                                 state.noise_std, state.mix_noise)
+  return train_step_with_noise(state, features, noise, mask)
+
+
+def _head_vars(state_or_vars):
+  if isinstance(state_or_vars, TrainState):
+    return state_or_vars.params, state_or_vars.batch_stats
+  return state_or_vars['params'], state_or_vars['batch_stats']
+
+
+@jax.jit
+def _adapt(params, features):
+  adaptor, _ = _modules(params)
+  return adaptor.apply({'params': params['adaptor']},
+                       jnp.asarray(features, jnp.float32))
+
+
+@jax.jit
+def _scores(params, batch_stats, features):
+  adaptor, disc = _modules(params)
+  x = features.reshape(-1, features.shape[-1]).astype(jnp.float32)
+  x = adaptor.apply({'params': params['adaptor']}, x)
+  s = disc.apply({'params': params['discriminator'],
+                  'batch_stats': batch_stats['discriminator']}, x, train=False)
+  return -s.reshape(features.shape[:-1])
+
+
+def patch_scores(state_or_vars, features) -> jax.Array:
+  """Anomaly score -D(adaptor(x)) per row, eval-mode BatchNorm.
+
+  Args:
+    state_or_vars: a TrainState or {'params': ..., 'batch_stats': ...}.
+    features: (..., D) local features.
+
+  Returns:
+    (...) float32 scores; high = anomalous.
+  """
+  params, batch_stats = _head_vars(state_or_vars)
+  return _scores(params, batch_stats, features)
+
+
+def feature_rms(state: TrainState,
+                features: Union[jax.Array, Sequence[jax.Array]]) -> float:
+  """RMS over all entries of the adapted features.
+
+  `features` is one (..., D) array or a sequence of them (e.g. batches), so a
+  large feature cache need not be adapted at once.
+  """
+  arrays = [features] if hasattr(features, 'shape') else list(features)
+  total, count = 0.0, 0
+  for f in arrays:
+    a = _adapt(state.params, jnp.reshape(f, (-1, f.shape[-1])))
+    total += float(jnp.sum(jnp.square(a), dtype=jnp.float32))
+    count += a.size
+  if count == 0:
+    raise ValueError('feature_rms needs at least one feature vector.')
+  return math.sqrt(total / count)
+
+
+def calibrate_noise(state: TrainState, model_cfg, features) -> TrainState:
+  """Sets noise_std per model.noise_mode: noise_std, or noise_rel * RMS.
+
+  For 'relative', the RMS of the adapted `features` (see `feature_rms`) with
+  the current adaptor; call once before training, the value then travels with
+  the state.
+  """
+  if model_cfg.noise_mode not in NOISE_MODES:
+    raise UserError(f'model.noise_mode must be one of {NOISE_MODES}, got '
+                    f'{model_cfg.noise_mode!r}.')
+  if model_cfg.noise_mode == 'absolute':
+    std = float(model_cfg.noise_std)
+  else:
+    std = float(model_cfg.noise_rel) * feature_rms(state, features)
+  return state.replace(noise_std=jnp.asarray(std, jnp.float32))

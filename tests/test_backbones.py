@@ -1,0 +1,285 @@
+"""Backbones: specs, layer selection, parity with torchvision, real weights."""
+
+import importlib.util
+import os
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from simplenet_jax import backbones
+from simplenet_jax.backbones import weights
+from simplenet_jax.errors import UserError
+
+# ImageNet-1k class indices (checked against torchvision's category list).
+TABBY, TIGER_CAT, PERSIAN_CAT, SIAMESE_CAT, EGYPTIAN_CAT = 281, 282, 283, 284, 285
+COFFEE_MUG, ESPRESSO, CUP = 504, 967, 968
+CATS = {TABBY, TIGER_CAT, PERSIAN_CAT, SIAMESE_CAT, EGYPTIAN_CAT}
+COFFEE = {ESPRESSO, CUP, COFFEE_MUG}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _torchvision_resnet():
+  """torchvision.models.resnet without torchvision's __init__ (no-deps install)."""
+  pytest.importorskip('torch', reason='torch (the reference) is absent')
+  if 'torchvision.models.resnet' not in sys.modules:
+    spec = importlib.util.find_spec('torchvision')
+    if spec is None:
+      pytest.skip('torchvision is not installed')
+    pkg = types.ModuleType('torchvision')
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules.setdefault('torchvision', pkg)
+  from torchvision.models import resnet  # pylint: disable=g-import-not-at-top
+  return resnet
+
+
+def _cfg(name, tmp_path, **overrides):
+  cfg = ml_collections.ConfigDict(dict(
+      name=name, layers=('layer2', 'layer3'), weights_dir=str(tmp_path),
+      random_init=False, dtype='float32'))
+  cfg.update(overrides)
+  return cfg
+
+
+def _rel_err(got, want):
+  """max |got - want| / max |want|."""
+  return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def test_unknown_backbone_names_key_and_choices():
+  with pytest.raises(UserError, match='backbone.name') as info:
+    backbones.get_spec('vgg16')
+  for name in ('resnet18', 'resnet50', 'wide_resnet50_2', 'efficientnet_lite0',
+               'efficientnet_lite1', 'efficientnet_lite2'):
+    assert name in str(info.value)
+    assert backbones.get_spec(name).name == name
+
+
+def test_unknown_layer_names_key():
+  with pytest.raises(UserError, match='backbone.layers'):
+    backbones.build('resnet18', ('layer2', 'layer5'))
+  with pytest.raises(UserError, match='backbone.dtype'):
+    backbones.load_backbone(_cfg('resnet18', '.', dtype='float16'))
+
+
+@pytest.mark.parametrize('name,channels', [
+    ('wide_resnet50_2', (256, 512, 1024, 2048)),
+    ('resnet18', (64, 128, 256, 512)),
+    ('efficientnet_lite0', (24, 40, 112, 320)),
+    ('efficientnet_lite2', (24, 48, 120, 352)),
+])
+def test_output_shapes_match_spec(name, channels):
+  spec = backbones.get_spec(name)
+  assert spec.channels == dict(zip(backbones.LAYERS, channels))
+  assert spec.strides == {'layer1': 4, 'layer2': 8, 'layer3': 16, 'layer4': 32}
+  module = backbones.build(name, backbones.LAYERS)
+  shapes = jax.eval_shape(
+      lambda x: module.init_with_output(jax.random.PRNGKey(0), x)[0],
+      jnp.zeros((2, 64, 96, 3)))
+  assert set(shapes) == set(backbones.LAYERS)
+  for layer, c in zip(backbones.LAYERS, channels):
+    s = spec.strides[layer]
+    assert shapes[layer].shape == (2, 64 // s, 96 // s, c), layer
+    assert shapes[layer].dtype == jnp.float32
+
+
+@pytest.mark.parametrize('name,last,absent', [
+    ('wide_resnet50_2', 'layer3_5', 'layer4_0'),
+    ('efficientnet_lite0', 'blocks_10', 'blocks_11'),
+])
+def test_nothing_past_the_last_layer(name, last, absent):
+  expected = weights.expected_shapes(backbones.build(name, ('layer3',)))
+  modules = {k[1] for k in expected}
+  assert last in modules and absent not in modules
+  assert 'fc' not in modules
+
+
+def _randomised_torch_model(resnet, name):
+  """A torchvision model with random weights and random BN statistics."""
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = getattr(resnet, name)().eval()
+  g = torch.Generator().manual_seed(1)
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        n = m.num_features
+        m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+        m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+        m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+        m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+  return model
+
+
+@pytest.mark.parametrize('name,through_file', [
+    ('wide_resnet50_2', False), ('resnet18', True)])
+def test_parity_with_torchvision(tmp_path, name, through_file):
+  import torch  # pylint: disable=g-import-not-at-top
+  model = _randomised_torch_model(_torchvision_resnet(), name)
+  if through_file:  # Also exercises the safe reader on a real torch file.
+    pth = str(tmp_path / f'{name}.pth')
+    torch.save(model.state_dict(), pth)
+    state = weights.read_pth(pth)
+  else:
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+  full = weights.torch_to_flax(
+      state, weights.expected_shapes(backbones.build_full(name)), name, 'mem')
+  module = backbones.build(name, ('layer2', 'layer3'))
+  variables = weights.select(full, weights.expected_shapes(module), 'mem')
+
+  images = np.random.RandomState(0).rand(2, 64, 64, 3).astype(np.float32)
+  got = jax.jit(module.apply)(variables, images)
+  assert set(got) == {'layer2', 'layer3'}
+
+  normalised = (images - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
+  x = torch.from_numpy(normalised.transpose(0, 3, 1, 2).copy())
+  with torch.no_grad():
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    layer2 = model.layer2(model.layer1(x))
+    layer3 = model.layer3(layer2)
+  for layer, want in (('layer2', layer2), ('layer3', layer3)):
+    want = want.numpy().transpose(0, 2, 3, 1)
+    assert got[layer].shape == want.shape
+    assert _rel_err(np.asarray(got[layer]), want) <= 1e-4, layer
+
+
+def _photo(name, size):
+  """skimage photo: shorter side to size/0.875, centre crop, [0, 1] float32."""
+  image = Image.fromarray(getattr(skimage.data, name)())
+  scale = round(size / 0.875) / min(image.size)
+  image = image.resize((round(image.size[0] * scale),
+                        round(image.size[1] * scale)), Image.BICUBIC)
+  left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+  image = image.crop((left, top, left + size, top + size))
+  return np.asarray(image, np.float32) / 255.0
+
+
+@pytest.fixture(scope='module')
+def lite0_dir(tmp_path_factory):
+  directory = str(tmp_path_factory.mktemp('lite0'))
+  weights.ensure_converted('efficientnet_lite0', directory)
+  return directory
+
+
+def test_lite0_real_weights_classify_photos(lite0_dir):
+  module, variables = backbones.load_backbone(
+      _cfg('efficientnet_lite0', lite0_dir, layers=('layer2', 'logits')))
+  images = np.stack([_photo('chelsea', 224), _photo('coffee', 224)])
+  # The same photos as the module would see them after ImageNet mean/std
+  # normalisation (the module applies its own [-1, 1] one): one compile.
+  spec = backbones.get_spec('efficientnet_lite0')
+  as_imagenet = ((images - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
+                 * np.float32(spec.std) + np.float32(spec.mean))
+  logits = jax.jit(module.apply)(
+      variables, np.concatenate([images, as_imagenet]))['logits']
+  probs = np.asarray(jax.nn.softmax(logits))
+  for p, classes in zip(probs[:2], (CATS, COFFEE)):
+    top5 = set(np.argsort(-p)[:5].tolist())
+    assert int(np.argmax(p)) in classes
+    assert len(top5 & classes) >= 2
+  # The spec's normalisation ([-1, 1]) fits these weights better than
+  # ImageNet's mean/std: more probability on the true classes.
+  for p, q, classes in zip(probs[:2], probs[2:], (CATS, COFFEE)):
+    assert p[list(classes)].sum() > q[list(classes)].sum()
+
+
+def test_lite0_stem_statistics_fit_the_spec_normalisation(lite0_dir):
+  # The stem BatchNorm's running variance records the scale of the inputs the
+  # weights were trained on: the spec's normalisation must come closer to it
+  # than ImageNet's mean/std (which would give ~5x the variance).
+  full = weights.read_converted(
+      weights.weights_path('efficientnet_lite0', lite0_dir),
+      'efficientnet_lite0')
+  kernel = full['params']['conv_stem']['kernel']
+  running_var = full['batch_stats']['bn0']['var']
+  alive = running_var > 1e-6
+  images = np.stack([_photo(name, 224)
+                     for name in ('chelsea', 'coffee', 'astronaut', 'rocket')])
+  spec = backbones.get_spec('efficientnet_lite0')
+
+  def log_var_ratio(mean, std):
+    x = (images - np.float32(mean)) / np.float32(std)
+    y = jax.lax.conv_general_dilated(x, kernel, (2, 2), 'SAME',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    var = np.asarray(y).var(axis=(0, 1, 2))
+    return abs(float(np.median(np.log(var[alive] / running_var[alive]))))
+
+  # Measured: 0.37 and 1.23 (|median log ratio|).
+  assert log_var_ratio(spec.mean, spec.std) < 0.6
+  assert log_var_ratio(IMAGENET_MEAN, IMAGENET_STD) > 1.0
+
+
+def test_load_backbone_keeps_only_used_variables(lite0_dir):
+  module, variables = backbones.load_backbone(
+      _cfg('efficientnet_lite0', lite0_dir, layers=('layer2',)))
+  full = weights.read_converted(
+      weights.weights_path('efficientnet_lite0', lite0_dir),
+      'efficientnet_lite0')
+  assert set(variables) == {'params', 'batch_stats'}
+  assert 'blocks_4' in variables['params'] and 'blocks_5' not in (
+      variables['params'])
+  np.testing.assert_array_equal(
+      variables['params']['blocks_4']['depthwise_conv']['kernel'],
+      full['params']['blocks_4']['depthwise_conv']['kernel'])
+  out = jax.jit(module.apply)(variables, np.zeros((1, 32, 32, 3), np.float32))
+  assert out['layer2'].shape == (1, 4, 4, 40)
+
+
+def test_random_init_is_deterministic_and_bf16_is_close():
+  cfg = _cfg('resnet18', '/nonexistent', random_init=True)
+  module, variables = backbones.load_backbone(cfg)
+  _, again = backbones.load_backbone(cfg)
+  jax.tree.map(np.testing.assert_array_equal, variables, again)
+  bf16, bf16_vars = backbones.load_backbone(
+      _cfg('resnet18', '/nonexistent', random_init=True, dtype='bfloat16'))
+  leaves = jax.tree.leaves(bf16_vars)
+  assert all(leaf.dtype == jnp.float32 for leaf in leaves)
+  images = np.random.RandomState(0).rand(2, 32, 32, 3).astype(np.float32)
+  want = jax.jit(module.apply)(variables, images)
+  got = jax.jit(bf16.apply)(bf16_vars, images)
+  for layer in ('layer2', 'layer3'):
+    assert got[layer].dtype == jnp.float32
+    err = _rel_err(np.asarray(got[layer]), np.asarray(want[layer]))
+    assert 1e-6 < err < 0.05, layer  # Really bf16, and still close.
+
+
+def test_missing_weights_message_gives_the_command(tmp_path):
+  with pytest.raises(UserError) as info:
+    backbones.load_backbone(_cfg('wide_resnet50_2', tmp_path))
+  message = str(info.value)
+  assert '\n' not in message
+  assert os.path.join(str(tmp_path), 'wide_resnet50_2.msgpack') in message
+  assert (f'python pretrained/convert.py --backbone wide_resnet50_2 '
+          f'--out-dir {tmp_path} --download') in message
+
+
+def test_file_of_another_backbone_is_refused(tmp_path):
+  lite0 = backbones.build_full('efficientnet_lite0')
+  path = weights.weights_path('efficientnet_lite1', str(tmp_path))
+  weights.save_converted(backbones.init_variables(lite0), 'efficientnet_lite0',
+                         path)
+  with pytest.raises(UserError) as info:
+    backbones.load_backbone(_cfg('efficientnet_lite1', tmp_path))
+  assert path in str(info.value) and 'efficientnet_lite0' in str(info.value)
+
+
+def test_file_with_wrong_shapes_names_the_keys(tmp_path):
+  module = backbones.build_full('efficientnet_lite0')
+  variables = jax.tree.map(np.asarray, backbones.init_variables(module))
+  variables['params']['blocks_3']['project_conv']['kernel'] = np.zeros(
+      (1, 1, 144, 41), np.float32)
+  del variables['batch_stats']['bn0']
+  path = weights.weights_path('efficientnet_lite0', str(tmp_path))
+  weights.save_converted(variables, 'efficientnet_lite0', path)
+  with pytest.raises(UserError) as info:
+    backbones.load_backbone(_cfg('efficientnet_lite0', tmp_path))
+  message = str(info.value)
+  assert path in message
+  assert 'params/blocks_3/project_conv/kernel (1, 1, 144, 41)' in message
+  assert 'batch_stats/bn0/mean' in message

@@ -1,0 +1,315 @@
+"""Metrics against hand-worked cases and slow, obviously-correct references."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+
+from simplenet_jax import metrics
+
+
+def _pixel(maps, masks, max_fpr=0.3, **kw):
+  m = metrics.PixelMetrics(max_fpr=max_fpr, **kw)
+  m.add(np.asarray(maps, np.float32), np.asarray(masks, np.uint8))
+  return m
+
+
+# ---- image AUROC ------------------------------------------------------------
+
+
+def test_image_auroc_hand_computed_with_ties():
+  # Positives 3, 2, 2; negatives 2, 1, 0; 9 (pos, neg) pairs. Pos 3 beats all
+  # three (3); each pos 2 ties neg 2 (0.5) and beats 1 and 0 (2): 2.5 + 2.5.
+  # Total 8 / 9.
+  scores = [3, 2, 2, 2, 1, 0]
+  labels = [1, 1, 1, 0, 0, 0]
+  assert metrics.image_auroc(scores, labels) == pytest.approx(8 / 9)
+
+
+def test_image_auroc_classic_example():
+  # Pairs (pos, neg): (0.35, 0.1) win, (0.35, 0.4) lose, (0.8, *) win: 3/4.
+  assert metrics.image_auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+
+
+@pytest.mark.parametrize('labels', [[0, 0, 0], [1, 1, 1]])
+def test_image_auroc_one_class_is_nan_with_warning(labels):
+  with pytest.warns(metrics.MetricWarning, match='Image AUROC.*all 3 test'):
+    value = metrics.image_auroc([0.1, 0.2, 0.3], labels)
+  assert math.isnan(value)
+
+
+def test_image_auroc_non_finite_scores_are_nan_with_warning():
+  with pytest.warns(metrics.MetricWarning, match='not finite'):
+    assert math.isnan(metrics.image_auroc([0.1, np.nan, 0.3], [0, 1, 1]))
+
+
+def test_image_auroc_rejects_bad_input():
+  with pytest.raises(ValueError, match='labels'):
+    metrics.image_auroc([0.1, 0.2], [0, 2])
+  with pytest.raises(ValueError, match='3 scores but 2 labels'):
+    metrics.image_auroc([0.1, 0.2, 0.3], [0, 1])
+
+
+# ---- pixel AUROC ------------------------------------------------------------
+
+
+def test_pixel_auroc_hand_computed_with_ties():
+  # The image AUROC example above laid out as a 2x3 map: 8/9.
+  maps = [[[3, 2, 2], [2, 1, 0]]]
+  masks = [[[1, 1, 1], [0, 0, 0]]]
+  assert _pixel(maps, masks).pixel_auroc() == pytest.approx(8 / 9)
+
+
+def test_pixel_auroc_matches_sklearn_on_random_tied_data():
+  rng = np.random.default_rng(0)
+  maps = rng.integers(0, 20, size=(5, 9, 11)).astype(np.float32)
+  masks = rng.random((5, 9, 11)) < 0.2
+  maps += 3 * masks  # Informative but overlapping.
+  want = roc_auc_score(masks.ravel(), maps.ravel())
+  assert _pixel(maps, masks).pixel_auroc() == pytest.approx(want, abs=1e-12)
+
+
+# ---- AUPRO: hand-worked cases -----------------------------------------------
+
+
+def test_aupro_one_region_ranked_first_is_one():
+  # 4x4 image, region = top-left 2x2 at score 1, the 12 normal pixels at 0.
+  # t=1: PRO 1 at FPR 0; t=0: FPR 1. Curve (0,0) (0,1) (1,1): area over
+  # [0, 0.3] is 0.3, normalised 1.
+  maps = np.zeros((1, 4, 4))
+  masks = np.zeros((1, 4, 4))
+  maps[0, :2, :2] = masks[0, :2, :2] = 1
+  assert _pixel(maps, masks).aupro() == pytest.approx(1.0)
+
+
+def test_aupro_two_regions_only_one_found_before_any_false_positive():
+  # 3x7 image. Region A = (1,1), 1 pixel, score 0.9; region B = (1,4),(1,5),
+  # score 0.1 (B touches no A pixel, so two regions). 18 normal pixels: 9 at
+  # 0.5, 9 at 0.3. Thresholds: 0.9 -> FPR 0, PRO (1 + 0)/2 = 0.5; 0.5 -> FPR
+  # 0.5, PRO 0.5; 0.3 -> FPR 1, PRO 0.5; 0.1 -> FPR 1, PRO 1. Over [0, 0.3]
+  # the curve is flat at 0.5: area 0.15, normalised 0.5.
+  maps = np.zeros((1, 3, 7))
+  masks = np.zeros((1, 3, 7))
+  normal = np.ones((3, 7), bool)
+  normal[1, 1] = normal[1, 4] = normal[1, 5] = False
+  idx = np.flatnonzero(normal)
+  maps.reshape(-1)[idx[:9]] = 0.5
+  maps.reshape(-1)[idx[9:]] = 0.3
+  maps[0, 1, 1] = 0.9
+  maps[0, 1, 4] = maps[0, 1, 5] = 0.1
+  masks[0, 1, 1] = masks[0, 1, 4] = masks[0, 1, 5] = 1
+  assert _pixel(maps, masks).aupro() == pytest.approx(0.5)
+
+
+def _tie_case():
+  # 3x4 image, one region of 2 pixels: (0,0) at 1.0 and (0,1) at 0.8. Of the
+  # 10 normal pixels 5 are at 0.8 (tied with the second region pixel) and 5 at
+  # 0.0. Thresholds: 1.0 -> (FPR 0, PRO 0.5); 0.8 -> the tied pixels enter
+  # together -> (0.5, 1.0); 0.0 -> (1, 1).
+  maps = np.zeros((1, 3, 4))
+  masks = np.zeros((1, 3, 4))
+  masks[0, 0, :2] = 1
+  maps[0, 0, 0] = 1.0
+  maps[0, 0, 1] = 0.8
+  maps[0, 1, :] = 0.8
+  maps[0, 2, 0] = 0.8
+  return maps, masks
+
+
+def test_aupro_interpolates_at_max_fpr_and_merges_ties():
+  # PRO at FPR 0.3 on the segment (0, 0.5)-(0.5, 1): 0.5 + 0.5 * 0.3/0.5 =
+  # 0.8. Area 0.5 * (0.5 + 0.8) * 0.3 = 0.195; / 0.3 = 0.65. (Entering the
+  # tied pixels one by one would give 1.0 or 0.5 depending on their order.)
+  maps, masks = _tie_case()
+  assert _pixel(maps, masks, max_fpr=0.3).aupro() == pytest.approx(0.65)
+
+
+def test_aupro_limit_on_a_curve_point():
+  # Same curve, limit 0.5 = a curve point: 0.5 * (0.5 + 1) * 0.5 = 0.375;
+  # / 0.5 = 0.75.
+  maps, masks = _tie_case()
+  assert _pixel(maps, masks, max_fpr=0.5).aupro() == pytest.approx(0.75)
+
+
+def test_aupro_full_range():
+  # Limit 1: 0.375 (up to FPR 0.5) + 0.5 * 1 = 0.875.
+  maps, masks = _tie_case()
+  assert _pixel(maps, masks, max_fpr=1.0).aupro() == pytest.approx(0.875)
+
+
+def test_aupro_averages_regions_not_pixels_and_pools_fpr_over_images():
+  # Image 1 (2x4): a 4-pixel region at 0.9, 4 normal pixels at 0.5. Image 2
+  # (2x4): a 1-pixel region at 0.1, 7 normal pixels at 0.5. At t=0.9 PRO is
+  # (1 + 0) / 2 = 0.5 (pixel-wise overlap would be 4/5) at FPR 0; at 0.5 all
+  # 11 normal pixels enter (FPR 1). AUPRO 0.5.
+  maps = np.full((2, 2, 4), 0.5)
+  masks = np.zeros((2, 2, 4))
+  maps[0, 0, :] = 0.9
+  masks[0, 0, :] = 1
+  maps[1, 1, 3] = 0.1
+  masks[1, 1, 3] = 1
+  assert _pixel(maps, masks).aupro() == pytest.approx(0.5)
+
+
+def test_aupro_regions_are_8_connected():
+  # Mask pixels (0,0), (0,1), (1,2): with 8-connectivity (MVTec AD's
+  # reference) one region of 3; with 4-connectivity two regions (2 and 1).
+  # Only (1,2) scores above the 6 normal pixels: PRO 1/3 at FPR 0 (4-conn.
+  # would give (0 + 1)/2). Then all normals at once -> FPR 1. AUPRO 1/3.
+  maps = np.full((1, 3, 3), 0.5)
+  masks = np.zeros((1, 3, 3))
+  masks[0, 0, 0] = masks[0, 0, 1] = masks[0, 1, 2] = 1
+  maps[0, 0, 0] = maps[0, 0, 1] = 0.0
+  maps[0, 1, 2] = 1.0
+  assert _pixel(maps, masks).aupro() == pytest.approx(1 / 3)
+
+
+def test_regions_do_not_connect_across_images():
+  # Image 1 (2x2): region (0,0) at 1.0. Image 2: region (0,0),(0,1) at 0.0,
+  # lying under image 1's region. The 5 normal pixels are at 0.5. Separate
+  # regions: PRO (1 + 0)/2 = 0.5 at FPR 0, then FPR 1: AUPRO 0.5. Regions
+  # joined through the image axis would be one region of 3: AUPRO 1/3.
+  maps = np.full((2, 2, 2), 0.5)
+  masks = np.zeros((2, 2, 2))
+  masks[0, 0, 0] = 1
+  maps[0, 0, 0] = 1.0
+  masks[1, 0, 0] = masks[1, 0, 1] = 1
+  maps[1, 0, 0] = maps[1, 0, 1] = 0.0
+  assert _pixel(maps, masks).aupro() == pytest.approx(0.5)
+
+
+# ---- AUPRO: against a slow threshold loop -----------------------------------
+
+
+def _slow_aupro(maps, masks, max_fpr):
+  """Threshold by threshold, straight from the definition."""
+  structure = np.ones((3, 3), int)
+  regions = []
+  for mask in masks:
+    lab, n = ndimage.label(mask, structure)
+    regions += [lab == k for k in range(1, n + 1)]
+  region_img = []
+  for i, mask in enumerate(masks):
+    _, n = ndimage.label(mask, structure)
+    region_img += [i] * n
+  normal = masks == 0
+  xs, ys = [0.0], [0.0]
+  for t in np.unique(maps)[::-1]:
+    pred = maps >= t
+    xs.append((pred & normal).sum() / normal.sum())
+    ys.append(np.mean([(pred[i] & r).sum() / r.sum()
+                       for i, r in zip(region_img, regions)]))
+  xs.append(1.0)
+  ys.append(1.0)
+  area = 0.0
+  for j in range(1, len(xs)):
+    x0, x1, y0, y1 = xs[j - 1], xs[j], ys[j - 1], ys[j]
+    if x0 >= max_fpr:
+      break
+    if x1 > max_fpr:  # Cut the segment at max_fpr.
+      y1 = y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0)
+      x1 = max_fpr
+    area += 0.5 * (y0 + y1) * (x1 - x0)
+  return area / max_fpr
+
+
+@pytest.mark.parametrize('seed,max_fpr', [(0, 0.3), (1, 0.3), (2, 0.05),
+                                          (3, 1.0)])
+def test_aupro_matches_slow_reference_on_random_data(seed, max_fpr):
+  rng = np.random.default_rng(seed)
+  n, h, w = 4, 12, 13
+  masks = ndimage.binary_opening(rng.random((n, h, w)) < 0.35,
+                                 np.ones((1, 2, 2))).astype(np.uint8)
+  masks[0] = 0  # A normal image: it adds only normal pixels.
+  # Quantised scores: many ties, within and across classes.
+  maps = np.round(rng.random((n, h, w)) * 10 + 4 * masks) / 2
+  assert masks.sum() > 0
+  m = metrics.PixelMetrics(max_fpr=max_fpr)
+  m.add(maps[:1], masks[:1])  # Several batches.
+  m.add(maps[1:], masks[1:])
+  assert m.aupro() == pytest.approx(_slow_aupro(maps, masks, max_fpr),
+                                    abs=1e-9)
+
+
+# ---- undefined cases and streaming -------------------------------------------
+
+
+@pytest.mark.parametrize('fill', [0, 1])
+def test_one_class_masks_give_nan_and_a_warning(fill):
+  m = _pixel(np.random.default_rng(0).random((2, 4, 4)),
+             np.full((2, 4, 4), fill))
+  for fn, name in [(m.pixel_auroc, 'Pixel AUROC'), (m.aupro, 'AUPRO')]:
+    with pytest.warns(metrics.MetricWarning, match=name):
+      assert math.isnan(fn())
+  with pytest.warns(metrics.MetricWarning):
+    out = m.compute()
+  assert math.isnan(out['pixel_auroc']) and math.isnan(out['aupro'])
+
+
+def test_no_images_and_non_finite_maps_give_nan():
+  with pytest.warns(metrics.MetricWarning, match='no images'):
+    assert math.isnan(metrics.PixelMetrics().aupro())
+  maps, masks = _tie_case()
+  maps[0, 2, 3] = np.inf
+  with pytest.warns(metrics.MetricWarning, match='1 pixel scores'):
+    assert math.isnan(_pixel(maps, masks).pixel_auroc())
+
+
+def test_masks_none_means_all_normal():
+  maps, masks = _tie_case()
+  m = metrics.PixelMetrics()
+  m.add(maps, masks)
+  m.add(np.full((1, 3, 4), 0.9), None)  # 12 more normals, above 0.8.
+  # AUROC by hand: 2 positives, 22 negatives. Pixel at 1.0 beats all 22. Pixel
+  # at 0.8 loses to the 12 at 0.9, ties the 5 at 0.8, beats the 5 at 0:
+  # 5 + 2.5 = 7.5. (22 + 7.5) / 44.
+  assert m.pixel_auroc() == pytest.approx(29.5 / 44)
+
+
+def test_compute_equals_separate_metrics():
+  rng = np.random.default_rng(5)
+  maps = rng.random((3, 6, 6)).astype(np.float32)
+  masks = rng.random((3, 6, 6)) < 0.3
+  m = _pixel(maps, masks)
+  out = m.compute()
+  assert out == {'pixel_auroc': m.pixel_auroc(), 'aupro': m.aupro()}
+  assert all(type(v) is float for v in out.values())  # JSON-ready.
+  assert out['pixel_auroc'] == pytest.approx(
+      roc_auc_score(masks.ravel(), maps.ravel()))
+
+
+@pytest.mark.parametrize('expected', [None, 2, 7])
+def test_streaming_buffers(expected):
+  rng = np.random.default_rng(1)
+  maps = rng.random((7, 5, 6))
+  masks = (rng.random((7, 5, 6)) < 0.3).astype(np.uint8) * 255
+  m = metrics.PixelMetrics(expected_images=expected)
+  for i in range(0, 7, 2):
+    m.add(maps[i:i + 2], masks[i:i + 2])
+  assert m.num_images == 7
+  assert m.maps.dtype == np.float32 and m.masks.dtype == bool
+  np.testing.assert_array_equal(m.maps, maps.astype(np.float32))
+  np.testing.assert_array_equal(m.masks, masks > 0)
+  assert m.score_range() == (np.float32(maps.min()), np.float32(maps.max()))
+  assert m.pixel_auroc() == pytest.approx(
+      roc_auc_score(masks.ravel() > 0, maps.astype(np.float32).ravel()))
+  if expected == 7:
+    # Exactly one float32 and one bool copy: 5 bytes per pixel.
+    assert m.buffer_nbytes == 7 * 5 * 6 * 5
+  else:
+    assert m.buffer_nbytes <= 2 * 7 * 5 * 6 * 5  # Doubling at most.
+
+
+def test_add_rejects_bad_shapes():
+  m = metrics.PixelMetrics()
+  with pytest.raises(ValueError, match='masks'):
+    m.add(np.zeros((1, 4, 4)), np.zeros((1, 4, 5)))
+  with pytest.raises(ValueError, match=r'\(B, H, W\)'):
+    m.add(np.zeros((4, 4)))
+  m.add(np.zeros((1, 4, 4)))
+  with pytest.raises(ValueError, match='all must match'):
+    m.add(np.zeros((1, 5, 4)))
+  with pytest.raises(ValueError, match='max_fpr'):
+    metrics.PixelMetrics(max_fpr=0.0)

@@ -1,0 +1,150 @@
+"""Head modules: torch-faithful BatchNorm, init, noise and loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from simplenet_jax import model
+
+
+def _bn_vars(x, key=0):
+  return model.TorchBatchNorm().init(jax.random.key(key), x, train=False)
+
+
+def test_batchnorm_matches_torch_train_and_eval():
+  rng = np.random.default_rng(0)
+  batches = [rng.normal(2.0, 3.0, size=(n, 5)).astype(np.float32)
+             for n in (6, 9)]
+  ref = torch.nn.BatchNorm1d(5)
+  with torch.no_grad():
+    ref.weight.copy_(torch.linspace(0.5, 1.5, 5))
+    ref.bias.copy_(torch.linspace(-1, 1, 5))
+  bn = model.TorchBatchNorm()
+  variables = _bn_vars(batches[0])
+  variables = {'params': {'scale': jnp.linspace(0.5, 1.5, 5),
+                          'bias': jnp.linspace(-1, 1, 5)},
+               'batch_stats': variables['batch_stats']}
+  ref.train()
+  for x in batches:
+    want = ref(torch.from_numpy(x)).detach().numpy()
+    got, upd = bn.apply(variables, x, train=True, mutable=['batch_stats'])
+    variables = {'params': variables['params'], **upd}
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  stats = variables['batch_stats']
+  np.testing.assert_allclose(stats['mean'], ref.running_mean.numpy(), rtol=1e-6)
+  np.testing.assert_allclose(stats['var'], ref.running_var.numpy(), rtol=1e-6)
+  ref.eval()
+  x = rng.normal(size=(4, 5)).astype(np.float32)
+  np.testing.assert_allclose(
+      np.asarray(bn.apply(variables, x, train=False)),
+      ref(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_mask_equals_dropping_rows():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(7, 3)).astype(np.float32)
+  padded = np.concatenate([x, np.full((3, 3), 1e3, np.float32)])
+  mask = np.array([1] * 7 + [0] * 3, np.float32)
+  bn = model.TorchBatchNorm()
+  v = _bn_vars(x)
+  want, want_upd = bn.apply(v, x, train=True, mutable=['batch_stats'])
+  got, got_upd = bn.apply(v, padded, train=True, mask=mask,
+                          mutable=['batch_stats'])
+  np.testing.assert_allclose(np.asarray(got[:7]), np.asarray(want), atol=1e-6)
+  for k in ('mean', 'var'):
+    np.testing.assert_allclose(got_upd['batch_stats'][k],
+                               want_upd['batch_stats'][k], rtol=1e-6)
+
+
+def test_init_matches_released_torch_init():
+  d, hidden = 256, 128
+  x = jnp.zeros((2, d))
+  a = model.Adaptor(d).init(jax.random.key(0), x)['params']['fc']
+  v = model.Discriminator(hidden).init(jax.random.key(1), x, train=False)
+  p, stats = v['params'], v['batch_stats']
+  for kernel, fan_in, fan_out in ((a['kernel'], d, d),
+                                  (p['fc']['kernel'], d, hidden),
+                                  (p['tail']['kernel'], hidden, 1)):
+    std = np.sqrt(2.0 / (fan_in + fan_out))
+    assert kernel.shape == (fan_in, fan_out)
+    assert abs(float(kernel.std()) / std - 1) < 0.05 + 2 / np.sqrt(kernel.size)
+  # Xavier-normal is untruncated: a 2-sigma-truncated init would fail this.
+  assert float(jnp.abs(a['kernel']).max()) > 3.5 * np.sqrt(1.0 / d)
+  for bias, fan_in in ((a['bias'], d), (p['fc']['bias'], d)):
+    bound = 1 / np.sqrt(fan_in)
+    assert float(jnp.abs(bias).max()) <= bound
+    assert float(jnp.abs(bias).max()) > 0.9 * bound
+  assert set(p['tail']) == {'kernel'}  # No bias.
+  np.testing.assert_array_equal(p['bn']['scale'], np.ones(hidden))
+  np.testing.assert_array_equal(p['bn']['bias'], np.zeros(hidden))
+  np.testing.assert_array_equal(stats['bn']['mean'], np.zeros(hidden))
+  np.testing.assert_array_equal(stats['bn']['var'], np.ones(hidden))
+
+
+def test_discriminator_layout_and_eval_mode():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(6, 8)).astype(np.float32)
+  disc = model.Discriminator(4)
+  v = disc.init(jax.random.key(0), x, train=False)
+  s = disc.apply(v, x, train=False)
+  assert s.shape == (6,)
+  # Eval mode: a row's score does not depend on the rest of the batch.
+  np.testing.assert_allclose(np.asarray(disc.apply(v, x[:2], train=False)),
+                             np.asarray(s[:2]), rtol=1e-6)
+  # Reference forward with the documented layer order.
+  p = v['params']
+  h = x @ p['fc']['kernel'] + p['fc']['bias']
+  h = h / np.sqrt(1 + 1e-5)  # Running stats 0 / 1, scale 1, bias 0.
+  h = np.where(h >= 0, h, 0.2 * h)
+  np.testing.assert_allclose(np.asarray(s), h @ p['tail']['kernel'][:, 0],
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_truncated_l1_loss_values():
+  true = jnp.array([1.0, 0.2, 0.5, -1.0])
+  fake = jnp.array([-1.0, 0.1, -0.5, 2.0])
+  loss, p_true, p_fake = model.truncated_l1_loss(true, fake, 0.5)
+  # true: max(0, .5 - t) = [0, .3, 0, 1.5]; fake: max(0, f + .5) = [0, .6, 0, 2.5]
+  np.testing.assert_allclose(float(loss), 1.8 / 4 + 3.1 / 4, rtol=1e-6)
+  assert float(p_true) == 0.5  # 1.0 and 0.5 (>= m).
+  assert float(p_fake) == 0.25  # Only -1.0 (-0.5 is not < -m).
+  mask = jnp.array([1.0, 1.0, 0.0, 0.0])
+  loss, p_true, p_fake = model.truncated_l1_loss(true, fake, 0.5, mask)
+  np.testing.assert_allclose(float(loss), 0.3 / 2 + 0.6 / 2, rtol=1e-6)
+  assert float(p_true) == 0.5 and float(p_fake) == 0.5
+
+
+def test_noise_std_and_row_independence():
+  key = jax.random.key(3)
+  z = np.asarray(model.sample_noise(key, (64, 2048), 0.015))
+  assert abs(z.std() / 0.015 - 1) < 0.01
+  assert abs(z.mean()) < 1e-3 * 0.015 * 10
+  short = np.asarray(model.sample_noise(key, (5, 2048), 0.015))
+  np.testing.assert_array_equal(z[:5], short)
+  other = np.asarray(model.sample_noise(jax.random.key(4), (5, 2048), 0.015))
+  assert not np.allclose(short, other)
+  adapted = jnp.ones((5, 2048))
+  fake = model.anomalous_features(key, adapted, 0.015)
+  np.testing.assert_allclose(np.asarray(fake - adapted), short, atol=1e-7)
+
+
+def test_mix_noise_levels():
+  std, k = 0.02, 3
+  z = np.asarray(model.sample_noise(jax.random.key(5), (200, 4096), std, k))
+  ratios = z.std(axis=1) / std
+  levels = 1.1 ** np.arange(k)
+  nearest = np.abs(ratios[:, None] - levels[None]).argmin(1)
+  means = np.array([ratios[nearest == i].mean() for i in range(k)])
+  np.testing.assert_allclose(means, levels, atol=0.01)
+  assert ratios.min() > 0.93 and ratios.max() < 1.29
+  counts = np.bincount(nearest, minlength=k)
+  assert counts.min() > 40, counts  # Each level drawn about 1/k of the time.
+
+
+@pytest.mark.parametrize('mix', [1, 2])
+def test_noise_is_deterministic(mix):
+  a = model.sample_noise(jax.random.key(7), (4, 16), 0.1, mix)
+  b = model.sample_noise(jax.random.key(7), (4, 16), 0.1, mix)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,0 +1,121 @@
+"""Anomaly maps, image scores and the jitted feature / predict functions."""
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage
+import torch
+import torch.nn.functional as F
+
+from configs.default import get_config
+from simplenet_jax import features
+from simplenet_jax import scoring
+from simplenet_jax import train
+
+FIXTURES = os.environ.get('SIMPLENET_FIXTURES',
+                          '/work/shared/fixtures/official')
+
+
+def _load(name):
+  path = os.path.join(FIXTURES, name)
+  if not os.path.exists(path):
+    pytest.fail(f'parity fixture {path} missing (set SIMPLENET_FIXTURES)')
+  return np.load(path)
+
+
+@pytest.mark.parametrize('name', ['score_small', 'score_224'])
+def test_matches_released_maps_and_scores(name):
+  d = _load(name + '.npz')
+  out_hw = d['anomaly_maps'].shape[1:]
+  maps = scoring.anomaly_maps(jnp.asarray(d['patch_scores']), out_hw,
+                              float(d['smoothing_sigma']))
+  assert maps.shape == d['anomaly_maps'].shape
+  np.testing.assert_allclose(np.asarray(maps), d['anomaly_maps'], rtol=0,
+                             atol=1e-4)
+  np.testing.assert_allclose(np.asarray(scoring.image_scores(d['patch_scores'])),
+                             d['image_scores'], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize('sigma', [4.0, 1.5])
+def test_non_square_maps_match_torch_and_scipy(sigma):
+  # 13 rows < the sigma-4 kernel radius 16: reflection wraps more than once.
+  p = np.random.default_rng(0).normal(size=(2, 5, 7)).astype(np.float32)
+  up = F.interpolate(torch.from_numpy(p)[:, None], size=(13, 22),
+                     mode='bilinear', align_corners=False)[:, 0].numpy()
+  want = np.stack([scipy.ndimage.gaussian_filter(u, sigma=sigma) for u in up])
+  got = scoring.anomaly_maps(jnp.asarray(p), (13, 22), sigma)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5)
+
+
+def test_image_scores_is_max_of_raw_patch_scores():
+  p = np.zeros((3, 4, 5), np.float32)
+  p[1] = -2.0
+  p[0, 1, 2], p[1, 3, 4], p[2, 0, 0] = 5.0, -1.0, 2.0
+  np.testing.assert_array_equal(np.asarray(scoring.image_scores(p)),
+                                [5.0, -1.0, 2.0])
+
+
+class _TinyBackbone(nn.Module):
+  """Stand-in backbone: two NHWC maps at strides 2 and 4."""
+
+  @nn.compact
+  def __call__(self, images):
+    a = nn.relu(nn.Conv(6, (3, 3), strides=2, name='c1')(images))
+    b = nn.Conv(10, (3, 3), strides=2, name='c2')(a)
+    return {'layer2': a, 'layer3': b, 'unused': b * 0}
+
+
+def _setup():
+  cfg = get_config()
+  cfg.model.pretrain_embed_dim = 24
+  cfg.model.target_embed_dim = 16
+  cfg.model.hidden = 8
+  module = _TinyBackbone()
+  images = np.random.default_rng(0).integers(0, 256, size=(2, 32, 40, 3),
+                                             dtype=np.uint8)
+  # Weights from numpy: flax's truncated-normal init compiles slowly on CPU.
+  rng = np.random.default_rng(1)
+  conv = lambda cin, cout: {
+      'kernel': (0.3 * rng.normal(size=(3, 3, cin, cout))).astype(np.float32),
+      'bias': np.zeros(cout, np.float32)}
+  backbone_vars = {'params': {'c1': conv(3, 6), 'c2': conv(6, 10)}}
+  return cfg, module, backbone_vars, images
+
+
+def test_feature_fn_aggregates_backbone_layers():
+  cfg, module, backbone_vars, images = _setup()
+  fn = scoring.make_feature_fn(module, ('layer2', 'layer3'), cfg.model)
+  got = fn(backbone_vars, images)
+  assert got.shape == (2, 16, 20, 16)
+  maps = module.apply(backbone_vars, images.astype(np.float32) / 255.0)
+  want = features.aggregate([maps['layer2'], maps['layer3']], 24, 16, 3)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  as_float = fn(backbone_vars, images.astype(np.float32) / 255.0)
+  np.testing.assert_allclose(np.asarray(as_float), np.asarray(got), atol=1e-6)
+
+
+def test_predict_fn_is_consistent_with_the_parts():
+  cfg, module, backbone_vars, images = _setup()
+  state = train.create_train_state(jax.random.key(1), cfg.model, cfg.optim,
+                                   16, 1, 1)
+  head = {'params': state.params, 'batch_stats': state.batch_stats}
+  predict = scoring.make_predict_fn(module, ('layer2', 'layer3'), cfg.model,
+                                    (32, 40), 4.0)
+  out = predict(backbone_vars, head, images)
+  assert out['patch_scores'].shape == (2, 16, 20)
+  assert out['anomaly_maps'].shape == (2, 32, 40)
+  assert out['image_scores'].shape == (2,)
+  feats = scoring.make_feature_fn(module, ('layer2', 'layer3'), cfg.model)(
+      backbone_vars, images)
+  want = train.patch_scores(head, feats)
+  np.testing.assert_allclose(np.asarray(out['patch_scores']),
+                             np.asarray(want), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(out['anomaly_maps']),
+      np.asarray(scoring.anomaly_maps(want, (32, 40), 4.0)), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out['image_scores']),
+                             np.asarray(want).reshape(2, -1).max(1), atol=1e-5)

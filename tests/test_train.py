@@ -1,0 +1,284 @@
+"""Training step, optimisers and train state vs the released PyTorch code."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from configs.default import get_config
+from simplenet_jax import train
+from simplenet_jax.errors import UserError
+
+FIXTURES = os.environ.get('SIMPLENET_FIXTURES',
+                          '/work/shared/fixtures/official')
+# The two biases whose gradient is zero in exact arithmetic (fixture README).
+ZERO_GRAD = (('adaptor', 'fc', 'bias'), ('discriminator', 'fc', 'bias'))
+
+
+def _load(name):
+  path = os.path.join(FIXTURES, name)
+  if not os.path.exists(path):
+    pytest.fail(f'parity fixture {path} missing (set SIMPLENET_FIXTURES)')
+  return np.load(path)
+
+
+def _rel(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
+
+
+def _torch_tree(d, prefix):
+  """Fixture tensors under `prefix` as our params tree ((out, in) -> (in, out))."""
+  g = lambda name: np.asarray(d[prefix + name])
+  return {
+      'adaptor': {'fc': {'kernel': g('adaptor.layers.0fc.weight').T,
+                         'bias': g('adaptor.layers.0fc.bias')}},
+      'discriminator': {
+          'fc': {'kernel': g('disc.body.block1.0.weight').T,
+                 'bias': g('disc.body.block1.0.bias')},
+          'bn': {'scale': g('disc.body.block1.1.weight'),
+                 'bias': g('disc.body.block1.1.bias')},
+          'tail': {'kernel': g('disc.tail.weight').T}}}
+
+
+def _flat(tree):
+  return {tuple(k.key for k in path): v
+          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _small_state(d=8, hidden=6, seed=0, **model_overrides):
+  cfg = get_config()
+  cfg.model.hidden = hidden
+  for k, v in model_overrides.items():
+    cfg.model[k] = v
+  return train.create_train_state(jax.random.key(seed), cfg.model, cfg.optim,
+                                  d, 10, 2), cfg
+
+
+def test_matches_released_training_steps():
+  d = _load('train_steps.npz')
+  cfg = get_config()
+  cfg.model.hidden = int(d['hidden'])
+  cfg.model.margin = float(d['margin'])
+  cfg.model.noise_std = float(d['noise_std'])
+  state = train.create_train_state(jax.random.key(0), cfg.model, cfg.optim,
+                                   int(d['embed_dim']), 1, 1)
+  params = jax.tree.map(jnp.asarray, _torch_tree(d, 'init.'))
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape,
+                                                          state.params)
+  stats = {'discriminator': {'bn': {
+      'mean': jnp.asarray(d['init.disc.body.block1.1.running_mean']),
+      'var': jnp.asarray(d['init.disc.body.block1.1.running_var'])}}}
+  state = state.replace(params=params, batch_stats=stats,
+                        opt_state=state.tx.init(params))
+  grad_fn = jax.jit(jax.value_and_grad(train.loss_fn, has_aux=True),
+                    static_argnums=4)
+  steps = 0
+  while f'step{steps}.input' in d:
+    s = f'step{steps}.'
+    x, noise = d[s + 'input'], d[s + 'noise']
+    (_, (_, _, scores)), grads = grad_fn(state.params, state.batch_stats,
+                                         jnp.asarray(x), jnp.asarray(noise),
+                                         state.margin)
+    assert _rel(scores, d[s + 'scores'][:, 0]) <= 1e-4, steps
+    want_grads = _flat(_torch_tree(d, s + 'grad.'))
+    for path, g in _flat(grads).items():
+      if path in ZERO_GRAD:
+        assert np.abs(np.asarray(g) - want_grads[path]).max() <= 1e-6, path
+      else:
+        assert _rel(g, want_grads[path]) <= 1e-4, (steps, path)
+    state, metrics = train.train_step_with_noise(state, x, noise)
+    assert _rel(metrics['loss'], d[s + 'loss']) <= 1e-4, steps
+    assert abs(float(metrics['p_true']) - float(d[s + 'p_true'])) < 1e-6
+    assert abs(float(metrics['p_fake']) - float(d[s + 'p_fake'])) < 1e-6
+    steps += 1
+  assert steps >= 2 and int(state.step) == steps
+  lrs = {'adaptor': cfg.optim.adaptor_lr, 'discriminator': cfg.optim.disc_lr}
+  want = _flat(_torch_tree(d, 'final.'))
+  for path, p in _flat(state.params).items():
+    if path in ZERO_GRAD:
+      err = np.abs(np.asarray(p) - want[path]).max()
+      assert err <= 2 * lrs[path[0]] * steps, path
+    else:
+      assert _rel(p, want[path]) <= 1e-4, path
+  bn = state.batch_stats['discriminator']['bn']
+  assert _rel(bn['var'], d['final.disc.body.block1.1.running_var']) <= 1e-4
+  # The running mean follows the zero-gradient bias: README's 1e-3.
+  assert _rel(bn['mean'], d['final.disc.body.block1.1.running_mean']) <= 1e-3
+  scores = train.patch_scores(state, d['eval.input'])
+  assert scores.shape == (d['eval.input'].shape[0],)
+  assert _rel(scores, d['eval.patch_scores'][:, 0]) <= 1e-3
+
+
+def test_mask_equals_unpadded_rows():
+  state, _ = _small_state()
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(12, 8)).astype(np.float32)
+  padded = np.concatenate([x, 50 + rng.normal(size=(4, 8))]).astype(np.float32)
+  mask = np.r_[np.ones(12), np.zeros(4)].astype(np.float32)
+  key = jax.random.key(1)
+  s1, m1 = train.train_step(state, x, key)
+  s2, m2 = train.train_step(state, padded, key, mask)
+  for k in m1:
+    np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-5)
+  p1, p2 = _flat(s1.params), _flat(s2.params)
+  lrs = {'adaptor': 1e-4, 'discriminator': 2e-4}
+  for path in p1:
+    # Zero-gradient biases: Adam amplifies rounding noise to up to one lr.
+    atol = 2 * lrs[path[0]] if path in ZERO_GRAD else 1e-6
+    np.testing.assert_allclose(p2[path], p1[path], rtol=1e-5, atol=atol)
+  for a, b in zip(jax.tree.leaves(s1.batch_stats),
+                  jax.tree.leaves(s2.batch_stats)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  # Without the mask the padding rows do change the step.
+  s3, m3 = train.train_step(state, padded, key, np.ones_like(mask))
+  assert abs(float(m3['loss']) - float(m1['loss'])) > 1e-3
+
+
+def _run(state, seed, steps=3):
+  rng = np.random.default_rng(seed)
+  for i in range(steps):
+    x = rng.normal(size=(12, 8)).astype(np.float32)
+    state, _ = train.train_step(state, x, jax.random.fold_in(
+        jax.random.key(seed), i))
+  return state
+
+
+def test_same_seed_same_result():
+  a = _run(_small_state(seed=3)[0], 5)
+  b = _run(_small_state(seed=3)[0], 5)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  c = _run(_small_state(seed=4)[0], 5)
+  assert not np.allclose(a.params['discriminator']['fc']['kernel'],
+                         c.params['discriminator']['fc']['kernel'])
+
+
+def _torch_reference_updates(variant, cos_lr, grads, steps_per_pass,
+                             num_passes, p0):
+  a = torch.tensor(p0['adaptor']['w'], requires_grad=True)
+  dsc = torch.tensor(p0['discriminator']['w'], requires_grad=True)
+  if variant == 'released':
+    opt_a = torch.optim.AdamW([a], lr=1e-4, weight_decay=0.01)
+  else:
+    opt_a = torch.optim.Adam([a], lr=1e-4, weight_decay=1e-5)
+  opt_d = torch.optim.Adam([dsc], lr=2e-4, weight_decay=1e-5)
+  sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_d, num_passes,
+                                                     2e-4 * 0.4)
+  for i, g in enumerate(grads):
+    a.grad = torch.tensor(g['adaptor']['w'])
+    dsc.grad = torch.tensor(g['discriminator']['w'])
+    opt_a.step()
+    opt_d.step()
+    if cos_lr and (i + 1) % steps_per_pass == 0:
+      sched.step()
+  return a.detach().numpy(), dsc.detach().numpy()
+
+
+@pytest.mark.parametrize('variant,cos_lr', [('released', False),
+                                            ('paper', False),
+                                            ('released', True)])
+def test_optimizer_matches_torch(variant, cos_lr):
+  cfg = get_config()
+  cfg.optim.variant = variant
+  cfg.optim.cos_lr = cos_lr
+  rng = np.random.default_rng(0)
+  p0 = {'adaptor': {'w': rng.normal(size=(3, 4)).astype(np.float32)},
+        'discriminator': {'w': rng.normal(size=(5,)).astype(np.float32)}}
+  grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32),
+                        p0) for _ in range(8)]
+  tx = train.make_optimizer(cfg.optim, steps_per_pass=2, num_passes=3)
+  params = jax.tree.map(jnp.asarray, p0)
+  opt_state = tx.init(params)
+  for g in grads:
+    updates, opt_state = tx.update(g, opt_state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+  want_a, want_d = _torch_reference_updates(variant, cos_lr, grads, 2, 3, p0)
+  np.testing.assert_allclose(params['adaptor']['w'], want_a, rtol=1e-6,
+                             atol=1e-7)
+  np.testing.assert_allclose(params['discriminator']['w'], want_d, rtol=1e-6,
+                             atol=1e-7)
+
+
+@pytest.mark.parametrize('period', [None, 4])
+def test_cos_lr_schedule_matches_torch(period):
+  cfg = get_config()
+  cfg.optim.cos_lr = True
+  steps_per_pass, num_passes = 3, 6
+  if period:
+    cfg.optim.cos_period_passes = period
+  sched = train.disc_lr_schedule(cfg.optim, steps_per_pass, num_passes)
+  opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=2e-4)
+  ref = torch.optim.lr_scheduler.CosineAnnealingLR(opt, period or num_passes,
+                                                   2e-4 * 0.4)
+  for step in range(steps_per_pass * num_passes):
+    want = opt.param_groups[0]['lr']
+    np.testing.assert_allclose(float(sched(jnp.asarray(step))), want,
+                               rtol=1e-6)
+    opt.step()
+    if (step + 1) % steps_per_pass == 0:
+      ref.step()
+  cfg.optim.cos_lr = False
+  assert train.disc_lr_schedule(cfg.optim, steps_per_pass, num_passes) == 2e-4
+
+
+def test_bad_config_raises_user_error():
+  cfg = get_config()
+  cfg.optim.variant = 'sgd'
+  with pytest.raises(UserError, match='optim.variant'):
+    train.make_optimizer(cfg.optim, 1, 1)
+  cfg = get_config()
+  cfg.model.noise_mode = 'loud'
+  with pytest.raises(UserError, match='model.noise_mode'):
+    train.create_train_state(jax.random.key(0), cfg.model, cfg.optim, 4, 1, 1)
+
+
+def test_state_is_arrays_and_noise_std():
+  state, cfg = _small_state()
+  assert float(state.noise_std) == pytest.approx(cfg.model.noise_std)
+  assert set(state.params) == {'adaptor', 'discriminator'}
+  for leaf in jax.tree.leaves(state):
+    assert isinstance(leaf, jax.Array)
+  state = _run(state, 1, steps=2)
+  assert int(state.step) == 2
+  rel_state, _ = _small_state(noise_mode='relative')
+  assert np.isnan(float(rel_state.noise_std))
+
+
+def test_relative_noise_calibration():
+  state, cfg = _small_state(noise_mode='relative', noise_rel=0.2)
+  x = np.random.default_rng(0).normal(1.0, 2.0, size=(40, 8)).astype(
+      np.float32)
+  fc = state.params['adaptor']['fc']
+  adapted = x.astype(np.float64) @ np.asarray(fc['kernel'], np.float64) + (
+      np.asarray(fc['bias'], np.float64))
+  want = np.sqrt(np.mean(adapted**2))
+  assert train.feature_rms(state, x) == pytest.approx(want, rel=1e-5)
+  assert train.feature_rms(state, [x[:15], x[15:].reshape(5, 5, 8)]) == (
+      pytest.approx(want, rel=1e-5))
+  state = train.calibrate_noise(state, cfg.model, x)
+  assert float(state.noise_std) == pytest.approx(0.2 * want, rel=1e-5)
+  abs_state, abs_cfg = _small_state()
+  abs_state = train.calibrate_noise(abs_state, abs_cfg.model, x)
+  assert float(abs_state.noise_std) == pytest.approx(abs_cfg.model.noise_std)
+
+
+def test_patch_scores_eval_mode_and_shapes():
+  state = _run(_small_state()[0], 2)
+  x = np.random.default_rng(1).normal(size=(2, 3, 4, 8)).astype(np.float32)
+  head = {'params': state.params, 'batch_stats': state.batch_stats}
+  got = train.patch_scores(head, x)
+  assert got.shape == (2, 3, 4)
+  np.testing.assert_array_equal(np.asarray(train.patch_scores(state, x)),
+                                np.asarray(got))
+  p, bn = state.params, state.batch_stats['discriminator']['bn']
+  h = x @ p['adaptor']['fc']['kernel'] + p['adaptor']['fc']['bias']
+  h = h @ p['discriminator']['fc']['kernel'] + p['discriminator']['fc']['bias']
+  h = (h - bn['mean']) / np.sqrt(bn['var'] + 1e-5)
+  h = h * p['discriminator']['bn']['scale'] + p['discriminator']['bn']['bias']
+  h = np.where(h >= 0, h, 0.2 * h)
+  want = -(h @ p['discriminator']['tail']['kernel'])[..., 0]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
