@@ -54,7 +54,8 @@ def get_config():
   c.optim.adaptor_wd = 0.01
   c.optim.disc_lr = 2e-4
   c.optim.disc_wd = 1e-5
-  c.optim.cos_lr = False
+  c.optim.cos_lr = False  # Released flag: cosine decay of disc lr to 0.4x.
+  c.optim.cos_period_passes = 0  # Cosine period in passes (0 = num_passes).
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 4

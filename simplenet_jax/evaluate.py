@@ -32,10 +32,14 @@ def _predict_batches(ctx, state, dataset, indices=None):
     yield batch, {k: parallel.to_host(v)[:n] for k, v in out.items()}
 
 
-def image_scores(ctx, state, dataset, indices) -> np.ndarray:
-  """Image scores (N,) of dataset[indices] (maps are computed and dropped)."""
-  return np.concatenate([o['image_scores'] for _, o in
-                         _predict_batches(ctx, state, dataset, indices)])
+def normal_statistics(ctx, state, dataset, indices):
+  """Image scores (N,) of dataset[indices] and [min, max] of their maps."""
+  scores, lo, hi = [], np.inf, -np.inf
+  for _, out in _predict_batches(ctx, state, dataset, indices):
+    scores.append(out['image_scores'])
+    lo = min(lo, float(out['anomaly_maps'].min()))
+    hi = max(hi, float(out['anomaly_maps'].max()))
+  return np.concatenate(scores), [lo, hi]
 
 
 def evaluate_category(ctx, state, meta, visualize_maps: bool = True) -> dict:
@@ -70,8 +74,15 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True) -> dict:
     logging.warning('%s: the test set has no masks; pixel AUROC and AUPRO are '
                     'skipped (n/a).', ctx.category)
     map_range = None
-  if meta and meta.get('best_on_test'):
-    row['best_on_test'] = meta['best_on_test']
+  best = meta.get('best_on_test') if meta else None
+  if best is not None:
+    # The released protocol: the best evaluated pass, chosen on the test set.
+    final = (row['image_auroc'], row['pixel_auroc'])
+    final = tuple(-1.0 if np.isnan(x) else x for x in final)
+    if final >= tuple(best['key']):
+      best = {'pass': c.train.num_passes,
+              **{k: row[k] for k in ('image_auroc', 'pixel_auroc', 'aupro')}}
+    row['best_on_test'] = {k: v for k, v in best.items() if k != 'key'}
   if visualize_maps and c.eval.visualize != 'none':
     _save_heatmaps(ctx, state, scores, map_range)
   return row
@@ -92,6 +103,8 @@ def _save_heatmaps(ctx, state, scores, map_range):
     vmin, vmax = map_range if map_range else (float(maps.min()),
                                               float(maps.max()))
     masks = batch['mask'] if ctx.test_set.has_masks else [None] * len(maps)
+    names = [f'{d}_{os.path.splitext(os.path.basename(p))[0]}'
+             for d, p in zip(batch['defect'], batch['path'])]
     visualize.save_overlays(out_dir, batch['image'], maps, masks,
-                            batch['path'], out['image_scores'],
+                            names, out['image_scores'],
                             vmin=vmin, vmax=vmax)

@@ -1,4 +1,4 @@
-"""SimpleNet's trainable head: feature adaptor, anomalous features, discriminator.
+"""SimpleNet's head: feature adaptor, anomalous features, discriminator.
 
 Initialisation and BatchNorm follow the released PyTorch code: Linear weights
 are xavier-normal (untruncated), Linear biases keep torch's default
@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# torch.nn.init.xavier_normal_: plain normal, std = sqrt(2 / (fan_in + fan_out)).
+# torch.nn.init.xavier_normal_: untruncated normal,
+# std = sqrt(2 / (fan_in + fan_out)).
 xavier_normal = nn.initializers.variance_scaling(1.0, 'fan_avg', 'normal')
 
 

@@ -96,9 +96,14 @@ def run(config, workdir: str) -> list[dict]:
     raise UserError(f'{ckpt_dir}: training has not finished (no decision '
                     'threshold yet); run --mode=train again to finish it')
   paths = expand_inputs(config.predict.inputs)
+  # Heat maps are named by the path below the inputs' common folder, so that
+  # a/001.png and b/001.png do not overwrite each other.
+  common = os.path.commonpath([os.path.dirname(os.path.abspath(p))
+                               for p in paths])
+  paths = [os.path.abspath(p) for p in paths]
 
   mesh = parallel.make_mesh()
-  module, backbone_vars = backbones.load_backbone(config.backbone)
+  module, backbone_vars = backbones.load_for_run(config.backbone)
   backbone_vars = parallel.put_replicated(backbone_vars, mesh)
   template = train.create_train_state(
       jax.random.PRNGKey(0), config.model, config.optim, meta['embed_dim'],
@@ -127,7 +132,8 @@ def run(config, workdir: str) -> list[dict]:
       maps = parallel.to_host(out['anomaly_maps'])[:n]
       for path, image, score, amap in zip(batch['path'], batch['image'],
                                           scores, maps):
-        name = visualize.safe_filename(os.path.basename(path))
+        name = visualize.safe_filename(
+            os.path.relpath(path, common).replace(os.sep, '_'))
         png = os.path.join(out_dir, os.path.splitext(name)[0] + '.png')
         lo = float(amap.min()) if vmin is None else vmin
         hi = float(amap.max()) if vmax is None else vmax

@@ -59,7 +59,8 @@ def test_resize_matches_torch_bilinear(hw, out):
 
 def test_unfold_matches_torch_unfold():
   x = np.random.default_rng(1).normal(size=(4, 6, 3)).astype(np.float32)
-  want = torch.nn.Unfold(3, padding=1)(torch.from_numpy(x.transpose(2, 0, 1))[None])
+  x_nchw = torch.from_numpy(x.transpose(2, 0, 1))[None]
+  want = torch.nn.Unfold(3, padding=1)(x_nchw)
   want = want[0].numpy().T.reshape(4, 6, 27)  # (C*9, h*w) -> (h, w, C*9)
   np.testing.assert_array_equal(np.asarray(features.unfold(x, 3)), want)
 

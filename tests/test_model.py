@@ -106,7 +106,8 @@ def test_truncated_l1_loss_values():
   true = jnp.array([1.0, 0.2, 0.5, -1.0])
   fake = jnp.array([-1.0, 0.1, -0.5, 2.0])
   loss, p_true, p_fake = model.truncated_l1_loss(true, fake, 0.5)
-  # true: max(0, .5 - t) = [0, .3, 0, 1.5]; fake: max(0, f + .5) = [0, .6, 0, 2.5]
+  # true: max(0, .5 - t) = [0, .3, 0, 1.5];
+  # fake: max(0, f + .5) = [0, .6, 0, 2.5].
   np.testing.assert_allclose(float(loss), 1.8 / 4 + 3.1 / 4, rtol=1e-6)
   assert float(p_true) == 0.5  # 1.0 and 0.5 (>= m).
   assert float(p_fake) == 0.25  # Only -1.0 (-0.5 is not < -m).

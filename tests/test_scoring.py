@@ -36,8 +36,9 @@ def test_matches_released_maps_and_scores(name):
   assert maps.shape == d['anomaly_maps'].shape
   np.testing.assert_allclose(np.asarray(maps), d['anomaly_maps'], rtol=0,
                              atol=1e-4)
-  np.testing.assert_allclose(np.asarray(scoring.image_scores(d['patch_scores'])),
-                             d['image_scores'], rtol=0, atol=1e-4)
+  np.testing.assert_allclose(
+      np.asarray(scoring.image_scores(d['patch_scores'])), d['image_scores'],
+      rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize('sigma', [4.0, 1.5])

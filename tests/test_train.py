@@ -31,7 +31,7 @@ def _rel(got, want):
 
 
 def _torch_tree(d, prefix):
-  """Fixture tensors under `prefix` as our params tree ((out, in) -> (in, out))."""
+  """Fixture tensors under `prefix` as our params tree (kernels transposed)."""
   g = lambda name: np.asarray(d[prefix + name])
   return {
       'adaptor': {'fc': {'kernel': g('adaptor.layers.0fc.weight').T,
@@ -259,6 +259,8 @@ def test_relative_noise_calibration():
   assert train.feature_rms(state, x) == pytest.approx(want, rel=1e-5)
   assert train.feature_rms(state, [x[:15], x[15:].reshape(5, 5, 8)]) == (
       pytest.approx(want, rel=1e-5))
+  assert train.feature_rms(state, x, chunk_rows=7) == pytest.approx(want,
+                                                                    rel=1e-5)
   state = train.calibrate_noise(state, cfg.model, x)
   assert float(state.noise_std) == pytest.approx(0.2 * want, rel=1e-5)
   abs_state, abs_cfg = _small_state()

