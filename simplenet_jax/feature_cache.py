@@ -3,11 +3,13 @@
 The backbone is frozen and SimpleNet trains without augmentation, so the
 aggregated features of a training image are the same in all 160 passes; the
 released code recomputes them every pass. The cache holds them on the device:
-(N, h*w, D), float32 by default or bfloat16 to halve it. When it would not fit
-under `train.cache_max_gb` the loop recomputes the features per batch instead,
-with the same numbers.
+(N, h*w, D), float32 by default or bfloat16 to halve it, a full copy on every
+device (each step gathers a random batch from it). When it would not fit
+under `train.cache_max_gb` (per device) the loop recomputes the features per
+batch instead, with the same numbers up to float rounding (float32 cache).
 """
 
+import functools
 import math
 
 from absl import logging
@@ -16,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from simplenet_jax import parallel
-from simplenet_jax.data import loader
 from simplenet_jax.errors import UserError
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -24,45 +25,89 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 def estimate_bytes(n_images: int, grid_hw: tuple[int, int], dim: int,
                    dtype: str) -> int:
-  """Device bytes of the cache: N x h x w x D values."""
+  """Bytes of the cache on each device: N x h x w x D values."""
   return n_images * grid_hw[0] * grid_hw[1] * dim * np.dtype(
       _DTYPES[dtype]).itemsize
 
 
 def fits(n_images, grid_hw, dim, train_cfg) -> bool:
-  """Logs the estimate and says whether the cache is used."""
+  """Prints the estimate and says whether the cache is used."""
   need = estimate_bytes(n_images, grid_hw, dim, train_cfg.cache_dtype)
   gb = need / 2**30
-  use = train_cfg.cache_features and gb <= train_cfg.cache_max_gb
-  logging.info(
-      'Feature cache: %d images x %dx%d x %d (%s) = %.2f GiB; cap %.2f GiB '
-      '(train.cache_max_gb): %s.', n_images, grid_hw[0], grid_hw[1], dim,
-      train_cfg.cache_dtype, gb, train_cfg.cache_max_gb,
-      'caching' if use else 'recomputing features every pass')
+  use = bool(train_cfg.cache_features) and gb <= train_cfg.cache_max_gb
+  if not train_cfg.cache_features:
+    verdict = 'off (train.cache_features): recomputing features every pass'
+  elif use:
+    verdict = 'caching'
+  else:
+    verdict = ('over the cap: recomputing features every pass (raise '
+               'train.cache_max_gb or set train.cache_dtype=bfloat16 to cache)')
+  msg = (f'Feature cache: {n_images} images x {grid_hw[0]}x{grid_hw[1]} x '
+         f'{dim} ({train_cfg.cache_dtype}) = {gb:.3f} GiB per device; cap '
+         f'{train_cfg.cache_max_gb:g} GiB (train.cache_max_gb): {verdict}.')
+  logging.info(msg)
+  if jax.process_index() == 0:
+    print(msg, flush=True)
   return use
 
 
+@functools.lru_cache(maxsize=None)
+def _ops(mesh, shape, dtype):
+  """Jitted (empty cache, write a batch into it), replicated over `mesh`."""
+  rep = parallel.replicated(mesh)
+  zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=rep)
+
+  @functools.partial(jax.jit, donate_argnums=(0,), static_argnums=(3,),
+                     out_shardings=rep)
+  def write(cache, feats, start, n):
+    rows = feats[:n].reshape(n, -1, feats.shape[-1]).astype(dtype)
+    return jax.lax.dynamic_update_slice_in_dim(cache, rows, start, axis=0)
+
+  return zeros, write
+
+
 def build(feature_fn, backbone_vars, dataset, indices, batch_size: int,
-          train_cfg, data_cfg, mesh):
+          train_cfg, data_cfg, mesh, grid_hw=None, dim=None):
   """Features of `dataset[indices]` -> replicated device array (N, h*w, D).
+
+  Written batch by batch into one preallocated device array (no host copy,
+  no concatenation), so the peak is the cache plus one batch. In a
+  multi-host run each process decodes only its rows of each batch
+  (parallel.host_batches) and the writes gather them.
 
   Args:
     feature_fn: images (B,H,W,3) uint8 -> (B,h,w,D) features (jitted).
     backbone_vars: the frozen backbone's variables (replicated).
-    dataset, indices: which training images, in this order.
+    dataset, indices: which training images, in this order (row i of the
+      cache is dataset[indices[i]]).
+    batch_size: images per feature_fn call.
+    train_cfg: train.* (cache_dtype).
+    data_cfg: dataset.* (num_workers, prefetch).
+    mesh: the device mesh.
+    grid_hw, dim: the feature grid and dimension; from one traced call of
+      feature_fn when not given.
   """
   dtype = _DTYPES[train_cfg.cache_dtype]
-  parts = []
+  indices = np.asarray(indices).reshape(-1)
+  if grid_hw is None or dim is None:
+    h, w = dataset.image_hw
+    shape = jax.eval_shape(feature_fn, backbone_vars,
+                           jax.ShapeDtypeStruct((1, h, w, 3), jnp.uint8)).shape
+    grid_hw, dim = shape[1:3], shape[3]
+  zeros, write = _ops(mesh, (len(indices), grid_hw[0] * grid_hw[1], int(dim)),
+                      dtype)
   try:
-    for batch in loader.batches(dataset, batch_size, indices=indices,
-                                num_workers=data_cfg.num_workers,
-                                prefetch=data_cfg.prefetch):
-      images, n = parallel.put_batch(batch['image'], mesh)
-      feats = feature_fn(backbone_vars, images)
-      feats = feats.reshape(feats.shape[0], -1, feats.shape[-1])[:n]
-      parts.append(jax.device_get(feats.astype(dtype)))
-    cache = np.concatenate(parts, axis=0)
-    return parallel.put_replicated(cache, mesh)
+    cache = zeros()
+    start = 0
+    for batch in parallel.host_batches(dataset, batch_size, mesh,
+                                       indices=indices,
+                                       num_workers=data_cfg.num_workers,
+                                       prefetch=data_cfg.prefetch):
+      images, n = parallel.put_batch(batch['image'], mesh, batch['n_global'])
+      (offset,) = parallel.global_inputs(mesh, np.int32(start))
+      cache = write(cache, feature_fn(backbone_vars, images), offset, n)
+      start += n
+    return jax.block_until_ready(cache)
   except (MemoryError, jax.errors.JaxRuntimeError) as e:
     if isinstance(e, jax.errors.JaxRuntimeError) and (
         'RESOURCE_EXHAUSTED' not in str(e) and 'memory' not in str(e).lower()):

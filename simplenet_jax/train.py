@@ -432,7 +432,13 @@ def _fingerprint(config) -> str:
 
 
 def make_cached_step(mesh, embed_dim):
-  """train_step on rows gathered from the device-resident cache."""
+  """train_step on rows gathered from the device-resident cache.
+
+  Returns step(state, cache, idx, key) -> (state, metrics): cache (N, h*w, D)
+  replicated (see feature_cache.build), idx (B,) int image indices into it,
+  key the step's noise key. The B*h*w rows are split over the mesh (padded
+  and masked when they do not divide); `state` is donated.
+  """
   sharded = parallel.batch_sharded(mesh)
 
   @functools.partial(jax.jit, donate_argnums=(0,))
@@ -443,26 +449,42 @@ def make_cached_step(mesh, embed_dim):
       rows = jax.lax.with_sharding_constraint(rows, sharded)
     return train_step(state, rows, key, mask)
 
-  return step
+  def run(state, cache, idx, key):
+    idx, key = parallel.global_inputs(mesh, idx, key)
+    return step(state, cache, idx, key)
+
+  return run
 
 
 def make_features_step(mesh, embed_dim):
-  """train_step on features recomputed from a batch of images."""
+  """train_step on features recomputed from a batch of images.
+
+  Returns step(state, backbone_vars, images, key, feature_fn, n_valid) ->
+  (state, metrics): images as put_batch returns them (split over the mesh,
+  padding at the end), n_valid = put_batch's count of real images;
+  feature_fn (jitted, hashable) is static. `state` is donated.
+  """
   sharded = parallel.batch_sharded(mesh)
 
-  @functools.partial(jax.jit, donate_argnums=(0,), static_argnums=(5,))
-  def step(state, feature_fn_vars, images, key, feature_fn, n_valid):
-    feats = feature_fn(feature_fn_vars, images)[:n_valid]
+  @functools.partial(jax.jit, donate_argnums=(0,), static_argnums=(4, 5))
+  def step(state, backbone_vars, images, key, feature_fn, n_valid):
+    feats = feature_fn(backbone_vars, images)[:n_valid]
     rows = feats.reshape(-1, embed_dim)
     rows, mask = _pad_rows_for(rows, mesh)
     if mesh.size > 1:
       rows = jax.lax.with_sharding_constraint(rows, sharded)
     return train_step(state, rows, key, mask)
 
-  return step
+  def run(state, backbone_vars, images, key, feature_fn, n_valid):
+    (key,) = parallel.global_inputs(mesh, key)
+    return step(state, backbone_vars, images, key, feature_fn, int(n_valid))
+
+  return run
 
 
 def _pad_rows_for(rows, mesh):
+  """(n, D) rows -> (rows padded to divide over the mesh, (n',) 0/1 mask or
+  None when no padding was needed)."""
   n = rows.shape[0]
   padded = parallel.padded_size(n, mesh)
   if padded == n:

