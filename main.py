@@ -5,13 +5,21 @@ r"""SimpleNet in JAX: train, evaluate or predict.
   python main.py --config configs/mvtec.py --workdir runs/mvtec --mode eval
   python main.py --config configs/mvtec.py --workdir runs/mvtec --mode predict \
       --config.predict.inputs='photos/*.png' --config.predict.category=bottle
+
+Bad input (a flag, a config key, a data or weights file) ends the run with one
+line `error: ...` on stderr and exit status 2; see docs/bad_inputs.md. A run
+that is interrupted (Ctrl-C, a kill, a crash) continues from its last
+checkpoint when the same command is run again.
 """
 
-import sys
+import os
 
 from absl import app
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
+
+from simplenet_jax import config_checks
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file (configs/*.py).', lock_config=True)
@@ -25,17 +33,30 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    config_checks.fail(f'unexpected arguments {argv[1:]}; every option is a '
+                       'flag (--name=value); see --helpshort')
+  config = _CONFIG.value
+  if not isinstance(config, ml_collections.ConfigDict):  # Failed to load.
+    path = config_flags.get_config_filename(flags.FLAGS['config'])
+    what = ('no such file' if not os.path.isfile(path.split(':')[0]) else
+            'it must define get_config() returning a ConfigDict')
+    config_checks.fail(f'--config={path}: cannot load the config file ({what})')
   # Imported here so that --help and flag errors do not pay for jax start-up.
   from simplenet_jax import experiment  # pylint: disable=g-import-not-at-top
   from simplenet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   try:
-    experiment.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+    experiment.run(config, _WORKDIR.value, _MODE.value)
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    config_checks.fail(str(e))
+  except KeyboardInterrupt:
+    config_checks.fail('interrupted; run the same command again to continue '
+                       'from the last checkpoint', status=130)
+  except OSError as e:
+    if not e.filename:
+      raise
+    # The file system refused (permissions, a full disk, a missing folder).
+    config_checks.fail(f'{e.filename}: {e.strerror or e}')
 
 
 if __name__ == '__main__':
-  from simplenet_jax.config_checks import run_app  # pylint: disable=g-import-not-at-top
-  run_app(main)
+  config_checks.run_app(main)

@@ -27,7 +27,9 @@ def get_config():
   # Textures: resized to this square, no crop (0: the object transform).
   c.dataset.texture_resize = 256
   c.dataset.textures = ()  # Extra category names to treat as textures.
-  c.dataset.tfds_data_dir = ''  # tfds data dir ('' = ~/tensorflow_datasets).
+  # tfds data dir. '': mvtec_tfds prepares into <workdir>/tensorflow_datasets;
+  # cifar10 reads tfds's default (~/tensorflow_datasets).
+  c.dataset.tfds_data_dir = ''
   c.dataset.num_workers = 8  # Decode/resize threads.
   c.dataset.prefetch = 2  # Batches decoded ahead.
   # folder datasets: see configs/folder.py.

@@ -17,6 +17,8 @@ from simplenet_jax import parallel
 from simplenet_jax import predict
 from simplenet_jax import report
 from simplenet_jax import train
+from simplenet_jax.data import images as data_images
+from simplenet_jax.errors import UserError
 
 
 def category_key(seed: int, category: str) -> jax.Array:
@@ -29,27 +31,116 @@ def checkpoint_dir(workdir: str, category: str) -> str:
   return os.path.join(os.path.abspath(workdir), category, 'checkpoints')
 
 
-class _QuietOrbax(logging_std.Filter):
-  """Orbax logs every save at INFO; keep its warnings, drop the chatter."""
+class _LogFilter(logging_std.Filter):
+  """Orbax logs every save at INFO: keep its warnings, drop the chatter. A
+  data-layer warning (a skipped file) is shown once per run, although the
+  file lists are read twice (`check_data`, then for training)."""
+
+  def __init__(self):
+    super().__init__()
+    self.seen = set()
 
   def filter(self, record):
-    return record.levelno >= logging_std.WARNING or (
-        '/orbax/' not in record.pathname)
+    if '/orbax/' in record.pathname:
+      return record.levelno >= logging_std.WARNING
+    if (record.levelno == logging_std.WARNING and
+        f'{os.sep}simplenet_jax{os.sep}data{os.sep}' in record.pathname):
+      message = record.getMessage()
+      if message in self.seen:
+        return False
+      self.seen.add(message)
+    return True
+
+
+_LOG_FILTER = _LogFilter()
+# Kinds whose files are listed and checked before any work starts (the tfds
+# kinds read prepared records: their sources are checked when prepared).
+_FILE_KINDS = ('mvtec', 'folder', 'demo')
+
+
+def check_data(config, workdir: str, categories) -> None:
+  """Every category's files, before the backbone loads or training starts.
+
+  Lists the train and test splits (missing folders, empty splits, defect
+  images without masks raise here) and reads every image and mask header:
+  unreadable files, masks whose size differs from their image and, without a
+  crop, images of another aspect ratio are reported now, not in category 12
+  of 15 or after training. Truncated image data is only found when decoded
+  (training images when the feature cache is built, test images at
+  evaluation, after the final checkpoint is saved).
+  """
+  if config.dataset.kind not in _FILE_KINDS:
+    return
+  for category, _ in categories:
+    for split in ('train', 'test'):
+      _check_files(data.build(config.dataset, category, split, workdir))
+
+
+def _check_files(dataset) -> None:
+  for s in getattr(dataset, 'samples', ()):
+    hw = data_images.image_hw(s.image)
+    out = dataset.geometry.output_hw(hw)
+    if tuple(out) != tuple(dataset.image_hw):
+      raise UserError(
+          f'{s.image}: becomes {out[0]}x{out[1]} after resizing but the '
+          f'dataset\'s images are {dataset.image_hw[0]}x'
+          f'{dataset.image_hw[1]} (their aspect ratios differ); set '
+          'config.dataset.crop > 0 to crop all to one size.')
+    if s.mask is not None:
+      mask_hw = data_images.image_hw(s.mask)
+      if mask_hw != hw:
+        raise UserError(
+            f'mask {s.mask} is {mask_hw[0]}x{mask_hw[1]} but its image '
+            f'{s.image} is {hw[0]}x{hw[1]}; they must match.')
+
+
+def _check_checkpoints(workdir: str, categories) -> None:
+  for category, _ in categories:
+    d = checkpoint_dir(workdir, category)
+    if not os.path.isdir(d):
+      raise UserError(f'no checkpoint in {d}: run with --mode=train and the '
+                      'same --workdir (and config) first')
+
+
+def _keep_tfds_in_workdir(config, workdir: str) -> None:
+  """mvtec_tfds prepares records: in the workdir unless a dir is given."""
+  d = config.dataset
+  if d.kind == 'mvtec_tfds' and not d.tfds_data_dir:
+    d.tfds_data_dir = os.path.join(os.path.abspath(workdir),
+                                   'tensorflow_datasets')
+    logging.info('mvtec_tfds: preparing records under %s '
+                 '(config.dataset.tfds_data_dir)', d.tfds_data_dir)
 
 
 def run(config, workdir: str, mode: str) -> list[dict]:
-  """Runs `mode` and returns the table rows (one dict per category)."""
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  """Runs `mode` and returns the table rows (one dict per category).
+
+  Everything that can be checked cheaply is checked before any work starts:
+  the config (`config_checks.validate`), every category's data files
+  (`check_data`), the checkpoints (eval), then the backbone's weights.
+  Nothing is written to `workdir` before these checks pass (the demo kind
+  generates its data there first).
+  """
+  if mode not in ('train', 'eval', 'predict'):
+    raise ValueError(f'mode must be train, eval or predict, got {mode!r}')
+  handler = logging.get_absl_handler()
+  if _LOG_FILTER not in handler.filters:
+    handler.addFilter(_LOG_FILTER)
+  _LOG_FILTER.seen.clear()
   config = config_checks.validate(config)
   parallel.maybe_initialize_distributed(config.parallel)
-  os.makedirs(workdir, exist_ok=True)
   if mode == 'predict':
     predict.run(config, workdir)
     return []
-  mesh = parallel.make_mesh()
-  module, backbone_vars = backbones.load_for_run(config.backbone)
-  backbone_vars = parallel.put_replicated(backbone_vars, mesh)
+  _keep_tfds_in_workdir(config, workdir)
   categories = data.categories(config.dataset)
+  check_data(config, workdir, categories)
+  if mode == 'eval':
+    _check_checkpoints(workdir, categories)
+  module, backbone_vars = backbones.load_for_run(config.backbone)
+  mesh = parallel.make_mesh()
+  backbone_vars = parallel.put_replicated(backbone_vars, mesh)
+  os.makedirs(workdir, exist_ok=True)
   logging.info('%s on %d categories, %d device(s): %s', mode, len(categories),
                mesh.size, jax.devices()[0].platform)
   rows = []

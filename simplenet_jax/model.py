@@ -96,13 +96,17 @@ class TorchBatchNorm(nn.Module):
 class Discriminator(nn.Module):
   """Linear(D, hidden) -> BatchNorm1d -> LeakyReLU(0.2) -> Linear(hidden, 1).
 
-  Returns (N,) scores: high = normal.
+  Returns (N,) scores: high = normal. With after_fc=True, x is already the
+  first Linear's output (N, hidden) (training folds that Linear into the
+  adaptor's, see train.loss_fn).
   """
   hidden: int
 
   @nn.compact
-  def __call__(self, x, train: bool, mask: Optional[jax.Array] = None):
-    x = TorchDense(self.hidden, name='fc')(x)
+  def __call__(self, x, train: bool, mask: Optional[jax.Array] = None,
+               after_fc: bool = False):
+    if not after_fc:
+      x = TorchDense(self.hidden, name='fc')(x)
     x = TorchBatchNorm(name='bn')(x, train=train, mask=mask)
     x = nn.leaky_relu(x, negative_slope=0.2)
     return TorchDense(1, use_bias=False, name='tail')(x)[..., 0]

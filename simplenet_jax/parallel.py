@@ -211,4 +211,11 @@ def global_inputs(mesh: Mesh, *xs):
   """
   if jax.process_count() == 1:
     return xs
-  return put_replicated(tuple(np.asarray(x) for x in xs), mesh)
+
+  def put(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key):
+      data = put_replicated(np.asarray(jax.random.key_data(x)), mesh)
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return put_replicated(np.asarray(x), mesh)
+  return tuple(put(x) for x in xs)

@@ -10,6 +10,7 @@ import glob
 import json
 import os
 
+from absl import logging
 import jax
 import numpy as np
 import PIL.Image
@@ -27,7 +28,12 @@ from simplenet_jax.errors import UserError
 
 
 def expand_inputs(spec: str) -> list[str]:
-  """A file, a directory (its images, sorted) or a glob -> image paths."""
+  """A file, a directory (its images, sorted) or a glob -> image paths.
+
+  Non-image files in a directory or matched by a glob are skipped with a
+  warning naming them; every image's header is read here, so an unreadable
+  file is reported before any work starts.
+  """
   if not spec:
     raise UserError('config.predict.inputs is empty: give a file, a directory '
                     "or a glob, e.g. --config.predict.inputs='photos/*.png'")
@@ -36,10 +42,19 @@ def expand_inputs(spec: str) -> list[str]:
   elif os.path.isfile(spec):
     paths = [spec]
   else:
-    paths = sorted(p for p in glob.glob(spec, recursive=True)
-                   if os.path.isfile(p) and images.is_image_file(p))
+    paths = []
+    for p in sorted(glob.glob(spec, recursive=True)):
+      if not os.path.isfile(p):
+        continue
+      if images.is_image_file(p):
+        paths.append(p)
+      else:
+        logging.warning('Skipping %s: not an image file (accepted: %s).', p,
+                        ', '.join(images.IMAGE_EXTENSIONS))
   if not paths:
     raise UserError(f'config.predict.inputs={spec!r}: no image files found')
+  for p in paths:
+    images.image_hw(p)  # UserError naming the file if it cannot be read.
   return paths
 
 
@@ -78,20 +93,34 @@ class _Inputs:
                 label=0, path=self.paths[i], defect='')
 
 
+def _check_meta(config, ckpt_dir):
+  """A check that the checkpoint was trained on the config's backbone."""
+  used = {'name': config.backbone.name, 'layers': list(config.backbone.layers)}
+
+  def check(meta):
+    trained = {'name': meta.get('backbone'), 'layers': meta.get('layers')}
+    for key, value in trained.items():
+      if value is not None and value != used[key]:
+        raise UserError(
+            f'config.backbone.{key} is {used[key]!r} but {ckpt_dir} was '
+            f'trained with {value!r}; predict with the training config')
+  return check
+
+
 def run(config, workdir: str) -> list[dict]:
+  """Scores `config.predict.inputs`; returns one record per image."""
   category = trained_category(workdir, config.predict.category)
   ckpt_dir = os.path.join(os.path.abspath(workdir), category, 'checkpoints')
   if not os.path.isdir(ckpt_dir):
     raise UserError(f'no checkpoint for category {category!r} in {ckpt_dir}: '
                     'train it first or fix --config.predict.category')
-  ckpt = checkpoint.Checkpointer(ckpt_dir)
-  try:
-    steps = ckpt.steps()
-    if not steps:
-      raise UserError(f'no checkpoint in {ckpt_dir}: train first')
-    meta = ckpt.restore_meta(steps[-1])
-  finally:
-    ckpt.close()
+  latest = checkpoint.latest_meta(ckpt_dir)
+  if latest is None:
+    raise UserError(f'no loadable checkpoint in {ckpt_dir}: run --mode=train '
+                    'with this --workdir first')
+  meta = latest[1]
+  check = _check_meta(config, ckpt_dir)
+  check(meta)
   if 'threshold' not in meta:
     raise UserError(f'{ckpt_dir}: training has not finished (no decision '
                     'threshold yet); run --mode=train again to finish it')
@@ -108,7 +137,11 @@ def run(config, workdir: str) -> list[dict]:
   template = train.create_train_state(
       jax.random.PRNGKey(0), config.model, config.optim, meta['embed_dim'],
       meta['steps_per_pass'], config.train.num_passes)
-  _, state, meta = checkpoint.require_latest(ckpt_dir, template)
+  _, state, meta = checkpoint.require_latest(ckpt_dir, template,
+                                             check_meta=check)
+  if 'threshold' not in meta:
+    raise UserError(f'{ckpt_dir}: the final checkpoint could not be loaded '
+                    '(see the warnings above); run --mode=train again')
   hw = tuple(meta['image_hw'])
   predict_fn = scoring.make_predict_fn(module, tuple(config.backbone.layers),
                                        config.model, hw, config.eval.sigma)
@@ -121,28 +154,34 @@ def run(config, workdir: str) -> list[dict]:
   threshold = float(meta['threshold'])
   vmin, vmax = meta.get('map_range', (None, None))
   results = []
-  with open(os.path.join(out_dir, 'predictions.jsonl'), 'w',
-            encoding='utf-8') as log:
-    for batch in loader.batches(inputs, config.eval.batch_size,
-                                num_workers=config.dataset.num_workers,
-                                prefetch=config.dataset.prefetch):
-      x, n = parallel.put_batch(batch['image'], mesh)
-      out = predict_fn(backbone_vars, head, x)
-      scores = parallel.to_host(out['image_scores'])[:n]
-      maps = parallel.to_host(out['anomaly_maps'])[:n]
-      for path, image, score, amap in zip(batch['path'], batch['image'],
-                                          scores, maps):
-        name = visualize.safe_filename(
-            os.path.relpath(path, common).replace(os.sep, '_'))
-        png = os.path.join(out_dir, os.path.splitext(name)[0] + '.png')
-        lo = float(amap.min()) if vmin is None else vmin
-        hi = float(amap.max()) if vmax is None else vmax
-        visualize.heatmap_png(amap, image, png, lo, hi,
-                              caption=f'score {score:.4f} thr {threshold:.4f}')
-        record = {'path': path, 'category': category,
-                  'score': float(score), 'threshold': threshold,
-                  'anomalous': bool(score > threshold), 'heatmap': png}
-        print(json.dumps(record, ensure_ascii=False), flush=True)
-        log.write(json.dumps(record, ensure_ascii=False) + '\n')
-        results.append(record)
+  log_path = os.path.join(out_dir, 'predictions.jsonl')
+  tmp_path = f'{log_path}.tmp{os.getpid()}'
+  try:
+    with open(tmp_path, 'w', encoding='utf-8') as log:
+      for batch in loader.batches(inputs, config.eval.batch_size,
+                                  num_workers=config.dataset.num_workers,
+                                  prefetch=config.dataset.prefetch):
+        x, n = parallel.put_batch(batch['image'], mesh)
+        out = predict_fn(backbone_vars, head, x)
+        scores = parallel.to_host(out['image_scores'])[:n]
+        maps = parallel.to_host(out['anomaly_maps'])[:n]
+        for path, image, score, amap in zip(batch['path'], batch['image'],
+                                            scores, maps):
+          name = visualize.safe_filename(
+              os.path.relpath(path, common).replace(os.sep, '_'))
+          png = os.path.join(out_dir, os.path.splitext(name)[0] + '.png')
+          lo = float(amap.min()) if vmin is None else vmin
+          hi = float(amap.max()) if vmax is None else vmax
+          visualize.heatmap_png(amap, image, png, lo, hi,
+                                caption=f'score {score:.4f} thr {threshold:.4f}')
+          record = {'path': path, 'category': category,
+                    'score': float(score), 'threshold': threshold,
+                    'anomalous': bool(score > threshold), 'heatmap': png}
+          print(json.dumps(record, ensure_ascii=False), flush=True)
+          log.write(json.dumps(record, ensure_ascii=False) + '\n')
+          results.append(record)
+    os.replace(tmp_path, log_path)  # Complete or absent, never half-written.
+  finally:
+    if os.path.exists(tmp_path):
+      os.remove(tmp_path)
   return results

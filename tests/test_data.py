@@ -1,11 +1,9 @@
 """Datasets: layouts, pairing, transforms and every bad input in docs/bad_inputs.md."""
 
-import importlib.util
 import logging
 from pathlib import Path
 import struct
 import sys
-import types
 import zlib
 
 import ml_collections
@@ -13,7 +11,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
+
 from configs.default import get_config
+import torch_reference
 from simplenet_jax import data
 from simplenet_jax.data import images
 from simplenet_jax.data import mvtec
@@ -23,14 +23,7 @@ COOKIES = Path(__file__).resolve().parents[1].parent / 'shared/datasets/cookies'
 
 
 def _torchvision_transforms():
-  """torchvision.transforms without its package __init__ (installed --no-deps)."""
-  if 'torchvision' not in sys.modules:
-    spec = importlib.util.find_spec('torchvision')
-    pkg = types.ModuleType('torchvision')
-    pkg.__path__ = list(spec.submodule_search_locations)
-    sys.modules['torchvision'] = pkg
-  from torchvision import transforms  # pylint: disable=g-import-not-at-top
-  return transforms
+  return torch_reference.torchvision_module('transforms')
 
 
 def _save(path: Path, array, mode=None, **kw) -> Path:

@@ -29,12 +29,9 @@ def _tiny(config, weights_dir):
   return config
 
 
-@pytest.fixture(scope='module')
-def weights_dir(tmp_path_factory):
-  from simplenet_jax import backbones  # pylint: disable=g-import-not-at-top
-  d = tmp_path_factory.mktemp('weights')
-  backbones.ensure_converted('efficientnet_lite0', str(d))
-  return d
+@pytest.fixture(name='weights_dir')
+def _weights_dir(lite0_weights_dir):
+  return lite0_weights_dir
 
 
 def test_cifar10_one_class_on_mock_data(tmp_path, weights_dir):

@@ -2,6 +2,7 @@
 
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -98,3 +99,15 @@ def test_batch_items_are_independent():
   one = np.asarray(features.aggregate([m[1:2] for m in maps], 32, 24))
   np.testing.assert_allclose(full[1:2], one, rtol=0, atol=1e-6)
   assert not np.allclose(full[0], full[1])
+
+
+@pytest.mark.parametrize('channels,size,patch', [(8, 24, 3), (8, 30, 3),
+                                                 (5, 64, 3), (4, 7, 5),
+                                                 (6, 4, 1)])
+def test_unfold_pool_equals_pooling_the_unfolded_map(channels, size, patch):
+  x = np.random.default_rng(0).normal(size=(2, 5, 7, channels)).astype(
+      np.float32)
+  got = np.asarray(features.unfold_pool(jnp.asarray(x), size, patch))
+  want = np.stack([np.asarray(features.adaptive_avg_pool(
+      features.unfold(jnp.asarray(m), patch), size)) for m in x])
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)

