@@ -17,6 +17,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+# shared/ (parity fixtures, the cookies data set) lies beside the repository.
+SHARED = os.path.join(os.path.dirname(ROOT), 'shared')
+FIXTURES = os.environ.get('SIMPLENET_FIXTURES',
+                          os.path.join(SHARED, 'fixtures', 'official'))
+
 CATEGORY = 'brick'
 # Awkward on purpose: spaces and non-ASCII characters in every path.
 DATA_DIR_NAME = 'dåta sèt ü'

