@@ -7,6 +7,8 @@ Prints, side by side for one backbone, image size and batch:
   cache build        the one-off first-pass cost of the training set's
                      feature cache (feature_cache.build, loader included)
   train img/s/pass   one training pass over cached features (make_cached_step)
+  CPU ms/img         process CPU time (all threads) per image of each stage:
+                     steadier than wall time on a shared machine
   recompute img/s    (--recompute) one pass recomputing the features per batch,
                      as the released code does every pass and this project
                      does over train.cache_max_gb
@@ -47,15 +49,26 @@ from simplenet_jax import scoring
 from simplenet_jax import train
 
 
-def _time(fn, warmup: int, repeats: int) -> float:
-  """Median seconds of fn() (which must block)."""
+_CPU = {}  # Stage -> median process CPU seconds of its timed runs.
+
+
+def _time(fn, warmup: int, repeats: int, stage: str = '') -> float:
+  """Median wall seconds of fn() (which must block).
+
+  Also records the median CPU seconds of this process (all its threads) in
+  _CPU[stage]: on a shared machine wall time follows the others' load, CPU
+  time much less so.
+  """
   for _ in range(warmup):
     fn()
-  times = []
+  times, cpu = [], []
   for _ in range(repeats):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+  if stage:
+    _CPU[stage] = statistics.median(cpu)
   return statistics.median(times)
 
 
@@ -102,6 +115,7 @@ def _peak_device_mb():
 def run(args) -> dict:
   """Measures everything for one setting; returns the figures."""
   config = make_config(args)
+  _CPU.clear()
   load_start = os.getloadavg()[0]
   mesh = parallel.make_mesh()
   module, bvars = backbones.load_for_run(config.backbone)
@@ -113,7 +127,7 @@ def run(args) -> dict:
 
   backbone_fn = jax.jit(lambda v, x: module.apply(v, scoring.to_unit_float(x)))
   t_backbone = _time(lambda: jax.block_until_ready(backbone_fn(bvars, images)),
-                     args.warmup, args.repeats)
+                     args.warmup, args.repeats, 'backbone')
 
   feature_fn = scoring.make_feature_fn(module, layers, config.model)
   _, gh, gw, dim = jax.eval_shape(feature_fn, bvars, images).shape
@@ -126,7 +140,7 @@ def run(args) -> dict:
                                        config.eval.sigma)
   t_infer = _time(lambda: jax.block_until_ready(predict_fn(bvars, head,
                                                            images)),
-                  args.warmup, args.repeats)
+                  args.warmup, args.repeats, 'inference')
 
   idx = np.arange(n_train)
 
@@ -137,7 +151,7 @@ def run(args) -> dict:
   cache = build()  # Compiles the cache writes; the features are compiled.
   t_compile_build = time.perf_counter() - t_compile_build
   t_cache = _time(lambda: jax.block_until_ready(build()), 0,
-                  max(1, args.repeats // 2))
+                  max(1, args.repeats // 2), 'cache')
   order = np.random.default_rng(0).permutation(n_train)
   step = train.make_cached_step(mesh, dim)
 
@@ -147,7 +161,7 @@ def run(args) -> dict:
       state, m = step(state, cache, order[i * b:(i + 1) * b],
                       jax.random.PRNGKey(i))
     jax.block_until_ready(m)
-  t_pass = _time(one_pass, 1, args.repeats)
+  t_pass = _time(one_pass, 1, args.repeats, 'train')
 
   out = {
       'backbone': args.backbone, 'dtype': args.backbone_dtype,
@@ -177,8 +191,12 @@ def run(args) -> dict:
         state, m = fstep(state, bvars, x, jax.random.PRNGKey(i), feature_fn,
                          n)
       jax.block_until_ready(m)
-    out['recompute_pass_img_s'] = n_train / _time(recompute_pass, 1,
-                                                  max(1, args.repeats // 2))
+    out['recompute_pass_img_s'] = n_train / _time(
+        recompute_pass, 1, max(1, args.repeats // 2), 'recompute')
+  per_image = {'backbone': b, 'inference': b, 'cache': n_train,
+               'train': n_train, 'recompute': n_train}
+  for stage, cpu_s in _CPU.items():
+    out[f'{stage}_cpu_ms_img'] = 1000 * cpu_s / per_image[stage]
   out['peak_rss_mb'] = resource.getrusage(
       resource.RUSAGE_SELF).ru_maxrss / 1024
   out['peak_device_mb'] = _peak_device_mb()
@@ -197,6 +215,10 @@ _COLUMNS = (
     ('cache_build_img_s', 'cache build img/s'),
     ('train_pass_img_s', 'train img/s/pass (cached)'),
     ('recompute_pass_img_s', 'train img/s/pass (recompute)'),
+    ('backbone_cpu_ms_img', 'backbone CPU ms/img'),
+    ('inference_cpu_ms_img', 'inference CPU ms/img'),
+    ('cache_cpu_ms_img', 'cache build CPU ms/img'),
+    ('train_cpu_ms_img', 'train CPU ms/img/pass'),
     ('cache_gib', 'cache GiB'), ('peak_rss_mb', 'peak RSS MB'),
     ('peak_device_mb', 'peak device MB'), ('load_avg_1min', 'load'))
 

@@ -12,7 +12,6 @@ batch instead, with the same numbers up to float rounding (float32 cache).
 import functools
 import math
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,7 +44,6 @@ def fits(n_images, grid_hw, dim, train_cfg) -> bool:
   msg = (f'Feature cache: {n_images} images x {grid_hw[0]}x{grid_hw[1]} x '
          f'{dim} ({train_cfg.cache_dtype}) = {gb:.3f} GiB per device; cap '
          f'{train_cfg.cache_max_gb:g} GiB (train.cache_max_gb): {verdict}.')
-  logging.info(msg)
   if jax.process_index() == 0:
     print(msg, flush=True)
   return use
