@@ -3,7 +3,6 @@
 import json
 import logging as logging_std
 import os
-import zlib
 
 from absl import logging
 import jax
@@ -19,12 +18,6 @@ from simplenet_jax import report
 from simplenet_jax import train
 from simplenet_jax.data import images as data_images
 from simplenet_jax.errors import UserError
-
-
-def category_key(seed: int, category: str) -> jax.Array:
-  """A PRNG key per category, stable across runs and category subsets."""
-  return jax.random.fold_in(jax.random.PRNGKey(seed),
-                            zlib.crc32(category.encode()) & 0x7FFFFFFF)
 
 
 def checkpoint_dir(workdir: str, category: str) -> str:
