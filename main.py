@@ -14,12 +14,11 @@ checkpoint when the same command is run again.
 
 import os
 
-from absl import app
 from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
-from simplenet_jax import config_checks
+from simplenet_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file (configs/*.py).', lock_config=True)
@@ -33,30 +32,30 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   if len(argv) > 1:
-    config_checks.fail(f'unexpected arguments {argv[1:]}; every option is a '
+    cli.fail(f'unexpected arguments {argv[1:]}; every option is a '
                        'flag (--name=value); see --helpshort')
   config = _CONFIG.value
   if not isinstance(config, ml_collections.ConfigDict):  # Failed to load.
     path = config_flags.get_config_filename(flags.FLAGS['config'])
     what = ('no such file' if not os.path.isfile(path.split(':')[0]) else
             'it must define get_config() returning a ConfigDict')
-    config_checks.fail(f'--config={path}: cannot load the config file ({what})')
+    cli.fail(f'--config={path}: cannot load the config file ({what})')
   # Imported here so that --help and flag errors do not pay for jax start-up.
   from simplenet_jax import experiment  # pylint: disable=g-import-not-at-top
   from simplenet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   try:
     experiment.run(config, _WORKDIR.value, _MODE.value)
   except UserError as e:
-    config_checks.fail(str(e))
+    cli.fail(str(e))
   except KeyboardInterrupt:
-    config_checks.fail('interrupted; run the same command again to continue '
+    cli.fail('interrupted; run the same command again to continue '
                        'from the last checkpoint', status=130)
   except OSError as e:
     if not e.filename:
       raise
     # The file system refused (permissions, a full disk, a missing folder).
-    config_checks.fail(f'{e.filename}: {e.strerror or e}')
+    cli.fail(f'{e.filename}: {e.strerror or e}')
 
 
 if __name__ == '__main__':
-  config_checks.run_app(main)
+  cli.run_app(main)

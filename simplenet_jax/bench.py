@@ -38,7 +38,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from configs import default
@@ -135,7 +134,7 @@ def run(args) -> dict:
   state = train.create_train_state(jax.random.PRNGKey(0), config.model,
                                    config.optim, dim, steps, 1)
   state = parallel.put_replicated(state, mesh)
-  head = {'params': state.params, 'batch_stats': state.batch_stats}
+  head = train.head_vars(state)
   predict_fn = scoring.make_predict_fn(module, layers, config.model, (s, s),
                                        config.eval.sigma)
   t_infer = _time(lambda: jax.block_until_ready(predict_fn(bvars, head,

@@ -1,107 +1,26 @@
-"""Config and command-line validation: bad values are caught before any work.
+"""Config validation: every rule about a config value, checked once.
 
-Each failure is one line naming the flag or key (`config.train.batch_size`,
-...) and what is allowed, so a typo costs seconds, not a training run.
+`validate` runs before any work starts; each failure is one line naming the
+key (`config.train.batch_size`, ...) and what is allowed, so a typo costs
+seconds, not a training run. The lists of allowed values live with the code
+that implements them (data.KINDS, train.NOISE_MODES, ...) and are enforced
+here only; the library's functions trust a validated config. Command-line
+errors (flags, the config file itself) are `cli.py`'s.
 """
 
-import os
 import re
-import sys
-import traceback
 
-from absl import app
-from absl import flags
 import ml_collections
 
+from simplenet_jax import backbones
+from simplenet_jax import data
+from simplenet_jax import evaluate
+from simplenet_jax import feature_cache
+from simplenet_jax import train
 from simplenet_jax.errors import UserError
 
 # Free-form sub-configs: their keys are the user's names, not the schema's.
 _FREE_FORM = ('dataset.test_dirs',)
-
-
-def fail(message: str, status: int = 2):
-  """Prints `error: <message>` as one line on stderr and exits."""
-  print('error: ' + ' '.join(str(message).split()), file=sys.stderr)
-  sys.exit(status)
-
-
-def run_app(main):
-  """absl's app.run, but a bad flag or --config is one line and status 2."""
-  app.run(main, flags_parser=_parse_flags)
-
-
-def _parse_flags(argv):
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except
-    # Flag values, a config file that fails to load, unknown --config.<key>:
-    # all user input, so one line (the traceback would point at absl).
-    fail(flag_error_message(e, argv))
-
-
-def _config_file(argv) -> str:
-  for i, arg in enumerate(argv):
-    if arg.startswith('--config='):
-      return arg.split('=', 1)[1].split(':', 1)[0]
-    if arg == '--config' and i + 1 < len(argv):
-      return argv[i + 1].split(':', 1)[0]
-  return ''
-
-
-def _innermost_text(e: BaseException) -> str:
-  # ml_collections wraps a KeyError('...\nDid you mean ...') in an
-  # AttributeError; str() of those is the repr of the inner message.
-  x = e
-  while x.args and isinstance(x.args[0], BaseException):
-    x = x.args[0]
-  text = x.args[0] if len(x.args) == 1 and isinstance(x.args[0], str) else str(x)
-  return text
-
-
-def _one_line(text: str) -> str:
-  lines = [l.strip() for l in str(text).splitlines() if l.strip()]
-  if any(l.startswith('Traceback') for l in lines):
-    lines = lines[-1:]  # The exception line of an embedded traceback.
-  return ' '.join(lines)
-
-
-def flag_error_message(e: BaseException, argv) -> str:
-  """One line for an exception raised while parsing the command line."""
-  path = _config_file(argv)
-  overrides = [a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
-  if path:
-    target = os.path.abspath(path)
-    frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if os.path.abspath(f.filename) == target]
-    text = _one_line(_innermost_text(e))
-    if isinstance(e, SyntaxError) and e.filename and os.path.abspath(
-        e.filename) == target:
-      return (f'--config={path}: the config file failed at line {e.lineno}: '
-              f'SyntaxError: {e.msg}')
-    if frames:
-      return (f'--config={path}: the config file failed at line '
-              f'{frames[-1].lineno}: {type(e).__name__}: {text}')
-    if 'Error whilst parsing config file' in str(e):
-      # ml_collections re-raises with the traceback as text: find the line.
-      lines = re.findall(r'File "([^"]+)", line (\d+)', str(e))
-      lines = [n for f, n in lines if os.path.abspath(f) == target]
-      where = f' at line {lines[-1]}' if lines else ''
-      return f'--config={path}: the config file failed{where}: {text}'
-    if "attribute 'get_config'" in str(e):
-      return (f'--config={path}: the config file must define get_config() '
-              'returning a ConfigDict')
-    if isinstance(e, OSError) and 'config' in str(e).lower():
-      return (f'--config={path}: cannot load the config file (no such file, '
-              'or it does not define get_config())')
-  if isinstance(e, flags.Error):
-    return _one_line(str(e))  # absl names the flag: "flag --x=y: ...".
-  if isinstance(e, (AttributeError, KeyError)) and overrides:
-    text = _one_line(_innermost_text(e))
-    named = [o for o in overrides
-             if any(f"'{part}'" in text for part in o.split('.')[1:])]
-    return (f"{', '.join(named or overrides)}: no such config key ({text}); "
-            'configs/default.py lists every key')
-  return f'could not parse the command line: {type(e).__name__}: {_one_line(e)}'
 
 
 def split_list(value) -> tuple[str, ...]:
@@ -127,11 +46,14 @@ def _one_of(config, key: str, allowed) -> None:
 
 
 def _schema():
-  """configs/default.py's config: every key and its type (None if absent)."""
+  """configs/default.py's config: every key and its type."""
   try:
     from configs import default  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
+  except ImportError as e:
+    # Not skipped: without the schema a misspelt key would pass silently.
+    raise UserError('configs/default.py cannot be imported (the schema of '
+                    'every config key); run from the repository root or put '
+                    f'it on PYTHONPATH ({e})') from None
   return default.get_config()
 
 
@@ -188,10 +110,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if not isinstance(config, ml_collections.ConfigDict):
     raise UserError('--config: the config file could not be loaded; give a '
                     'path such as configs/mvtec.py that defines get_config()')
-  schema = _schema()
-  if schema is not None:
-    check_keys(config, schema)
-  from simplenet_jax import backbones  # pylint: disable=g-import-not-at-top
+  check_keys(config, _schema())
 
   b = config.backbone
   spec = backbones.get_spec(b.name)
@@ -201,11 +120,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(layer in spec.channels, 'backbone.layers',
            f'{layer!r} is not a layer of {b.name}; use some of '
            f'{sorted(spec.channels)}')
-  _one_of(config, 'backbone.dtype', ('float32', 'bfloat16'))
+  _one_of(config, 'backbone.dtype', tuple(backbones.DTYPES))
 
   d = config.dataset
-  _one_of(config, 'dataset.kind',
-          ('mvtec', 'mvtec_tfds', 'folder', 'cifar10', 'demo'))
+  _one_of(config, 'dataset.kind', data.KINDS)
   d.categories = split_list(d.categories)
   d.textures = split_list(d.textures)
   _check(len(d.categories) >= 1, 'dataset.categories', 'is empty')
@@ -227,6 +145,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            f'{b.name}/{deepest}; images must be at least {stride} pixels')
   _check(d.num_workers >= 1, 'dataset.num_workers', 'must be >= 1')
   _check(d.prefetch >= 0, 'dataset.prefetch', 'must be >= 0')
+  _check(-1 <= d.normal_class <= 9, 'dataset.normal_class',
+         f'is {d.normal_class}; must be -1 (each class in turn) or 0..9')
+  data.categories(d)  # The category-name rules (UserError naming the key).
 
   m = config.model
   _check(m.patch_size >= 1 and m.patch_size % 2 == 1, 'model.patch_size',
@@ -234,13 +155,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in ('pretrain_embed_dim', 'target_embed_dim', 'hidden'):
     _check(m[key] >= 1, f'model.{key}', f'is {m[key]}; must be >= 1')
   _check(m.margin > 0, 'model.margin', f'is {m.margin}; must be > 0')
-  _one_of(config, 'model.noise_mode', ('absolute', 'relative'))
+  _one_of(config, 'model.noise_mode', train.NOISE_MODES)
   _check(m.noise_std > 0, 'model.noise_std', f'is {m.noise_std}; must be > 0')
   _check(m.noise_rel > 0, 'model.noise_rel', f'is {m.noise_rel}; must be > 0')
   _check(m.mix_noise >= 1, 'model.mix_noise', f'is {m.mix_noise}; must be >= 1')
 
   o = config.optim
-  _one_of(config, 'optim.variant', ('released', 'paper'))
+  _one_of(config, 'optim.variant', train.VARIANTS)
   for key in ('adaptor_lr', 'disc_lr'):
     _check(o[key] > 0, f'optim.{key}', f'is {o[key]}; must be > 0')
   for key in ('adaptor_wd', 'disc_wd'):
@@ -257,13 +178,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(t.checkpoint_every >= 1, 'train.checkpoint_every', 'must be >= 1')
   _check(t.keep_checkpoints >= 1, 'train.keep_checkpoints', 'must be >= 1')
   _check(t.cache_max_gb > 0, 'train.cache_max_gb', 'must be > 0')
-  _one_of(config, 'train.cache_dtype', ('float32', 'bfloat16'))
+  _one_of(config, 'train.cache_dtype', tuple(feature_cache.DTYPES))
 
   e = config.eval
   _check(e.batch_size >= 1, 'eval.batch_size', f'is {e.batch_size}; must be >= 1')
   _check(e.sigma >= 0, 'eval.sigma', 'must be >= 0')
   _check(0 < e.aupro_max_fpr <= 1, 'eval.aupro_max_fpr', 'must be in (0, 1]')
-  _one_of(config, 'eval.visualize', ('none', 'top', 'all'))
+  _one_of(config, 'eval.visualize', evaluate.VISUALIZE)
   _check(e.visualize_top_n >= 0, 'eval.visualize_top_n', 'must be >= 0')
 
   h = config.threshold

@@ -12,18 +12,18 @@ import numpy as np
 
 from simplenet_jax import metrics
 from simplenet_jax import parallel
+from simplenet_jax import train
 from simplenet_jax import visualize
 from simplenet_jax.data import loader
 
-
-def head_vars(state) -> dict:
-  return {'params': state.params, 'batch_stats': state.batch_stats}
+# eval.visualize: heat maps of no, the top-N scoring, or all test images.
+VISUALIZE = ('none', 'top', 'all')
 
 
 def _predict_batches(ctx, state, dataset, indices=None):
   """Yields (batch, outputs) with outputs as numpy, padding removed."""
   c = ctx.config
-  hv = head_vars(state)
+  hv = train.head_vars(state)
   for batch in loader.batches(dataset, c.eval.batch_size, indices=indices,
                               num_workers=c.dataset.num_workers,
                               prefetch=c.dataset.prefetch):
@@ -42,6 +42,25 @@ def normal_statistics(ctx, state, dataset, indices):
   return np.concatenate(scores), [lo, hi]
 
 
+def decision_threshold(ctx, state) -> dict:
+  """Quantile of image scores on normal images the model did not train on.
+
+  Also stores the range of those images' anomaly maps: predict mode draws its
+  heat maps on that scale, so red means "beyond anything normal looked like".
+  """
+  if len(ctx.holdout_idx):
+    idx = ctx.holdout_idx
+    source = f'{len(idx)} held-out normal training images'
+  else:
+    idx = ctx.train_idx
+    source = f'{len(idx)} training images (in-sample: no hold-out)'
+  scores, map_range = normal_statistics(ctx, state, ctx.train_set, idx)
+  q = ctx.config.threshold.quantile
+  return dict(threshold=float(np.quantile(scores, q)),
+              threshold_source=f'quantile {q} of image scores over {source}',
+              map_range=map_range)
+
+
 def evaluate_category(ctx, state, meta, visualize_maps: bool = True) -> dict:
   """Image AUROC, pixel AUROC and AUPRO of `state` on the category's test set.
 
@@ -52,8 +71,9 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True) -> dict:
   """
   c = ctx.config
   test = ctx.test_set
-  pixel = metrics.PixelMetrics(expected_images=len(test),
-                               max_fpr=c.eval.aupro_max_fpr) if test.has_masks else None
+  pixel = (metrics.PixelMetrics(expected_images=len(test),
+                                max_fpr=c.eval.aupro_max_fpr)
+           if test.has_masks else None)
   scores, labels, names = [], [], []
   for batch, out in _predict_batches(ctx, state, test):
     scores.append(out['image_scores'])
@@ -67,8 +87,7 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True) -> dict:
          'image_auroc': metrics.image_auroc(scores, labels),
          'pixel_auroc': float('nan'), 'aupro': float('nan')}
   if pixel is not None:
-    row['pixel_auroc'] = pixel.pixel_auroc()
-    row['aupro'] = pixel.aupro()
+    row.update(pixel.compute())  # Both pixel metrics from one sort.
     map_range = pixel.score_range()
   else:
     logging.warning('%s: the test set has no masks; pixel AUROC and AUPRO are '

@@ -9,19 +9,16 @@ import jax
 import numpy as np
 
 from simplenet_jax import backbones
+from simplenet_jax import category as category_lib
 from simplenet_jax import config_checks
 from simplenet_jax import data
 from simplenet_jax import evaluate
+from simplenet_jax import loop
 from simplenet_jax import parallel
 from simplenet_jax import predict
 from simplenet_jax import report
-from simplenet_jax import train
-from simplenet_jax.data import images as data_images
+from simplenet_jax.data import checks as data_checks
 from simplenet_jax.errors import UserError
-
-
-def checkpoint_dir(workdir: str, category: str) -> str:
-  return os.path.join(os.path.abspath(workdir), category, 'checkpoints')
 
 
 class _LogFilter(logging_std.Filter):
@@ -46,50 +43,11 @@ class _LogFilter(logging_std.Filter):
 
 
 _LOG_FILTER = _LogFilter()
-# Kinds whose files are listed and checked before any work starts (the tfds
-# kinds read prepared records: their sources are checked when prepared).
-_FILE_KINDS = ('mvtec', 'folder', 'demo')
-
-
-def check_data(config, workdir: str, categories) -> None:
-  """Every category's files, before the backbone loads or training starts.
-
-  Lists the train and test splits (missing folders, empty splits, defect
-  images without masks raise here) and reads every image and mask header:
-  unreadable files, masks whose size differs from their image and, without a
-  crop, images of another aspect ratio are reported now, not in category 12
-  of 15 or after training. Truncated image data is only found when decoded
-  (training images when the feature cache is built, test images at
-  evaluation, after the final checkpoint is saved).
-  """
-  if config.dataset.kind not in _FILE_KINDS:
-    return
-  for category, _ in categories:
-    for split in ('train', 'test'):
-      _check_files(data.build(config.dataset, category, split, workdir))
-
-
-def _check_files(dataset) -> None:
-  for s in getattr(dataset, 'samples', ()):
-    hw = data_images.image_hw(s.image)
-    out = dataset.geometry.output_hw(hw)
-    if tuple(out) != tuple(dataset.image_hw):
-      raise UserError(
-          f'{s.image}: becomes {out[0]}x{out[1]} after resizing but the '
-          f'dataset\'s images are {dataset.image_hw[0]}x'
-          f'{dataset.image_hw[1]} (their aspect ratios differ); set '
-          'config.dataset.crop > 0 to crop all to one size.')
-    if s.mask is not None:
-      mask_hw = data_images.image_hw(s.mask)
-      if mask_hw != hw:
-        raise UserError(
-            f'mask {s.mask} is {mask_hw[0]}x{mask_hw[1]} but its image '
-            f'{s.image} is {hw[0]}x{hw[1]}; they must match.')
 
 
 def _check_checkpoints(workdir: str, categories) -> None:
   for category, _ in categories:
-    d = checkpoint_dir(workdir, category)
+    d = category_lib.checkpoint_dir(workdir, category)
     if not os.path.isdir(d):
       raise UserError(f'no checkpoint in {d}: run with --mode=train and the '
                       'same --workdir (and config) first')
@@ -110,7 +68,7 @@ def run(config, workdir: str, mode: str) -> list[dict]:
 
   Everything that can be checked cheaply is checked before any work starts:
   the config (`config_checks.validate`), every category's data files
-  (`check_data`), the checkpoints (eval), then the backbone's weights.
+  (`data.checks.check_data`), the checkpoints (eval), then the backbone's weights.
   Nothing is written to `workdir` before these checks pass (the demo kind
   generates its data there first).
   """
@@ -127,7 +85,7 @@ def run(config, workdir: str, mode: str) -> list[dict]:
     return []
   _keep_tfds_in_workdir(config, workdir)
   categories = data.categories(config.dataset)
-  check_data(config, workdir, categories)
+  data_checks.check_data(config.dataset, workdir, categories)
   if mode == 'eval':
     _check_checkpoints(workdir, categories)
   module, backbone_vars = backbones.load_for_run(config.backbone)
@@ -138,12 +96,12 @@ def run(config, workdir: str, mode: str) -> list[dict]:
                mesh.size, jax.devices()[0].platform)
   rows = []
   for category, kind in categories:
-    ctx = train.CategoryContext.create(config, workdir, category, kind, module,
-                                       backbone_vars, mesh)
+    ctx = category_lib.CategoryContext.create(config, workdir, category, kind,
+                                              module, backbone_vars, mesh)
     if mode == 'train':
-      state, meta = train.train_category(ctx)
+      state, meta = loop.train_category(ctx)
     else:
-      state, meta = train.restore_trained(ctx)
+      state, meta = ctx.restore_trained()
     row = evaluate.evaluate_category(ctx, state, meta)
     rows.append(row)
     _print_category(row)

@@ -19,14 +19,14 @@ import numpy as np
 from simplenet_jax import parallel
 from simplenet_jax.errors import UserError
 
-_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}  # cache_dtype
 
 
 def estimate_bytes(n_images: int, grid_hw: tuple[int, int], dim: int,
                    dtype: str) -> int:
   """Bytes of the cache on each device: N x h x w x D values."""
   return n_images * grid_hw[0] * grid_hw[1] * dim * np.dtype(
-      _DTYPES[dtype]).itemsize
+      DTYPES[dtype]).itemsize
 
 
 def fits(n_images, grid_hw, dim, train_cfg) -> bool:
@@ -85,7 +85,7 @@ def build(feature_fn, backbone_vars, dataset, indices, batch_size: int,
     grid_hw, dim: the feature grid and dimension; from one traced call of
       feature_fn when not given.
   """
-  dtype = _DTYPES[train_cfg.cache_dtype]
+  dtype = DTYPES[train_cfg.cache_dtype]
   indices = np.asarray(indices).reshape(-1)
   if grid_hw is None or dim is None:
     h, w = dataset.image_hw

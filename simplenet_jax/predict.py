@@ -6,64 +6,27 @@ image. The threshold was fixed at training time from normal training images,
 so no labelled test set is needed here.
 """
 
-import glob
 import json
 import os
 
-from absl import logging
-import jax
-import numpy as np
-import PIL.Image
-
 from simplenet_jax import backbones
+from simplenet_jax import category as category_lib
 from simplenet_jax import checkpoint
 from simplenet_jax import data
 from simplenet_jax import parallel
 from simplenet_jax import scoring
 from simplenet_jax import train
 from simplenet_jax import visualize
-from simplenet_jax.data import images
+from simplenet_jax.data import inputs as data_inputs
 from simplenet_jax.data import loader
 from simplenet_jax.errors import UserError
-
-
-def expand_inputs(spec: str) -> list[str]:
-  """A file, a directory (its images, sorted) or a glob -> image paths.
-
-  Non-image files in a directory or matched by a glob are skipped with a
-  warning naming them; every image's header is read here, so an unreadable
-  file is reported before any work starts.
-  """
-  if not spec:
-    raise UserError('config.predict.inputs is empty: give a file, a directory '
-                    "or a glob, e.g. --config.predict.inputs='photos/*.png'")
-  if os.path.isdir(spec):
-    paths = [str(p) for p in images.list_images(spec)]
-  elif os.path.isfile(spec):
-    paths = [spec]
-  else:
-    paths = []
-    for p in sorted(glob.glob(spec, recursive=True)):
-      if not os.path.isfile(p):
-        continue
-      if images.is_image_file(p):
-        paths.append(p)
-      else:
-        logging.warning('Skipping %s: not an image file (accepted: %s).', p,
-                        ', '.join(images.IMAGE_EXTENSIONS))
-  if not paths:
-    raise UserError(f'config.predict.inputs={spec!r}: no image files found')
-  for p in paths:
-    images.image_hw(p)  # UserError naming the file if it cannot be read.
-  return paths
 
 
 def trained_category(workdir: str, category: str) -> str:
   """The category whose checkpoint to use (the only one, if not given)."""
   if category:
     return category
-  found = sorted(d for d in os.listdir(workdir) if os.path.isdir(
-      os.path.join(workdir, d, 'checkpoints'))) if os.path.isdir(workdir) else []
+  found = category_lib.trained_categories(workdir)
   if len(found) == 1:
     return found[0]
   if not found:
@@ -71,26 +34,6 @@ def trained_category(workdir: str, category: str) -> str:
                     'this --workdir first')
   raise UserError(f'{workdir} holds several trained categories ({found}); '
                   'choose one with --config.predict.category')
-
-
-class _Inputs:
-  """Image files brought to the trained model's input size."""
-
-  def __init__(self, paths, geometry, image_hw):
-    self.paths, self.geometry, self.image_hw = paths, geometry, tuple(image_hw)
-    self.has_masks = False
-
-  def __len__(self):
-    return len(self.paths)
-
-  def load(self, i):
-    im = self.geometry.apply(images.load_rgb(self.paths[i]))
-    if (im.height, im.width) != self.image_hw:
-      # Without a crop another aspect ratio gives another size: match training.
-      im = im.resize(self.image_hw[::-1], PIL.Image.Resampling.BILINEAR)
-    h, w = self.image_hw
-    return dict(image=np.asarray(im, np.uint8), mask=np.zeros((h, w), np.uint8),
-                label=0, path=self.paths[i], defect='')
 
 
 def _check_meta(config, ckpt_dir):
@@ -110,7 +53,7 @@ def _check_meta(config, ckpt_dir):
 def run(config, workdir: str) -> list[dict]:
   """Scores `config.predict.inputs`; returns one record per image."""
   category = trained_category(workdir, config.predict.category)
-  ckpt_dir = os.path.join(os.path.abspath(workdir), category, 'checkpoints')
+  ckpt_dir = category_lib.checkpoint_dir(workdir, category)
   if not os.path.isdir(ckpt_dir):
     raise UserError(f'no checkpoint for category {category!r} in {ckpt_dir}: '
                     'train it first or fix --config.predict.category')
@@ -124,7 +67,7 @@ def run(config, workdir: str) -> list[dict]:
   if 'threshold' not in meta:
     raise UserError(f'{ckpt_dir}: training has not finished (no decision '
                     'threshold yet); run --mode=train again to finish it')
-  paths = expand_inputs(config.predict.inputs)
+  paths = data_inputs.expand_inputs(config.predict.inputs)
   # Heat maps are named by the path below the inputs' common folder, so that
   # a/001.png and b/001.png do not overwrite each other.
   common = os.path.commonpath([os.path.dirname(os.path.abspath(p))
@@ -134,9 +77,8 @@ def run(config, workdir: str) -> list[dict]:
   mesh = parallel.make_mesh()
   module, backbone_vars = backbones.load_for_run(config.backbone)
   backbone_vars = parallel.put_replicated(backbone_vars, mesh)
-  template = train.create_train_state(
-      jax.random.PRNGKey(0), config.model, config.optim, meta['embed_dim'],
-      meta['steps_per_pass'], config.train.num_passes)
+  template = category_lib.state_template(config, meta['embed_dim'],
+                                         meta['steps_per_pass'])
   _, state, meta = checkpoint.require_latest(ckpt_dir, template,
                                              check_meta=check)
   if 'threshold' not in meta:
@@ -146,11 +88,10 @@ def run(config, workdir: str) -> list[dict]:
   predict_fn = scoring.make_predict_fn(module, tuple(config.backbone.layers),
                                        config.model, hw, config.eval.sigma)
   geometry = data.geometry(config.dataset, meta['kind'])
-  inputs = _Inputs(paths, geometry, hw)
+  inputs = data_inputs.ImageFiles(paths, geometry, hw)
   out_dir = os.path.join(workdir, 'predict', category)
   os.makedirs(out_dir, exist_ok=True)
-  head = {'params': state.params, 'batch_stats': state.batch_stats}
-  head = parallel.put_replicated(head, mesh)
+  head = parallel.put_replicated(train.head_vars(state), mesh)
   threshold = float(meta['threshold'])
   vmin, vmax = meta.get('map_range', (None, None))
   results = []

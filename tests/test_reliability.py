@@ -435,13 +435,13 @@ def test_converted_weights_with_object_arrays_are_refused(tmp_path):
 
 
 def test_truncate_log_drops_later_passes_and_a_cut_line(tmp_path):
-  from simplenet_jax import train  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import loop  # pylint: disable=g-import-not-at-top
   path = tmp_path / 'log.jsonl'
   path.write_text('{"pass": 1, "loss": 1.5}\n{"pass": 2, "loss": 1.25}\n'
                   '{"pass": 3, "loss": 1.0}\n{"pass": 4, "lo')
-  train._truncate_log(str(path), 2)  # pylint: disable=protected-access
+  loop._truncate_log(str(path), 2)  # pylint: disable=protected-access
   assert path.read_text() == '{"pass": 1, "loss": 1.5}\n{"pass": 2, "loss": 1.25}\n'
-  train._truncate_log(str(path), 0)  # pylint: disable=protected-access
+  loop._truncate_log(str(path), 0)  # pylint: disable=protected-access
   assert path.read_text() == ''
 
 
@@ -453,8 +453,8 @@ def category_context(lite0_weights_dir, awkward_root):
   from configs import demo  # pylint: disable=g-import-not-at-top
   from simplenet_jax import backbones  # pylint: disable=g-import-not-at-top
   from simplenet_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import category  # pylint: disable=g-import-not-at-top
   from simplenet_jax import parallel  # pylint: disable=g-import-not-at-top
-  from simplenet_jax import train  # pylint: disable=g-import-not-at-top
   root, _ = awkward_root
   c = demo.get_config()
   c.backbone.weights_dir = str(lite0_weights_dir)
@@ -477,13 +477,14 @@ def category_context(lite0_weights_dir, awkward_root):
   variables = parallel.put_replicated(variables, mesh)
 
   def make(workdir):
-    return train.CategoryContext.create(config, str(workdir), CATEGORY,
-                                        'object', module, variables, mesh)
+    return category.CategoryContext.create(config, str(workdir), CATEGORY,
+                                           'object', module, variables, mesh)
   return make
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     category_context, tmp_path, monkeypatch):
+  from simplenet_jax import loop  # pylint: disable=g-import-not-at-top
   from simplenet_jax import train  # pylint: disable=g-import-not-at-top
   ctx = category_context(tmp_path)
   make_step = train.make_cached_step
@@ -502,7 +503,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     return run
   monkeypatch.setattr(train, 'make_cached_step', poisoning)
   with pytest.raises(UserError, match=r'non-finite loss in pass 3') as e:
-    train.train_category(ctx)
+    loop.train_category(ctx)
   assert 'pass 2' in str(e.value) and '\n' not in str(e.value)
   ckpt = checkpoint.Checkpointer(os.path.join(ctx.workdir, 'checkpoints'))
   try:
@@ -521,7 +522,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     MemoryError()])
 def test_out_of_memory_building_the_cache_says_what_to_change(
     category_context, tmp_path, error):
-  from simplenet_jax import train  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import loop  # pylint: disable=g-import-not-at-top
   ctx = category_context(tmp_path)
   real = ctx.feature_fn
 
@@ -531,7 +532,7 @@ def test_out_of_memory_building_the_cache_says_what_to_change(
     raise error
   ctx.feature_fn = out_of_memory
   with pytest.raises(UserError) as e:
-    train.train_category(ctx)
+    loop.train_category(ctx)
   message = str(e.value)
   for what in ('train.cache_max_gb', 'train.cache_dtype=bfloat16',
                'batch_size'):

@@ -11,7 +11,6 @@ import torch
 from configs.default import get_config
 import conftest
 from simplenet_jax import train
-from simplenet_jax.errors import UserError
 
 FIXTURES = conftest.FIXTURES
 # The two biases whose gradient is zero in exact arithmetic (fixture README).
@@ -223,17 +222,6 @@ def test_cos_lr_schedule_matches_torch(period):
       ref.step()
   cfg.optim.cos_lr = False
   assert train.disc_lr_schedule(cfg.optim, steps_per_pass, num_passes) == 2e-4
-
-
-def test_bad_config_raises_user_error():
-  cfg = get_config()
-  cfg.optim.variant = 'sgd'
-  with pytest.raises(UserError, match='optim.variant'):
-    train.make_optimizer(cfg.optim, 1, 1)
-  cfg = get_config()
-  cfg.model.noise_mode = 'loud'
-  with pytest.raises(UserError, match='model.noise_mode'):
-    train.create_train_state(jax.random.key(0), cfg.model, cfg.optim, 4, 1, 1)
 
 
 def test_state_is_arrays_and_noise_std():

@@ -16,7 +16,6 @@ dataset.kind:
 from pathlib import Path
 from typing import Optional
 
-from simplenet_jax import config_checks
 from simplenet_jax.data import images
 from simplenet_jax.data import mvtec
 from simplenet_jax.errors import UserError
@@ -24,31 +23,23 @@ from simplenet_jax.errors import UserError
 KINDS = ('mvtec', 'mvtec_tfds', 'folder', 'cifar10', 'demo')
 
 
-def _get(cfg, key: str, default):
-  """cfg.key, or default for keys that older configs lack."""
-  return cfg.get(key, default) if hasattr(cfg, 'get') else getattr(cfg, key, default)
-
-
-def _names(value) -> list[str]:
-  return list(config_checks.split_list(value))
-
-
 def _textures(cfg) -> set[str]:
-  return set(mvtec.TEXTURES) | set(_names(_get(cfg, 'textures', ())))
+  return set(mvtec.TEXTURES) | set(cfg.textures)
 
 
 def categories(dataset_cfg) -> list[tuple[str, str]]:
-  """[(category, 'texture' | 'object')] that the config asks for, in order."""
+  """[(category, 'texture' | 'object')] that the config asks for, in order.
+
+  The home of the category-name rules (`config_checks.validate` calls it):
+  a name the dataset kind does not have raises a UserError naming
+  config.dataset.categories. dataset_cfg.categories is a tuple of names
+  (validate splits 'a,b' from the command line).
+  """
   kind = dataset_cfg.kind
-  requested = _names(dataset_cfg.categories)
-  if kind not in KINDS:
-    raise UserError(f'config.dataset.kind={kind!r}; must be one of {list(KINDS)}.')
+  requested = list(dataset_cfg.categories)
   if kind == 'cifar10':
     from simplenet_jax.data import cifar10  # pylint: disable=g-import-not-at-top
-    if dataset_cfg.normal_class >= 0:
-      if dataset_cfg.normal_class >= len(cifar10.CLASSES):
-        raise UserError('config.dataset.normal_class must be -1 (each class in '
-                        f'turn) or 0..9, is {dataset_cfg.normal_class}.')
+    if dataset_cfg.normal_class >= 0:  # -1..9: config_checks.validate.
       names = [cifar10.CLASSES[dataset_cfg.normal_class]]
     else:
       names = list(cifar10.CLASSES) if requested in ([], ['all']) else requested
@@ -91,7 +82,7 @@ def build(dataset_cfg, category: str, split: str,
   if kind == 'cifar10':
     from simplenet_jax.data import cifar10  # pylint: disable=g-import-not-at-top
     return cifar10.build(category, split, dataset_cfg.resize,
-                         _get(dataset_cfg, 'tfds_data_dir', '') or None)
+                         dataset_cfg.tfds_data_dir or None)
   if kind == 'demo':
     from simplenet_jax.data import demo  # pylint: disable=g-import-not-at-top
     if workdir is None:
@@ -108,11 +99,11 @@ def build(dataset_cfg, category: str, split: str,
   if kind == 'mvtec_tfds':
     from simplenet_jax.data import mvtec_tfds  # pylint: disable=g-import-not-at-top
     return mvtec_tfds.build(dataset_cfg.root, category, split, geometry,
-                            _get(dataset_cfg, 'tfds_data_dir', '') or None)
+                            dataset_cfg.tfds_data_dir or None)
   if kind == 'folder':
     from simplenet_jax.data import folder  # pylint: disable=g-import-not-at-top
     return folder.build(dataset_cfg, category, split, geometry)
-  raise UserError(f'config.dataset.kind={kind!r}; must be one of {list(KINDS)}.')
+  raise ValueError(f'unknown dataset kind {kind!r} (see KINDS)')
 
 
 def geometry(dataset_cfg, kind: str) -> images.Geometry:

@@ -23,11 +23,6 @@ CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog',
            'horse', 'ship', 'truck')
 
 
-def cifar10_classes() -> tuple[str, ...]:
-  """The class names, index = tfds label."""
-  return CLASSES
-
-
 def class_index(category: str) -> int:
   if category in CLASSES:
     return CLASSES.index(category)
@@ -66,8 +61,6 @@ class Cifar10OneClass:
                data_dir: Optional[str] = None):
     if split not in ('train', 'test'):
       raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if resize <= 0:
-      raise UserError(f'config.dataset.resize must be > 0, is {resize}.')
     self.name = category
     self.normal_class = class_index(category)
     self.split = split

@@ -159,10 +159,7 @@ class Geometry:
     h, w = self.resized_hw((im.height, im.width))
     if (h, w) != (im.height, im.width):
       im = im.resize((w, h), PIL.Image.Resampling.BILINEAR)
-    if self.crop:
-      if self.crop > min(h, w):
-        raise UserError(f'config.dataset.crop={self.crop} is larger than the '
-                        f'resized image ({h}x{w}); lower it.')
+    if self.crop:  # crop <= shorter side: config_checks.validate.
       top = int(round((h - self.crop) / 2.0))
       left = int(round((w - self.crop) / 2.0))
       im = im.crop((left, top, left + self.crop, top + self.crop))
@@ -175,11 +172,7 @@ def geometry_for(dataset_cfg, kind: str) -> Geometry:
     return Geometry(square=int(dataset_cfg.texture_resize))
   if kind not in ('object', 'texture'):
     raise ValueError(f'kind must be object or texture, got {kind!r}')
-  if dataset_cfg.resize <= 0:
-    raise UserError(f'config.dataset.resize must be > 0, is {dataset_cfg.resize}.')
-  if not 0 <= dataset_cfg.crop <= dataset_cfg.resize:
-    raise UserError(f'config.dataset.crop={dataset_cfg.crop} must be in '
-                    f'[0, dataset.resize={dataset_cfg.resize}] (0 = no crop).')
+  # resize > 0 and 0 <= crop <= resize: config_checks.validate.
   return Geometry(shorter=int(dataset_cfg.resize), crop=int(dataset_cfg.crop))
 
 

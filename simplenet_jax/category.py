@@ -1,0 +1,164 @@
+"""One category's context: its data, keys, paths, train-state template,
+checkpoint fingerprint and the checks that a checkpoint belongs to the run.
+
+`CategoryContext.create` is the one place a category is set up; training
+(`loop.train_category`), evaluation (`evaluate.evaluate_category`) and
+predict mode all read what they need from it or from the helpers here.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any
+import zlib
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from simplenet_jax import checkpoint
+from simplenet_jax import data
+from simplenet_jax import feature_cache
+from simplenet_jax import parallel
+from simplenet_jax import scoring
+from simplenet_jax import train
+from simplenet_jax.errors import UserError
+
+
+def checkpoint_dir(workdir: str, category: str) -> str:
+  """<workdir>/<category>/checkpoints, absolute: where a category's
+  checkpoints live (the one place this path is spelled)."""
+  return os.path.join(os.path.abspath(workdir), category, 'checkpoints')
+
+
+def trained_categories(workdir: str) -> list[str]:
+  """The categories under `workdir` that have a checkpoint folder, sorted."""
+  if not os.path.isdir(workdir):
+    return []
+  return sorted(d for d in os.listdir(workdir)
+                if os.path.isdir(checkpoint_dir(workdir, d)))
+
+
+def category_key(seed: int, category: str) -> jax.Array:
+  """The category's root PRNG key: the same seed gives every category its own
+  numbers, independent of which other categories run."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed),
+                            zlib.crc32(category.encode()) & 0x7FFFFFFF)
+
+
+def state_template(config, embed_dim: int, steps_per_pass: int,
+                   key=None) -> train.TrainState:
+  """A freshly initialised TrainState of the config's shapes and optimiser:
+  the start of training, or the template a checkpoint is restored into."""
+  key = jax.random.PRNGKey(0) if key is None else key
+  return train.create_train_state(key, config.model, config.optim, embed_dim,
+                                  steps_per_pass, config.train.num_passes)
+
+
+def fingerprint(config) -> str:
+  """What must not change between a run and its continuation."""
+  keys = {k: config[k].to_dict() for k in ('backbone', 'model', 'optim')}
+  keys['seed'] = config.seed
+  keys['train'] = {k: config.train[k] for k in ('batch_size', 'num_passes')}
+  keys['holdout'] = config.threshold.holdout_fraction
+  return hex(zlib.crc32(json.dumps(keys, sort_keys=True, default=str).encode()))
+
+
+@dataclasses.dataclass
+class CategoryContext:
+  """Everything one category's training and evaluation share."""
+  config: Any
+  workdir: str  # <workdir>/<category>
+  category: str
+  kind: str  # 'texture' | 'object' | ...
+  module: Any  # The backbone (flax module).
+  backbone_vars: Any
+  mesh: Any
+  train_set: Any
+  test_set: Any
+  train_idx: np.ndarray  # Training images (dataset indices).
+  holdout_idx: np.ndarray  # Held out for the decision threshold.
+  feature_fn: Any  # (backbone_vars, images) -> (B, h, w, D)
+  predict_fn: Any  # (backbone_vars, head_vars, images) -> dict
+  grid_hw: tuple[int, int]
+  embed_dim: int
+  key: jax.Array
+
+  @classmethod
+  def create(cls, config, workdir, category, kind, module, backbone_vars,
+             mesh):
+    layers = tuple(config.backbone.layers)
+    train_set = data.build(config.dataset, category, 'train', workdir)
+    test_set = data.build(config.dataset, category, 'test', workdir)
+    split_key, key = jax.random.split(category_key(config.seed, category))
+    n = len(train_set)
+    n_hold = int(round(config.threshold.holdout_fraction * n))
+    if config.threshold.holdout_fraction > 0:
+      n_hold = min(max(n_hold, 1), n - 1)
+    perm = np.asarray(jax.random.permutation(split_key, n))
+    holdout_idx = np.sort(perm[:n_hold])
+    train_idx = np.sort(perm[n_hold:])
+    if len(train_idx) == 0:
+      raise UserError(f'{category}: no training images left after holding out '
+                      f'{n_hold} (threshold.holdout_fraction)')
+    feature_fn = scoring.make_feature_fn(module, layers, config.model)
+    h, w = train_set.image_hw
+    shape = jax.eval_shape(feature_fn, backbone_vars,
+                           jax.ShapeDtypeStruct((1, h, w, 3), jnp.uint8)).shape
+    predict_fn = scoring.make_predict_fn(module, layers, config.model,
+                                         test_set.image_hw, config.eval.sigma)
+    return cls(config=config, workdir=os.path.join(workdir, category),
+               category=category, kind=kind, module=module,
+               backbone_vars=backbone_vars, mesh=mesh, train_set=train_set,
+               test_set=test_set, train_idx=train_idx, holdout_idx=holdout_idx,
+               feature_fn=feature_fn, predict_fn=predict_fn,
+               grid_hw=(shape[1], shape[2]), embed_dim=shape[3], key=key)
+
+  @property
+  def steps_per_pass(self) -> int:
+    return feature_cache.steps_per_pass(len(self.train_idx),
+                                        self.config.train.batch_size)
+
+  @property
+  def checkpoint_dir(self) -> str:
+    return os.path.join(self.workdir, 'checkpoints')
+
+  def new_state(self) -> train.TrainState:
+    return state_template(self.config, self.embed_dim, self.steps_per_pass,
+                          key=jax.random.fold_in(self.key, 0))
+
+  def checkpointer(self) -> checkpoint.Checkpointer:
+    return checkpoint.Checkpointer(self.checkpoint_dir,
+                                   self.config.train.keep_checkpoints)
+
+  def meta(self, passes_done: int, **extra) -> dict:
+    c = self.config
+    return dict(passes_done=passes_done, category=self.category,
+                kind=self.kind, image_hw=list(self.test_set.image_hw),
+                grid_hw=list(self.grid_hw), embed_dim=self.embed_dim,
+                steps_per_pass=self.steps_per_pass,
+                backbone=c.backbone.name, layers=list(c.backbone.layers),
+                num_passes=c.train.num_passes, seed=c.seed,
+                fingerprint=fingerprint(c), **extra)
+
+  def check_compatible(self, meta: dict) -> None:
+    """A checkpoint of another config is the user's to resolve, not skipped."""
+    if meta.get('fingerprint') != fingerprint(self.config):
+      raise UserError(
+          f'{self.checkpoint_dir} was written with a different config '
+          '(backbone, model, optim, seed, batch size or number of passes); use '
+          'another --workdir or the same config')
+
+  def restore_trained(self):
+    """(state, meta) of the final checkpoint of a finished run (eval mode),
+    replicated over the mesh."""
+    _, state, meta = checkpoint.require_latest(
+        self.checkpoint_dir, self.new_state(),
+        check_meta=self.check_compatible)
+    if int(meta['passes_done']) < self.config.train.num_passes:
+      logging.warning('%s: the latest checkpoint is from pass %s of %d '
+                      '(training did not finish); evaluating it anyway.',
+                      self.category, meta['passes_done'],
+                      self.config.train.num_passes)
+    return parallel.put_replicated(state, self.mesh), meta
