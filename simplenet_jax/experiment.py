@@ -95,16 +95,22 @@ def run(config, workdir: str, mode: str) -> list[dict]:
   logging.info('%s on %d categories, %d device(s): %s', mode, len(categories),
                mesh.size, jax.devices()[0].platform)
   rows = []
-  for category, kind in categories:
-    ctx = category_lib.CategoryContext.create(config, workdir, category, kind,
-                                              module, backbone_vars, mesh)
-    if mode == 'train':
-      state, meta = loop.train_category(ctx)
+  group = config.train.categories_per_step if mode == 'train' else 1
+  for start in range(0, len(categories), group):
+    ctxs = [category_lib.CategoryContext.create(config, workdir, category,
+                                                kind, module, backbone_vars,
+                                                mesh)
+            for category, kind in categories[start:start + group]]
+    if mode != 'train':
+      trained = [ctx.restore_trained() for ctx in ctxs]
+    elif len(ctxs) == 1:
+      trained = [loop.train_category(ctxs[0])]
     else:
-      state, meta = ctx.restore_trained()
-    row = evaluate.evaluate_category(ctx, state, meta)
-    rows.append(row)
-    _print_category(row)
+      trained = loop.train_categories(ctxs)
+    for ctx, (state, meta) in zip(ctxs, trained):
+      row = evaluate.evaluate_category(ctx, state, meta)
+      rows.append(row)
+      _print_category(row)
   table = report.results_table(rows)
   print(table)
   extra = {'mode': mode, 'config': json.loads(config.to_json_best_effort()),

@@ -1,12 +1,16 @@
-"""The pass loop of one category: feature cache, steps, checkpoints, logs.
+"""The pass loop: feature cache, steps, checkpoints, logs.
 
-`train_category` trains a category's head from its latest checkpoint to
+`train_category` trains one category's head from its latest checkpoint to
 `train.num_passes`, writing a checkpoint every `train.checkpoint_every`
 passes and one record per pass to <workdir>/<category>/log.jsonl, and ends
 with the decision threshold (`evaluate.decision_threshold`) in the final
-checkpoint's metadata.
+checkpoint's metadata. `train_categories` does the same for several
+categories at once, stepping all their heads in one jitted call
+(`train.make_stacked_cached_step`); each category's numbers, checkpoints and
+logs are those of training it alone.
 """
 
+import functools
 import json
 import os
 
@@ -27,6 +31,124 @@ from simplenet_jax.data import loader
 from simplenet_jax.errors import UserError
 
 
+class _CategoryRun:
+  """One category's training around its steps: resume, cache, per-pass
+  bookkeeping (log, checks, evaluation, checkpoints) and the finish.
+
+  Used by `train_category` (one category) and `train_categories` (several
+  stepped together), so both write the same files in the same way.
+  """
+
+  def __init__(self, ctx: category.CategoryContext):
+    self.ctx = ctx
+    self.config = ctx.config
+    self.ckpt = ctx.checkpointer()
+    self.log_path = os.path.join(ctx.workdir, 'log.jsonl')
+    self.best = None
+    self.cache = None
+    self.state = None
+    self.start = 0
+
+  def resume(self):
+    """Restores the latest checkpoint; returns (state, meta) if training had
+    already finished, else None (self.state/self.start set)."""
+    ctx = self.ctx
+    # A checkpoint of another config is an error; a damaged one is moved
+    # aside (with a warning) and the previous one is used.
+    state = ctx.new_state()
+    restored = self.ckpt.restore_latest(
+        state, check_meta=ctx.check_compatible, discard_unloadable=True)
+    if restored is not None:
+      _, state, meta = restored
+      self.start = int(meta['passes_done'])
+      logging.info('%s: continuing from pass %d (%s)', ctx.category,
+                   self.start, self.ckpt.directory)
+      if self.start >= self.config.train.num_passes and 'threshold' in meta:
+        return parallel.put_replicated(state, ctx.mesh), meta
+    # Passes logged after the checkpoint (by a run that was killed) are
+    # trained again: drop their records (all of them when starting afresh).
+    _truncate_log(self.log_path, self.start)
+    self.state = parallel.put_replicated(state, ctx.mesh)
+    return None
+
+  def uses_cache(self) -> bool:
+    ctx, c = self.ctx, self.config
+    return feature_cache.fits(len(ctx.train_idx), ctx.grid_hw, ctx.embed_dim,
+                              c.train)
+
+  def prepare(self, use_cache: bool) -> None:
+    """Builds the feature cache (if used) and calibrates the noise."""
+    ctx, c = self.ctx, self.config
+    if use_cache:
+      self.cache = feature_cache.build(ctx.feature_fn, ctx.backbone_vars,
+                                       ctx.train_set, ctx.train_idx,
+                                       c.eval.batch_size, c.train, c.dataset,
+                                       ctx.mesh)
+    if self.start == 0 and c.model.noise_mode == 'relative':
+      self.state = _calibrate(ctx, self.state, self.cache)
+
+  def pass_plan(self, p: int):
+    """(order, noise_key) of pass p: the shuffled training images (cache
+    rows) and the key whose fold_in(., step) is each step's noise key."""
+    pass_key = jax.random.fold_in(jax.random.fold_in(self.ctx.key, 1), p)
+    perm_key, noise_key = jax.random.split(pass_key)
+    order = np.asarray(jax.random.permutation(perm_key,
+                                              len(self.ctx.train_idx)))
+    return order, noise_key
+
+  def end_pass(self, p: int, history, state_fn) -> None:
+    """Logs pass p (0-based) from its steps' metrics; checks, evaluates and
+    checkpoints as configured. state_fn() gives the state after the pass."""
+    ctx, c = self.ctx, self.config
+    num_passes = c.train.num_passes
+    means = {k: float(np.mean([float(m[k]) for m in history]))
+             for k in history[0]}
+    if not all(np.isfinite(v) for v in means.values()):
+      last = self.ckpt.steps()
+      raise UserError(
+          f'{ctx.category}: non-finite loss in pass {p + 1} ({means}); '
+          f'training stopped, the last good checkpoint '
+          f'({"pass " + str(last[-1]) if last else "none"}) is kept in '
+          f'{self.ckpt.directory}. Lower optim.adaptor_lr/optim.disc_lr or '
+          'check the training images.')
+    record = {'pass': p + 1, **means}
+    logging.info('%s pass %d/%d: loss %.4f p_true %.3f p_fake %.3f',
+                 ctx.category, p + 1, num_passes, means['loss'],
+                 means['p_true'], means['p_fake'])
+    done = p + 1
+    if c.train.eval_every and done % c.train.eval_every == 0 and (
+        done < num_passes):
+      row = evaluate.evaluate_category(ctx, state_fn(), None,
+                                       visualize_maps=False)
+      record.update({k: row[k] for k in ('image_auroc', 'pixel_auroc',
+                                         'aupro')})
+      if c.train.select_best_on_test:
+        self.best = _update_best(self.best, row, done)
+    _append_jsonl(self.log_path, record)
+    if done % c.train.checkpoint_every == 0 and done < num_passes:
+      self.ckpt.save(done, state_fn(), ctx.meta(done))
+
+  def finish(self, state):
+    """The decision threshold, the final checkpoint and the Fig. 3
+    histogram; returns (state, meta)."""
+    ctx, c = self.ctx, self.config
+    extra = evaluate.decision_threshold(ctx, state)
+    if self.best is not None:
+      extra['best_on_test'] = self.best
+    meta = ctx.meta(c.train.num_passes, **extra)
+    self.ckpt.save(c.train.num_passes, state, meta)
+    if c.eval.feature_histogram and self.cache is not None:
+      _feature_histogram(ctx, state, self.cache)
+    return state, meta
+
+  def close(self) -> None:
+    self.ckpt.close()
+
+
+def _progress(desc: str, steps: int):
+  return tqdm.tqdm(total=steps, desc=desc, leave=False, dynamic_ncols=True)
+
+
 def train_category(ctx: category.CategoryContext):
   """Trains one category, continuing from its latest checkpoint.
 
@@ -34,114 +156,144 @@ def train_category(ctx: category.CategoryContext):
     (state, meta): the final TrainState (replicated) and its metadata, which
     holds the decision threshold for predict mode.
   """
-  c = ctx.config
-  num_passes = c.train.num_passes
-  template = ctx.new_state()
-  ckpt = ctx.checkpointer()
+  run = _CategoryRun(ctx)
   try:
-    # A checkpoint of another config is an error; a damaged one is moved
-    # aside (with a warning) and the previous one is used.
-    restored = ckpt.restore_latest(
-        template, check_meta=ctx.check_compatible,
-        discard_unloadable=True)
-    start = 0
-    state = template
-    if restored is not None:
-      _, state, meta = restored
-      start = int(meta['passes_done'])
-      logging.info('%s: continuing from pass %d (%s)', ctx.category, start,
-                   ckpt.directory)
-      if start >= num_passes and 'threshold' in meta:
-        return parallel.put_replicated(state, ctx.mesh), meta
-    # Passes logged after the checkpoint (by a run that was killed) are
-    # trained again: drop their records (all of them when starting afresh).
-    _truncate_log(os.path.join(ctx.workdir, 'log.jsonl'), start)
-    state = parallel.put_replicated(state, ctx.mesh)
-
-    n = len(ctx.train_idx)
-    bs = c.train.batch_size
-    steps = ctx.steps_per_pass
-    use_cache = feature_cache.fits(n, ctx.grid_hw, ctx.embed_dim, c.train)
-    cache = None
-    if use_cache:
-      cache = feature_cache.build(ctx.feature_fn, ctx.backbone_vars,
-                                  ctx.train_set, ctx.train_idx,
-                                  c.eval.batch_size, c.train, c.dataset,
-                                  ctx.mesh)
-      step_fn = train.make_cached_step(ctx.mesh, ctx.embed_dim)
-    else:
-      step_fn = train.make_features_step(ctx.mesh, ctx.embed_dim)
-
-    if start == 0 and c.model.noise_mode == 'relative':
-      state = _calibrate(ctx, state, cache)
-
-    train_key = jax.random.fold_in(ctx.key, 1)
-    log_path = os.path.join(ctx.workdir, 'log.jsonl')
-    best = None
-    for p in range(start, num_passes):
-      pass_key = jax.random.fold_in(train_key, p)
-      perm_key, noise_key = jax.random.split(pass_key)
-      order = np.asarray(jax.random.permutation(perm_key, n))
-      history = []
-      bar = tqdm.tqdm(total=steps, desc=f'{ctx.category} {p + 1}/{num_passes}',
-                      leave=False, dynamic_ncols=True)
-      if use_cache:
-        batches = (order[s * bs:(s + 1) * bs] for s in range(steps))
-      else:
-        batches = loader.batches(ctx.train_set, bs,
-                                 indices=ctx.train_idx[order],
-                                 num_workers=c.dataset.num_workers,
-                                 prefetch=c.dataset.prefetch)
-      for s, batch in enumerate(batches):
-        key = jax.random.fold_in(noise_key, s)
-        if use_cache:
-          state, metrics = step_fn(state, cache, jnp.asarray(batch), key)
-        else:
-          images, n_valid = parallel.put_batch(batch['image'], ctx.mesh)
-          state, metrics = step_fn(state, ctx.backbone_vars, images, key,
-                                   ctx.feature_fn, n_valid)
-        history.append(metrics)
-        bar.update(1)
-        if s % 10 == 0 or s == steps - 1:
-          bar.set_postfix({k: f'{float(v):.4f}' for k, v in metrics.items()})
-      bar.close()
-      means = {k: float(np.mean([float(m[k]) for m in history]))
-               for k in history[0]}
-      if not all(np.isfinite(v) for v in means.values()):
-        last = ckpt.steps()
-        raise UserError(
-            f'{ctx.category}: non-finite loss in pass {p + 1} ({means}); '
-            f'training stopped, the last good checkpoint '
-            f'({"pass " + str(last[-1]) if last else "none"}) is kept in '
-            f'{ckpt.directory}. Lower optim.adaptor_lr/optim.disc_lr or check '
-            'the training images.')
-      record = {'pass': p + 1, **means}
-      logging.info('%s pass %d/%d: loss %.4f p_true %.3f p_fake %.3f',
-                   ctx.category, p + 1, num_passes, means['loss'],
-                   means['p_true'], means['p_fake'])
-      if c.train.eval_every and (p + 1) % c.train.eval_every == 0 and (
-          p + 1) < num_passes:
-        row = evaluate.evaluate_category(ctx, state, None,
-                                         visualize_maps=False)
-        record.update({k: row[k] for k in ('image_auroc', 'pixel_auroc',
-                                           'aupro')})
-        if c.train.select_best_on_test:
-          best = _update_best(best, row, p + 1)
-      _append_jsonl(log_path, record)
-      done = p + 1
-      if done % c.train.checkpoint_every == 0 and done < num_passes:
-        ckpt.save(done, state, ctx.meta(done))
-
-    extra = evaluate.decision_threshold(ctx, state)
-    if best is not None:
-      extra['best_on_test'] = best
-    meta = ctx.meta(num_passes, **extra)
-    ckpt.save(num_passes, state, meta)
-    if c.eval.feature_histogram and cache is not None:
-      _feature_histogram(ctx, state, cache)
-    return state, meta
+    return run.resume() or _train_alone(run, run.uses_cache())
   finally:
-    ckpt.close()
+    run.close()
+
+
+def _train_alone(run: _CategoryRun, use_cache: bool):
+  """The passes of one resumed category, one jitted step per batch."""
+  ctx, c = run.ctx, run.config
+  num_passes, bs = c.train.num_passes, c.train.batch_size
+  run.prepare(use_cache)
+  state, cache, steps = run.state, run.cache, ctx.steps_per_pass
+  if use_cache:
+    step_fn = train.make_cached_step(ctx.mesh, ctx.embed_dim)
+  else:
+    step_fn = train.make_features_step(ctx.mesh, ctx.embed_dim)
+  for p in range(run.start, num_passes):
+    order, noise_key = run.pass_plan(p)
+    history = []
+    bar = _progress(f'{ctx.category} {p + 1}/{num_passes}', steps)
+    if use_cache:
+      batches = (order[s * bs:(s + 1) * bs] for s in range(steps))
+    else:
+      batches = loader.batches(ctx.train_set, bs,
+                               indices=ctx.train_idx[order],
+                               num_workers=c.dataset.num_workers,
+                               prefetch=c.dataset.prefetch)
+    for s, batch in enumerate(batches):
+      key = jax.random.fold_in(noise_key, s)
+      if use_cache:
+        state, metrics = step_fn(state, cache, jnp.asarray(batch), key)
+      else:
+        images, n_valid = parallel.put_batch(batch['image'], ctx.mesh)
+        state, metrics = step_fn(state, ctx.backbone_vars, images, key,
+                                 ctx.feature_fn, n_valid)
+      history.append(metrics)
+      bar.update(1)
+      if s % 10 == 0 or s == steps - 1:
+        bar.set_postfix({k: f'{float(v):.4f}' for k, v in metrics.items()})
+    bar.close()
+    run.end_pass(p, history, lambda: state)
+  return run.finish(state)
+
+
+def train_categories(ctxs) -> list:
+  """Trains several categories at once, continuing each from its latest
+  checkpoint: one jitted step moves the heads of every category in a group
+  (`train.make_stacked_cached_step`, a vmap over categories).
+
+  A group is the categories whose TrainStates share one static structure
+  (all of them, unless `optim.cos_lr` makes the optimiser depend on each
+  category's steps per pass) and that cache their features; any other
+  category is trained alone. Each keeps its own batches, keys, checkpoints,
+  resume point and log; a category with fewer steps in a pass, or one that
+  resumes from a later checkpoint, is masked out of the steps it would not
+  take, so its result is that of `train_category` (up to float rounding).
+
+  Returns:
+    [(state, meta)] in the order of `ctxs`.
+  """
+  runs = [_CategoryRun(ctx) for ctx in ctxs]
+  results = [None] * len(ctxs)
+  try:
+    groups = {}
+    for k, run in enumerate(runs):
+      results[k] = run.resume()
+      if results[k] is not None:
+        continue
+      if not run.uses_cache():
+        results[k] = _train_alone(run, use_cache=False)
+        continue
+      groups.setdefault(jax.tree.structure(run.state), []).append(k)
+    for members in groups.values():
+      finished = _train_stacked([runs[k] for k in members])
+      for k, result in zip(members, finished):
+        results[k] = result
+    return results
+  finally:
+    for run in runs:
+      run.close()
+
+
+def _train_stacked(live: list) -> list:
+  """The passes of resumed categories of one static structure, stepped
+  together; returns [(state, meta)] in the order of `live`."""
+  c = live[0].config
+  num_passes, bs = c.train.num_passes, c.train.batch_size
+  mesh = live[0].ctx.mesh
+  for run in live:
+    run.prepare(use_cache=True)
+  states = train.stack_states([r.state for r in live])
+  caches = _stack_caches([r.cache for r in live], mesh)
+  grid = np.asarray([r.cache.shape[1] for r in live], np.int32)
+  step_fn = train.make_stacked_cached_step(mesh, bs)
+  names = ','.join(r.ctx.category for r in live)
+  for p in range(min(r.start for r in live), num_passes):
+    plans = [r.pass_plan(p) for r in live]
+    in_pass = [p >= r.start for r in live]
+    steps = [r.ctx.steps_per_pass if on else 0 for r, on in zip(live, in_pass)]
+    histories = [[] for _ in live]
+    bar = _progress(f'{names} {p + 1}/{num_passes}', max(steps))
+    for s in range(max(steps)):
+      idx = np.zeros((len(live), bs), np.int32)
+      n_images = np.zeros((len(live),), np.int32)
+      keys = []
+      for j, (order, noise_key) in enumerate(plans):
+        batch = order[s * bs:(s + 1) * bs] if s < steps[j] else order[:0]
+        idx[j, :len(batch)] = batch
+        n_images[j] = len(batch)
+        keys.append(jax.random.fold_in(noise_key, s))
+      active = n_images > 0
+      inputs = parallel.global_inputs(mesh, idx, n_images, grid, active,
+                                      jnp.stack(keys))
+      states, metrics = step_fn(states, caches, *inputs)
+      for j in np.flatnonzero(active):
+        histories[j].append({k: v[j] for k, v in metrics.items()})
+      bar.update(1)
+    bar.close()
+    for j, run in enumerate(live):
+      if in_pass[j]:
+        run.end_pass(p, histories[j],
+                     functools.partial(_unstacked, states, j, mesh))
+  return [run.finish(_unstacked(states, j, mesh))
+          for j, run in enumerate(live)]
+
+
+def _unstacked(states, j, mesh):
+  return parallel.put_replicated(train.unstack_state(states, j), mesh)
+
+
+def _stack_caches(caches, mesh):
+  """K caches (N_k, P_k, D) -> one (K, N_max, P_max, D), zero-padded."""
+  n_max = max(x.shape[0] for x in caches)
+  p_max = max(x.shape[1] for x in caches)
+  padded = [jnp.pad(x, ((0, n_max - x.shape[0]), (0, p_max - x.shape[1]),
+                        (0, 0))) for x in caches]
+  return parallel.put_replicated(jnp.stack(padded), mesh)
 
 
 def _calibrate(ctx, state, cache):

@@ -384,3 +384,60 @@ def _pad_rows_for(rows, mesh):
   rows = jnp.pad(rows, ((0, padded - n), (0, 0)))
   mask = (jnp.arange(padded) < n).astype(jnp.float32)
   return rows, mask
+
+
+def make_stacked_cached_step(mesh, batch_size: int):
+  """One optimiser step for K categories' heads at once (vmap over K).
+
+  Each category keeps its own state, cache, batch and noise key, and gets
+  exactly the rows its own `make_cached_step` would use, in the same order
+  (so `sample_noise` draws the same noise): real rows first, padding at the
+  end, masked out of loss, gradients and BatchNorm statistics.
+
+  Returns step(states, caches, idx, n_images, grid, active, keys) ->
+  (states, metrics):
+    states: K TrainStates stacked leaf-wise (`stack_states`); donated.
+    caches: (K, N_max, P_max, D) the categories' feature caches, zero-padded
+      to the largest training set N_max and grid P_max = h*w.
+    idx: (K, batch_size) int32 image indices into each cache (any value
+      beyond n_images).
+    n_images: (K,) int32 images in each category's batch this step (the last
+      batch of a pass is short; 0 for a category with no step left).
+    grid: (K,) int32 each category's h*w.
+    active: (K,) bool; an inactive category's state is returned unchanged.
+    keys: (K,) noise keys, one per category (its own step's key).
+  Metrics are (K,) per category; those of inactive categories are garbage.
+  Rows are split over the mesh as in `make_cached_step`.
+  """
+  sharded = parallel.batch_sharded(mesh)
+
+  def one(state, cache, idx, n, p, active, key):
+    p_max = cache.shape[1]
+    n_rows = parallel.padded_size(batch_size * p_max, mesh)
+    r = jnp.arange(n_rows)
+    # Row r: position r % p of the batch's image r // p (p = this grid).
+    img = idx[jnp.minimum(r // p, batch_size - 1)]
+    flat = cache.reshape(-1, cache.shape[-1])
+    rows = flat[img * p_max + r % p].astype(jnp.float32)
+    if mesh.size > 1:
+      rows = jax.lax.with_sharding_constraint(rows, sharded)
+    mask = (r < n * p).astype(jnp.float32)
+    new, metrics = train_step(state, rows, key, mask)
+    keep = lambda a, b: jnp.where(active, a, b)
+    return jax.tree.map(keep, new, state), metrics
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step(states, caches, idx, n_images, grid, active, keys):
+    return jax.vmap(one)(states, caches, idx, n_images, grid, active, keys)
+
+  return step
+
+
+def stack_states(states: Sequence[TrainState]) -> TrainState:
+  """K TrainStates of one config -> one whose leaves have a leading K axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def unstack_state(stacked: TrainState, k: int) -> TrainState:
+  """Category k's TrainState out of a stacked one."""
+  return jax.tree.map(lambda x: x[k], stacked)
