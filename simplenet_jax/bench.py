@@ -9,6 +9,8 @@ Prints, side by side for one backbone, image size and batch:
   train img/s/pass   one training pass over cached features (make_cached_step)
   CPU ms/img         process CPU time (all threads) per image of each stage:
                      steadier than wall time on a shared machine
+  batch-1 p50/p99    (--latency N) milliseconds per single-image inference
+                     call (images in -> score and map out), over N calls
   recompute img/s    (--recompute) one pass recomputing the features per batch,
                      as the released code does every pass and this project
                      does over train.cache_max_gb
@@ -69,6 +71,19 @@ def _time(fn, warmup: int, repeats: int, stage: str = '') -> float:
   if stage:
     _CPU[stage] = statistics.median(cpu)
   return statistics.median(times)
+
+
+def latency_ms(call, n: int, warmup: int = 3) -> tuple[float, float]:
+  """(p50, p99) wall milliseconds of `call()` (which must block) over n
+  calls after `warmup` untimed ones."""
+  for _ in range(warmup):
+    call()
+  times = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    call()
+    times.append(1000.0 * (time.perf_counter() - t0))
+  return float(np.percentile(times, 50)), float(np.percentile(times, 99))
 
 
 class RandomImages:
@@ -141,6 +156,10 @@ def run(args) -> dict:
                                                            images)),
                   args.warmup, args.repeats, 'inference')
 
+  if args.latency:
+    one, _ = parallel.put_batch(data.images[:1], mesh)
+    call = lambda: jax.block_until_ready(predict_fn(bvars, head, one))
+    out_latency = latency_ms(call, args.latency)
   idx = np.arange(n_train)
 
   def build():
@@ -179,6 +198,8 @@ def run(args) -> dict:
       'cache_gib': feature_cache.estimate_bytes(n_train, (gh, gw), dim,
                                                 args.cache_dtype) / 2**30,
   }
+  if args.latency:
+    out['latency_b1_p50_ms'], out['latency_b1_p99_ms'] = out_latency
   if args.recompute:
     del cache
     fstep = train.make_features_step(mesh, dim)
@@ -211,6 +232,8 @@ _COLUMNS = (
     ('backbone_img_s', 'backbone img/s'),
     ('inference_img_s', 'inference img/s'),
     ('inference_vs_backbone', 'inf/backbone'),
+    ('latency_b1_p50_ms', 'batch-1 p50 ms'),
+    ('latency_b1_p99_ms', 'batch-1 p99 ms'),
     ('cache_build_img_s', 'cache build img/s'),
     ('train_pass_img_s', 'train img/s/pass (cached)'),
     ('recompute_pass_img_s', 'train img/s/pass (recompute)'),
@@ -257,6 +280,8 @@ def parse_args(argv=None):
                  choices=['float32', 'bfloat16'])
   p.add_argument('--weights', action='store_true',
                  help='use converted weights from pretrained/ (else random)')
+  p.add_argument('--latency', type=int, default=0, metavar='N',
+                 help='also time N batch-1 inference calls (p50/p99 ms)')
   p.add_argument('--recompute', action='store_true',
                  help='also time a training pass that recomputes features')
   p.add_argument('--warmup', type=int, default=2)

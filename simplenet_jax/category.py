@@ -88,9 +88,17 @@ class CategoryContext:
   @classmethod
   def create(cls, config, workdir, category, kind, module, backbone_vars,
              mesh):
-    layers = tuple(config.backbone.layers)
+    """The context of a configured category (its data from config.dataset)."""
     train_set = data.build(config.dataset, category, 'train', workdir)
     test_set = data.build(config.dataset, category, 'test', workdir)
+    return cls.from_datasets(config, workdir, category, kind, module,
+                             backbone_vars, mesh, train_set, test_set)
+
+  @classmethod
+  def from_datasets(cls, config, workdir, category, kind, module,
+                    backbone_vars, mesh, train_set, test_set):
+    """The context of given datasets (e.g. generated ones in benchmarks)."""
+    layers = tuple(config.backbone.layers)
     split_key, key = jax.random.split(category_key(config.seed, category))
     n = len(train_set)
     n_hold = int(round(config.threshold.holdout_fraction * n))

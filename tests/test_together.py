@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import PIL.Image
-import pytest
 
 import conftest
 from configs.default import get_config
