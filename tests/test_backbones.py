@@ -11,6 +11,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
+import helpers
 import torch_reference
 from simplenet_jax import backbones
 from simplenet_jax.backbones import weights
@@ -91,7 +92,7 @@ def test_nothing_past_the_last_layer(name, last, absent):
 
 def _randomised_torch_model(resnet, name):
   """A torchvision model with random weights and random BN statistics."""
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = helpers.require_torch()
   torch.manual_seed(0)
   model = getattr(resnet, name)().eval()
   g = torch.Generator().manual_seed(1)
@@ -109,7 +110,7 @@ def _randomised_torch_model(resnet, name):
 @pytest.mark.parametrize('name,through_file', [
     ('wide_resnet50_2', False), ('resnet18', True)])
 def test_parity_with_torchvision(tmp_path, name, through_file):
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = helpers.require_torch()
   model = _randomised_torch_model(_torchvision_resnet(), name)
   if through_file:  # Also exercises the safe reader on a real torch file.
     pth = str(tmp_path / f'{name}.pth')
@@ -151,6 +152,7 @@ def _photo(name, size):
 
 @pytest.fixture(scope='module')
 def lite0_dir(tmp_path_factory):
+  helpers.require_lite0_wheel()
   directory = str(tmp_path_factory.mktemp('lite0'))
   weights.ensure_converted('efficientnet_lite0', directory)
   return directory

