@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from configs.default import get_config
 import conftest
+import helpers
 from simplenet_jax import features
 from simplenet_jax import scoring
 from simplenet_jax import train
@@ -112,7 +113,7 @@ def test_predict_fn_is_consistent_with_the_parts():
   assert out['image_scores'].shape == (2,)
   feats = scoring.make_feature_fn(module, ('layer2', 'layer3'), cfg.model)(
       backbone_vars, images)
-  want = train.patch_scores(head, feats)
+  want = helpers.reference_patch_scores(head, feats)
   np.testing.assert_allclose(np.asarray(out['patch_scores']),
                              np.asarray(want), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(

@@ -10,6 +10,8 @@ import torch
 
 from configs.default import get_config
 import conftest
+import helpers
+from simplenet_jax import scoring
 from simplenet_jax import train
 from simplenet_jax.errors import UserError
 
@@ -108,7 +110,7 @@ def test_matches_released_training_steps():
   assert _rel(bn['var'], d['final.disc.body.block1.1.running_var']) <= 1e-4
   # The running mean follows the zero-gradient bias: README's 1e-3.
   assert _rel(bn['mean'], d['final.disc.body.block1.1.running_mean']) <= 1e-3
-  scores = train.patch_scores(state, d['eval.input'])
+  scores = helpers.reference_patch_scores(state, d['eval.input'])
   assert scores.shape == (d['eval.input'].shape[0],)
   assert _rel(scores, d['eval.patch_scores'][:, 0]) <= 1e-3
 
@@ -268,14 +270,13 @@ def test_relative_noise_calibration():
   assert float(abs_state.noise_std) == pytest.approx(abs_cfg.model.noise_std)
 
 
-def test_patch_scores_eval_mode_and_shapes():
+def test_eval_scores_fused_and_reference_match_the_layers():
+  """-D(adaptor(x)) in eval mode, written out with numpy (BatchNorm eps
+  1e-5 as torch's), against the folded head of inference
+  (scoring.fused_head) and the tests' reference scorer."""
   state = _run(_small_state()[0], 2)
   x = np.random.default_rng(1).normal(size=(2, 3, 4, 8)).astype(np.float32)
   head = {'params': state.params, 'batch_stats': state.batch_stats}
-  got = train.patch_scores(head, x)
-  assert got.shape == (2, 3, 4)
-  np.testing.assert_array_equal(np.asarray(train.patch_scores(state, x)),
-                                np.asarray(got))
   p, bn = state.params, state.batch_stats['discriminator']['bn']
   h = x @ p['adaptor']['fc']['kernel'] + p['adaptor']['fc']['bias']
   h = h @ p['discriminator']['fc']['kernel'] + p['discriminator']['fc']['bias']
@@ -283,4 +284,13 @@ def test_patch_scores_eval_mode_and_shapes():
   h = h * p['discriminator']['bn']['scale'] + p['discriminator']['bn']['bias']
   h = np.where(h >= 0, h, 0.2 * h)
   want = -(h @ p['discriminator']['tail']['kernel'])[..., 0]
-  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+  assert np.ptp(want) > 0.1  # Rows score differently.
+  fused = scoring.fused_head(head)
+  g = x @ np.asarray(fused['kernel']) + np.asarray(fused['bias'])
+  got = -(np.where(g >= 0, g, 0.2 * g) @ np.asarray(fused['tail']))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  ref = helpers.reference_patch_scores(state, x)
+  assert ref.shape == (2, 3, 4)
+  np.testing.assert_allclose(np.asarray(ref), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(
+      np.asarray(helpers.reference_patch_scores(head, x)), np.asarray(ref))

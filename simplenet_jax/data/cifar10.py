@@ -19,13 +19,9 @@ import tensorflow_datasets as tfds
 from simplenet_jax.data import images
 from simplenet_jax.errors import UserError
 
+# The class names, index = tfds label.
 CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog',
            'horse', 'ship', 'truck')
-
-
-def cifar10_classes() -> tuple[str, ...]:
-  """The class names, index = tfds label."""
-  return CLASSES
 
 
 def class_index(category: str) -> int:
