@@ -41,8 +41,12 @@ def map_matrix(in_size: int, out_size: int, sigma: float) -> np.ndarray:
 
 
 def anomaly_maps(patch_scores: jax.Array, out_hw: Sequence[int],
-                 sigma: float = 4.0) -> jax.Array:
-  """(B, h, w) patch scores -> (B, H, W) float32 anomaly maps."""
+                 sigma: float) -> jax.Array:
+  """(B, h, w) patch scores -> (B, H, W) float32 anomaly maps.
+
+  sigma: the Gaussian's std in output pixels (config eval.sigma; released:
+  4); 0 = no smoothing.
+  """
   _, h, w = patch_scores.shape
   ah = jnp.asarray(map_matrix(h, int(out_hw[0]), float(sigma)), jnp.float32)
   aw = jnp.asarray(map_matrix(w, int(out_hw[1]), float(sigma)), jnp.float32)

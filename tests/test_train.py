@@ -1,30 +1,21 @@
 """Training step, optimisers and train state vs the released PyTorch code."""
 
-import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from configs.default import get_config
-import conftest
 import helpers
+from simplenet_jax import model
 from simplenet_jax import scoring
 from simplenet_jax import train
 from simplenet_jax.errors import UserError
 
-FIXTURES = conftest.FIXTURES
 # The two biases whose gradient is zero in exact arithmetic (fixture README).
-ZERO_GRAD = (('adaptor', 'fc', 'bias'), ('discriminator', 'fc', 'bias'))
-
-
-def _load(name):
-  path = os.path.join(FIXTURES, name)
-  if not os.path.exists(path):
-    pytest.fail(f'parity fixture {path} missing (set SIMPLENET_FIXTURES)')
-  return np.load(path)
+ZERO_GRAD = helpers.ZERO_GRAD
 
 
 def _rel(got, want):
@@ -60,12 +51,46 @@ def _small_state(d=8, hidden=6, seed=0, **model_overrides):
                                   d, 10, 2), cfg
 
 
-def test_matches_released_training_steps():
-  d = _load('train_steps.npz')
+def _fixture_optimiser(d, key):
+  """('AdamW' | 'Adam', lr, weight decay) as the fixture describes them."""
+  text = str(d[key])
+  name = text.split()[0]
+  lr = float(re.search(r'\blr=([0-9.e+-]+)', text).group(1))
+  wd = float(re.search(r'\bweight_decay=([0-9.e+-]+)', text).group(1))
+  return name, lr, wd
+
+
+def test_fixture_settings_are_the_default_config():
+  """The released run's constants, as the fixture stores them, are the
+  default config's: the parity test below then checks the defaults."""
+  d = helpers.load_fixture('train_steps.npz')
   cfg = get_config()
+  assert float(d['margin']) == cfg.model.margin
+  assert float(d['noise_std']) == cfg.model.noise_std
+  assert cfg.model.noise_mode == 'absolute' and cfg.model.mix_noise == 1
+  assert cfg.optim.variant == 'released'
+  assert _fixture_optimiser(d, 'adaptor_opt') == (
+      'AdamW', cfg.optim.adaptor_lr, cfg.optim.adaptor_wd)
+  assert _fixture_optimiser(d, 'disc_opt') == (
+      'Adam', cfg.optim.disc_lr, cfg.optim.disc_wd)
+  assert 'L2 added to the gradient' in str(d['disc_opt'])
+  readme = helpers.fixtures_readme()
+  number = r'([0-9][0-9.e+-]*)'
+  found = lambda pattern: tuple(
+      float(x) for x in re.search(pattern.format(n=number), readme).groups())
+  assert found(r'margin {n}, noise std {n}\.') == (cfg.model.margin,
+                                                    cfg.model.noise_std)
+  assert found(r'adaptor AdamW\(lr {n}, weight_decay {n},') == (
+      cfg.optim.adaptor_lr, cfg.optim.adaptor_wd)
+  assert found(r'discriminator Adam\(lr {n}, [^)]*\) with L2 weight decay '
+               r'{n} ') == (cfg.optim.disc_lr, cfg.optim.disc_wd)
+  assert found(r'momentum {n}\.') == (model.TorchBatchNorm.momentum,)
+
+
+def test_matches_released_training_steps():
+  d = helpers.load_fixture('train_steps.npz')
+  cfg = get_config()  # Its margin, noise and optimisers: the fixture's.
   cfg.model.hidden = int(d['hidden'])
-  cfg.model.margin = float(d['margin'])
-  cfg.model.noise_std = float(d['noise_std'])
   state = train.create_train_state(jax.random.key(0), cfg.model, cfg.optim,
                                    int(d['embed_dim']), 1, 1)
   params = jax.tree.map(jnp.asarray, _torch_tree(d, 'init.'))
@@ -110,9 +135,16 @@ def test_matches_released_training_steps():
   assert _rel(bn['var'], d['final.disc.body.block1.1.running_var']) <= 1e-4
   # The running mean follows the zero-gradient bias: README's 1e-3.
   assert _rel(bn['mean'], d['final.disc.body.block1.1.running_mean']) <= 1e-3
+  # Eval mode: the modules one after the other, and the folded head that
+  # inference uses (scoring.fused_head).
   scores = helpers.reference_patch_scores(state, d['eval.input'])
   assert scores.shape == (d['eval.input'].shape[0],)
   assert _rel(scores, d['eval.patch_scores'][:, 0]) <= 1e-3
+  fused = scoring.fused_head({'params': state.params,
+                              'batch_stats': state.batch_stats})
+  h = d['eval.input'] @ np.asarray(fused['kernel']) + np.asarray(fused['bias'])
+  folded = -(np.where(h >= 0, h, 0.2 * h) @ np.asarray(fused['tail']))
+  assert _rel(folded, d['eval.patch_scores'][:, 0]) <= 1e-3
 
 
 def test_mask_equals_unpadded_rows():
@@ -127,7 +159,8 @@ def test_mask_equals_unpadded_rows():
   for k in m1:
     np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-5)
   p1, p2 = _flat(s1.params), _flat(s2.params)
-  lrs = {'adaptor': 1e-4, 'discriminator': 2e-4}
+  cfg = get_config()
+  lrs = {'adaptor': cfg.optim.adaptor_lr, 'discriminator': cfg.optim.disc_lr}
   for path in p1:
     # Zero-gradient biases: Adam amplifies rounding noise to up to one lr.
     atol = 2 * lrs[path[0]] if path in ZERO_GRAD else 1e-6
@@ -161,15 +194,19 @@ def test_same_seed_same_result():
 
 def _torch_reference_updates(variant, cos_lr, grads, steps_per_pass,
                              num_passes, p0):
+  """The released code's optimisers (simplenet.py), at the config's lrs and
+  weight decays (test_constants.py pins those to the released values)."""
+  torch = helpers.require_torch()
+  o = get_config().optim
   a = torch.tensor(p0['adaptor']['w'], requires_grad=True)
   dsc = torch.tensor(p0['discriminator']['w'], requires_grad=True)
   if variant == 'released':
-    opt_a = torch.optim.AdamW([a], lr=1e-4, weight_decay=0.01)
+    opt_a = torch.optim.AdamW([a], lr=o.adaptor_lr, weight_decay=o.adaptor_wd)
   else:
-    opt_a = torch.optim.Adam([a], lr=1e-4, weight_decay=1e-5)
-  opt_d = torch.optim.Adam([dsc], lr=2e-4, weight_decay=1e-5)
+    opt_a = torch.optim.Adam([a], lr=o.adaptor_lr, weight_decay=o.disc_wd)
+  opt_d = torch.optim.Adam([dsc], lr=o.disc_lr, weight_decay=o.disc_wd)
   sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_d, num_passes,
-                                                     2e-4 * 0.4)
+                                                     o.disc_lr * 0.4)
   for i, g in enumerate(grads):
     a.grad = torch.tensor(g['adaptor']['w'])
     dsc.grad = torch.tensor(g['discriminator']['w'])
@@ -213,9 +250,11 @@ def test_cos_lr_schedule_matches_torch(period):
   if period:
     cfg.optim.cos_period_passes = period
   sched = train.disc_lr_schedule(cfg.optim, steps_per_pass, num_passes)
-  opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=2e-4)
+  torch = helpers.require_torch()
+  lr = cfg.optim.disc_lr
+  opt = torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=lr)
   ref = torch.optim.lr_scheduler.CosineAnnealingLR(opt, period or num_passes,
-                                                   2e-4 * 0.4)
+                                                   lr * 0.4)
   for step in range(steps_per_pass * num_passes):
     want = opt.param_groups[0]['lr']
     np.testing.assert_allclose(float(sched(jnp.asarray(step))), want,
@@ -224,7 +263,7 @@ def test_cos_lr_schedule_matches_torch(period):
     if (step + 1) % steps_per_pass == 0:
       ref.step()
   cfg.optim.cos_lr = False
-  assert train.disc_lr_schedule(cfg.optim, steps_per_pass, num_passes) == 2e-4
+  assert train.disc_lr_schedule(cfg.optim, steps_per_pass, num_passes) == lr
 
 
 def test_bad_config_raises_user_error():
