@@ -136,12 +136,6 @@ def sample_noise(key: jax.Array, shape: tuple[int, int], std,
   return z * jnp.asarray(std, jnp.float32)
 
 
-def anomalous_features(key: jax.Array, adapted: jax.Array, std,
-                       mix_noise: int = 1) -> jax.Array:
-  """fake = adapted + eps, eps ~ N(0, std^2) i.i.d. (see `sample_noise`)."""
-  return adapted + sample_noise(key, adapted.shape, std, mix_noise)
-
-
 def truncated_l1_loss(true_scores: jax.Array, fake_scores: jax.Array,
                       margin: float, mask: Optional[jax.Array] = None):
   """Truncated L1 loss of the released code.

@@ -41,8 +41,12 @@ def map_matrix(in_size: int, out_size: int, sigma: float) -> np.ndarray:
 
 
 def anomaly_maps(patch_scores: jax.Array, out_hw: Sequence[int],
-                 sigma: float = 4.0) -> jax.Array:
-  """(B, h, w) patch scores -> (B, H, W) float32 anomaly maps."""
+                 sigma: float) -> jax.Array:
+  """(B, h, w) patch scores -> (B, H, W) float32 anomaly maps.
+
+  sigma: the Gaussian's std in output pixels (config eval.sigma; released:
+  4); 0 = no smoothing.
+  """
   _, h, w = patch_scores.shape
   ah = jnp.asarray(map_matrix(h, int(out_hw[0]), float(sigma)), jnp.float32)
   aw = jnp.asarray(map_matrix(w, int(out_hw[1]), float(sigma)), jnp.float32)
@@ -87,9 +91,9 @@ def fused_head(head_vars) -> dict:
   """The eval-mode head as {'kernel' (D, H), 'bias' (H,), 'tail' (H,)}.
 
   score(x) = -(leaky_relu(x @ kernel + bias, 0.2) @ tail) equals
-  train.patch_scores up to float rounding: adaptor fc, discriminator fc and
-  BatchNorm with running statistics composed into one affine map (float32,
-  highest precision).
+  -Discriminator(Adaptor(x)) in eval mode up to float rounding: adaptor fc,
+  discriminator fc and BatchNorm with running statistics composed into one
+  affine map (float32, highest precision).
   """
   p, stats = head_vars['params'], head_vars['batch_stats']['discriminator']
   adaptor, fc = p['adaptor']['fc'], p['discriminator']['fc']
@@ -102,12 +106,6 @@ def fused_head(head_vars) -> dict:
           stats['bn']['mean']) * gain + bn['bias']
   return {'kernel': kernel, 'bias': bias,
           'tail': p['discriminator']['tail']['kernel'][:, 0]}
-
-
-def fused_patch_scores(fused: dict, features: jax.Array) -> jax.Array:
-  """(..., D) features -> (...) float32 anomaly scores, high = anomalous."""
-  x = features.astype(jnp.float32) @ fused['kernel'] + fused['bias']
-  return -(jax.nn.leaky_relu(x, 0.2) @ fused['tail'])
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,7 +159,7 @@ def _folded_scores(backbone_module, layers, model_cfg, backbone_vars, fused,
                    images):
   """(B, h, w) patch scores, the head applied per layer before resizing.
 
-  Equals fused_patch_scores(fused, _features(...)) in exact arithmetic: the
+  Equals the fused head applied to _features(...) in exact arithmetic: the
   head's first (linear) map moves in front of the final pooling and the
   resize, so layer l costs n_l x H per position of its own grid (layer3: a
   quarter of the positions) and the (B, h, w, L*P) concatenation is never

@@ -245,41 +245,11 @@ def train_step(state: TrainState, features, key: jax.Array,
   return train_step_with_noise(state, features, noise, mask)
 
 
-def _head_vars(state_or_vars):
-  if isinstance(state_or_vars, TrainState):
-    return state_or_vars.params, state_or_vars.batch_stats
-  return state_or_vars['params'], state_or_vars['batch_stats']
-
-
 @jax.jit
 def _adapt(params, features):
   adaptor, _ = _modules(params)
   return adaptor.apply({'params': params['adaptor']},
                        jnp.asarray(features, jnp.float32))
-
-
-@jax.jit
-def _scores(params, batch_stats, features):
-  adaptor, disc = _modules(params)
-  x = features.reshape(-1, features.shape[-1]).astype(jnp.float32)
-  x = adaptor.apply({'params': params['adaptor']}, x)
-  s = disc.apply({'params': params['discriminator'],
-                  'batch_stats': batch_stats['discriminator']}, x, train=False)
-  return -s.reshape(features.shape[:-1])
-
-
-def patch_scores(state_or_vars, features) -> jax.Array:
-  """Anomaly score -D(adaptor(x)) per row, eval-mode BatchNorm.
-
-  Args:
-    state_or_vars: a TrainState or {'params': ..., 'batch_stats': ...}.
-    features: (..., D) local features.
-
-  Returns:
-    (...) float32 scores; high = anomalous.
-  """
-  params, batch_stats = _head_vars(state_or_vars)
-  return _scores(params, batch_stats, features)
 
 
 def feature_rms(state: TrainState,

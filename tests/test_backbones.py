@@ -11,8 +11,10 @@ import pytest
 import skimage.data
 from PIL import Image
 
+import helpers
 import torch_reference
 from simplenet_jax import backbones
+from simplenet_jax.backbones import efficientnet_lite
 from simplenet_jax.backbones import pth_reader
 from simplenet_jax.backbones import weights
 from simplenet_jax.errors import UserError
@@ -94,7 +96,7 @@ def test_nothing_past_the_last_layer(name, last, absent):
 
 def _randomised_torch_model(resnet, name):
   """A torchvision model with random weights and random BN statistics."""
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = helpers.require_torch()
   torch.manual_seed(0)
   model = getattr(resnet, name)().eval()
   g = torch.Generator().manual_seed(1)
@@ -112,7 +114,7 @@ def _randomised_torch_model(resnet, name):
 @pytest.mark.parametrize('name,through_file', [
     ('wide_resnet50_2', False), ('resnet18', True)])
 def test_parity_with_torchvision(tmp_path, name, through_file):
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = helpers.require_torch()
   model = _randomised_torch_model(_torchvision_resnet(), name)
   if through_file:  # Also exercises the safe reader on a real torch file.
     pth = str(tmp_path / f'{name}.pth')
@@ -141,6 +143,88 @@ def test_parity_with_torchvision(tmp_path, name, through_file):
     assert _rel_err(np.asarray(got[layer]), want) <= 1e-4, layer
 
 
+def _random_lite0_state_dict(seed=0):
+  """Every torch (lukemelas) key of EfficientNet-Lite0, random values: conv
+  kernels with no symmetry, BatchNorm statistics away from 0 / 1."""
+  rng = np.random.default_rng(seed)
+  expected = weights.expected_shapes(backbones.build_full('efficientnet_lite0'))
+  state = {}
+  for location, shape in expected.items():
+    key = weights._torch_key(location, lukemelas=True)  # pylint: disable=protected-access
+    shape = weights._torch_shape(shape)  # pylint: disable=protected-access
+    if location[-1] == 'var':
+      value = rng.uniform(0.5, 1.5, shape)
+    elif location[-1] in ('mean', 'bias'):
+      value = 0.2 * rng.normal(size=shape)
+    elif location[-1] == 'scale':
+      value = rng.uniform(0.5, 1.5, shape)
+    else:  # Kernels, (out, in / groups, kh, kw) or (out, in).
+      fan_in = int(np.prod(shape[1:]))
+      value = rng.normal(size=shape) / np.sqrt(fan_in)
+    state[key] = value.astype(np.float32)
+  return state
+
+
+def _torch_lite_block(torch, state, prefix, x, kernel, stride, residual):
+  """One MBConv block of the lukemelas EfficientNet-Lite in torch ops, NCHW:
+  1x1 expand, BN, ReLU6, depthwise kxk (groups = channels) with TF SAME
+  padding (Conv2dStaticSamePadding: the odd pixel at the bottom/right), BN,
+  ReLU6, 1x1 project, BN, + input."""
+  F = torch.nn.functional
+  t = lambda name: torch.from_numpy(state[f'{prefix}.{name}'])
+
+  def bn(y, name):
+    return F.batch_norm(y, t(f'{name}.running_mean'), t(f'{name}.running_var'),
+                        t(f'{name}.weight'), t(f'{name}.bias'), training=False,
+                        eps=1e-3)
+
+  y = x
+  if f'{prefix}._expand_conv.weight' in state:
+    y = F.relu6(bn(F.conv2d(y, t('_expand_conv.weight')), '_bn0'))
+  h, w = y.shape[-2:]
+  pad_h = max((-(-h // stride) - 1) * stride + kernel - h, 0)
+  pad_w = max((-(-w // stride) - 1) * stride + kernel - w, 0)
+  y = F.pad(y, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+  y = F.conv2d(y, t('_depthwise_conv.weight'), stride=stride,
+               groups=y.shape[1])
+  y = F.relu6(bn(y, '_bn1'))
+  y = bn(F.conv2d(y, t('_project_conv.weight')), '_bn2')
+  return y + x if residual else y
+
+
+@pytest.mark.parametrize('block', [2, 3])  # k3 s1 + residual; k5 s2.
+def test_lite_block_with_converted_random_weights_matches_torch(block):
+  """A Lite0 block with random, non-symmetric kernels converted by
+  torch_to_flax: a kernel whose H and W were swapped, or padding on the
+  wrong side, gives other numbers (the real-weight photo tests do not see a
+  swap)."""
+  torch = helpers.require_torch()
+  state = _random_lite0_state_dict()
+  full = weights.torch_to_flax(
+      state, weights.expected_shapes(backbones.build_full('efficientnet_lite0')),
+      'efficientnet_lite0', 'random')
+  in_ch, out_ch, expand, kernel, stride = efficientnet_lite.block_configs(
+      'efficientnet_lite0')[0][block]
+  assert (kernel, stride) == ((3, 1) if block == 2 else (5, 2))
+  module = efficientnet_lite.MBConv(in_ch, out_ch, expand, kernel, stride)
+  name = f'blocks_{block}'
+  variables = {'params': full['params'][name],
+               'batch_stats': full['batch_stats'][name]}
+  # Odd, non-square maps: SAME padding differs between top and bottom.
+  x = np.random.default_rng(1).normal(size=(2, 13, 10, in_ch)).astype(
+      np.float32)
+  got = np.asarray(jax.jit(module.apply)(variables, x))
+  with torch.no_grad():
+    want = _torch_lite_block(
+        torch, state, f'_blocks.{block}',
+        torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), kernel, stride,
+        residual=stride == 1 and in_ch == out_ch).numpy().transpose(0, 2, 3, 1)
+  assert got.shape == want.shape == (2, -(-13 // stride), -(-10 // stride),
+                                     out_ch)
+  assert np.std(want) > 0.1
+  assert _rel_err(got, want) <= 1e-5
+
+
 def _photo(name, size):
   """skimage photo: shorter side to size/0.875, centre crop, [0, 1] float32."""
   image = Image.fromarray(getattr(skimage.data, name)())
@@ -154,6 +238,7 @@ def _photo(name, size):
 
 @pytest.fixture(scope='module')
 def lite0_dir(tmp_path_factory):
+  helpers.require_lite0_wheel()
   directory = str(tmp_path_factory.mktemp('lite0'))
   weights.ensure_converted('efficientnet_lite0', directory)
   return directory

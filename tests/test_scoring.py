@@ -1,6 +1,6 @@
 """Anomaly maps, image scores and the jitted feature / predict functions."""
 
-import os
+import inspect
 
 import flax.linen as nn
 import jax
@@ -8,31 +8,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage
-import torch
-import torch.nn.functional as F
 
 from configs.default import get_config
-import conftest
+import helpers
 from simplenet_jax import features
 from simplenet_jax import scoring
 from simplenet_jax import train
 
-FIXTURES = conftest.FIXTURES
-
-
-def _load(name):
-  path = os.path.join(FIXTURES, name)
-  if not os.path.exists(path):
-    pytest.fail(f'parity fixture {path} missing (set SIMPLENET_FIXTURES)')
-  return np.load(path)
+SIGMA = get_config().eval.sigma
 
 
 @pytest.mark.parametrize('name', ['score_small', 'score_224'])
 def test_matches_released_maps_and_scores(name):
-  d = _load(name + '.npz')
+  d = helpers.load_fixture(name + '.npz')
+  # The released smoothing is the default config's (test_constants.py).
+  assert float(d['smoothing_sigma']) == SIGMA
   out_hw = d['anomaly_maps'].shape[1:]
-  maps = scoring.anomaly_maps(jnp.asarray(d['patch_scores']), out_hw,
-                              float(d['smoothing_sigma']))
+  maps = scoring.anomaly_maps(jnp.asarray(d['patch_scores']), out_hw, SIGMA)
   assert maps.shape == d['anomaly_maps'].shape
   np.testing.assert_allclose(np.asarray(maps), d['anomaly_maps'], rtol=0,
                              atol=1e-4)
@@ -41,13 +33,33 @@ def test_matches_released_maps_and_scores(name):
       rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize('sigma', [4.0, 1.5])
+def test_blur_is_sigma_4_truncated_at_4_sigma():
+  """The released RescaleSegmentor: scipy's gaussian_filter(sigma=4) with
+  its default truncate (4.0): 33 taps exp(-k^2 / 32), k = -16..16, summing
+  to 1. Written out here, not taken from scipy."""
+  truncate = inspect.signature(scipy.ndimage.gaussian_filter).parameters[
+      'truncate'].default
+  assert (SIGMA, truncate) == (4.0, 4.0)
+  n = 101
+  blur = scoring.map_matrix(n, n, SIGMA)  # Same size: no upsampling.
+  k = np.arange(-16, 17)
+  taps = np.exp(-k**2 / (2 * 4.0**2))
+  column = blur[:, n // 2]
+  np.testing.assert_allclose(column[n // 2 - 16:n // 2 + 17],
+                             taps / taps.sum(), rtol=0, atol=1e-12)
+  assert not column[:n // 2 - 16].any() and not column[n // 2 + 17:].any()
+
+
+@pytest.mark.parametrize('sigma', [SIGMA, 1.5])
 def test_non_square_maps_match_torch_and_scipy(sigma):
+  torch = helpers.require_torch()
+  F = torch.nn.functional
   # 13 rows < the sigma-4 kernel radius 16: reflection wraps more than once.
   p = np.random.default_rng(0).normal(size=(2, 5, 7)).astype(np.float32)
   up = F.interpolate(torch.from_numpy(p)[:, None], size=(13, 22),
                      mode='bilinear', align_corners=False)[:, 0].numpy()
-  want = np.stack([scipy.ndimage.gaussian_filter(u, sigma=sigma) for u in up])
+  want = np.stack([scipy.ndimage.gaussian_filter(u, sigma=sigma, truncate=4.0,
+                                                 mode='reflect') for u in up])
   got = scoring.anomaly_maps(jnp.asarray(p), (13, 22), sigma)
   np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5)
 
@@ -105,18 +117,19 @@ def test_predict_fn_is_consistent_with_the_parts():
                                    16, 1, 1)
   head = {'params': state.params, 'batch_stats': state.batch_stats}
   predict = scoring.make_predict_fn(module, ('layer2', 'layer3'), cfg.model,
-                                    (32, 40), 4.0)
+                                    (32, 40), cfg.eval.sigma)
   out = predict(backbone_vars, head, images)
   assert out['patch_scores'].shape == (2, 16, 20)
   assert out['anomaly_maps'].shape == (2, 32, 40)
   assert out['image_scores'].shape == (2,)
   feats = scoring.make_feature_fn(module, ('layer2', 'layer3'), cfg.model)(
       backbone_vars, images)
-  want = train.patch_scores(head, feats)
+  want = helpers.reference_patch_scores(head, feats)
   np.testing.assert_allclose(np.asarray(out['patch_scores']),
                              np.asarray(want), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(
       np.asarray(out['anomaly_maps']),
-      np.asarray(scoring.anomaly_maps(want, (32, 40), 4.0)), atol=1e-5)
+      np.asarray(scoring.anomaly_maps(want, (32, 40), cfg.eval.sigma)),
+      atol=1e-5)
   np.testing.assert_allclose(np.asarray(out['image_scores']),
                              np.asarray(want).reshape(2, -1).max(1), atol=1e-5)

@@ -20,49 +20,36 @@ import numpy as np
 import PIL.Image
 
 import conftest
+import helpers
 from configs.default import get_config
 from simplenet_jax import parallel
 from simplenet_jax import train
 
 TOL = 1e-5
-# Biases whose exact gradient is zero (BatchNorm removes a common shift) and
-# the BatchNorm running mean that follows them: Adam turns their rounding
-# noise into steps of up to lr, so they are compared with lr-sized bounds
-# (see the fixtures' README) instead of TOL.
-ZERO_GRAD = ("['adaptor']['fc']['bias']", "['discriminator']['fc']['bias']")
-FOLLOWS_ZERO_GRAD = ("['discriminator']['bn']['mean']",)
-
-
-def _flat(tree, skip):
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves
-          if jax.tree_util.keystr(p) not in skip}
 
 
 def _assert_same_training(a, b, steps, lr=2e-4):
-  """a, b: TrainStates (params, batch_stats) after `steps` steps."""
-  skip = ZERO_GRAD + FOLLOWS_ZERO_GRAD
-  fa, fb = _flat(a.params, skip), _flat(b.params, skip)
-  assert fa.keys() == fb.keys()
-  for k in fa:
-    scale = max(1.0, float(np.abs(fb[k]).max()))
-    assert np.abs(fa[k] - fb[k]).max() <= TOL * scale, k
-  sa, sb = _flat(a.batch_stats, FOLLOWS_ZERO_GRAD), _flat(b.batch_stats,
-                                                          FOLLOWS_ZERO_GRAD)
-  for k in sa:
-    assert np.abs(sa[k] - sb[k]).max() <= TOL * max(1.0, np.abs(sb[k]).max())
-  za, zb = _flat(a.params, ()), _flat(b.params, ())
-  for k in ZERO_GRAD:
-    assert np.abs(za[k] - zb[k]).max() <= 2 * lr * steps, k
+  """a, b: TrainStates (or namespaces of params, batch_stats, step) after
+  `steps` steps of the same training, computed in different ways."""
+  fa, fb = helpers.flat_params(a.params), helpers.flat_params(b.params)
+  assert np.abs(fa - fb).max() <= TOL * max(1.0, np.abs(fb).max())
+  # The two biases of zero exact gradient (helpers.ZERO_GRAD): Adam turns
+  # their rounding noise into steps of up to lr, in either run.
+  za = helpers.flat_params(a.params, skip=())
+  zb = helpers.flat_params(b.params, skip=())
+  assert np.abs(za - zb).max() <= 2 * lr * steps
   # The running mean averages the batch means of x (A W) + (a W + w): with
-  # the biases a (adaptor) and w (first Linear) apart by up to 2 lr per step
-  # (Adam moves each entry by at most lr a step), it may differ by up to
-  # 2 lr steps (1 + sum_i |W_ij|) per hidden unit j.
+  # those biases a (adaptor) and w (first Linear) apart by up to 2 lr per
+  # step it may differ by up to 2 lr steps (1 + sum_i |W_ij|) per hidden
+  # unit j (a looser form of test_train's _running_mean_limit).
   w = np.asarray(b.params['discriminator']['fc']['kernel'])
   bound = 2 * lr * steps * (1.0 + np.abs(w).sum(axis=0))
   ma = np.asarray(a.batch_stats['discriminator']['bn']['mean'])
   mb = np.asarray(b.batch_stats['discriminator']['bn']['mean'])
   assert (np.abs(ma - mb) <= bound + TOL * max(1.0, np.abs(mb).max())).all()
+  va = np.asarray(a.batch_stats['discriminator']['bn']['var'])
+  vb = np.asarray(b.batch_stats['discriminator']['bn']['var'])
+  assert np.abs(va - vb).max() <= TOL * max(1.0, np.abs(vb).max())
   assert int(a.step) == int(b.step) == steps
 
 

@@ -11,16 +11,18 @@ import importlib.util
 import sys
 import types
 
-import pytest
+import helpers
 
 
 def torchvision_module(name: str):
-  """torchvision.<name> (e.g. 'models.resnet', 'transforms'), or skip."""
-  pytest.importorskip('torch', reason='torch (the reference) is absent')
-  if 'torchvision' not in sys.modules:
+  """torchvision.<name> (e.g. 'models.resnet', 'transforms'), or skip (fail
+  in CI)."""
+  helpers.require_torch()
+  if sys.modules.get('torchvision') is None:
     spec = importlib.util.find_spec('torchvision')
     if spec is None:
-      pytest.skip('torchvision is not installed')
+      helpers.missing('torchvision is not installed (pip install --no-deps '
+                      'torchvision, see README)')
     pkg = types.ModuleType('torchvision')
     pkg.__path__ = list(spec.submodule_search_locations)
     pkg.__spec__ = spec  # find_spec('torchvision') must keep working.

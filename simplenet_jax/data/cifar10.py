@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 from simplenet_jax.data import images
 from simplenet_jax.errors import UserError
 
+# The class names, index = tfds label.
 CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog',
            'horse', 'ship', 'truck')
 

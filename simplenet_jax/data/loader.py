@@ -1,24 +1,15 @@
 """Batches of decoded examples, decoded in a thread pool ahead of use.
 
 PIL releases the GIL while decoding and resizing, so threads are enough and
-nothing needs pickling. The batch order depends only on the dataset, the
-indices and the shuffle key, never on thread timing.
+nothing needs pickling. The batch order is the order of the indices given
+(callers shuffle them), never that of thread timing.
 """
 
 import collections
 import concurrent.futures
 from typing import Iterator, Sequence
 
-import jax
 import numpy as np
-
-
-def permutation(key, n: int) -> np.ndarray:
-  """jax.random.permutation(key, n) computed on the CPU, as numpy int64."""
-  cpu = jax.devices('cpu')[0]
-  with jax.default_device(cpu):
-    return np.asarray(jax.random.permutation(jax.device_put(key, cpu), n),
-                      dtype=np.int64)
 
 
 def collate(examples: Sequence[dict]) -> dict:
@@ -36,16 +27,14 @@ def collate(examples: Sequence[dict]) -> dict:
       defect=[e['defect'] for e in examples])
 
 
-def batches(dataset, batch_size: int, *, indices=None, shuffle_key=None,
-            num_workers: int = 8, prefetch: int = 2) -> Iterator[dict]:
+def batches(dataset, batch_size: int, *, indices=None, num_workers: int = 8,
+            prefetch: int = 2) -> Iterator[dict]:
   """Yields `collate`d batches of `dataset.load(i)`; the last may be short.
 
   Args:
     dataset: has __len__ and load(i) -> example dict.
     batch_size: examples per batch (> 0).
     indices: which examples (default: all), in this order.
-    shuffle_key: a jax PRNG key; the order is then
-      indices[permutation(shuffle_key, len(indices))]. None keeps the order.
     num_workers: decoding threads; 0 decodes in the caller's thread.
     prefetch: batches decoded ahead of the one being consumed.
 
@@ -56,8 +45,6 @@ def batches(dataset, batch_size: int, *, indices=None, shuffle_key=None,
     raise ValueError(f'batch_size must be > 0, got {batch_size}')
   order = (np.arange(len(dataset), dtype=np.int64) if indices is None else
            np.asarray(indices, dtype=np.int64).reshape(-1))
-  if shuffle_key is not None:
-    order = order[permutation(shuffle_key, len(order))]
   chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
   if num_workers <= 0:
     for chunk in chunks:

@@ -1,0 +1,97 @@
+"""evaluate_category reports the metrics of the maps it computes, with the
+config's AUPRO limit: checked against references computed here (sklearn's
+AUROC, a threshold-loop AUPRO) on the same maps."""
+
+import types
+
+import jax
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from configs.default import get_config
+import helpers
+from simplenet_jax import evaluate
+from simplenet_jax import parallel
+from simplenet_jax import scoring
+from simplenet_jax import train
+
+SIZE, D = 16, 16
+
+
+class _DefectImages(helpers.RandomImages):
+  """Random images; images 3.. have a bright rectangle, marked in the mask."""
+  has_masks = True
+
+  def __init__(self, n):
+    super().__init__(n, size=SIZE, seed=2)
+    rng = np.random.default_rng(3)
+    self.masks = np.zeros((n, SIZE, SIZE), np.uint8)
+    for i in range(3, n):
+      top, left = rng.integers(0, SIZE - 6, size=2)
+      h, w = rng.integers(3, 7, size=2)
+      self.masks[i, top:top + h, left:left + w] = 255
+      self.x[i][self.masks[i] > 0] = 250
+
+  def load(self, i):
+    return dict(super().load(i), mask=self.masks[i],
+                label=int(self.masks[i].any()))
+
+
+@pytest.fixture(scope='module')
+def evaluation():
+  cfg = get_config()
+  cfg.model.pretrain_embed_dim = cfg.model.target_embed_dim = D
+  cfg.model.hidden = 8
+  cfg.dataset.num_workers = 2
+  cfg.eval.batch_size = 4  # Two batches.
+  module = helpers.TinyBackbone()
+  bvars = helpers.tiny_backbone_vars()
+  state = train.create_train_state(jax.random.PRNGKey(1), cfg.model, cfg.optim,
+                                   D, 1, 1)
+  test = _DefectImages(8)
+  predict_fn = scoring.make_predict_fn(module, ('layer2', 'layer3'),
+                                       cfg.model, (SIZE, SIZE), cfg.eval.sigma)
+
+  def run(max_fpr):
+    c = get_config()
+    c.update(cfg)
+    if max_fpr is not None:
+      c.eval.aupro_max_fpr = max_fpr
+    ctx = types.SimpleNamespace(
+        config=c, test_set=test, predict_fn=predict_fn, backbone_vars=bvars,
+        mesh=parallel.make_mesh(jax.devices()[:1]), category='tiny',
+        kind='object', workdir='/nonexistent')
+    return evaluate.evaluate_category(ctx, state, None, visualize_maps=False)
+
+  # The same maps, straight from the predict function.
+  out = [predict_fn(bvars, train.head_vars(state), test.x[i:i + 4])
+         for i in (0, 4)]
+  maps = np.concatenate([np.asarray(o['anomaly_maps']) for o in out])
+  scores = np.concatenate([np.asarray(o['image_scores']) for o in out])
+  return types.SimpleNamespace(run=run, cfg=cfg, maps=maps, scores=scores,
+                               masks=test.masks > 0,
+                               labels=test.masks.any(axis=(1, 2)))
+
+
+def test_reported_metrics_are_those_of_the_maps(evaluation):
+  e = evaluation
+  row = e.run(None)  # The default config's limit.
+  assert row['n_test'] == 8
+  assert row['image_auroc'] == pytest.approx(
+      roc_auc_score(e.labels, e.scores), abs=1e-9)
+  assert row['pixel_auroc'] == pytest.approx(
+      roc_auc_score(e.masks.ravel(), e.maps.ravel()), abs=1e-6)
+  limit = e.cfg.eval.aupro_max_fpr
+  assert row['aupro'] == pytest.approx(
+      helpers.slow_aupro(e.maps, e.masks, limit), abs=1e-6)
+
+
+@pytest.mark.parametrize('max_fpr', [0.05, 1.0])
+def test_aupro_uses_the_configured_limit(evaluation, max_fpr):
+  e = evaluation
+  want = helpers.slow_aupro(e.maps, e.masks, max_fpr)
+  default = helpers.slow_aupro(e.maps, e.masks, e.cfg.eval.aupro_max_fpr)
+  assert abs(want - default) > 0.02  # The limit matters on these maps.
+  row = e.run(max_fpr)
+  assert row['aupro'] == pytest.approx(want, abs=1e-6)
