@@ -1,10 +1,12 @@
-r"""SimpleNet in JAX: train, evaluate or predict.
+r"""SimpleNet in JAX: train, evaluate, predict or export.
 
   python main.py --config configs/mvtec.py --workdir runs/mvtec \
       --config.dataset.root=/data/mvtec --config.dataset.categories=bottle,screw
   python main.py --config configs/mvtec.py --workdir runs/mvtec --mode eval
   python main.py --config configs/mvtec.py --workdir runs/mvtec --mode predict \
       --config.predict.inputs='photos/*.png' --config.predict.category=bottle
+  python main.py --config configs/mvtec.py --workdir runs/mvtec --mode export \
+      --config.dataset.categories=bottle
 
 Bad input (a flag, a config key, a data or weights file) ends the run with one
 line `error: ...` on stderr and exit status 2; see docs/bad_inputs.md. A run
@@ -24,9 +26,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Path to a config file (configs/*.py).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Directory for checkpoints, logs and results.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'],
+_MODE = flags.DEFINE_enum('mode', 'train',
+                          ['train', 'eval', 'predict', 'export'],
                           'train (then evaluate the final model), eval (a '
-                          'saved checkpoint), or predict (score new images).')
+                          'saved checkpoint), predict (score new images), or '
+                          'export (ONNX and jax.export files per trained '
+                          'category, for simplenet_jax.serve).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 

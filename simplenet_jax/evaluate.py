@@ -57,6 +57,7 @@ def decision_threshold(ctx, state) -> dict:
   scores, map_range = normal_statistics(ctx, state, ctx.train_set, idx)
   q = ctx.config.threshold.quantile
   return dict(threshold=float(np.quantile(scores, q)),
+              threshold_quantile=float(q),
               threshold_source=f'quantile {q} of image scores over {source}',
               map_range=map_range)
 

@@ -1,4 +1,5 @@
-"""What main.py runs: train / eval / predict over the configured categories."""
+"""What main.py runs: train / eval / predict / export over the configured
+categories."""
 
 import json
 import logging as logging_std
@@ -72,8 +73,9 @@ def run(config, workdir: str, mode: str) -> list[dict]:
   Nothing is written to `workdir` before these checks pass (the demo kind
   generates its data there first).
   """
-  if mode not in ('train', 'eval', 'predict'):
-    raise ValueError(f'mode must be train, eval or predict, got {mode!r}')
+  if mode not in ('train', 'eval', 'predict', 'export'):
+    raise ValueError(
+        f'mode must be train, eval, predict or export, got {mode!r}')
   handler = logging.get_absl_handler()
   if _LOG_FILTER not in handler.filters:
     handler.addFilter(_LOG_FILTER)
@@ -82,6 +84,11 @@ def run(config, workdir: str, mode: str) -> list[dict]:
   parallel.maybe_initialize_distributed(config.parallel)
   if mode == 'predict':
     predict.run(config, workdir)
+    return []
+  if mode == 'export':
+    # Imported here: only export needs the onnx package.
+    from simplenet_jax import export  # pylint: disable=g-import-not-at-top
+    export.run(config, workdir)
     return []
   _keep_tfds_in_workdir(config, workdir)
   categories = data.categories(config.dataset)

@@ -180,6 +180,27 @@ def _folded_scores(backbone_module, layers, model_cfg, backbone_vars, fused,
   return -(jax.nn.leaky_relu(hidden, 0.2) @ fused['tail'])
 
 
+def make_export_fn(backbone_module, layers: Sequence[str], model_cfg,
+                   backbone_vars, head_vars, image_hw: Sequence[int],
+                   sigma: float):
+  """fn(images (N, H, W, 3) uint8) -> (image_scores (N,), anomaly_maps
+  (N, H, W)), float32: `make_predict_fn`'s maths with the backbone's and the
+  folded head's weights closed over as constants, so that tracing it (with a
+  symbolic N) gives the whole model in one self-contained program, which is
+  what `export` serializes."""
+  layers = tuple(layers)
+  out_hw = (int(image_hw[0]), int(image_hw[1]))
+  sigma = float(sigma)
+  fused = jax.tree.map(np.asarray, fused_head(head_vars))
+
+  def fn(images):
+    scores = _folded_scores(backbone_module, layers, model_cfg, backbone_vars,
+                            fused, images)
+    return image_scores(scores), anomaly_maps(scores, out_hw, sigma)
+
+  return fn
+
+
 def make_predict_fn(backbone_module, layers: Sequence[str], model_cfg,
                     image_hw: Sequence[int], sigma: float):
   """fn(backbone_vars, head_vars, images) -> dict of

@@ -5,6 +5,7 @@ The repository root goes on sys.path so that plain `pytest` finds
 `simplenet_jax` and `configs`.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -154,3 +155,87 @@ def run_main(args, env=None, cwd=ROOT, timeout=600):
   return subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), *args],
                         cwd=cwd, env=env, capture_output=True, text=True,
                         timeout=timeout)
+
+
+STALE_EXPORT = b'an earlier export, to be replaced'
+
+
+def _train_export_predict(workdir, args, env, inputs):
+  """main.py train (2 passes), export, then predict on `inputs`; returns the
+  predict records by path.
+
+  Before exporting, a stale export of our own (our file names, our format)
+  is left in the export folder: the export must replace it.
+  """
+  proc = run_main(args + ['--mode=train'], env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  stale = workdir / CATEGORY / 'export'
+  stale.mkdir()
+  (stale / 'metadata.json').write_text('{"format": "simplenet-jax-export"}')
+  (stale / 'model.onnx').write_bytes(STALE_EXPORT)
+  proc = run_main(args + ['--mode=export'], env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run_main(args + ['--mode=predict', f'--config.predict.inputs={inputs}'],
+                  env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = [json.loads(l) for l in proc.stdout.splitlines()
+             if l.startswith('{')]
+  assert records
+  return {r['path']: r for r in records}
+
+
+class Exported:
+  """A model trained, exported and run by main.py (see `exported`)."""
+
+  def __init__(self, workdir, args, predictions, inputs):
+    self.workdir, self.args = workdir, args
+    self.predictions, self.inputs = predictions, inputs
+    self.folder = workdir / CATEGORY / 'export'
+
+
+def _exported(tmp_path_factory, weights_dir, awkward_root, jax_cache_dir,
+              name, extra):
+  workdir = tmp_path_factory.mktemp(f'export_{name}') / 'run'
+  root, _ = awkward_root
+  args = tiny_args(workdir, weights_dir, root, passes=2, extra=extra)
+  inputs = str(root / CATEGORY / 'test' / '*' / '*.png')
+  predictions = _train_export_predict(workdir, args, main_env(jax_cache_dir),
+                                      inputs)
+  return Exported(workdir, args, predictions, inputs)
+
+
+@pytest.fixture(scope='session')
+def exported_lite0(tmp_path_factory, lite0_weights_dir, awkward_root,
+                   jax_cache_dir):
+  """EfficientNet-Lite0 (real weights), 64 px: trained, exported, predicted."""
+  return _exported(tmp_path_factory, lite0_weights_dir, awkward_root,
+                   jax_cache_dir, 'lite0', ())
+
+
+@pytest.fixture(scope='session')
+def exported_wrn50(tmp_path_factory, lite0_weights_dir, awkward_root,
+                   jax_cache_dir):
+  """Wide ResNet-50-2 with random weights, 64 px: the same."""
+  return _exported(tmp_path_factory, lite0_weights_dir, awkward_root,
+                   jax_cache_dir, 'wrn50',
+                   ('--config.backbone.name=wide_resnet50_2',
+                    '--config.backbone.random_init=True'))
+
+
+def import_blocker(*blocked: str, allow: tuple = ()) -> str:
+  """Python source that makes importing any of `blocked` (top-level names or
+  dotted prefixes, except those in `allow`) raise ImportError: run it first
+  in a subprocess to prove code works without them."""
+  return f'''
+import sys
+class _Refuse:
+  blocked, allow = {tuple(blocked)!r}, {tuple(allow)!r}
+  def find_spec(self, name, path=None, target=None):
+    if name in self.allow:
+      return None
+    for b in self.blocked:
+      if name == b or name.startswith(b + '.'):
+        raise ImportError(f'importing {{name}} is blocked in this test')
+    return None
+sys.meta_path.insert(0, _Refuse())
+'''

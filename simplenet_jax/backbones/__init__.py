@@ -25,6 +25,7 @@ NAMES = registry.NAMES
 build = registry.build
 build_full = registry.build_full
 get_spec = registry.get_spec
+onnx_variant = registry.onnx_variant
 
 
 def weights_path(name: str, weights_dir: str) -> str:

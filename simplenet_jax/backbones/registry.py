@@ -122,6 +122,15 @@ def build(name: str, layers: Sequence[str],
              dtype=dtype)
 
 
+def onnx_variant(module: nn.Module) -> nn.Module:
+  """`module` as an ONNX graph should compute it: the same variables and
+  outputs, with EfficientNet-Lite's depthwise convolutions as grouped
+  convolutions (one ONNX Conv each) instead of XLA:CPU's faster shifts."""
+  if isinstance(module, efficientnet_lite.EfficientNetLite):
+    return module.clone(grouped_depthwise=True)
+  return module
+
+
 def build_full(name: str) -> nn.Module:
   """The whole network (every layer and the ImageNet head), float32."""
   return build(name, LAYERS + (LOGITS,))
