@@ -7,7 +7,9 @@ print nan as "n/a". Nothing here raises on such data.
 Pixel metrics are streamed: `PixelMetrics.add` copies each batch into one
 float32 buffer of scores and one bool buffer of masks, and both metrics come
 from a single descending sort of all pixel scores (O(P log P), exact at every
-distinct threshold, tied pixels entering together).
+distinct threshold, tied pixels entering together). The same sort also gives
+the PRO curve up to the AUPRO limit, and `image_roc` the image ROC curve, for
+the report's plots.
 """
 
 from __future__ import annotations
@@ -63,6 +65,47 @@ def image_auroc(scores, labels) -> float:
   if bad:
     return _undefined('Image AUROC', f'{bad} image scores are not finite')
   return float(sk_metrics.roc_auc_score(labels, scores))
+
+
+def image_roc(scores, labels) -> tuple[np.ndarray, np.ndarray] | None:
+  """The image ROC curve: (fpr, tpr) at every distinct score, from (0, 0) to
+  (1, 1); None where `image_auroc` is undefined (one class, non-finite)."""
+  scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+  labels = np.asarray(labels).reshape(-1).astype(bool)
+  n_pos = int(labels.sum())
+  if (scores.shape != labels.shape or n_pos in (0, labels.size) or
+      not np.isfinite(scores).all()):
+    return None
+  fpr, tpr, _ = sk_metrics.roc_curve(labels, scores, drop_intermediate=False)
+  return fpr, tpr
+
+
+def thin_curve(x, y, max_points: int):
+  """At most about `max_points` points of a curve with non-decreasing x, for
+  plotting: the first and last point, points evenly spaced along x and points
+  evenly spaced in index (where the curve is dense), in order."""
+  x = np.asarray(x)
+  y = np.asarray(y)
+  if x.size <= max_points:
+    return x, y
+  half = max(max_points // 2, 2)
+  by_x = np.searchsorted(x, np.linspace(x[0], x[-1], half), side='left')
+  by_index = np.linspace(0, x.size - 1, half).round().astype(np.int64)
+  keep = np.unique(np.concatenate([[0, x.size - 1], by_x, by_index]))
+  keep = keep[keep < x.size]
+  return x[keep], y[keep]
+
+
+def _clip_curve(x: np.ndarray, y: np.ndarray, x_max: float):
+  """The points of y(x) with x <= x_max, ending exactly at x_max (the same
+  interpolation as `_trapezoid`); x non-decreasing, x[-1] >= x_max."""
+  k = int(np.searchsorted(x, x_max, side='right'))
+  xs, ys = x[:k], y[:k]
+  if x[k - 1] < x_max:
+    x0, x1, y0, y1 = x[k - 1], x[k], y[k - 1], y[k]
+    xs = np.append(xs, x_max)
+    ys = np.append(ys, y0 + (y1 - y0) * (x_max - x0) / (x1 - x0))
+  return xs, ys
 
 
 def _trapezoid(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
@@ -214,12 +257,14 @@ class PixelMetrics:
               f'needs anomalous and normal pixels')
     return None
 
-  def _compute(self, auroc: bool, pro: bool) -> dict[str, float]:
+  def _compute(self, auroc: bool, pro: bool,
+               curve_points: int = 0) -> dict[str, float]:
     """Both metrics from one descending sort of all pixel scores.
 
     At each distinct threshold t (a group of tied scores enters at once):
     tp/fp = anomalous/normal pixels scoring >= t, and the PRO = mean over
-    regions of the fraction of the region scoring >= t.
+    regions of the fraction of the region scoring >= t. With `curve_points`
+    the PRO curve up to max_fpr comes too (see `compute`).
     """
     scores = self._scores[:self._n].reshape(-1)
     pos = self._masks[:self._n].reshape(-1)
@@ -265,6 +310,9 @@ class PixelMetrics:
       fpr = np.concatenate([[0.0], fp / n_neg, [1.0]])
       pro_at = np.concatenate([[0.0], pro_at, [1.0]])
       out['aupro'] = _trapezoid(fpr, pro_at, self.max_fpr) / self.max_fpr
+      if curve_points:
+        out['pro_curve'] = thin_curve(*_clip_curve(fpr, pro_at, self.max_fpr),
+                                      curve_points)
     return out
 
   def pixel_auroc(self) -> float:
@@ -281,10 +329,20 @@ class PixelMetrics:
       return _undefined('AUPRO', why)
     return self._compute(auroc=False, pro=True)['aupro']
 
-  def compute(self) -> dict[str, float]:
-    """{'pixel_auroc': ..., 'aupro': ...} from a single sort."""
+  def compute(self, curve_points: int = 0) -> dict:
+    """{'pixel_auroc': ..., 'aupro': ...} from a single sort.
+
+    Args:
+      curve_points: when > 0, also 'pro_curve': (fpr, pro) arrays of the PRO
+        curve from (0, 0) up to FPR = max_fpr (its last point interpolated
+        there, as AUPRO integrates it), thinned to about this many points
+        (`thin_curve`); None where the metrics are undefined.
+    """
     why = self._check('pixel AUROC and AUPRO')
     if why:
       nan = _undefined('Pixel AUROC and AUPRO', why)
-      return {'pixel_auroc': nan, 'aupro': nan}
-    return self._compute(auroc=True, pro=True)
+      out = {'pixel_auroc': nan, 'aupro': nan}
+      if curve_points:
+        out['pro_curve'] = None
+      return out
+    return self._compute(auroc=True, pro=True, curve_points=curve_points)

@@ -183,8 +183,8 @@ def test_regions_do_not_connect_across_images():
 # ---- AUPRO: against a slow threshold loop -----------------------------------
 
 
-def _slow_aupro(maps, masks, max_fpr):
-  """Threshold by threshold, straight from the definition."""
+def _slow_pro_curve(maps, masks):
+  """PRO curve points threshold by threshold, straight from the definition."""
   structure = np.ones((3, 3), int)
   regions = []
   for mask in masks:
@@ -203,6 +203,12 @@ def _slow_aupro(maps, masks, max_fpr):
                        for i, r in zip(region_img, regions)]))
   xs.append(1.0)
   ys.append(1.0)
+  return xs, ys
+
+
+def _slow_aupro(maps, masks, max_fpr):
+  """Threshold by threshold, straight from the definition."""
+  xs, ys = _slow_pro_curve(maps, masks)
   area = 0.0
   for j in range(1, len(xs)):
     x0, x1, y0, y1 = xs[j - 1], xs[j], ys[j - 1], ys[j]
@@ -231,6 +237,80 @@ def test_aupro_matches_slow_reference_on_random_data(seed, max_fpr):
   m.add(maps[1:], masks[1:])
   assert m.aupro() == pytest.approx(_slow_aupro(maps, masks, max_fpr),
                                     abs=1e-9)
+
+
+# ---- curves for the report ---------------------------------------------------
+
+
+def test_pro_curve_hand_case_ends_at_the_limit():
+  # _tie_case: (0, 0), (0, 0.5) at t=1.0, then (0.5, 1.0) at t=0.8; cut at
+  # FPR 0.3 on that segment: PRO 0.5 + 0.5 * 0.3 / 0.5 = 0.8.
+  maps, masks = _tie_case()
+  out = _pixel(maps, masks, max_fpr=0.3).compute(curve_points=100)
+  fpr, pro = out['pro_curve']
+  np.testing.assert_allclose(fpr, [0.0, 0.0, 0.3])
+  np.testing.assert_allclose(pro, [0.0, 0.5, 0.8])
+  assert out['aupro'] == pytest.approx(0.65)
+  # Limit 1: the whole curve, no interpolated point.
+  fpr, pro = _pixel(maps, masks, max_fpr=1.0).compute(
+      curve_points=100)['pro_curve']
+  np.testing.assert_allclose(fpr, [0.0, 0.0, 0.5, 1.0, 1.0])
+  np.testing.assert_allclose(pro, [0.0, 0.5, 1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize('seed,max_fpr', [(0, 0.3), (3, 1.0)])
+def test_pro_curve_matches_slow_reference(seed, max_fpr):
+  rng = np.random.default_rng(seed)
+  masks = ndimage.binary_opening(rng.random((4, 12, 13)) < 0.35,
+                                 np.ones((1, 2, 2))).astype(np.uint8)
+  assert masks.sum() > 0
+  maps = np.round(rng.random((4, 12, 13)) * 10 + 4 * masks) / 2
+  xs, ys = _slow_pro_curve(maps, masks)
+  want_x, want_y = [0.0], [0.0]
+  for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]):
+    if x1 <= max_fpr:
+      want_x.append(x1)
+      want_y.append(y1)
+    elif x0 < max_fpr:
+      want_x.append(max_fpr)
+      want_y.append(y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0))
+  fpr, pro = _pixel(maps, masks, max_fpr=max_fpr).compute(
+      curve_points=10_000)['pro_curve']
+  np.testing.assert_allclose(fpr, want_x, atol=1e-12)
+  np.testing.assert_allclose(pro, want_y, atol=1e-9)
+
+
+def test_pro_curve_absent_unless_asked_and_none_when_undefined():
+  maps, masks = _tie_case()
+  assert 'pro_curve' not in _pixel(maps, masks).compute()
+  with pytest.warns(metrics.MetricWarning):
+    out = _pixel(maps, np.zeros_like(masks)).compute(curve_points=10)
+  assert out['pro_curve'] is None
+
+
+def test_thin_curve_keeps_ends_and_order():
+  x = np.sort(np.random.default_rng(0).random(10_000))
+  y = np.cumsum(np.ones_like(x))
+  tx, ty = metrics.thin_curve(x, y, 200)
+  assert tx.size <= 202
+  assert tx[0] == x[0] and tx[-1] == x[-1] and ty[-1] == y[-1]
+  assert np.all(np.diff(tx) >= 0)
+  # Every kept point is a point of the curve.
+  np.testing.assert_array_equal(ty - 1, np.searchsorted(x, tx))
+  # Gaps along x stay small: no more than 2 / 100 of the range.
+  assert np.diff(tx).max() <= 0.02 * (x[-1] - x[0])
+  short = metrics.thin_curve([0.0, 1.0], [0.0, 1.0], 200)
+  np.testing.assert_array_equal(short[0], [0.0, 1.0])
+
+
+def test_image_roc_hand_computed():
+  # Descending: 0.8 (pos) -> (0, 0.5); 0.4 (neg) -> (0.5, 0.5); 0.35 (pos)
+  # -> (0.5, 1); 0.1 (neg) -> (1, 1); from (0, 0).
+  fpr, tpr = metrics.image_roc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
+  np.testing.assert_allclose(fpr, [0, 0, 0.5, 0.5, 1])
+  np.testing.assert_allclose(tpr, [0, 0.5, 0.5, 1, 1])
+  assert metrics.image_roc([0.1, 0.2], [1, 1]) is None
+  assert metrics.image_roc([0.1, np.nan], [0, 1]) is None
 
 
 # ---- undefined cases and streaming -------------------------------------------
