@@ -2,9 +2,9 @@
 
 `train_category` trains a category's head from its latest checkpoint to
 `train.num_passes`, writing a checkpoint every `train.checkpoint_every`
-passes and one record per pass to <workdir>/<category>/log.jsonl, and ends
-with the decision threshold (`evaluate.decision_threshold`) in the final
-checkpoint's metadata.
+passes and one record per pass to <workdir>/<category>/log.jsonl (and to
+TensorBoard when given a writer), and ends with the decision threshold
+(`evaluate.decision_threshold`) in the final checkpoint's metadata.
 """
 
 import json
@@ -14,21 +14,27 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
 from simplenet_jax import category
+from simplenet_jax import console
 from simplenet_jax import evaluate
 from simplenet_jax import feature_cache
 from simplenet_jax import model as model_lib
 from simplenet_jax import parallel
+from simplenet_jax import summaries
 from simplenet_jax import train
 from simplenet_jax import visualize
 from simplenet_jax.data import loader
 from simplenet_jax.errors import UserError
 
 
-def train_category(ctx: category.CategoryContext):
+def train_category(ctx: category.CategoryContext, tb=None):
   """Trains one category, continuing from its latest checkpoint.
+
+  Args:
+    ctx: the category.
+    tb: a `summaries.Writer` for the per-pass scalars and the intermediate
+      evaluations, or None.
 
   Returns:
     (state, meta): the final TrainState (replicated) and its metadata, which
@@ -83,8 +89,7 @@ def train_category(ctx: category.CategoryContext):
       perm_key, noise_key = jax.random.split(pass_key)
       order = np.asarray(jax.random.permutation(perm_key, n))
       history = []
-      bar = tqdm.tqdm(total=steps, desc=f'{ctx.category} {p + 1}/{num_passes}',
-                      leave=False, dynamic_ncols=True)
+      bar = console.progress(steps, f'{ctx.category} pass {p + 1}/{num_passes}')
       if use_cache:
         batches = (order[s * bs:(s + 1) * bs] for s in range(steps))
       else:
@@ -115,19 +120,22 @@ def train_category(ctx: category.CategoryContext):
             f'({"pass " + str(last[-1]) if last else "none"}) is kept in '
             f'{ckpt.directory}. Lower optim.adaptor_lr/optim.disc_lr or check '
             'the training images.')
-      record = {'pass': p + 1, **means}
+      record = {'pass': p + 1, **means,
+                **_learning_rates(c, steps, p)}
       logging.info('%s pass %d/%d: loss %.4f p_true %.3f p_fake %.3f',
                    ctx.category, p + 1, num_passes, means['loss'],
                    means['p_true'], means['p_fake'])
       if c.train.eval_every and (p + 1) % c.train.eval_every == 0 and (
           p + 1) < num_passes:
         row = evaluate.evaluate_category(ctx, state, None,
-                                         visualize_maps=False)
+                                         visualize_maps=False, tb=tb,
+                                         step=p + 1)
         record.update({k: row[k] for k in ('image_auroc', 'pixel_auroc',
                                            'aupro')})
         if c.train.select_best_on_test:
           best = _update_best(best, row, p + 1)
       _append_jsonl(log_path, record)
+      summaries.write_pass(tb, record)
       done = p + 1
       if done % c.train.checkpoint_every == 0 and done < num_passes:
         ckpt.save(done, state, ctx.meta(done))
@@ -142,6 +150,16 @@ def train_category(ctx: category.CategoryContext):
     return state, meta
   finally:
     ckpt.close()
+
+
+def _learning_rates(c, steps_per_pass: int, p: int) -> dict:
+  """The optimisers' learning rates during pass p (0-based): the adaptor's is
+  constant, the discriminator's follows train.disc_lr_schedule."""
+  disc = train.disc_lr_schedule(c.optim, steps_per_pass, c.train.num_passes)
+  if callable(disc):
+    disc = disc(jnp.asarray(p * steps_per_pass))
+  return {'lr_adaptor': float(c.optim.adaptor_lr),
+          'lr_discriminator': float(disc)}
 
 
 def _calibrate(ctx, state, cache):
