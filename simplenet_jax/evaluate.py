@@ -156,7 +156,8 @@ def _to_tensorboard(ctx, state, tb, step, row, labels, names, map_range):
   """The metrics and the heat maps of a fixed few test images (computed on
   every process of a multi-host run, written by the first's writer)."""
   summaries.write_evaluation(tb, step, row)
-  idx = summaries.heatmap_indices(labels, ctx.config.report.tensorboard_heatmaps)
+  idx = summaries.heatmap_indices(labels,
+                                  ctx.config.report.tensorboard_heatmaps)
   scale = visualize.display_scale(ctx.test_set.image_hw)
   for i, image, amap, mask in _test_images(ctx, state, idx):
     lo, hi = map_range or (float(amap.min()), float(amap.max()))

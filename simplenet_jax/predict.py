@@ -116,9 +116,9 @@ def run(config, workdir: str) -> list[dict]:
           png = os.path.join(out_dir, os.path.splitext(name)[0] + '.png')
           lo = float(amap.min()) if vmin is None else vmin
           hi = float(amap.max()) if vmax is None else vmax
-          visualize.heatmap_png(amap, image, png, lo, hi,
-                                caption=f'score {score:.4f} thr {threshold:.4f}',
-                                scale=scale)
+          visualize.heatmap_png(
+              amap, image, png, lo, hi, scale=scale,
+              caption=f'score {score:.4f} thr {threshold:.4f}')
           record = {'path': path, 'category': category,
                     'score': float(score), 'threshold': threshold,
                     'anomalous': bool(score > threshold), 'heatmap': png}

@@ -169,6 +169,8 @@ def _run_section(workdir: str, doc: dict) -> str:
   d = config.get('dataset', {})
   t = config.get('train', {})
   m = config.get('model', {})
+  noise = m.get('noise_rel' if m.get('noise_mode') == 'relative' else
+                'noise_std')
   devices = extra.get('devices', [])
   kv = [('Mode', extra.get('mode', '')),
         ('Workdir', os.path.abspath(workdir)),
@@ -183,7 +185,7 @@ def _run_section(workdir: str, doc: dict) -> str:
                  f"{d.get('texture_resize')}"),
         ('Training', f"{t.get('num_passes')} passes, batch "
                      f"{t.get('batch_size')}, noise {m.get('noise_mode')} "
-                     f"({m.get('noise_rel') if m.get('noise_mode') == 'relative' else m.get('noise_std')})"),
+                     f"({noise})"),
         ('Devices', f"{len(devices)}: {', '.join(devices)}")]
   rows = ''.join(f'<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>' for k, v in kv)
   out = [f'<section id="run"><h2>Run</h2><table class="kv">{rows}</table>']
@@ -422,7 +424,8 @@ def write_predictions(out_dir: str, records: list[dict], category: str,
     decision = _decision(r['score'], threshold)
     name = os.path.relpath(r['path'], common)
     rows.append(f'<tr><td class="num">{i + 1}</td><td>{_e(name)}</td>'
-                f'<td class="num">{r["score"]:.4f}</td><td>{decision}</td></tr>')
+                f'<td class="num">{r["score"]:.4f}</td><td>{decision}</td>'
+                '</tr>')
     if i < MAX_PREDICTION_IMAGES and os.path.isfile(r['heatmap']):
       figs.append(f'<figure>{_img(_jpeg(r["heatmap"]), name, "image/jpeg")}'
                   f'<figcaption>{i + 1}. {_e(name)} &middot; score '

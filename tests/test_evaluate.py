@@ -8,6 +8,8 @@ from configs import default
 from simplenet_jax import evaluate
 from simplenet_jax import parallel
 
+images_of = evaluate._test_images  # pylint: disable=protected-access
+
 
 class _Images:
   """Test images whose pixels all equal their index; masks on odd ones."""
@@ -45,7 +47,7 @@ def test_test_images_in_order_in_full_batches_only():
   shapes = []
   ctx = _ctx(11, 4, shapes)
   state = types.SimpleNamespace(params={}, batch_stats={})
-  got = list(evaluate._test_images(ctx, state, [9, 2, 5, 6, 7]))  # pylint: disable=protected-access
+  got = list(images_of(ctx, state, [9, 2, 5, 6, 7]))
   assert [g[0] for g in got] == [9, 2, 5, 6, 7]
   for index, image, amap, mask in got:
     assert (image == index).all() and (amap == 10 * index).all()
@@ -54,6 +56,6 @@ def test_test_images_in_order_in_full_batches_only():
   # A test set smaller than the batch: batches of its size.
   shapes.clear()
   ctx = _ctx(3, 8, shapes)
-  got = list(evaluate._test_images(ctx, state, [1]))  # pylint: disable=protected-access
+  got = list(images_of(ctx, state, [1]))
   assert [g[0] for g in got] == [1] and shapes == [3]
-  assert list(evaluate._test_images(ctx, state, [])) == []  # pylint: disable=protected-access
+  assert not list(images_of(ctx, state, []))

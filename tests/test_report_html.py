@@ -29,7 +29,7 @@ from simplenet_jax import report_html
 from simplenet_jax import visualize
 from test_summaries import read_events
 
-# ---- reading pages ------------------------------------------------------------
+# ---- reading pages -----------------------------------------------------------
 
 
 class _Page(html.parser.HTMLParser):
@@ -96,7 +96,7 @@ def _decoded(src):
     return im.size
 
 
-# ---- the browser ----------------------------------------------------------------
+# ---- the browser -------------------------------------------------------------
 
 CHROMIUM_FLAGS = ('--headless', '--no-sandbox', '--disable-gpu',
                   '--disable-quic', '--no-first-run',
@@ -175,7 +175,7 @@ def _assert_rendered(images, pixels, n_images):
   assert len(colours) > 300  # Plots and photographs, not flat boxes.
 
 
-# ---- a demo-sized workdir, in process -------------------------------------------
+# ---- a demo-sized workdir, in process ----------------------------------------
 
 DEMO = (('brick', 'texture'), ('grass', 'texture'), ('gravel', 'texture'))
 
@@ -298,6 +298,22 @@ def test_report_table_images_and_notes(demo):
   assert os.path.getsize(path) < 4 * 2**20
 
 
+def test_rendered_again_from_the_command_line(demo, tmp_path, capsys):
+  workdir, path, _ = demo
+  copy = tmp_path / 'copy'
+  shutil.copytree(workdir, copy)
+  os.remove(copy / 'report.html')
+  assert report_html.main(['report_html', str(copy)]) == 0
+  assert capsys.readouterr().out.strip() == str(copy / 'report.html')
+  again = _Page((copy / 'report.html').read_text(encoding='utf-8')).tables
+  first = _Page(open(path, encoding='utf-8').read()).tables
+  for table in ('results', 'timings'):
+    assert again[table] == first[table]
+  # Header, 4 rows, texture, object and overall means.
+  assert len(again['results']) == 1 + 4 + 3
+  assert report_html.main(['report_html']) == 2
+
+
 def test_gallery_captions_say_what_the_threshold_decided(demo):
   workdir, path, _ = demo
   text = open(path, encoding='utf-8').read()
@@ -327,7 +343,7 @@ def test_demo_sized_report_in_a_browser(demo, tmp_path):
   assert _Page(dom).tables['results'][1:] == _expected_table(rows)
 
 
-# ---- through main.py -------------------------------------------------------------
+# ---- through main.py ---------------------------------------------------------
 
 REPORT_FLAGS = ['--config.train.eval_every=2', '--config.report.html=True',
                 '--config.report.tensorboard=True',

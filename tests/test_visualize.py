@@ -156,7 +156,7 @@ def test_feature_std_histogram_constant_and_empty(tmp_path):
     visualize.feature_std_histogram([], [1.0], str(tmp_path / 'e.png'))
 
 
-# ---- enlarged overlays --------------------------------------------------------
+# ---- enlarged overlays -------------------------------------------------------
 
 
 def test_display_scale_and_enlarge():
@@ -186,7 +186,7 @@ def test_save_overlays_and_heatmap_png_enlarged(tmp_path):
         np.asarray(im), visualize.enlarge(visualize.overlay(image, amap), 2))
 
 
-# ---- plots ----------------------------------------------------------------------
+# ---- plots -------------------------------------------------------------------
 
 
 def _png(data):
