@@ -9,7 +9,10 @@ r"""SimpleNet in JAX: train, evaluate, predict or export.
       --config.dataset.categories=bottle
 
 Bad input (a flag, a config key, a data or weights file) ends the run with one
-line `error: ...` on stderr and exit status 2; see docs/bad_inputs.md. A run
+line `error: ...` on stderr and exit status 2; see docs/bad_inputs.md.
+The console shows a progress bar per pass, a line per category, warnings and
+the results table; absl's INFO lines go to <workdir>/logs/simplenet.INFO
+(--alsologtostderr shows them too, --log_dir puts them elsewhere). A run
 that is interrupted (Ctrl-C, a kill, a crash) continues from its last
 checkpoint when the same command is run again.
 """
@@ -46,8 +49,11 @@ def main(argv):
             'it must define get_config() returning a ConfigDict')
     cli.fail(f'--config={path}: cannot load the config file ({what})')
   # Imported here so that --help and flag errors do not pay for jax start-up.
+  from simplenet_jax import console  # pylint: disable=g-import-not-at-top
   from simplenet_jax import experiment  # pylint: disable=g-import-not-at-top
   from simplenet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  # INFO lines to the log file, warnings as one line each (see console.py).
+  console.setup()
   try:
     experiment.run(config, _WORKDIR.value, _MODE.value)
   except UserError as e:

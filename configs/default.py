@@ -81,6 +81,12 @@ def get_config():
   c.eval.visualize_top_n = 8
   c.eval.feature_histogram = True  # The paper's Fig. 3 diagnostic.
 
+  c.report = ml_collections.ConfigDict()
+  c.report.html = True  # <workdir>/report.html after train / eval (and predict).
+  c.report.gallery_size = 4  # Images per gallery (top defects, worst FP / FN).
+  c.report.tensorboard = True  # Event files in <workdir>/<category>/tb/.
+  c.report.tensorboard_heatmaps = 4  # Test images logged per evaluation.
+
   c.threshold = ml_collections.ConfigDict()
   c.threshold.holdout_fraction = 0.0  # 0: quantile over the training images.
   c.threshold.quantile = 0.99

@@ -189,6 +189,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _one_of(config, 'eval.visualize', evaluate.VISUALIZE)
   _check(e.visualize_top_n >= 0, 'eval.visualize_top_n', 'must be >= 0')
 
+  r = config.report
+  _check(r.gallery_size >= 0, 'report.gallery_size', 'must be >= 0')
+  _check(r.tensorboard_heatmaps >= 0, 'report.tensorboard_heatmaps',
+         'must be >= 0')
+
   h = config.threshold
   _check(0 <= h.holdout_fraction < 1, 'threshold.holdout_fraction',
          f'is {h.holdout_fraction}; must be in [0, 1)')

@@ -3,15 +3,20 @@
 Streams the test set: per batch the device returns image scores and smoothed
 maps; the host keeps one float32 copy of the maps for the pixel metrics and
 nothing else, so memory grows only with the per-pixel arrays the metrics need.
+The final evaluation also keeps what the HTML report shows (`eval_record`),
+and every evaluation can go to TensorBoard (`summaries`).
 """
 
 import os
 
 from absl import logging
+import jax
 import numpy as np
 
+from simplenet_jax import eval_record
 from simplenet_jax import metrics
 from simplenet_jax import parallel
+from simplenet_jax import summaries
 from simplenet_jax import train
 from simplenet_jax import visualize
 from simplenet_jax.data import loader
@@ -20,11 +25,12 @@ from simplenet_jax.data import loader
 VISUALIZE = ('none', 'top', 'all')
 
 
-def _predict_batches(ctx, state, dataset, indices=None):
+def _predict_batches(ctx, state, dataset, indices=None, batch_size=None):
   """Yields (batch, outputs) with outputs as numpy, padding removed."""
   c = ctx.config
   hv = train.head_vars(state)
-  for batch in loader.batches(dataset, c.eval.batch_size, indices=indices,
+  batch_size = batch_size or c.eval.batch_size
+  for batch in loader.batches(dataset, batch_size, indices=indices,
                               num_workers=c.dataset.num_workers,
                               prefetch=c.dataset.prefetch):
     images, n = parallel.put_batch(batch['image'], ctx.mesh)
@@ -62,8 +68,17 @@ def decision_threshold(ctx, state) -> dict:
               map_range=map_range)
 
 
-def evaluate_category(ctx, state, meta, visualize_maps: bool = True) -> dict:
+def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
+                      tb=None, step: int | None = None) -> dict:
   """Image AUROC, pixel AUROC and AUPRO of `state` on the category's test set.
+
+  Args:
+    ctx, state: the category and its trained state.
+    meta: the checkpoint's metadata (the decision threshold), or None during
+      training.
+    visualize_maps: the final evaluation: heat maps (eval.visualize) and the
+      report's record (report.html).
+    tb: a `summaries.Writer`, or None; `step` is the pass it logs at.
 
   Returns:
     A table row: category, kind, image_auroc, pixel_auroc, aupro (fractions,
@@ -79,7 +94,8 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True) -> dict:
   for batch, out in _predict_batches(ctx, state, test):
     scores.append(out['image_scores'])
     labels.append(batch['label'])
-    names.extend(batch['path'])
+    names.extend(f'{d}/{os.path.basename(p)}'
+                 for d, p in zip(batch['defect'], batch['path']))
     if pixel is not None:
       pixel.add(out['anomaly_maps'], batch['mask'])
   scores = np.concatenate(scores)
@@ -87,8 +103,12 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True) -> dict:
   row = {'category': ctx.category, 'kind': ctx.kind, 'n_test': int(len(labels)),
          'image_auroc': metrics.image_auroc(scores, labels),
          'pixel_auroc': float('nan'), 'aupro': float('nan')}
+  record = visualize_maps and c.report.html
+  pro_curve = None
   if pixel is not None:
-    row.update(pixel.compute())  # Both pixel metrics from one sort.
+    # Both pixel metrics (and the report's PRO curve) from one sort.
+    row.update(pixel.compute(eval_record.PRO_CURVE_POINTS if record else 0))
+    pro_curve = row.pop('pro_curve', None)
     map_range = pixel.score_range()
   else:
     logging.warning('%s: the test set has no masks; pixel AUROC and AUPRO are '
@@ -103,9 +123,76 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True) -> dict:
       best = {'pass': c.train.num_passes,
               **{k: row[k] for k in ('image_auroc', 'pixel_auroc', 'aupro')}}
     row['best_on_test'] = {k: v for k, v in best.items() if k != 'key'}
+  if tb is not None and c.report.tensorboard:
+    _to_tensorboard(ctx, state, tb, step, row, labels, names, map_range)
   if visualize_maps and c.eval.visualize != 'none':
     _save_heatmaps(ctx, state, scores, map_range)
+  if record:
+    _save_record(ctx, state, meta, row, scores, labels, names, pro_curve,
+                 map_range)
   return row
+
+
+def _test_images(ctx, state, indices):
+  """Yields (index, image, anomaly map, mask or None) of test images.
+
+  The batches have the size the test set's evaluation already compiled (the
+  last index repeated to fill them): a few images cost no new compilation.
+  """
+  indices = np.asarray(indices, np.int64)
+  if not indices.size:
+    return
+  size = min(ctx.config.eval.batch_size, len(ctx.test_set))
+  padded = np.concatenate([indices, np.full(-indices.size % size,
+                                            indices[-1])])
+  k = 0
+  for batch, out in _predict_batches(ctx, state, ctx.test_set, padded, size):
+    masks = batch['mask'] if ctx.test_set.has_masks else [None] * size
+    for j in range(min(size, indices.size - k)):
+      yield int(indices[k]), batch['image'][j], out['anomaly_maps'][j], masks[j]
+      k += 1
+
+
+def _to_tensorboard(ctx, state, tb, step, row, labels, names, map_range):
+  """The metrics and the heat maps of a fixed few test images (computed on
+  every process of a multi-host run, written by the first's writer)."""
+  summaries.write_evaluation(tb, step, row)
+  idx = summaries.heatmap_indices(labels,
+                                  ctx.config.report.tensorboard_heatmaps)
+  scale = visualize.display_scale(ctx.test_set.image_hw)
+  for i, image, amap, mask in _test_images(ctx, state, idx):
+    lo, hi = map_range or (float(amap.min()), float(amap.max()))
+    tb.image(f'heatmaps/{names[i]}', step, visualize.enlarge(
+        visualize.overlay(image, amap, mask, lo, hi), scale))
+
+
+def _save_record(ctx, state, meta, row, scores, labels, names, pro_curve,
+                 map_range):
+  """What the report shows of this evaluation (eval_record)."""
+  c = ctx.config
+  galleries = eval_record.select_galleries(scores, labels,
+                                           c.report.gallery_size)
+  shown = sorted({i for idx in galleries.values() for i in idx})
+  roc = metrics.image_roc(scores, labels)
+  meta = meta or {}
+  record = dict(
+      category=ctx.category, kind=ctx.kind, passes=meta.get('passes_done'),
+      image_hw=list(ctx.test_set.image_hw), n_train=len(ctx.train_idx),
+      n_holdout=len(ctx.holdout_idx), threshold=meta.get('threshold'),
+      threshold_source=meta.get('threshold_source'),
+      map_range=list(map_range) if map_range else None,
+      max_fpr=c.eval.aupro_max_fpr,
+      names=names, labels=[int(x) for x in labels],
+      scores=[float(x) for x in scores],
+      roc=None if roc is None else {'fpr': roc[0].tolist(),
+                                    'tpr': roc[1].tolist()},
+      pro_curve=None if pro_curve is None else {
+          'fpr': pro_curve[0].tolist(), 'pro': pro_curve[1].tolist()},
+      galleries=galleries)
+  items = list(_test_images(ctx, state, shown))  # Every process computes.
+  if jax.process_index() == 0:
+    eval_record.write(ctx.workdir, record, items,
+                      scale=visualize.display_scale(ctx.test_set.image_hw))
 
 
 def _save_heatmaps(ctx, state, scores, map_range):
@@ -127,4 +214,5 @@ def _save_heatmaps(ctx, state, scores, map_range):
              for d, p in zip(batch['defect'], batch['path'])]
     visualize.save_overlays(out_dir, batch['image'], maps, masks,
                             names, out['image_scores'],
-                            vmin=vmin, vmax=vmax)
+                            vmin=vmin, vmax=vmax,
+                            scale=visualize.display_scale(maps.shape[1:]))

@@ -1,9 +1,10 @@
 """What main.py runs: train / eval / predict / export over the configured
 categories."""
 
+import contextlib
 import json
-import logging as logging_std
 import os
+import time
 
 from absl import logging
 import jax
@@ -12,38 +13,17 @@ import numpy as np
 from simplenet_jax import backbones
 from simplenet_jax import category as category_lib
 from simplenet_jax import config_checks
+from simplenet_jax import console
 from simplenet_jax import data
 from simplenet_jax import evaluate
 from simplenet_jax import loop
 from simplenet_jax import parallel
 from simplenet_jax import predict
 from simplenet_jax import report
+from simplenet_jax import report_html
+from simplenet_jax import summaries
 from simplenet_jax.data import checks as data_checks
 from simplenet_jax.errors import UserError
-
-
-class _LogFilter(logging_std.Filter):
-  """Orbax logs every save at INFO: keep its warnings, drop the chatter. A
-  data-layer warning (a skipped file) is shown once per run, although the
-  file lists are read twice (`check_data`, then for training)."""
-
-  def __init__(self):
-    super().__init__()
-    self.seen = set()
-
-  def filter(self, record):
-    if '/orbax/' in record.pathname:
-      return record.levelno >= logging_std.WARNING
-    if (record.levelno == logging_std.WARNING and
-        f'{os.sep}simplenet_jax{os.sep}data{os.sep}' in record.pathname):
-      message = record.getMessage()
-      if message in self.seen:
-        return False
-      self.seen.add(message)
-    return True
-
-
-_LOG_FILTER = _LogFilter()
 
 
 def _check_checkpoints(workdir: str, categories) -> None:
@@ -76,13 +56,13 @@ def run(config, workdir: str, mode: str) -> list[dict]:
   if mode not in ('train', 'eval', 'predict', 'export'):
     raise ValueError(
         f'mode must be train, eval, predict or export, got {mode!r}')
-  handler = logging.get_absl_handler()
-  if _LOG_FILTER not in handler.filters:
-    handler.addFilter(_LOG_FILTER)
-  _LOG_FILTER.seen.clear()
+  started = time.perf_counter()
+  console.attach_filter()
   config = config_checks.validate(config)
   parallel.maybe_initialize_distributed(config.parallel)
   if mode == 'predict':
+    if os.path.isdir(workdir):  # Else predict stops before writing anything.
+      console.start_log_file(workdir)
     predict.run(config, workdir)
     return []
   if mode == 'export':
@@ -95,33 +75,51 @@ def run(config, workdir: str, mode: str) -> list[dict]:
   data_checks.check_data(config.dataset, workdir, categories)
   if mode == 'eval':
     _check_checkpoints(workdir, categories)
+  t = time.perf_counter()
   module, backbone_vars = backbones.load_for_run(config.backbone)
   mesh = parallel.make_mesh()
   backbone_vars = parallel.put_replicated(backbone_vars, mesh)
+  timings = {'backbone': time.perf_counter() - t, 'categories': {}}
   os.makedirs(workdir, exist_ok=True)
+  console.start_log_file(workdir)
   logging.info('%s on %d categories, %d device(s): %s', mode, len(categories),
                mesh.size, jax.devices()[0].platform)
   rows = []
   group = config.train.categories_per_step if mode == 'train' else 1
   for start in range(0, len(categories), group):
+    clock = _Stages()
     ctxs = [category_lib.CategoryContext.create(config, workdir, category,
                                                 kind, module, backbone_vars,
                                                 mesh)
             for category, kind in categories[start:start + group]]
-    if mode != 'train':
-      trained = [ctx.restore_trained() for ctx in ctxs]
-    elif len(ctxs) == 1:
-      trained = [loop.train_category(ctxs[0])]
-    else:
-      trained = loop.train_categories(ctxs)
-    for ctx, (state, meta) in zip(ctxs, trained):
-      row = evaluate.evaluate_category(ctx, state, meta)
-      rows.append(row)
-      _print_category(row)
+    clock.lap('setup')
+    with contextlib.ExitStack() as stack:
+      tbs = [stack.enter_context(summaries.open_category(config, ctx.workdir))
+             for ctx in ctxs]
+      if mode != 'train':
+        trained = [ctx.restore_trained() for ctx in ctxs]
+      elif len(ctxs) == 1:
+        trained = [loop.train_category(ctxs[0], tbs[0])]
+      else:
+        trained = loop.train_categories(ctxs, tbs)
+      # Categories trained together share this lap (one wall time).
+      clock.lap('train' if mode == 'train' else 'restore')
+      for ctx, tb, (state, meta) in zip(ctxs, tbs, trained):
+        laps = dict(clock.laps)
+        row = evaluate.evaluate_category(ctx, state, meta, tb=tb,
+                                         step=int(meta['passes_done']))
+        clock.lap('evaluate')
+        laps['evaluate'] = clock.laps['evaluate']
+        if len(ctxs) > 1:
+          laps['trained_with'] = [c.category for c in ctxs]
+        timings['categories'][ctx.category] = laps
+        rows.append(row)
+        _print_category(row, laps)
   table = report.results_table(rows)
   print(table)
+  timings['total'] = time.perf_counter() - started
   extra = {'mode': mode, 'config': json.loads(config.to_json_best_effort()),
-           'devices': [str(d) for d in jax.devices()]}
+           'devices': [str(d) for d in jax.devices()], 'timings': timings}
   selected = [dict(r, **r['best_on_test']) for r in rows if 'best_on_test' in r]
   if selected:
     print(report.results_table(selected, note=(
@@ -131,12 +129,49 @@ def run(config, workdir: str, mode: str) -> list[dict]:
   if jax.process_index() == 0:
     paths = report.write_results(workdir, rows, extra)
     logging.info('Wrote %s', ', '.join(paths))
+    _write_report(config, workdir)
   return rows
 
 
-def _print_category(row: dict) -> None:
+class _Stages:
+  """Wall time of a category's stages, in seconds."""
+
+  def __init__(self):
+    self.laps = {}
+    self._t = time.perf_counter()
+
+  def lap(self, stage: str) -> None:
+    now = time.perf_counter()
+    self.laps[stage] = now - self._t
+    self._t = now
+
+
+def _write_report(config, workdir: str) -> None:
+  """report.html, then where to look: the end of what the console shows."""
+  if config.report.html:
+    try:
+      path = report_html.write_report(workdir)
+    except Exception as e:  # pylint: disable=broad-except
+      # The results are saved; a figure that fails must not fail the run.
+      logging.warning('report.html could not be written (%s: %s); render it '
+                      'with python -m simplenet_jax.report_html %s',
+                      type(e).__name__, e, workdir)
+    else:
+      print(f'report: {path} ({os.path.getsize(path) / 2**20:.1f} MiB)')
+  if config.report.tensorboard:
+    print(f'curves: tensorboard --logdir {workdir}')
+  if console.log_path():
+    print(f'log: {console.log_path()}')
+
+
+def _print_category(row: dict, laps: dict) -> None:
   def pct(x):
     return 'n/a' if x is None or np.isnan(x) else f'{100 * x:.2f}'
+  times = ', '.join(f'{k} {v:.0f} s' for k, v in laps.items()
+                    if k != 'setup' and isinstance(v, float))
+  if laps.get('trained_with'):
+    times += ' (trained with ' + ', '.join(
+        c for c in laps['trained_with'] if c != row['category']) + ')'
   print(f"{row['category']}: I-AUROC {pct(row['image_auroc'])}  "
-        f"P-AUROC {pct(row['pixel_auroc'])}  AUPRO {pct(row['aupro'])}",
-        flush=True)
+        f"P-AUROC {pct(row['pixel_auroc'])}  AUPRO {pct(row['aupro'])}  "
+        f"({row['kind']}, {row['n_test']} test images; {times})", flush=True)

@@ -12,6 +12,7 @@ batch instead, with the same numbers up to float rounding (float32 cache).
 import functools
 import math
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,7 +31,8 @@ def estimate_bytes(n_images: int, grid_hw: tuple[int, int], dim: int,
 
 
 def fits(n_images, grid_hw, dim, train_cfg) -> bool:
-  """Prints the estimate and says whether the cache is used."""
+  """Logs the estimate and says whether the cache is used (a warning when
+  it is over the cap: training is then several times slower)."""
   need = estimate_bytes(n_images, grid_hw, dim, train_cfg.cache_dtype)
   gb = need / 2**30
   use = bool(train_cfg.cache_features) and gb <= train_cfg.cache_max_gb
@@ -45,7 +47,10 @@ def fits(n_images, grid_hw, dim, train_cfg) -> bool:
          f'{dim} ({train_cfg.cache_dtype}) = {gb:.3f} GiB per device; cap '
          f'{train_cfg.cache_max_gb:g} GiB (train.cache_max_gb): {verdict}.')
   if jax.process_index() == 0:
-    print(msg, flush=True)
+    if train_cfg.cache_features and not use:
+      logging.warning(msg)
+    else:
+      logging.info(msg)
   return use
 
 

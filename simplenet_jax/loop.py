@@ -2,9 +2,9 @@
 
 `train_category` trains one category's head from its latest checkpoint to
 `train.num_passes`, writing a checkpoint every `train.checkpoint_every`
-passes and one record per pass to <workdir>/<category>/log.jsonl, and ends
-with the decision threshold (`evaluate.decision_threshold`) in the final
-checkpoint's metadata. `train_categories` does the same for several
+passes and one record per pass to <workdir>/<category>/log.jsonl (and to
+TensorBoard when given a writer), and ends with the decision threshold
+(`evaluate.decision_threshold`) in the final checkpoint's metadata. `train_categories` does the same for several
 categories at once, stepping all their heads in one jitted call
 (`train.make_stacked_cached_step`); each category's numbers, checkpoints and
 logs are those of training it alone.
@@ -18,13 +18,14 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
 from simplenet_jax import category
+from simplenet_jax import console
 from simplenet_jax import evaluate
 from simplenet_jax import feature_cache
 from simplenet_jax import model as model_lib
 from simplenet_jax import parallel
+from simplenet_jax import summaries
 from simplenet_jax import train
 from simplenet_jax import visualize
 from simplenet_jax.data import loader
@@ -39,8 +40,9 @@ class _CategoryRun:
   stepped together), so both write the same files in the same way.
   """
 
-  def __init__(self, ctx: category.CategoryContext):
+  def __init__(self, ctx: category.CategoryContext, tb=None):
     self.ctx = ctx
+    self.tb = tb  # A summaries.Writer or None.
     self.config = ctx.config
     self.ckpt = ctx.checkpointer()
     self.log_path = os.path.join(ctx.workdir, 'log.jsonl')
@@ -111,7 +113,8 @@ class _CategoryRun:
           f'({"pass " + str(last[-1]) if last else "none"}) is kept in '
           f'{self.ckpt.directory}. Lower optim.adaptor_lr/optim.disc_lr or '
           'check the training images.')
-    record = {'pass': p + 1, **means}
+    record = {'pass': p + 1, **means,
+              **_learning_rates(c, ctx.steps_per_pass, p)}
     logging.info('%s pass %d/%d: loss %.4f p_true %.3f p_fake %.3f',
                  ctx.category, p + 1, num_passes, means['loss'],
                  means['p_true'], means['p_fake'])
@@ -119,12 +122,14 @@ class _CategoryRun:
     if c.train.eval_every and done % c.train.eval_every == 0 and (
         done < num_passes):
       row = evaluate.evaluate_category(ctx, state_fn(), None,
-                                       visualize_maps=False)
+                                       visualize_maps=False, tb=self.tb,
+                                       step=done)
       record.update({k: row[k] for k in ('image_auroc', 'pixel_auroc',
                                          'aupro')})
       if c.train.select_best_on_test:
         self.best = _update_best(self.best, row, done)
     _append_jsonl(self.log_path, record)
+    summaries.write_pass(self.tb, record)
     if done % c.train.checkpoint_every == 0 and done < num_passes:
       self.ckpt.save(done, state_fn(), ctx.meta(done))
 
@@ -145,18 +150,19 @@ class _CategoryRun:
     self.ckpt.close()
 
 
-def _progress(desc: str, steps: int):
-  return tqdm.tqdm(total=steps, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def train_category(ctx: category.CategoryContext):
+def train_category(ctx: category.CategoryContext, tb=None):
   """Trains one category, continuing from its latest checkpoint.
+
+  Args:
+    ctx: the category.
+    tb: a `summaries.Writer` for the per-pass scalars and the intermediate
+      evaluations, or None.
 
   Returns:
     (state, meta): the final TrainState (replicated) and its metadata, which
     holds the decision threshold for predict mode.
   """
-  run = _CategoryRun(ctx)
+  run = _CategoryRun(ctx, tb)
   try:
     return run.resume() or _train_alone(run, run.uses_cache())
   finally:
@@ -176,7 +182,7 @@ def _train_alone(run: _CategoryRun, use_cache: bool):
   for p in range(run.start, num_passes):
     order, noise_key = run.pass_plan(p)
     history = []
-    bar = _progress(f'{ctx.category} {p + 1}/{num_passes}', steps)
+    bar = console.progress(steps, f'{ctx.category} pass {p + 1}/{num_passes}')
     if use_cache:
       batches = (order[s * bs:(s + 1) * bs] for s in range(steps))
     else:
@@ -201,7 +207,7 @@ def _train_alone(run: _CategoryRun, use_cache: bool):
   return run.finish(state)
 
 
-def train_categories(ctxs) -> list:
+def train_categories(ctxs, tbs=None) -> list:
   """Trains several categories at once, continuing each from its latest
   checkpoint: one jitted step moves the heads of every category in a group
   (`train.make_stacked_cached_step`, a vmap over categories).
@@ -214,10 +220,15 @@ def train_categories(ctxs) -> list:
   resumes from a later checkpoint, is masked out of the steps it would not
   take, so its result is that of `train_category` (up to float rounding).
 
+  Args:
+    ctxs: the categories.
+    tbs: one `summaries.Writer` (or None) per category, or None.
+
   Returns:
     [(state, meta)] in the order of `ctxs`.
   """
-  runs = [_CategoryRun(ctx) for ctx in ctxs]
+  tbs = tbs or [None] * len(ctxs)
+  runs = [_CategoryRun(ctx, tb) for ctx, tb in zip(ctxs, tbs)]
   results = [None] * len(ctxs)
   try:
     groups = {}
@@ -257,7 +268,7 @@ def _train_stacked(live: list) -> list:
     in_pass = [p >= r.start for r in live]
     steps = [r.ctx.steps_per_pass if on else 0 for r, on in zip(live, in_pass)]
     histories = [[] for _ in live]
-    bar = _progress(f'{names} {p + 1}/{num_passes}', max(steps))
+    bar = console.progress(max(steps), f'{names} pass {p + 1}/{num_passes}')
     for s in range(max(steps)):
       idx = np.zeros((len(live), bs), np.int32)
       n_images = np.zeros((len(live),), np.int32)
@@ -294,6 +305,16 @@ def _stack_caches(caches, mesh):
   padded = [jnp.pad(x, ((0, n_max - x.shape[0]), (0, p_max - x.shape[1]),
                         (0, 0))) for x in caches]
   return parallel.put_replicated(jnp.stack(padded), mesh)
+
+
+def _learning_rates(c, steps_per_pass: int, p: int) -> dict:
+  """The optimisers' learning rates during pass p (0-based): the adaptor's is
+  constant, the discriminator's follows train.disc_lr_schedule."""
+  disc = train.disc_lr_schedule(c.optim, steps_per_pass, c.train.num_passes)
+  if callable(disc):
+    disc = disc(jnp.asarray(p * steps_per_pass))
+  return {'lr_adaptor': float(c.optim.adaptor_lr),
+          'lr_discriminator': float(disc)}
 
 
 def _calibrate(ctx, state, cache):

@@ -7,7 +7,9 @@ print nan as "n/a". Nothing here raises on such data.
 Pixel metrics are streamed: `PixelMetrics.add` copies each batch into one
 float32 buffer of scores and one bool buffer of masks, and both metrics come
 from a single descending sort of all pixel scores (O(P log P), exact at every
-distinct threshold, tied pixels entering together).
+distinct threshold, tied pixels entering together). The same sort also gives
+the PRO curve up to the AUPRO limit, and `image_roc` the image ROC curve, for
+the report's plots.
 """
 
 from __future__ import annotations
@@ -65,6 +67,47 @@ def image_auroc(scores, labels) -> float:
   return float(sk_metrics.roc_auc_score(labels, scores))
 
 
+def image_roc(scores, labels) -> tuple[np.ndarray, np.ndarray] | None:
+  """The image ROC curve: (fpr, tpr) at every distinct score, from (0, 0) to
+  (1, 1); None where `image_auroc` is undefined (one class, non-finite)."""
+  scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+  labels = np.asarray(labels).reshape(-1).astype(bool)
+  n_pos = int(labels.sum())
+  if (scores.shape != labels.shape or n_pos in (0, labels.size) or
+      not np.isfinite(scores).all()):
+    return None
+  fpr, tpr, _ = sk_metrics.roc_curve(labels, scores, drop_intermediate=False)
+  return fpr, tpr
+
+
+def thin_curve(x, y, max_points: int):
+  """At most about `max_points` points of a curve with non-decreasing x, for
+  plotting: the first and last point, points evenly spaced along x and points
+  evenly spaced in index (where the curve is dense), in order."""
+  x = np.asarray(x)
+  y = np.asarray(y)
+  if x.size <= max_points:
+    return x, y
+  half = max(max_points // 2, 2)
+  by_x = np.searchsorted(x, np.linspace(x[0], x[-1], half), side='left')
+  by_index = np.linspace(0, x.size - 1, half).round().astype(np.int64)
+  keep = np.unique(np.concatenate([[0, x.size - 1], by_x, by_index]))
+  keep = keep[keep < x.size]
+  return x[keep], y[keep]
+
+
+def _clip_curve(x: np.ndarray, y: np.ndarray, x_max: float):
+  """The points of y(x) with x <= x_max, ending exactly at x_max (the same
+  interpolation as `_trapezoid`); x non-decreasing, x[-1] >= x_max."""
+  k = int(np.searchsorted(x, x_max, side='right'))
+  xs, ys = x[:k], y[:k]
+  if x[k - 1] < x_max:
+    x0, x1, y0, y1 = x[k - 1], x[k], y[k - 1], y[k]
+    xs = np.append(xs, x_max)
+    ys = np.append(ys, y0 + (y1 - y0) * (x_max - x0) / (x1 - x0))
+  return xs, ys
+
+
 def _trapezoid(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
   """Area under y(x) over [x[0], x_max]; x non-decreasing, x[-1] >= x_max.
 
@@ -115,35 +158,9 @@ class PixelMetrics:
     self._min = np.inf
     self._max = -np.inf
 
-  @property
-  def num_images(self) -> int:
-    return self._n
-
-  @property
-  def maps(self) -> np.ndarray:
-    """(num_images, H, W) float32 view of the stored maps (no copy)."""
-    return self._view(self._scores, np.float32)
-
-  @property
-  def masks(self) -> np.ndarray:
-    """(num_images, H, W) bool view of the stored masks (no copy)."""
-    return self._view(self._masks, bool)
-
-  @property
-  def buffer_nbytes(self) -> int:
-    """Bytes held by the score and mask buffers."""
-    return sum(b.nbytes for b in (self._scores, self._masks) if b is not None)
-
   def score_range(self) -> tuple[float, float]:
     """(min, max) of the finite scores added so far, for fixed heat-map limits."""
     return float(self._min), float(self._max)
-
-  def _view(self, buf, dtype):
-    if buf is None:
-      return np.zeros((0, 0, 0), dtype)
-    v = buf[:self._n]
-    v.flags.writeable = False
-    return v
 
   def _reserve(self, n_new: int, hw: tuple[int, int]):
     if self._scores is None:
@@ -217,12 +234,13 @@ class PixelMetrics:
               f'needs anomalous and normal pixels')
     return None
 
-  def _compute(self, auroc: bool, pro: bool) -> dict[str, float]:
+  def _compute(self, curve_points: int = 0) -> dict[str, float]:
     """Both metrics from one descending sort of all pixel scores.
 
     At each distinct threshold t (a group of tied scores enters at once):
     tp/fp = anomalous/normal pixels scoring >= t, and the PRO = mean over
-    regions of the fraction of the region scoring >= t.
+    regions of the fraction of the region scoring >= t. With `curve_points`
+    the PRO curve up to max_fpr comes too (see `compute`).
     """
     scores = self._scores[:self._n].reshape(-1)
     pos = self._masks[:self._n].reshape(-1)
@@ -237,12 +255,10 @@ class PixelMetrics:
     ends = np.flatnonzero(is_end)
     del is_end
     pos_rank = np.flatnonzero(pos[order])  # Sorted ranks of anomalous pixels.
-    if pro:
-      labels, n_regions = ndimage.label(self._masks[:self._n],
-                                        structure=_REGION_STRUCTURE)
-      pos_labels = labels.reshape(-1)[order[pos_rank]]  # Region per pixel.
-      del labels
-    del order
+    labels, n_regions = ndimage.label(self._masks[:self._n],
+                                      structure=_REGION_STRUCTURE)
+    pos_labels = labels.reshape(-1)[order[pos_rank]]  # Region per pixel.
+    del labels, order
     n_pos = pos_rank.size
     n_neg = size - n_pos
     tp = np.searchsorted(pos_rank, ends, side='right')
@@ -250,44 +266,42 @@ class PixelMetrics:
     fp += 1
     fp -= tp
     out = {}
-    if auroc:
-      # Trapezoids between successive thresholds, in exact integers:
-      # sum over groups of new_fp * (tp_before + tp_after) / 2.
-      d_fp = np.diff(fp, prepend=0)
-      twice = int(np.dot(d_fp, tp)) + int(np.dot(d_fp[1:], tp[:-1]))
-      out['pixel_auroc'] = twice / (2.0 * n_pos * n_neg)
-    if pro:
-      # Only the curve up to the first point past max_fpr is integrated; the
-      # margin of one normal pixel keeps that point in despite rounding.
-      limit = math.floor(self.max_fpr * n_neg) + 1
-      k = int(np.searchsorted(fp, limit, side='right')) + 1
-      tp, fp = tp[:k], fp[:k]
-      inv_size = 1.0 / np.bincount(pos_labels, minlength=n_regions + 1)[1:]
-      gain = np.concatenate([[0.0], np.cumsum(inv_size[pos_labels - 1])])
-      pro_at = np.minimum(gain[tp] / n_regions, 1.0)  # Cumsum rounding.
-      fpr = np.concatenate([[0.0], fp / n_neg, [1.0]])
-      pro_at = np.concatenate([[0.0], pro_at, [1.0]])
-      out['aupro'] = _trapezoid(fpr, pro_at, self.max_fpr) / self.max_fpr
+    # Pixel AUROC: trapezoids between successive thresholds, in exact
+    # integers: sum over groups of new_fp * (tp_before + tp_after) / 2.
+    d_fp = np.diff(fp, prepend=0)
+    twice = int(np.dot(d_fp, tp)) + int(np.dot(d_fp[1:], tp[:-1]))
+    out['pixel_auroc'] = twice / (2.0 * n_pos * n_neg)
+    # AUPRO: only the curve up to the first point past max_fpr is
+    # integrated; the margin of one normal pixel keeps that point in despite
+    # rounding.
+    limit = math.floor(self.max_fpr * n_neg) + 1
+    k = int(np.searchsorted(fp, limit, side='right')) + 1
+    tp, fp = tp[:k], fp[:k]
+    inv_size = 1.0 / np.bincount(pos_labels, minlength=n_regions + 1)[1:]
+    gain = np.concatenate([[0.0], np.cumsum(inv_size[pos_labels - 1])])
+    pro_at = np.minimum(gain[tp] / n_regions, 1.0)  # Cumsum rounding.
+    fpr = np.concatenate([[0.0], fp / n_neg, [1.0]])
+    pro_at = np.concatenate([[0.0], pro_at, [1.0]])
+    out['aupro'] = _trapezoid(fpr, pro_at, self.max_fpr) / self.max_fpr
+    if curve_points:
+      out['pro_curve'] = thin_curve(*_clip_curve(fpr, pro_at, self.max_fpr),
+                                    curve_points)
     return out
 
-  def pixel_auroc(self) -> float:
-    """Exact pixel AUROC over all stored pixels (ties count one half)."""
-    why = self._check('pixel AUROC')
-    if why:
-      return _undefined('Pixel AUROC', why)
-    return self._compute(auroc=True, pro=False)['pixel_auroc']
+  def compute(self, curve_points: int = 0) -> dict:
+    """{'pixel_auroc': ..., 'aupro': ...} from a single sort.
 
-  def aupro(self) -> float:
-    """Normalised area under the PRO curve for FPR in [0, max_fpr]."""
-    why = self._check('AUPRO')
-    if why:
-      return _undefined('AUPRO', why)
-    return self._compute(auroc=False, pro=True)['aupro']
-
-  def compute(self) -> dict[str, float]:
-    """{'pixel_auroc': ..., 'aupro': ...} from a single sort."""
+    Args:
+      curve_points: when > 0, also 'pro_curve': (fpr, pro) arrays of the PRO
+        curve from (0, 0) up to FPR = max_fpr (its last point interpolated
+        there, as AUPRO integrates it), thinned to about this many points
+        (`thin_curve`); None where the metrics are undefined.
+    """
     why = self._check('pixel AUROC and AUPRO')
     if why:
       nan = _undefined('Pixel AUROC and AUPRO', why)
-      return {'pixel_auroc': nan, 'aupro': nan}
-    return self._compute(auroc=True, pro=True)
+      out = {'pixel_auroc': nan, 'aupro': nan}
+      if curve_points:
+        out['pro_curve'] = None
+      return out
+    return self._compute(curve_points)

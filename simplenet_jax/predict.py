@@ -2,7 +2,8 @@
 
 Prints one JSON line per image: path, image score, the threshold, and the
 decision (anomalous when score > threshold), and writes a heat-map PNG per
-image. The threshold was fixed at training time from normal training images,
+image and predictions.html (the images sorted by score, with their heat
+maps). The threshold was fixed at training time from normal training images,
 so no labelled test set is needed here.
 """
 
@@ -14,6 +15,7 @@ from simplenet_jax import category as category_lib
 from simplenet_jax import checkpoint
 from simplenet_jax import data
 from simplenet_jax import parallel
+from simplenet_jax import report_html
 from simplenet_jax import scoring
 from simplenet_jax import train
 from simplenet_jax import visualize
@@ -94,6 +96,7 @@ def run(config, workdir: str) -> list[dict]:
   head = parallel.put_replicated(train.head_vars(state), mesh)
   threshold = float(meta['threshold'])
   vmin, vmax = meta.get('map_range', (None, None))
+  scale = visualize.display_scale(hw)
   results = []
   log_path = os.path.join(out_dir, 'predictions.jsonl')
   tmp_path = f'{log_path}.tmp{os.getpid()}'
@@ -113,8 +116,9 @@ def run(config, workdir: str) -> list[dict]:
           png = os.path.join(out_dir, os.path.splitext(name)[0] + '.png')
           lo = float(amap.min()) if vmin is None else vmin
           hi = float(amap.max()) if vmax is None else vmax
-          visualize.heatmap_png(amap, image, png, lo, hi,
-                                caption=f'score {score:.4f} thr {threshold:.4f}')
+          visualize.heatmap_png(
+              amap, image, png, lo, hi, scale=scale,
+              caption=f'score {score:.4f} thr {threshold:.4f}')
           record = {'path': path, 'category': category,
                     'score': float(score), 'threshold': threshold,
                     'anomalous': bool(score > threshold), 'heatmap': png}
@@ -125,4 +129,7 @@ def run(config, workdir: str) -> list[dict]:
   finally:
     if os.path.exists(tmp_path):
       os.remove(tmp_path)
+  if config.report.html:
+    page = report_html.write_predictions(out_dir, results, category, threshold)
+    print(f'predictions: {page}', flush=True)
   return results

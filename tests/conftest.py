@@ -137,6 +137,8 @@ def tiny_args(workdir, weights_dir, root, passes=8, extra=()):
       '--config.train.batch_size=2', f'--config.train.num_passes={passes}',
       '--config.train.checkpoint_every=2', '--config.train.keep_checkpoints=2',
       '--config.eval.batch_size=8', '--config.eval.visualize=none',
+      # The report and TensorBoard have their own tests (test_report_html).
+      '--config.report.html=False', '--config.report.tensorboard=False',
       *extra,
   ]
 

@@ -189,13 +189,13 @@ def reference_patch_scores(state_or_vars, features) -> jax.Array:
 # ---- Metrics -----------------------------------------------------------------
 
 
-def slow_aupro(maps, masks, max_fpr: float) -> float:
-  """AUPRO threshold by threshold, straight from the definition.
+def slow_pro_curve(maps, masks):
+  """PRO curve points (fpr, pro) threshold by threshold, from the definition.
 
   maps, masks: (N, H, W); regions are the 8-connected components of each
-  image's mask. The PRO curve (mean over regions of the fraction of the
-  region at or above the threshold, against the FPR over normal pixels) is
-  integrated with trapezoids from FPR 0 to max_fpr and divided by max_fpr.
+  image's mask; pro = mean over regions of the fraction of the region at or
+  above the threshold, fpr = the fraction of normal pixels at or above it.
+  Starts at (0, 0) and ends at (1, 1).
   """
   from scipy import ndimage  # pylint: disable=g-import-not-at-top
   maps, masks = np.asarray(maps), np.asarray(masks)
@@ -217,6 +217,13 @@ def slow_aupro(maps, masks, max_fpr: float) -> float:
                        for i, r in zip(region_img, regions)]))
   xs.append(1.0)
   ys.append(1.0)
+  return xs, ys
+
+
+def slow_aupro(maps, masks, max_fpr: float) -> float:
+  """AUPRO from `slow_pro_curve`: trapezoids from FPR 0 to max_fpr, divided
+  by max_fpr."""
+  xs, ys = slow_pro_curve(maps, masks)
   area = 0.0
   for j in range(1, len(xs)):
     x0, x1, y0, y1 = xs[j - 1], xs[j], ys[j - 1], ys[j]

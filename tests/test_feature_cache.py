@@ -45,21 +45,33 @@ def test_estimate_bytes():
       10 * 28 * 28 * 1536 * 2)
 
 
-def test_fits_prints_the_estimate_and_applies_the_cap(capsys):
+def test_fits_logs_the_estimate_and_applies_the_cap(caplog):
   t = get_config().train
+
+  def logged():
+    out = [(r.levelname, r.getMessage()) for r in caplog.records
+           if 'Feature cache' in r.getMessage()]
+    caplog.clear()
+    assert len(out) == 1, out
+    return out[0]
+
+  caplog.set_level('INFO')
   # 200 MVTec-sized images: 200 * 784 * 1536 * 4 B = 0.897 GiB.
   t.cache_max_gb = 1.0
   assert feature_cache.fits(200, (28, 28), 1536, t)
-  out = capsys.readouterr().out
-  assert '0.897 GiB' in out and 'caching' in out
+  level, text = logged()
+  assert level == 'INFO' and '0.897 GiB' in text and 'caching' in text
   t.cache_max_gb = 0.5
   assert not feature_cache.fits(200, (28, 28), 1536, t)
-  assert 'over the cap' in capsys.readouterr().out
+  level, text = logged()
+  assert level == 'WARNING' and 'over the cap' in text  # Slow: it must show.
   t.cache_dtype = 'bfloat16'  # 0.449 GiB: fits again.
   assert feature_cache.fits(200, (28, 28), 1536, t)
+  logged()
   t.cache_features = False
   assert not feature_cache.fits(1, (1, 1), 1, t)
-  assert 'off' in capsys.readouterr().out
+  level, text = logged()
+  assert level == 'INFO' and 'off' in text  # Chosen by the user.
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])

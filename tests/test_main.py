@@ -7,6 +7,7 @@ demo data, 64x64 inputs, small head, few passes.
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -72,11 +73,18 @@ def test_train_eval_predict(tmp_path, weights_dir, env):
   assert len(list((cat / 'heatmaps').glob('*.png'))) == 2
   assert (cat / 'feature_std.png').stat().st_size > 0
   assert (workdir / 'results.csv').read_text().count('brick') == 1
+  assert 'train run' in (workdir / 'report.html').read_text(encoding='utf-8')
+  assert not re.search(r'^I\d{4} ', proc.stderr, re.M)  # INFO: log file only.
 
-  # eval restores the checkpoint and must print the very same numbers.
+  # eval restores the checkpoint and must print the very same numbers, and
+  # renders the report again; absl's --alsologtostderr still shows INFO.
   os.remove(workdir / 'results.json')
-  main_py(tiny_args(workdir, weights_dir) + ['--mode=eval'], env)
+  os.remove(workdir / 'report.html')
+  proc = main_py(tiny_args(workdir, weights_dir) + ['--mode=eval',
+                                                    '--alsologtostderr'], env)
   assert _numbers(workdir / 'results.json') == trained
+  assert 'eval run' in (workdir / 'report.html').read_text(encoding='utf-8')
+  assert re.search(r'^I\d{4} .*eval on 1 categories', proc.stderr, re.M)
 
   # predict: a file of another size and aspect ratio, and a glob.
   tile = workdir / 'demo_data' / 'brick' / 'test'

@@ -63,7 +63,7 @@ def test_pixel_auroc_hand_computed_with_ties():
   # The image AUROC example above laid out as a 2x3 map: 8/9.
   maps = [[[3, 2, 2], [2, 1, 0]]]
   masks = [[[1, 1, 1], [0, 0, 0]]]
-  assert _pixel(maps, masks).pixel_auroc() == pytest.approx(8 / 9)
+  assert _pixel(maps, masks).compute()['pixel_auroc'] == pytest.approx(8 / 9)
 
 
 def test_pixel_auroc_matches_sklearn_on_random_tied_data():
@@ -72,7 +72,7 @@ def test_pixel_auroc_matches_sklearn_on_random_tied_data():
   masks = rng.random((5, 9, 11)) < 0.2
   maps += 3 * masks  # Informative but overlapping.
   want = roc_auc_score(masks.ravel(), maps.ravel())
-  assert _pixel(maps, masks).pixel_auroc() == pytest.approx(want, abs=1e-12)
+  assert _pixel(maps, masks).compute()['pixel_auroc'] == pytest.approx(want, abs=1e-12)
 
 
 # ---- AUPRO: hand-worked cases -----------------------------------------------
@@ -85,7 +85,7 @@ def test_aupro_one_region_ranked_first_is_one():
   maps = np.zeros((1, 4, 4))
   masks = np.zeros((1, 4, 4))
   maps[0, :2, :2] = masks[0, :2, :2] = 1
-  assert _pixel(maps, masks).aupro() == pytest.approx(1.0)
+  assert _pixel(maps, masks).compute()['aupro'] == pytest.approx(1.0)
 
 
 def test_aupro_two_regions_only_one_found_before_any_false_positive():
@@ -104,7 +104,7 @@ def test_aupro_two_regions_only_one_found_before_any_false_positive():
   maps[0, 1, 1] = 0.9
   maps[0, 1, 4] = maps[0, 1, 5] = 0.1
   masks[0, 1, 1] = masks[0, 1, 4] = masks[0, 1, 5] = 1
-  assert _pixel(maps, masks).aupro() == pytest.approx(0.5)
+  assert _pixel(maps, masks).compute()['aupro'] == pytest.approx(0.5)
 
 
 def _tie_case():
@@ -127,20 +127,20 @@ def test_aupro_interpolates_at_max_fpr_and_merges_ties():
   # 0.8. Area 0.5 * (0.5 + 0.8) * 0.3 = 0.195; / 0.3 = 0.65. (Entering the
   # tied pixels one by one would give 1.0 or 0.5 depending on their order.)
   maps, masks = _tie_case()
-  assert _pixel(maps, masks, max_fpr=0.3).aupro() == pytest.approx(0.65)
+  assert _pixel(maps, masks, max_fpr=0.3).compute()['aupro'] == pytest.approx(0.65)
 
 
 def test_aupro_limit_on_a_curve_point():
   # Same curve, limit 0.5 = a curve point: 0.5 * (0.5 + 1) * 0.5 = 0.375;
   # / 0.5 = 0.75.
   maps, masks = _tie_case()
-  assert _pixel(maps, masks, max_fpr=0.5).aupro() == pytest.approx(0.75)
+  assert _pixel(maps, masks, max_fpr=0.5).compute()['aupro'] == pytest.approx(0.75)
 
 
 def test_aupro_full_range():
   # Limit 1: 0.375 (up to FPR 0.5) + 0.5 * 1 = 0.875.
   maps, masks = _tie_case()
-  assert _pixel(maps, masks, max_fpr=1.0).aupro() == pytest.approx(0.875)
+  assert _pixel(maps, masks, max_fpr=1.0).compute()['aupro'] == pytest.approx(0.875)
 
 
 def test_aupro_averages_regions_not_pixels_and_pools_fpr_over_images():
@@ -154,7 +154,7 @@ def test_aupro_averages_regions_not_pixels_and_pools_fpr_over_images():
   masks[0, 0, :] = 1
   maps[1, 1, 3] = 0.1
   masks[1, 1, 3] = 1
-  assert _pixel(maps, masks).aupro() == pytest.approx(0.5)
+  assert _pixel(maps, masks).compute()['aupro'] == pytest.approx(0.5)
 
 
 def test_aupro_regions_are_8_connected():
@@ -167,7 +167,7 @@ def test_aupro_regions_are_8_connected():
   masks[0, 0, 0] = masks[0, 0, 1] = masks[0, 1, 2] = 1
   maps[0, 0, 0] = maps[0, 0, 1] = 0.0
   maps[0, 1, 2] = 1.0
-  assert _pixel(maps, masks).aupro() == pytest.approx(1 / 3)
+  assert _pixel(maps, masks).compute()['aupro'] == pytest.approx(1 / 3)
 
 
 def test_regions_do_not_connect_across_images():
@@ -181,7 +181,7 @@ def test_regions_do_not_connect_across_images():
   maps[0, 0, 0] = 1.0
   masks[1, 0, 0] = masks[1, 0, 1] = 1
   maps[1, 0, 0] = maps[1, 0, 1] = 0.0
-  assert _pixel(maps, masks).aupro() == pytest.approx(0.5)
+  assert _pixel(maps, masks).compute()['aupro'] == pytest.approx(0.5)
 
 
 # ---- AUPRO: against a slow threshold loop -----------------------------------
@@ -201,8 +201,82 @@ def test_aupro_matches_slow_reference_on_random_data(seed, max_fpr):
   m = metrics.PixelMetrics(max_fpr=max_fpr)
   m.add(maps[:1], masks[:1])  # Several batches.
   m.add(maps[1:], masks[1:])
-  assert m.aupro() == pytest.approx(helpers.slow_aupro(maps, masks, max_fpr),
+  assert m.compute()['aupro'] == pytest.approx(helpers.slow_aupro(maps, masks, max_fpr),
                                     abs=1e-9)
+
+
+# ---- curves for the report ---------------------------------------------------
+
+
+def test_pro_curve_hand_case_ends_at_the_limit():
+  # _tie_case: (0, 0), (0, 0.5) at t=1.0, then (0.5, 1.0) at t=0.8; cut at
+  # FPR 0.3 on that segment: PRO 0.5 + 0.5 * 0.3 / 0.5 = 0.8.
+  maps, masks = _tie_case()
+  out = _pixel(maps, masks, max_fpr=0.3).compute(curve_points=100)
+  fpr, pro = out['pro_curve']
+  np.testing.assert_allclose(fpr, [0.0, 0.0, 0.3])
+  np.testing.assert_allclose(pro, [0.0, 0.5, 0.8])
+  assert out['aupro'] == pytest.approx(0.65)
+  # Limit 1: the whole curve, no interpolated point.
+  fpr, pro = _pixel(maps, masks, max_fpr=1.0).compute(
+      curve_points=100)['pro_curve']
+  np.testing.assert_allclose(fpr, [0.0, 0.0, 0.5, 1.0, 1.0])
+  np.testing.assert_allclose(pro, [0.0, 0.5, 1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize('seed,max_fpr', [(0, 0.3), (3, 1.0)])
+def test_pro_curve_matches_slow_reference(seed, max_fpr):
+  rng = np.random.default_rng(seed)
+  masks = ndimage.binary_opening(rng.random((4, 12, 13)) < 0.35,
+                                 np.ones((1, 2, 2))).astype(np.uint8)
+  assert masks.sum() > 0
+  maps = np.round(rng.random((4, 12, 13)) * 10 + 4 * masks) / 2
+  xs, ys = helpers.slow_pro_curve(maps, masks)
+  want_x, want_y = [0.0], [0.0]
+  for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]):
+    if x1 <= max_fpr:
+      want_x.append(x1)
+      want_y.append(y1)
+    elif x0 < max_fpr:
+      want_x.append(max_fpr)
+      want_y.append(y0 + (y1 - y0) * (max_fpr - x0) / (x1 - x0))
+  fpr, pro = _pixel(maps, masks, max_fpr=max_fpr).compute(
+      curve_points=10_000)['pro_curve']
+  np.testing.assert_allclose(fpr, want_x, atol=1e-12)
+  np.testing.assert_allclose(pro, want_y, atol=1e-9)
+
+
+def test_pro_curve_absent_unless_asked_and_none_when_undefined():
+  maps, masks = _tie_case()
+  assert 'pro_curve' not in _pixel(maps, masks).compute()
+  with pytest.warns(metrics.MetricWarning):
+    out = _pixel(maps, np.zeros_like(masks)).compute(curve_points=10)
+  assert out['pro_curve'] is None
+
+
+def test_thin_curve_keeps_ends_and_order():
+  x = np.sort(np.random.default_rng(0).random(10_000))
+  y = np.cumsum(np.ones_like(x))
+  tx, ty = metrics.thin_curve(x, y, 200)
+  assert tx.size <= 202
+  assert tx[0] == x[0] and tx[-1] == x[-1] and ty[-1] == y[-1]
+  assert np.all(np.diff(tx) >= 0)
+  # Every kept point is a point of the curve.
+  np.testing.assert_array_equal(ty - 1, np.searchsorted(x, tx))
+  # Gaps along x stay small: no more than 2 / 100 of the range.
+  assert np.diff(tx).max() <= 0.02 * (x[-1] - x[0])
+  short = metrics.thin_curve([0.0, 1.0], [0.0, 1.0], 200)
+  np.testing.assert_array_equal(short[0], [0.0, 1.0])
+
+
+def test_image_roc_hand_computed():
+  # Descending: 0.8 (pos) -> (0, 0.5); 0.4 (neg) -> (0.5, 0.5); 0.35 (pos)
+  # -> (0.5, 1); 0.1 (neg) -> (1, 1); from (0, 0).
+  fpr, tpr = metrics.image_roc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
+  np.testing.assert_allclose(fpr, [0, 0, 0.5, 0.5, 1])
+  np.testing.assert_allclose(tpr, [0, 0.5, 0.5, 1, 1])
+  assert metrics.image_roc([0.1, 0.2], [1, 1]) is None
+  assert metrics.image_roc([0.1, np.nan], [0, 1]) is None
 
 
 # ---- undefined cases and streaming -------------------------------------------
@@ -212,21 +286,18 @@ def test_aupro_matches_slow_reference_on_random_data(seed, max_fpr):
 def test_one_class_masks_give_nan_and_a_warning(fill):
   m = _pixel(np.random.default_rng(0).random((2, 4, 4)),
              np.full((2, 4, 4), fill))
-  for fn, name in [(m.pixel_auroc, 'Pixel AUROC'), (m.aupro, 'AUPRO')]:
-    with pytest.warns(metrics.MetricWarning, match=name):
-      assert math.isnan(fn())
-  with pytest.warns(metrics.MetricWarning):
+  with pytest.warns(metrics.MetricWarning, match='Pixel AUROC and AUPRO'):
     out = m.compute()
   assert math.isnan(out['pixel_auroc']) and math.isnan(out['aupro'])
 
 
 def test_no_images_and_non_finite_maps_give_nan():
   with pytest.warns(metrics.MetricWarning, match='no images'):
-    assert math.isnan(metrics.PixelMetrics(max_fpr=MAX_FPR).aupro())
+    assert math.isnan(metrics.PixelMetrics(max_fpr=MAX_FPR).compute()['aupro'])
   maps, masks = _tie_case()
   maps[0, 2, 3] = np.inf
   with pytest.warns(metrics.MetricWarning, match='1 pixel scores'):
-    assert math.isnan(_pixel(maps, masks).pixel_auroc())
+    assert math.isnan(_pixel(maps, masks).compute()['pixel_auroc'])
 
 
 def test_masks_none_means_all_normal():
@@ -237,19 +308,20 @@ def test_masks_none_means_all_normal():
   # AUROC by hand: 2 positives, 22 negatives. Pixel at 1.0 beats all 22. Pixel
   # at 0.8 loses to the 12 at 0.9, ties the 5 at 0.8, beats the 5 at 0:
   # 5 + 2.5 = 7.5. (22 + 7.5) / 44.
-  assert m.pixel_auroc() == pytest.approx(29.5 / 44)
+  assert m.compute()['pixel_auroc'] == pytest.approx(29.5 / 44)
 
 
-def test_compute_equals_separate_metrics():
+def test_compute_gives_both_metrics_from_one_call():
   rng = np.random.default_rng(5)
   maps = rng.random((3, 6, 6)).astype(np.float32)
   masks = rng.random((3, 6, 6)) < 0.3
-  m = _pixel(maps, masks)
-  out = m.compute()
-  assert out == {'pixel_auroc': m.pixel_auroc(), 'aupro': m.aupro()}
+  out = _pixel(maps, masks).compute()
+  assert set(out) == {'pixel_auroc', 'aupro'}
   assert all(type(v) is float for v in out.values())  # JSON-ready.
   assert out['pixel_auroc'] == pytest.approx(
       roc_auc_score(masks.ravel(), maps.ravel()))
+  assert out['aupro'] == pytest.approx(helpers.slow_aupro(maps, masks,
+                                                          MAX_FPR))
 
 
 @pytest.mark.parametrize('expected', [None, 2, 7])
@@ -260,18 +332,20 @@ def test_streaming_buffers(expected):
   m = metrics.PixelMetrics(expected_images=expected, max_fpr=MAX_FPR)
   for i in range(0, 7, 2):
     m.add(maps[i:i + 2], masks[i:i + 2])
-  assert m.num_images == 7
-  assert m.maps.dtype == np.float32 and m.masks.dtype == bool
-  np.testing.assert_array_equal(m.maps, maps.astype(np.float32))
-  np.testing.assert_array_equal(m.masks, masks > 0)
+  # pylint: disable=protected-access
+  stored_maps, stored_masks = m._scores[:7], m._masks[:7]
+  assert stored_maps.dtype == np.float32 and stored_masks.dtype == bool
+  np.testing.assert_array_equal(stored_maps, maps.astype(np.float32))
+  np.testing.assert_array_equal(stored_masks, masks > 0)
   assert m.score_range() == (np.float32(maps.min()), np.float32(maps.max()))
-  assert m.pixel_auroc() == pytest.approx(
+  assert m.compute()['pixel_auroc'] == pytest.approx(
       roc_auc_score(masks.ravel() > 0, maps.astype(np.float32).ravel()))
+  held = m._scores.nbytes + m._masks.nbytes
   if expected == 7:
     # Exactly one float32 and one bool copy: 5 bytes per pixel.
-    assert m.buffer_nbytes == 7 * 5 * 6 * 5
+    assert held == 7 * 5 * 6 * 5
   else:
-    assert m.buffer_nbytes <= 2 * 7 * 5 * 6 * 5  # Doubling at most.
+    assert held <= 2 * 7 * 5 * 6 * 5  # Doubling at most.
 
 
 def test_add_rejects_bad_shapes():

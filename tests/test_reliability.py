@@ -262,8 +262,12 @@ def test_same_numbers_and_no_writes_outside_workdir(reference, tmp_path,
   # On NVIDIA GPUs the CUDA driver caches JIT-compiled kernels in
   # ~/.nv/ComputeCache (CUDA_CACHE_PATH moves it), as for any CUDA program.
   cuda_cache = home / '.nv' / 'ComputeCache'
+  # matplotlib (the report's plots, Fig. 3) keeps its font list in
+  # $XDG_CACHE_HOME/matplotlib (MPLCONFIGDIR moves it), as for any matplotlib
+  # program.
+  mpl_cache = home / '.cache' / 'matplotlib'
   written = [p for d in (home, tmp, cwd) for p in d.rglob('*') if p.is_file()
-             and cuda_cache not in p.parents]
+             and cuda_cache not in p.parents and mpl_cache not in p.parents]
   assert not written, written
   assert _tree_listing(reference.root) == data_before
   assert _tree_listing(reference.weights) == weights_before

@@ -1,5 +1,6 @@
-"""Overlays, file naming and the std histogram."""
+"""Overlays, file naming, the report's plots and the std histogram."""
 
+import io
 import os
 
 import numpy as np
@@ -128,15 +129,7 @@ def test_heatmap_png_writes_the_overlay(tmp_path):
                                   visualize.overlay(image, amap, None))
 
 
-def test_nice_ticks():
-  np.testing.assert_allclose(visualize.nice_ticks(0.0, 1.0), [0, .2, .4, .6,
-                                                              .8, 1.0])
-  np.testing.assert_allclose(visualize.nice_ticks(0.013, 0.31),
-                             [0.05, 0.1, 0.15, 0.2, 0.25, 0.3])
-  np.testing.assert_allclose(visualize.nice_ticks(0, 87), [0, 20, 40, 60, 80])
-
-
-def test_feature_std_histogram_writes_a_drawn_png(tmp_path):
+def test_feature_std_histogram_draws_each_panel_in_its_colour(tmp_path):
   rng = np.random.default_rng(0)
   local = rng.gamma(2.0, 0.1, 256)
   adapted = np.append(rng.gamma(5.0, 0.02, 255), np.nan)
@@ -161,3 +154,99 @@ def test_feature_std_histogram_constant_and_empty(tmp_path):
   assert os.path.getsize(path) > 0
   with pytest.raises(ValueError, match='empty'):
     visualize.feature_std_histogram([], [1.0], str(tmp_path / 'e.png'))
+
+
+# ---- enlarged overlays -------------------------------------------------------
+
+
+def test_display_scale_and_enlarge():
+  assert [visualize.display_scale(s) for s in
+          ((128, 128), (64, 64), (224, 224), (100, 300), (32, 40))] == [
+              2, 4, 1, 1, 6]
+  px = np.arange(4, dtype=np.uint8).reshape(2, 2)
+  np.testing.assert_array_equal(visualize.enlarge(px, 2),
+                                [[0, 0, 1, 1], [0, 0, 1, 1],
+                                 [2, 2, 3, 3], [2, 2, 3, 3]])
+  assert visualize.enlarge(px, 1) is px
+
+
+def test_save_overlays_and_heatmap_png_enlarged(tmp_path):
+  image, amap, mask = _square_case()
+  (path,) = visualize.save_overlays(str(tmp_path), [image], [amap], [mask],
+                                    ['a'], scale=3)
+  want = visualize.enlarge(visualize.overlay(image, amap, mask), 3)
+  with Image.open(path) as im:
+    got = np.asarray(im)
+  assert got.shape[1] == 3 * 28
+  np.testing.assert_array_equal(got[-36:], want)  # Below the caption strip.
+  png = visualize.heatmap_png(amap, image, str(tmp_path / 'p.png'), 0.0, 1.0,
+                              scale=2)
+  with Image.open(png) as im:
+    np.testing.assert_array_equal(
+        np.asarray(im), visualize.enlarge(visualize.overlay(image, amap), 2))
+
+
+# ---- plots -------------------------------------------------------------------
+
+
+def _png(data):
+  assert data[:8] == b'\x89PNG\r\n\x1a\n'
+  with Image.open(io.BytesIO(data)) as im:
+    return np.asarray(im.convert('RGB')).astype(int)
+
+
+def _has_colour(arr, hex_colour, tol=12):
+  rgb = np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)])
+  return int((np.abs(arr - rgb).max(-1) <= tol).sum())
+
+
+def test_gallery_tile_shows_the_panels_pixel_for_pixel_and_a_colour_bar():
+  image, amap, mask = _square_case(16, 20)
+  amap[8:, :] = 1.0  # Bottom half hot.
+  data = visualize.gallery_tile(image, amap, mask, 0.0, 1.0, scale=3)
+  with Image.open(io.BytesIO(data)) as im:
+    assert im.format == 'JPEG'
+    arr = np.asarray(im.convert('RGB')).astype(int)
+  # Panels 3 x (16 x 40), 4 px margins, 18 px headings, 60 px colour bar.
+  assert arr.shape == (18 + 48 + 4, 4 + 120 + 60 + 4, 3)
+  panels = arr[18:18 + 48, 4:4 + 120]
+  want = visualize.enlarge(visualize.overlay(image, amap, mask, 0.0, 1.0), 3)
+  assert np.abs(panels - want).mean() < 4  # JPEG, no resampling.
+  # The colour bar beside them: jet from vmax (top) to vmin (bottom).
+  column = arr[18:18 + 48, 4 + 120 + 6 + 6]
+  lut = visualize.jet_lut().astype(int)
+  for row in range(4, 44, 4):
+    level = 1 - (row + 0.5) / 48
+    assert np.abs(column[row] - lut[round(level * 255)]).max() < 40, row
+
+
+def test_score_histogram_roc_and_pro_plots_draw():
+  scores = [0.1, 0.2, 0.3, 0.9, 1.1, 1.3]
+  labels = [0, 0, 0, 1, 1, 1]
+  hist = _png(visualize.score_histogram(scores, labels, 0.5))
+  assert _has_colour(hist, '#000000', tol=40) > 50  # Threshold line, text.
+  # Both classes' bars (alpha-blended on white).
+  assert _has_colour(hist, '#9cbbe9', tol=25) > 200
+  assert _has_colour(hist, '#f0a88c', tol=25) > 200
+  roc = _png(visualize.roc_plot([0, 0, 1], [0, 1, 1], 1.0))
+  assert _has_colour(roc, visualize.ANOMALOUS_COLOR, tol=30) > 100
+  pro = _png(visualize.pro_plot([0, 0.1, 0.3], [0, 0.5, 0.9], 0.3, 0.6))
+  assert _has_colour(pro, visualize.ANOMALOUS_COLOR, tol=30) > 100
+
+
+def test_training_curves_panels_follow_the_log():
+  log = [{'pass': p, 'loss': 1 / p, 'p_true': 0.5, 'p_fake': 0.4,
+          'lr_adaptor': 1e-4, 'lr_discriminator': 2e-4} for p in (1, 2, 3)]
+  assert visualize.training_curves([]) is None
+  width = lambda data: _png(data).shape[1]
+  # Loss and p_true / p_fake; constant learning rates are not plotted, nor a
+  # final evaluation without evaluations during training.
+  two = width(visualize.training_curves(log, final={'pass': 3,
+                                                    'image_auroc': 0.95}))
+  log[2]['lr_discriminator'] = 1e-4
+  log[1].update(image_auroc=0.9, pixel_auroc=0.8, aupro=0.5)
+  four = width(visualize.training_curves(log, final={'pass': 3,
+                                                     'image_auroc': 0.95}))
+  per_panel = 3.0 * visualize.PLOT_DPI
+  assert two == pytest.approx(2 * per_panel + 0.4 * visualize.PLOT_DPI, abs=2)
+  assert four == pytest.approx(4 * per_panel + 0.4 * visualize.PLOT_DPI, abs=2)

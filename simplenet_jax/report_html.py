@@ -1,0 +1,469 @@
+r"""The HTML report: <workdir>/report.html and predict's predictions.html.
+
+One self-contained file each: inline CSS, every image embedded as a data:
+URI, no script, nothing fetched, so it opens from disk anywhere (and can be
+mailed). report.html is rendered from the workdir alone: results.json (the
+table and the run), each category's evaluation record (`eval_record`),
+log.jsonl (training curves) and feature_std.png, so
+
+  python -m simplenet_jax.report_html runs/mvtec
+
+renders it again without JAX or the data set.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import json
+import math
+import os
+import sys
+
+import numpy as np
+from PIL import Image
+
+from simplenet_jax import eval_record
+from simplenet_jax import report
+from simplenet_jax import visualize
+
+REPORT = 'report.html'
+PREDICTIONS = 'predictions.html'
+# predictions.html embeds the heat maps of this many top-scoring images; the
+# rest are listed (their PNGs are beside it).
+MAX_PREDICTION_IMAGES = 100
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;
+ color:#1d2430;margin:0;background:#f4f6f9}
+main{max-width:1320px;margin:0 auto;padding:0 20px 40px}
+header{background:#1d2430;color:#fff;padding:18px 20px}
+header h1{margin:0 auto;max-width:1280px;font-size:22px}
+header p{margin:4px auto 0;max-width:1280px;color:#b8c2d0;font-size:13px}
+nav{margin:14px 0;font-size:13px}nav a{margin-right:12px}
+a{color:#1f5fbf}
+section{background:#fff;border:1px solid #dde2ea;border-radius:6px;
+ padding:6px 18px 16px;margin:16px 0}
+h2{font-size:19px;border-bottom:1px solid #e5e9ef;padding-bottom:6px}
+h3{font-size:15px;margin:18px 0 6px}h4{font-size:14px;margin:14px 0 4px}
+.kind{font-size:12px;font-weight:normal;color:#5b6575;background:#eef1f5;
+ border-radius:3px;padding:1px 6px;margin-left:6px}
+table{border-collapse:collapse;font-size:13px}
+th,td{padding:4px 10px;border-bottom:1px solid #e5e9ef;text-align:left}
+th{background:#f0f3f7}td.num,th.num{text-align:right;
+ font-variant-numeric:tabular-nums}
+tr.mean td{font-weight:600;background:#fafbfc}
+table.kv th{background:none;font-weight:600;color:#5b6575;width:170px}
+.note{color:#5b6575;font-size:12.5px;margin:2px 0 8px}
+.facts{margin:4px 0 10px}
+.plots{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}
+.plots img{border:1px solid #e5e9ef;max-width:100%}
+.gallery{display:flex;flex-wrap:wrap;gap:12px}
+figure{margin:0;background:#fafbfc;border:1px solid #e5e9ef;padding:6px;
+ border-radius:4px}
+figure img{display:block;max-width:100%}
+figcaption{font-size:12.5px;margin-top:4px;max-width:600px;
+ overflow-wrap:anywhere}
+.flag{color:#b3261e;font-weight:600}.pass{color:#1e7b34;font-weight:600}
+details pre{background:#f6f8fa;padding:10px;overflow:auto;font-size:12px;
+ max-height:480px}
+.missing{color:#8a6d00;background:#fff8db;padding:6px 10px;border-radius:4px}
+"""
+
+
+def _e(text) -> str:
+  return html.escape(str(text), quote=True)
+
+
+def _data_uri(data: bytes, mime: str) -> str:
+  return f'data:{mime};base64,{base64.b64encode(data).decode("ascii")}'
+
+
+def _img(data: bytes, alt: str, mime: str = 'image/png', cls: str = '',
+         width: int | None = None) -> str:
+  """An <img> of `data`; `width` (CSS pixels) shows a high-dpi plot at its
+  intended size."""
+  attrs = f' class="{cls}"' if cls else ''
+  if width:
+    attrs += f' width="{width}"'
+  return f'<img src="{_data_uri(data, mime)}" alt="{_e(alt)}"{attrs}>'
+
+
+def _png_width(data: bytes) -> int:
+  with Image.open(io.BytesIO(data)) as im:
+    return im.size[0]
+
+
+def _plot(data: bytes | None, alt: str) -> str:
+  if data is None:
+    return ''
+  # Plots are drawn at PLOT_DPI; shown at 96 dpi CSS pixels they stay sharp
+  # on high-density screens and readable on others.
+  width = round(_png_width(data) * 96 / visualize.PLOT_DPI)
+  return _img(data, alt, width=width)
+
+
+def _pct(v) -> str:
+  if v is None or (isinstance(v, float) and math.isnan(v)):
+    return 'n/a'
+  return f'{100.0 * float(v):.1f}'
+
+
+def _seconds(s) -> str:
+  if s is None:
+    return ''
+  s = float(s)
+  if s < 120:
+    return f'{s:.1f} s'
+  return f'{int(s // 60)} min {s % 60:02.0f} s'
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  if not os.path.isfile(path):
+    return []
+  out = []
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:  # A line cut short by a kill.
+        continue
+      if isinstance(record, dict) and 'pass' in record:
+        out.append(record)
+  return out
+
+
+# ---- report.html ------------------------------------------------------------
+
+
+def results_table_html(rows: list[dict], table_id: str = 'results') -> str:
+  """The results table (as report.results_table): a row per category, then
+  the texture, object and overall means; percent with one decimal."""
+  head = ''.join(f'<th class="num">{_e(h)}</th>' for h in report.HEADERS)
+  lines = [f'<table id="{_e(table_id)}"><thead><tr><th>Category</th>'
+           f'<th>Kind</th>{head}</tr></thead><tbody>']
+  for r in rows:
+    cells = ''.join(f'<td class="num">{_pct(r.get(m))}</td>'
+                    for m in report.METRICS)
+    lines.append(f'<tr data-category="{_e(r.get("category", ""))}"><td>'
+                 f'<a href="#cat-{_e(r.get("category", ""))}">'
+                 f'{_e(r.get("category", ""))}</a></td>'
+                 f'<td>{_e(r.get("kind", ""))}</td>{cells}</tr>')
+  avg = report.means(rows)
+  for key, label, _ in report.MEAN_ROWS:
+    if key in avg:
+      cells = ''.join(f'<td class="num">{_pct(avg[key][m])}</td>'
+                      for m in report.METRICS)
+      lines.append(f'<tr class="mean" data-category="{_e(label)}"><td>'
+                   f'{_e(label)}</td><td></td>{cells}</tr>')
+  lines.append('</tbody></table>')
+  return '\n'.join(lines)
+
+
+def _run_section(workdir: str, doc: dict) -> str:
+  extra = doc.get('extra', {})
+  config = extra.get('config', {})
+  b = config.get('backbone', {})
+  d = config.get('dataset', {})
+  t = config.get('train', {})
+  m = config.get('model', {})
+  noise = m.get('noise_rel' if m.get('noise_mode') == 'relative' else
+                'noise_std')
+  devices = extra.get('devices', [])
+  kv = [('Mode', extra.get('mode', '')),
+        ('Workdir', os.path.abspath(workdir)),
+        ('Backbone', f"{b.get('name', '?')}, layers "
+                     f"{', '.join(b.get('layers', []))}, {b.get('dtype', '')}"
+                     + (' (random weights)' if b.get('random_init') else '')),
+        ('Data', f"{d.get('kind', '?')}"
+                 + (f" at {d['root']}" if d.get('kind') in ('mvtec', 'folder')
+                    else '') +
+                 f"; categories {', '.join(r['category'] for r in doc['rows'])}"
+                 f"; resize {d.get('resize')} crop {d.get('crop')}, textures "
+                 f"{d.get('texture_resize')}"),
+        ('Training', f"{t.get('num_passes')} passes, batch "
+                     f"{t.get('batch_size')}, noise {m.get('noise_mode')} "
+                     f"({noise})"),
+        ('Devices', f"{len(devices)}: {', '.join(devices)}")]
+  rows = ''.join(f'<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>' for k, v in kv)
+  out = [f'<section id="run"><h2>Run</h2><table class="kv">{rows}</table>']
+  timings = extra.get('timings')
+  if timings:
+    stages = [k for k in ('setup', 'train', 'evaluate')
+              if any(k in c for c in timings.get('categories', {}).values())]
+    head = ''.join(f'<th class="num">{_e(s)}</th>' for s in stages)
+    lines = [f'<h3>Wall time per stage</h3><table id="timings"><thead><tr>'
+             f'<th>Stage</th>{head}<th class="num">total</th></tr></thead>'
+             '<tbody>']
+    if 'backbone' in timings:
+      lines.append(f'<tr><td>load the backbone</td>'
+                   f'{"<td></td>" * len(stages)}<td class="num">'
+                   f'{_seconds(timings["backbone"])}</td></tr>')
+    for cat, ct in timings.get('categories', {}).items():
+      cells = ''.join(f'<td class="num">{_seconds(ct.get(s))}</td>'
+                      for s in stages)
+      name = cat
+      if ct.get('trained_with'):  # One shared training lap for the group.
+        name += ' (train: together with ' + ', '.join(
+            c for c in ct['trained_with'] if c != cat) + ')'
+      lines.append(f'<tr><td>{_e(name)}</td>{cells}<td class="num">'
+                   f'{_seconds(sum(ct.get(s, 0) for s in stages))}</td></tr>')
+    if 'total' in timings:
+      lines.append(f'<tr class="mean"><td>whole run (before the report)</td>'
+                   f'{"<td></td>" * len(stages)}<td class="num">'
+                   f'{_seconds(timings["total"])}</td></tr>')
+    lines.append('</tbody></table>')
+    out.append(''.join(lines))
+  out.append('<details><summary>Config</summary><pre>'
+             f'{_e(json.dumps(config, indent=2, ensure_ascii=False))}'
+             '</pre></details></section>')
+  return '\n'.join(out)
+
+
+def _decision(score, threshold, label: int | None = None) -> str:
+  """The decision at the threshold, and whether it was right when the label
+  is known."""
+  if threshold is None or score is None:
+    return ''
+  flagged = score > threshold
+  text = ('<span class="flag">anomalous</span>' if flagged else
+          '<span class="pass">normal</span>')
+  if label is not None:
+    text += {(True, 1): ' (caught)', (True, 0): ' (false alarm)',
+             (False, 1): ' (missed)', (False, 0): ' (correct)'}[
+                 (bool(flagged), int(label))]
+  return text
+
+
+def _galleries(cat_dir: str, rec: dict) -> str:
+  threshold = rec.get('threshold')
+  out = ['<h3>Heat maps</h3>']
+  lo, hi = rec.get('map_range') or (None, None)
+  h, w = rec.get('image_hw') or ('?', '?')
+  note = (f'At the evaluated resolution ({h}x{w} pixels, each drawn as a '
+          'block when enlarged); the white line outlines the ground truth.')
+  if lo is not None:
+    note += (f' Colours run from {lo:.4g} (blue) to {hi:.4g} (red), the '
+             'same for every image of this category.')
+  out.append(f'<p class="note">{_e(note)}</p>')
+  for key, heading, what in eval_record.GALLERIES:
+    indices = rec.get('galleries', {}).get(key, [])
+    out.append(f'<h4>{_e(heading)}</h4><p class="note">{_e(what)}, '
+               f'{"highest" if key != "false_negatives" else "lowest"} '
+               'first.</p>')
+    if not indices:
+      out.append('<p class="note">None in the test set.</p>')
+      continue
+    figs = []
+    for i in indices:
+      path = eval_record.tile_path(cat_dir, rec, i)
+      name, score = rec['names'][i], rec['scores'][i]
+      label = 'anomalous' if rec['labels'][i] else 'normal'
+      cap = (f'{_e(name)} &middot; {label} &middot; score '
+             f'{"n/a" if score is None else f"{score:.4g}"}')
+      decision = _decision(score, threshold, rec['labels'][i])
+      if decision:
+        cap += f' &middot; decision: {decision}'
+      if path and os.path.isfile(path):
+        with open(path, 'rb') as f:
+          img = _img(f.read(), f'{heading}: {name}', 'image/jpeg')
+      else:
+        img = '<p class="missing">tile missing</p>'
+      figs.append(f'<figure>{img}<figcaption>{cap}</figcaption></figure>')
+    out.append(f'<div class="gallery" data-gallery="{key}">{"".join(figs)}'
+               '</div>')
+  return '\n'.join(out)
+
+
+def _category_section(workdir: str, row: dict) -> str:
+  cat = row['category']
+  cat_dir = os.path.join(workdir, cat)
+  out = [f'<section class="category" id="cat-{_e(cat)}"><h2>{_e(cat)}'
+         f'<span class="kind">{_e(row.get("kind", ""))}</span></h2>']
+  rec = eval_record.load(cat_dir)
+  facts = [f'I-AUROC {_pct(row.get("image_auroc"))} %',
+           f'P-AUROC {_pct(row.get("pixel_auroc"))} %',
+           f'AUPRO {_pct(row.get("aupro"))} %']
+  if rec is not None:
+    labels = np.asarray(rec['labels'], bool)
+    scores = np.asarray([np.nan if s is None else s for s in rec['scores']])
+    facts.append(f'{labels.size} test images ({int((~labels).sum())} normal, '
+                 f'{int(labels.sum())} anomalous)')
+    facts.append(f'{rec.get("n_train")} training images'
+                 + (f', {rec["n_holdout"]} held out for the threshold'
+                    if rec.get('n_holdout') else ''))
+    facts.append(f'model after pass {rec.get("passes")}')
+  out.append(f'<p class="facts">{" &middot; ".join(_e(x) for x in facts)}</p>')
+  if rec is None:
+    out.append('<p class="missing">No evaluation record in '
+               f'{_e(eval_record.directory(cat_dir))} (report.html=False, or '
+               'evaluated by an older version): run --mode=eval to make it.'
+               '</p></section>')
+    return '\n'.join(out)
+  threshold = rec.get('threshold')
+  if threshold is not None:
+    flagged_n = int(np.sum(scores[~labels] > threshold))
+    flagged_a = int(np.sum(scores[labels] > threshold))
+    out.append(
+        f'<p class="facts">Decision threshold {threshold:.4g} '
+        f'({_e(rec.get("threshold_source", ""))}): images scoring above it '
+        f'are called anomalous. On the test set: {flagged_a} of '
+        f'{int(labels.sum())} anomalous images caught, {flagged_n} of '
+        f'{int((~labels).sum())} normal images falsely flagged.</p>')
+  plots = []
+  roc = rec.get('roc')
+  if roc:
+    plots.append(_plot(visualize.roc_plot(roc['fpr'], roc['tpr'],
+                                          row.get('image_auroc')),
+                       f'{cat}: image ROC curve'))
+  pro = rec.get('pro_curve')
+  if pro:
+    plots.append(_plot(visualize.pro_plot(pro['fpr'], pro['pro'],
+                                          rec['max_fpr'], row.get('aupro')),
+                       f'{cat}: PRO curve'))
+  plots.append(_plot(visualize.score_histogram(scores, labels, threshold),
+                     f'{cat}: histogram of test image scores'))
+  out.append('<div class="plots">' + ''.join(plots) + '</div>')
+  if not roc or not pro:
+    out.append('<p class="note">'
+               + ('No image ROC: the test set needs normal and anomalous '
+                  'images. ' if not roc else '')
+               + ('No PRO curve: the test set has no usable masks.'
+                  if not pro else '') + '</p>')
+  log = _read_jsonl(os.path.join(cat_dir, 'log.jsonl'))
+  final = {'pass': rec.get('passes'),
+           **{k: row.get(k) for k in report.METRICS}}
+  curves = visualize.training_curves(log, final)
+  out.append('<h3>Training</h3>')
+  out.append(_plot(curves, f'{cat}: training curves') if curves else
+             '<p class="note">No training log (log.jsonl).</p>')
+  out.append(_galleries(cat_dir, rec))
+  out.append("<h3>Feature spread (the paper's Fig. 3)</h3>")
+  fig3 = os.path.join(cat_dir, 'feature_std.png')
+  if os.path.isfile(fig3):
+    with open(fig3, 'rb') as f:
+      out.append('<p class="note">Per-dimension standard deviation of the '
+                 'training features before and after the adaptor.</p>'
+                 + _plot(f.read(), f'{cat}: feature std histogram'))
+  else:
+    out.append('<p class="note">Not drawn (eval.feature_histogram off, or the '
+               'feature cache was not used).</p>')
+  out.append('</section>')
+  return '\n'.join(out)
+
+
+def _page(title: str, subtitle: str, body: str) -> str:
+  return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+          '<meta name="viewport" content="width=device-width,initial-scale=1">'
+          f'<title>{_e(title)}</title><style>{_CSS}</style></head><body>'
+          f'<header><h1>{_e(title)}</h1><p>{_e(subtitle)}</p></header>'
+          f'<main>{body}</main></body></html>\n')
+
+
+def _atomic_write(path: str, text: str) -> str:
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(text)
+  os.replace(tmp, path)
+  return path
+
+
+def write_report(workdir: str) -> str:
+  """Renders <workdir>/report.html from results.json and the categories'
+  records; returns its path."""
+  with open(os.path.join(workdir, 'results.json'), encoding='utf-8') as f:
+    doc = json.load(f)
+  rows = doc['rows']
+  stamp = datetime.datetime.now().strftime('%Y-%m-%d %H:%M')
+  nav = ' '.join([('<a href="#run">Run</a>'), '<a href="#results">Results</a>']
+                 + [f'<a href="#cat-{_e(r["category"])}">{_e(r["category"])}'
+                    '</a>' for r in rows])
+  parts = [f'<nav>{nav}</nav>', _run_section(workdir, doc),
+           '<section id="results-section"><h2 id="results">Results</h2>',
+           '<p class="note">Percent; nan (undefined) shows as n/a. The same '
+           'numbers as results.json and the table printed at the end of the '
+           'run: the final model.</p>', results_table_html(rows)]
+  selected = doc.get('extra', {}).get('test_set_selected')
+  if selected:
+    parts += ['<h3>Test-set selected</h3><p class="note">Each row is the best '
+              "evaluated pass chosen on the test set (the released code's "
+              'protocol), not the final model.</p>',
+              results_table_html(selected, 'results-selected')]
+  parts.append('</section>')
+  parts += [_category_section(workdir, r) for r in rows]
+  title = f'SimpleNet report: {os.path.basename(os.path.abspath(workdir))}'
+  subtitle = (f'{doc.get("extra", {}).get("mode", "")} run, rendered {stamp} '
+              f'from {os.path.abspath(workdir)}')
+  return _atomic_write(os.path.join(workdir, REPORT),
+                       _page(title, subtitle, '\n'.join(parts)))
+
+
+# ---- predictions.html -------------------------------------------------------
+
+
+def _jpeg(path: str, max_width: int = 720) -> bytes:
+  """A heat-map PNG re-encoded as JPEG (photographs: a fraction of the size)."""
+  with Image.open(path) as im:
+    im = im.convert('RGB')
+    if im.size[0] > max_width:
+      h = round(im.size[1] * max_width / im.size[0])
+      im = im.resize((max_width, h), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, format='JPEG', quality=88)
+    return buf.getvalue()
+
+
+def write_predictions(out_dir: str, records: list[dict], category: str,
+                      threshold: float) -> str:
+  """<out_dir>/predictions.html: predict's images sorted by score, highest
+  first, with the decision and heat map; returns its path."""
+  ranked = sorted(records, key=lambda r: -r['score'])
+  n_flag = sum(r['anomalous'] for r in ranked)
+  common = (os.path.commonpath([os.path.dirname(r['path']) for r in ranked])
+            if ranked else '')
+  rows, figs = [], []
+  for i, r in enumerate(ranked):
+    decision = _decision(r['score'], threshold)
+    name = os.path.relpath(r['path'], common)
+    rows.append(f'<tr><td class="num">{i + 1}</td><td>{_e(name)}</td>'
+                f'<td class="num">{r["score"]:.4f}</td><td>{decision}</td>'
+                '</tr>')
+    if i < MAX_PREDICTION_IMAGES and os.path.isfile(r['heatmap']):
+      figs.append(f'<figure>{_img(_jpeg(r["heatmap"]), name, "image/jpeg")}'
+                  f'<figcaption>{i + 1}. {_e(name)} &middot; score '
+                  f'{r["score"]:.4f} &middot; {decision}</figcaption></figure>')
+  more = len(ranked) - len(figs)
+  body = [f'<section><h2>{len(ranked)} images, {n_flag} called anomalous'
+          '</h2>',
+          f'<p class="facts">Category {_e(category)}; images under '
+          f'{_e(common)}. An image is anomalous when its score is above the '
+          f'threshold {threshold:.4f}, fixed at training time from normal '
+          'images. Heat maps share the colour scale of normal images (red: '
+          'beyond anything normal looked like).</p>',
+          '<table id="predictions"><thead><tr><th class="num">#</th>'
+          '<th>Image</th><th class="num">Score</th><th>Decision</th></tr>'
+          f'</thead><tbody>{"".join(rows)}</tbody></table></section>',
+          f'<section><h2>Heat maps, highest score first</h2>'
+          f'<div class="gallery">{"".join(figs)}</div>'
+          + (f'<p class="note">{more} more not shown here; their heat maps '
+             f'are PNG files in {_e(out_dir)}.</p>' if more > 0 else '')
+          + '</section>']
+  stamp = datetime.datetime.now().strftime('%Y-%m-%d %H:%M')
+  return _atomic_write(
+      os.path.join(out_dir, PREDICTIONS),
+      _page(f'SimpleNet predictions: {category}',
+            f'rendered {stamp}; heat maps in {out_dir}', '\n'.join(body)))
+
+
+def main(argv):
+  if len(argv) != 2:
+    print('usage: python -m simplenet_jax.report_html WORKDIR', file=sys.stderr)
+    return 2
+  print(write_report(argv[1]))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv))
