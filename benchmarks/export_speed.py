@@ -33,7 +33,6 @@ from simplenet_jax import export  # pylint: disable=wrong-import-position
 from simplenet_jax import onnx_lowering  # pylint: disable=wrong-import-position
 from simplenet_jax import scoring  # pylint: disable=wrong-import-position
 from simplenet_jax import serve  # pylint: disable=wrong-import-position
-from simplenet_jax import train  # pylint: disable=wrong-import-position
 
 
 def machine() -> str:
@@ -84,7 +83,7 @@ def backends_for(name: str, size: int, weights_dir: str, tmp: str):
   module, backbone_vars = backbones.load_for_run(config.backbone)
   state = category_lib.state_template(config, config.model.target_embed_dim,
                                       1, key=jax.random.PRNGKey(1))
-  head = train.head_vars(state)
+  head = state.head_vars()
   hw = (size, size)
   predict_fn = scoring.make_predict_fn(module, config.backbone.layers,
                                        config.model, hw, config.eval.sigma)

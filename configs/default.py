@@ -40,6 +40,9 @@ def get_config():
   c.dataset.normal_class = -1  # -1 = each class in turn.
 
   c.model = ml_collections.ConfigDict()
+  # 'simplenet' (released: adaptor + discriminator) | 'knn' (PatchCore-style
+  # nearest-neighbour scoring on the same local features, no training).
+  c.model.method = 'simplenet'
   c.model.patch_size = 3
   c.model.pretrain_embed_dim = 1536
   c.model.target_embed_dim = 1536
@@ -49,6 +52,11 @@ def get_config():
   c.model.noise_std = 0.015  # 'relative': std = noise_rel * RMS(adapted).
   c.model.noise_rel = 0.2
   c.model.mix_noise = 1
+
+  # model.method='knn': the memory bank of training features.
+  c.knn = ml_collections.ConfigDict()
+  c.knn.coreset_fraction = 0.1  # PatchCore's default; 1.0 keeps every row.
+  c.knn.projection_dim = 128  # Random projection for the coreset selection.
 
   c.optim = ml_collections.ConfigDict()
   c.optim.variant = 'released'  # 'released' | 'paper' (see README).

@@ -149,7 +149,7 @@ def run(args) -> dict:
   state = train.create_train_state(jax.random.PRNGKey(0), config.model,
                                    config.optim, dim, steps, 1)
   state = parallel.put_replicated(state, mesh)
-  head = train.head_vars(state)
+  head = state.head_vars()
   predict_fn = scoring.make_predict_fn(module, layers, config.model, (s, s),
                                        config.eval.sigma)
   t_infer = _time(lambda: jax.block_until_ready(predict_fn(bvars, head,

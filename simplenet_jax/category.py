@@ -20,6 +20,7 @@ import numpy as np
 from simplenet_jax import checkpoint
 from simplenet_jax import data
 from simplenet_jax import feature_cache
+from simplenet_jax import knn
 from simplenet_jax import parallel
 from simplenet_jax import scoring
 from simplenet_jax import train
@@ -47,10 +48,16 @@ def category_key(seed: int, category: str) -> jax.Array:
                             zlib.crc32(category.encode()) & 0x7FFFFFFF)
 
 
-def state_template(config, embed_dim: int, steps_per_pass: int,
-                   key=None) -> train.TrainState:
-  """A freshly initialised TrainState of the config's shapes and optimiser:
-  the start of training, or the template a checkpoint is restored into."""
+def state_template(config, embed_dim: int, steps_per_pass: int, key=None,
+                   bank_rows: int = 0):
+  """A fresh state of the config's method, shapes and optimiser: the start
+  of training, or the template a checkpoint is restored into.
+
+  SimpleNet: an initialised TrainState. kNN: a MemoryBank of `bank_rows`
+  zero rows (what `knn.memory_bank` keeps of the training features).
+  """
+  if config.model.method == 'knn':
+    return knn.MemoryBank(bank=jnp.zeros((bank_rows, embed_dim), jnp.float32))
   key = jax.random.PRNGKey(0) if key is None else key
   return train.create_train_state(key, config.model, config.optim, embed_dim,
                                   steps_per_pass, config.train.num_passes)
@@ -58,7 +65,9 @@ def state_template(config, embed_dim: int, steps_per_pass: int,
 
 def fingerprint(config) -> str:
   """What must not change between a run and its continuation."""
-  keys = {k: config[k].to_dict() for k in ('backbone', 'model', 'optim')}
+  groups = ('backbone', 'model', 'optim') + (
+      ('knn',) if config.model.method == 'knn' else ())
+  keys = {k: config[k].to_dict() for k in groups}
   keys['seed'] = config.seed
   keys['train'] = {k: config.train[k] for k in ('batch_size', 'num_passes')}
   keys['holdout'] = config.threshold.holdout_fraction
@@ -132,9 +141,17 @@ class CategoryContext:
   def checkpoint_dir(self) -> str:
     return os.path.join(self.workdir, 'checkpoints')
 
-  def new_state(self) -> train.TrainState:
+  @property
+  def bank_rows(self) -> int:
+    """kNN: the rows its memory bank keeps of the training features."""
+    h, w = self.grid_hw
+    return knn.coreset_size(len(self.train_idx) * h * w,
+                            self.config.knn.coreset_fraction)
+
+  def new_state(self):
     return state_template(self.config, self.embed_dim, self.steps_per_pass,
-                          key=jax.random.fold_in(self.key, 0))
+                          key=jax.random.fold_in(self.key, 0),
+                          bank_rows=self.bank_rows)
 
   def checkpointer(self) -> checkpoint.Checkpointer:
     return checkpoint.Checkpointer(self.checkpoint_dir,
@@ -146,6 +163,7 @@ class CategoryContext:
                 kind=self.kind, image_hw=list(self.test_set.image_hw),
                 grid_hw=list(self.grid_hw), embed_dim=self.embed_dim,
                 steps_per_pass=self.steps_per_pass,
+                bank_rows=self.bank_rows, method=c.model.method,
                 backbone=c.backbone.name, layers=list(c.backbone.layers),
                 num_passes=c.train.num_passes, seed=c.seed,
                 fingerprint=fingerprint(c), **extra)

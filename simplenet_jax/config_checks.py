@@ -16,6 +16,7 @@ from simplenet_jax import backbones
 from simplenet_jax import data
 from simplenet_jax import evaluate
 from simplenet_jax import feature_cache
+from simplenet_jax import scoring
 from simplenet_jax import train
 from simplenet_jax.errors import UserError
 
@@ -159,6 +160,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(m.noise_std > 0, 'model.noise_std', f'is {m.noise_std}; must be > 0')
   _check(m.noise_rel > 0, 'model.noise_rel', f'is {m.noise_rel}; must be > 0')
   _check(m.mix_noise >= 1, 'model.mix_noise', f'is {m.mix_noise}; must be >= 1')
+
+  _one_of(config, 'model.method', scoring.METHODS)
+  k = config.knn
+  _check(0 < k.coreset_fraction <= 1, 'knn.coreset_fraction',
+         f'is {k.coreset_fraction}; must be in (0, 1] (1 = the whole bank)')
+  _check(k.projection_dim >= 1, 'knn.projection_dim',
+         f'is {k.projection_dim}; must be >= 1')
 
   o = config.optim
   _one_of(config, 'optim.variant', train.VARIANTS)

@@ -17,7 +17,6 @@ from simplenet_jax import eval_record
 from simplenet_jax import metrics
 from simplenet_jax import parallel
 from simplenet_jax import summaries
-from simplenet_jax import train
 from simplenet_jax import visualize
 from simplenet_jax.data import loader
 
@@ -28,7 +27,7 @@ VISUALIZE = ('none', 'top', 'all')
 def _predict_batches(ctx, state, dataset, indices=None, batch_size=None):
   """Yields (batch, outputs) with outputs as numpy, padding removed."""
   c = ctx.config
-  hv = train.head_vars(state)
+  hv = state.head_vars()
   batch_size = batch_size or c.eval.batch_size
   for batch in loader.batches(dataset, batch_size, indices=indices,
                               num_workers=c.dataset.num_workers,

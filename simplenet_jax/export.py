@@ -15,11 +15,11 @@
 `simplenet_jax.serve` is a runtime for these folders that needs neither JAX
 nor this package.
 
-The one part that depends on `model.method` is the scorer: `SCORERS` maps a
-method to a function that restores a category's trained state and returns
-the closure to export, fn(images uint8 (N, H, W, 3)) -> (scores (N,),
-maps (N, H, W)). Everything else (the files, the checks, the metadata) is
-shared, so a new method only adds its scorer.
+The one part that depends on `model.method` is the scorer: `_scorer`
+restores a category's trained state (a TrainState or a kNN memory bank) and
+`scoring.make_export_fn` closes over it, fn(images uint8 (N, H, W, 3)) ->
+(scores (N,), maps (N, H, W)). Everything else (the files, the checks, the
+metadata) is shared.
 
 A folder is written under a temporary name and renamed when complete; an
 earlier export is replaced, a folder holding anything else is refused.
@@ -45,7 +45,6 @@ from simplenet_jax import checkpoint
 from simplenet_jax import data
 from simplenet_jax import onnx_lowering
 from simplenet_jax import scoring
-from simplenet_jax import train
 from simplenet_jax.errors import UserError
 
 FORMAT = 'simplenet-jax-export'
@@ -69,34 +68,24 @@ def export_dir(workdir: str, category: str) -> str:
 # ---- scorers: model.method -> the function to export ------------------------
 
 
-def method(config) -> str:
-  """The config's model.method ('simplenet' until other methods exist)."""
-  return config.model.get('method', 'simplenet')
-
-
-def _simplenet_scorer(config, ckpt_dir: str, meta: dict) -> Callable:
-  """SimpleNet: backbone, 3x3 aggregation, the folded adaptor+discriminator,
-  image score = max patch score, maps upsampled and smoothed."""
+def _scorer(config, ckpt_dir: str, meta: dict) -> Callable:
+  """Restores the trained state once; returns build(backbone module,
+  backbone variables) -> fn(images) -> (scores, maps), jittable with a
+  symbolic batch. `build` is called with the backbone as predict runs it
+  (for jax.export) and with `backbones.onnx_variant` of it."""
   template = category_lib.state_template(config, meta['embed_dim'],
-                                         meta['steps_per_pass'])
+                                         meta['steps_per_pass'],
+                                         bank_rows=meta.get('bank_rows', 0))
   _, state, _ = checkpoint.require_latest(ckpt_dir, template,
                                           check_meta=_fingerprint_check(
                                               config, ckpt_dir))
-  head = train.head_vars(state)
+  head = state.head_vars()
 
   def build(module, backbone_vars):
     return scoring.make_export_fn(module, config.backbone.layers,
                                   config.model, backbone_vars, head,
                                   meta['image_hw'], config.eval.sigma)
   return build
-
-
-# model.method -> scorer(config, checkpoint folder, the checkpoint's
-# metadata), which restores the trained state once and returns
-# build(backbone module, backbone variables) -> fn(images) -> (scores, maps),
-# jittable with a symbolic batch. `build` is called with the backbone as
-# predict runs it (for jax.export) and with `backbones.onnx_variant` of it.
-SCORERS = {'simplenet': _simplenet_scorer}
 
 
 # ---- checks, before any work --------------------------------------------------
@@ -238,7 +227,7 @@ def metadata(config, category: str, meta: dict, files: dict) -> dict:
       'format_version': FORMAT_VERSION,
       'category': category,
       'kind': meta['kind'],
-      'method': method(config),
+      'method': config.model.method,
       'backbone': config.backbone.name,
       'layers': list(config.backbone.layers),
       'backbone_dtype': config.backbone.dtype,
@@ -305,7 +294,7 @@ def export_category(config, workdir: str, category: str, module,
   for e in os.listdir(parent):  # Left by an export that was killed.
     if e.startswith(_TMP_PREFIX):
       shutil.rmtree(os.path.join(parent, e), ignore_errors=True)
-  build = SCORERS[method(config)](config, ckpt_dir, meta)
+  build = _scorer(config, ckpt_dir, meta)
   fn_jax = build(module, backbone_vars)
   fn_onnx = build(backbones.onnx_variant(module), backbone_vars)
   tmp = os.path.join(parent, f'{_TMP_PREFIX}{os.getpid()}')
@@ -331,10 +320,6 @@ def export_category(config, workdir: str, category: str, module,
 def run(config, workdir: str) -> list[dict]:
   """Exports every requested trained category; returns one record each
   (category, path, files). Everything is checked before the backbone loads."""
-  m = method(config)
-  if m not in SCORERS:
-    raise UserError(f'config.model.method: {m!r} cannot be exported yet '
-                    f'(exportable: {", ".join(SCORERS)})')
   todo = []
   for category in _requested(config, workdir):
     ckpt_dir, meta = _checked_meta(config, workdir, category)

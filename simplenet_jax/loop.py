@@ -13,6 +13,7 @@ logs are those of training it alone.
 import functools
 import json
 import os
+import time
 
 from absl import logging
 import jax
@@ -23,6 +24,7 @@ from simplenet_jax import category
 from simplenet_jax import console
 from simplenet_jax import evaluate
 from simplenet_jax import feature_cache
+from simplenet_jax import knn
 from simplenet_jax import model as model_lib
 from simplenet_jax import parallel
 from simplenet_jax import summaries
@@ -86,7 +88,8 @@ class _CategoryRun:
                                        ctx.train_set, ctx.train_idx,
                                        c.eval.batch_size, c.train, c.dataset,
                                        ctx.mesh)
-    if self.start == 0 and c.model.noise_mode == 'relative':
+    if (self.start == 0 and c.model.method == 'simplenet' and
+        c.model.noise_mode == 'relative'):
       self.state = _calibrate(ctx, self.state, self.cache)
 
   def pass_plan(self, p: int):
@@ -142,7 +145,8 @@ class _CategoryRun:
       extra['best_on_test'] = self.best
     meta = ctx.meta(c.train.num_passes, **extra)
     self.ckpt.save(c.train.num_passes, state, meta)
-    if c.eval.feature_histogram and self.cache is not None:
+    if (c.eval.feature_histogram and self.cache is not None and
+        c.model.method == 'simplenet'):  # Adapted features: SimpleNet's.
       _feature_histogram(ctx, state, self.cache)
     return state, meta
 
@@ -164,9 +168,37 @@ def train_category(ctx: category.CategoryContext, tb=None):
   """
   run = _CategoryRun(ctx, tb)
   try:
-    return run.resume() or _train_alone(run, run.uses_cache())
+    finished = run.resume()
+    if finished:
+      return finished
+    if ctx.config.model.method == 'knn':
+      return _fit_memory_bank(run)
+    return _train_alone(run, run.uses_cache())
   finally:
     run.close()
+
+
+def _fit_memory_bank(run: _CategoryRun):
+  """model.method='knn': the coreset of every training feature is the
+  model; no passes (the log gets one record of the fit)."""
+  ctx, c = run.ctx, run.config
+  if not run.uses_cache():
+    raise UserError(
+        f'{ctx.category}: model.method=knn needs all training features on '
+        'the device (the memory bank is chosen from them) but they exceed '
+        'train.cache_max_gb; raise it or set train.cache_dtype=bfloat16')
+  t0 = time.perf_counter()
+  run.prepare(use_cache=True)
+  key = jax.random.fold_in(ctx.key, 2)
+  bank = knn.memory_bank(run.cache, key, c.knn.coreset_fraction,
+                         c.knn.projection_dim)
+  state = parallel.put_replicated(knn.MemoryBank(bank=bank), ctx.mesh)
+  jax.block_until_ready(state)
+  _append_jsonl(run.log_path, {
+      'pass': c.train.num_passes, 'bank_rows': int(bank.shape[0]),
+      'feature_rows': int(run.cache.shape[0] * run.cache.shape[1]),
+      'fit_s': time.perf_counter() - t0})
+  return run.finish(state)
 
 
 def _train_alone(run: _CategoryRun, use_cache: bool):
@@ -235,6 +267,9 @@ def train_categories(ctxs, tbs=None) -> list:
     for k, run in enumerate(runs):
       results[k] = run.resume()
       if results[k] is not None:
+        continue
+      if run.config.model.method == 'knn':
+        results[k] = _fit_memory_bank(run)  # No steps to share.
         continue
       if not run.uses_cache():
         results[k] = _train_alone(run, use_cache=False)

@@ -17,7 +17,6 @@ from simplenet_jax import data
 from simplenet_jax import parallel
 from simplenet_jax import report_html
 from simplenet_jax import scoring
-from simplenet_jax import train
 from simplenet_jax import visualize
 from simplenet_jax.data import inputs as data_inputs
 from simplenet_jax.data import loader
@@ -80,7 +79,8 @@ def run(config, workdir: str) -> list[dict]:
   module, backbone_vars = backbones.load_for_run(config.backbone)
   backbone_vars = parallel.put_replicated(backbone_vars, mesh)
   template = category_lib.state_template(config, meta['embed_dim'],
-                                         meta['steps_per_pass'])
+                                         meta['steps_per_pass'],
+                                         bank_rows=meta.get('bank_rows', 0))
   _, state, meta = checkpoint.require_latest(ckpt_dir, template,
                                              check_meta=check)
   if 'threshold' not in meta:
@@ -93,7 +93,7 @@ def run(config, workdir: str) -> list[dict]:
   inputs = data_inputs.ImageFiles(paths, geometry, hw)
   out_dir = os.path.join(workdir, 'predict', category)
   os.makedirs(out_dir, exist_ok=True)
-  head = parallel.put_replicated(train.head_vars(state), mesh)
+  head = parallel.put_replicated(state.head_vars(), mesh)
   threshold = float(meta['threshold'])
   vmin, vmax = meta.get('map_range', (None, None))
   scale = visualize.display_scale(hw)

