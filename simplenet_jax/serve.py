@@ -181,12 +181,19 @@ def _font(size: int = 11):
 
 
 def heatmap_image(image, amap, vmin, vmax, caption: str) -> Image.Image:
+  """visualize.heatmap_png's picture: the panels enlarged by a whole factor
+  (longer side near 256 px, pixel for pixel) under a caption strip."""
+  scale = max(1, round(256 / max(image.shape[:2])))
   panels = heatmap_panels(image, amap, vmin, vmax)
+  if scale > 1:
+    panels = np.repeat(np.repeat(panels, scale, axis=0), scale, axis=1)
+  size = 11 if scale == 1 else 14
   h, w = panels.shape[:2]
-  img = Image.new('RGB', (w, h + 16), (0, 0, 0))
-  img.paste(Image.fromarray(panels), (0, 16))
+  img = Image.new('RGB', (w, h + size + 5), (0, 0, 0))
+  img.paste(Image.fromarray(panels), (0, size + 5))
   safe = caption.encode('ascii', errors='replace').decode('ascii')
-  ImageDraw.Draw(img).text((3, 2), safe, fill=(255, 255, 255), font=_font())
+  ImageDraw.Draw(img).text((3, 2), safe, fill=(255, 255, 255),
+                           font=_font(size))
   return img
 
 

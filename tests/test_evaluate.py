@@ -136,7 +136,7 @@ def _ctx(n_images, batch_size, shapes):
 def test_test_images_in_order_in_full_batches_only():
   shapes = []
   ctx = _ctx(11, 4, shapes)
-  state = types.SimpleNamespace(params={}, batch_stats={})
+  state = types.SimpleNamespace(head_vars=lambda: {})
   got = list(images_of(ctx, state, [9, 2, 5, 6, 7]))
   assert [g[0] for g in got] == [9, 2, 5, 6, 7]
   for index, image, amap, mask in got:

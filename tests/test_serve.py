@@ -126,8 +126,10 @@ def test_heatmap_matches_visualize(tmp_path):
   image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
   amap = rng.standard_normal((40, 50)).astype(np.float32)
   for lo, hi in ((-1.0, 1.5), (0.3, 0.3)):
+    # As predict draws it: enlarged to its display scale (5 for 40x50).
     visualize.heatmap_png(amap, image, str(tmp_path / 'a.png'), lo, hi,
-                          caption='score 1.2345 thr 0.5000')
+                          caption='score 1.2345 thr 0.5000',
+                          scale=visualize.display_scale(image.shape[:2]))
     ours = serve.heatmap_image(image, amap, lo, hi, 'score 1.2345 thr 0.5000')
     with PIL.Image.open(tmp_path / 'a.png') as want:
       np.testing.assert_array_equal(np.asarray(ours), np.asarray(want))
