@@ -16,6 +16,7 @@ import numpy as np
 from simplenet_jax import eval_record
 from simplenet_jax import metrics
 from simplenet_jax import parallel
+from simplenet_jax import scoring
 from simplenet_jax import summaries
 from simplenet_jax import visualize
 from simplenet_jax.data import loader
@@ -47,24 +48,48 @@ def normal_statistics(ctx, state, dataset, indices):
   return np.concatenate(scores), [lo, hi]
 
 
-def decision_threshold(ctx, state) -> dict:
+def decision_threshold(ctx, state, cache=None) -> dict:
   """Quantile of image scores on normal images the model did not train on.
 
   Also stores the range of those images' anomaly maps: predict mode draws its
   heat maps on that scale, so red means "beyond anything normal looked like".
+  Without a hold-out the training images themselves are scored, from the
+  feature cache when given (N, h*w, D) (no second backbone pass over them).
   """
   if len(ctx.holdout_idx):
     idx = ctx.holdout_idx
     source = f'{len(idx)} held-out normal training images'
+    scores, map_range = normal_statistics(ctx, state, ctx.train_set, idx)
   else:
     idx = ctx.train_idx
     source = f'{len(idx)} training images (in-sample: no hold-out)'
-  scores, map_range = normal_statistics(ctx, state, ctx.train_set, idx)
+    if cache is not None:
+      scores, map_range = _cached_statistics(ctx, state, cache)
+    else:
+      scores, map_range = normal_statistics(ctx, state, ctx.train_set, idx)
   q = ctx.config.threshold.quantile
   return dict(threshold=float(np.quantile(scores, q)),
               threshold_quantile=float(q),
               threshold_source=f'quantile {q} of image scores over {source}',
               map_range=map_range)
+
+
+def _cached_statistics(ctx, state, cache):
+  """`normal_statistics` of the training images, from their cached
+  features (row i of the cache is ctx.train_set[ctx.train_idx[i]])."""
+  c = ctx.config
+  fn = scoring.make_cached_features_fn(c.model, ctx.test_set.image_hw,
+                                       c.eval.sigma)
+  head = state.head_vars()
+  h, w = ctx.grid_hw
+  scores, lo, hi = [], np.inf, -np.inf
+  for start in range(0, cache.shape[0], c.eval.batch_size):
+    feats = cache[start:start + c.eval.batch_size]
+    out = fn(head, feats.reshape(feats.shape[0], h, w, feats.shape[-1]))
+    scores.append(parallel.to_host(out['image_scores']))
+    maps = parallel.to_host(out['anomaly_maps'])
+    lo, hi = min(lo, float(maps.min())), max(hi, float(maps.max()))
+  return np.concatenate(scores), [lo, hi]
 
 
 def evaluate_category(ctx, state, meta, visualize_maps: bool = True,

@@ -140,7 +140,7 @@ class _CategoryRun:
     """The decision threshold, the final checkpoint and the Fig. 3
     histogram; returns (state, meta)."""
     ctx, c = self.ctx, self.config
-    extra = evaluate.decision_threshold(ctx, state)
+    extra = evaluate.decision_threshold(ctx, state, self.cache)
     if self.best is not None:
       extra['best_on_test'] = self.best
     meta = ctx.meta(c.train.num_passes, **extra)

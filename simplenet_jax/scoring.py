@@ -216,6 +216,29 @@ def make_export_fn(backbone_module, layers: Sequence[str], model_cfg,
   return fn
 
 
+def make_cached_features_fn(model_cfg, image_hw: Sequence[int],
+                            sigma: float):
+  """Jitted fn(head_vars, features (B, h, w, D)) -> {'image_scores' (B,),
+  'anomaly_maps' (B, H, W)}: `make_predict_fn`'s outputs from local features
+  already computed (the training feature cache), with no backbone pass."""
+  out_hw = (int(image_hw[0]), int(image_hw[1]))
+  sigma = float(sigma)
+
+  @jax.jit
+  def fn(head_vars, features):
+    features = features.astype(jnp.float32)
+    if model_cfg.method == 'knn':
+      scores = knn.patch_scores(head_vars['bank'], features)
+    else:
+      fused = fused_head(head_vars)
+      hidden = jnp.matmul(features, fused['kernel'],
+                          precision=_HIGHEST) + fused['bias']
+      scores = -(jax.nn.leaky_relu(hidden, 0.2) @ fused['tail'])
+    return {'image_scores': image_scores(scores),
+            'anomaly_maps': anomaly_maps(scores, out_hw, sigma)}
+  return fn
+
+
 def make_predict_fn(backbone_module, layers: Sequence[str], model_cfg,
                     image_hw: Sequence[int], sigma: float):
   """fn(backbone_vars, head_vars, images) -> dict of

@@ -149,3 +149,41 @@ def test_test_images_in_order_in_full_batches_only():
   got = list(images_of(ctx, state, [1]))
   assert [g[0] for g in got] == [1] and shapes == [3]
   assert not list(images_of(ctx, state, []))
+
+
+@pytest.mark.parametrize('method', ['simplenet', 'knn'])
+def test_threshold_from_the_feature_cache_equals_a_backbone_pass(method,
+                                                                 tmp_path):
+  """Without a hold-out the threshold scores the training images: from
+  their cached features (what training does) it must equal scoring them
+  through the backbone again."""
+  from simplenet_jax import category as category_lib  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import feature_cache  # pylint: disable=g-import-not-at-top
+  cfg = get_config()
+  cfg.model.method = method
+  cfg.model.pretrain_embed_dim = cfg.model.target_embed_dim = D
+  cfg.model.hidden = 8
+  cfg.knn.coreset_fraction = 0.5
+  cfg.dataset.num_workers = 2
+  cfg.eval.batch_size = 3  # Uneven batches over 7 images.
+  cfg.threshold.holdout_fraction = 0.0
+  cfg.threshold.quantile = 0.9
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  ctx = category_lib.CategoryContext.from_datasets(
+      cfg, str(tmp_path), 'tiny', 'object', helpers.TinyBackbone(),
+      helpers.tiny_backbone_vars(), mesh, helpers.RandomImages(7, SIZE),
+      _DefectImages(4))
+  cache = feature_cache.build(ctx.feature_fn, ctx.backbone_vars,
+                              ctx.train_set, ctx.train_idx, 3, cfg.train,
+                              cfg.dataset, mesh)
+  state = ctx.new_state()
+  if method == 'knn':
+    from simplenet_jax import knn  # pylint: disable=g-import-not-at-top
+    state = knn.MemoryBank(bank=knn.memory_bank(
+        cache, jax.random.PRNGKey(0), cfg.knn.coreset_fraction))
+  cached = evaluate.decision_threshold(ctx, state, cache)
+  passed = evaluate.decision_threshold(ctx, state)
+  assert cached['threshold_source'] == passed['threshold_source']
+  assert cached['threshold'] == pytest.approx(passed['threshold'], rel=1e-5)
+  np.testing.assert_allclose(cached['map_range'], passed['map_range'],
+                             rtol=1e-5, atol=1e-6)
