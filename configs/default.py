@@ -48,10 +48,38 @@ def get_config():
   c.model.target_embed_dim = 1536
   c.model.hidden = 1024  # Discriminator hidden width (released: dsc_hidden).
   c.model.margin = 0.5
-  c.model.noise_mode = 'absolute'  # 'absolute': std = noise_std.
-  c.model.noise_std = 0.015  # 'relative': std = noise_rel * RMS(adapted).
+  # 'absolute' (released): std = noise_std. 'relative': std = noise_rel x
+  # RMS of the adapted features. 'spread': std = noise_rel x their centred
+  # spread sqrt(mean per-dimension variance), which transfers across
+  # backbones (see docs/quality.md).
+  c.model.noise_mode = 'absolute'
+  c.model.noise_std = 0.015
   c.model.noise_rel = 0.2
   c.model.mix_noise = 1
+
+  # Anomaly synthesis of SimpleNet's successors (model.method='simplenet'),
+  # all off = the released SimpleNet. Lengths are in units of the noise norm
+  # rho = noise std x sqrt(D) (0.59 for the released WRN50-2 settings).
+  c.synthesis = ml_collections.ConfigDict()
+  # GLASS's gradient-ascent synthesis: 'none' | 'manifold' | 'hypersphere'.
+  c.synthesis.gas = 'none'
+  c.synthesis.gas_steps = 20  # Ascent steps per training step (GLASS: 20).
+  c.synthesis.gas_every = 5  # Project onto the ring every this many steps.
+  c.synthesis.gas_step = 0.0017  # Step length / rho (GLASS: 0.001 at WRN50).
+  c.synthesis.gas_r1 = 0.85  # 'manifold' ring [r1, r2] / rho (GLASS:
+  c.synthesis.gas_r2 = 1.70  # 0.5 and 1.0 at WRN50).
+  c.synthesis.gas_quantile = 0.75  # 'hypersphere': r = this quantile.
+  # SuperSimpleNet's Perlin-masked feature noise (not with GAS).
+  c.synthesis.perlin = False
+  c.synthesis.perlin_threshold = 0.2  # Perlin value above which cells get noise.
+  c.synthesis.perlin_empty = 0.5  # Share of masks left empty.
+  # GLASS's local anomaly synthesis: weight of its focal loss (0 = off).
+  c.synthesis.las_weight = 0.0
+  c.synthesis.las_variants = 4  # LAS images made and cached per image.
+  c.synthesis.focal_gamma = 2.0
+  c.synthesis.focal_hard = 0.5  # Keep the hardest 1 - this of LAS patches.
+  c.synthesis.texture_dir = ''  # Texture images (e.g. DTD); '' = procedural.
+  c.synthesis.recolour = True  # Textures take each image's colours.
 
   # model.method='knn': the memory bank of training features.
   c.knn = ml_collections.ConfigDict()

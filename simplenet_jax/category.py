@@ -21,6 +21,7 @@ from simplenet_jax import checkpoint
 from simplenet_jax import data
 from simplenet_jax import feature_cache
 from simplenet_jax import knn
+from simplenet_jax import synthesis
 from simplenet_jax import parallel
 from simplenet_jax import scoring
 from simplenet_jax import train
@@ -66,7 +67,9 @@ def state_template(config, embed_dim: int, steps_per_pass: int, key=None,
 def fingerprint(config) -> str:
   """What must not change between a run and its continuation."""
   groups = ('backbone', 'model', 'optim') + (
-      ('knn',) if config.model.method == 'knn' else ())
+      ('knn',) if config.model.method == 'knn' else ()) + (
+          ('synthesis',) if synthesis.SynthesisConfig.from_config(
+              config.synthesis).active else ())
   keys = {k: config[k].to_dict() for k in groups}
   keys['seed'] = config.seed
   keys['train'] = {k: config.train[k] for k in ('batch_size', 'num_passes')}

@@ -8,6 +8,7 @@ here only; the library's functions trust a validated config. Command-line
 errors (flags, the config file itself) are `cli.py`'s.
 """
 
+import os
 import re
 
 import ml_collections
@@ -17,6 +18,7 @@ from simplenet_jax import data
 from simplenet_jax import evaluate
 from simplenet_jax import feature_cache
 from simplenet_jax import scoring
+from simplenet_jax import synthesis
 from simplenet_jax import train
 from simplenet_jax.errors import UserError
 
@@ -167,6 +169,35 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          f'is {k.coreset_fraction}; must be in (0, 1] (1 = the whole bank)')
   _check(k.projection_dim >= 1, 'knn.projection_dim',
          f'is {k.projection_dim}; must be >= 1')
+
+  y = config.synthesis
+  _one_of(config, 'synthesis.gas', synthesis.GAS_MODES)
+  for key in ('gas_steps', 'gas_every', 'las_variants'):
+    _check(y[key] >= 1, f'synthesis.{key}', f'is {y[key]}; must be >= 1')
+  for key in ('gas_step', 'gas_r1'):
+    _check(y[key] > 0, f'synthesis.{key}', f'is {y[key]}; must be > 0')
+  _check(y.gas_r2 >= y.gas_r1, 'synthesis.gas_r2',
+         f'is {y.gas_r2}; must be >= synthesis.gas_r1={y.gas_r1}')
+  _check(0 < y.gas_quantile < 1, 'synthesis.gas_quantile',
+         f'is {y.gas_quantile}; must be in (0, 1)')
+  _check(not (y.perlin and y.gas != 'none'), 'synthesis.perlin',
+         f'cannot be combined with synthesis.gas={y.gas!r}; use one of them')
+  _check(-1 < y.perlin_threshold < 1, 'synthesis.perlin_threshold',
+         f'is {y.perlin_threshold}; must be in (-1, 1) (Perlin values)')
+  _check(0 <= y.perlin_empty < 1, 'synthesis.perlin_empty',
+         f'is {y.perlin_empty}; must be in [0, 1)')
+  for key in ('las_weight', 'focal_gamma'):
+    _check(y[key] >= 0, f'synthesis.{key}', f'is {y[key]}; must be >= 0')
+  _check(0 <= y.focal_hard < 1, 'synthesis.focal_hard',
+         f'is {y.focal_hard}; must be in [0, 1)')
+  _check(not y.texture_dir or os.path.isdir(y.texture_dir),
+         'synthesis.texture_dir',
+         f'{y.texture_dir!r} is not a folder; give a folder of texture '
+         "images (e.g. DTD's images/) or '' for procedural textures")
+  _check(m.method == 'simplenet' or
+         not synthesis.SynthesisConfig.from_config(y).active,
+         'synthesis', f'switches apply to model.method=simplenet, not '
+         f'{m.method!r}; turn them off')
 
   o = config.optim
   _one_of(config, 'optim.variant', train.VARIANTS)

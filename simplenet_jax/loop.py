@@ -28,6 +28,7 @@ from simplenet_jax import knn
 from simplenet_jax import model as model_lib
 from simplenet_jax import parallel
 from simplenet_jax import summaries
+from simplenet_jax import synthesis
 from simplenet_jax import train
 from simplenet_jax import visualize
 from simplenet_jax.data import loader
@@ -48,10 +49,14 @@ class _CategoryRun:
     self.config = ctx.config
     self.ckpt = ctx.checkpointer()
     self.log_path = os.path.join(ctx.workdir, 'log.jsonl')
+    self.syn = synthesis.SynthesisConfig.from_config(self.config.synthesis)
     self.best = None
     self.cache = None
+    # Synthesis inputs (`synthesis.make_cached_step`), set by `prepare`.
+    self.centre = self.las_cache = self.las_labels = None
     self.state = None
     self.start = 0
+    self.pass_t0 = 0.0  # When the current pass began (its log's pass_s).
 
   def resume(self):
     """Restores the latest checkpoint; returns (state, meta) if training had
@@ -76,25 +81,44 @@ class _CategoryRun:
     return None
 
   def uses_cache(self) -> bool:
+    """Whether the training features (and LAS images' features) are
+    cached; synthesis needs them cached."""
     ctx, c = self.ctx, self.config
-    return feature_cache.fits(len(ctx.train_idx), ctx.grid_hw, ctx.embed_dim,
-                              c.train)
+    images = len(ctx.train_idx) * (1 + (self.syn.las_variants
+                                        if self.syn.las else 0))
+    use = feature_cache.fits(images, ctx.grid_hw, ctx.embed_dim, c.train)
+    if self.syn.active and not use and c.model.method == 'simplenet':
+      raise UserError(
+          f'{ctx.category}: the synthesis.* switches need the training '
+          'features cached on the device, but they exceed '
+          'train.cache_max_gb (or train.cache_features is off); raise it, '
+          'set train.cache_dtype=bfloat16'
+          + (' or lower synthesis.las_variants' if self.syn.las else ''))
+    return use
 
   def prepare(self, use_cache: bool) -> None:
-    """Builds the feature cache (if used) and calibrates the noise."""
+    """Builds the feature cache (if used), calibrates the noise and makes
+    what the synthesis switches need (all deterministic: a resumed run
+    rebuilds the same)."""
     ctx, c = self.ctx, self.config
     if use_cache:
       self.cache = feature_cache.build(ctx.feature_fn, ctx.backbone_vars,
                                        ctx.train_set, ctx.train_idx,
                                        c.eval.batch_size, c.train, c.dataset,
                                        ctx.mesh)
-    if (self.start == 0 and c.model.method == 'simplenet' and
-        c.model.noise_mode == 'relative'):
+    if c.model.method != 'simplenet':
+      return
+    if self.start == 0 and c.model.noise_mode in ('relative', 'spread'):
       self.state = _calibrate(ctx, self.state, self.cache)
+    if self.syn.gas == 'hypersphere':
+      self.centre = _centre(self.cache, ctx.grid_hw)
+    if self.syn.las:
+      self.las_cache, self.las_labels = _las_cache(self)
 
   def pass_plan(self, p: int):
     """(order, noise_key) of pass p: the shuffled training images (cache
     rows) and the key whose fold_in(., step) is each step's noise key."""
+    self.pass_t0 = time.perf_counter()
     pass_key = jax.random.fold_in(jax.random.fold_in(self.ctx.key, 1), p)
     perm_key, noise_key = jax.random.split(pass_key)
     order = np.asarray(jax.random.permutation(perm_key,
@@ -117,7 +141,8 @@ class _CategoryRun:
           f'{self.ckpt.directory}. Lower optim.adaptor_lr/optim.disc_lr or '
           'check the training images.')
     record = {'pass': p + 1, **means,
-              **_learning_rates(c, ctx.steps_per_pass, p)}
+              **_learning_rates(c, ctx.steps_per_pass, p),
+              'pass_s': round(time.perf_counter() - self.pass_t0, 4)}
     logging.info('%s pass %d/%d: loss %.4f p_true %.3f p_fake %.3f',
                  ctx.category, p + 1, num_passes, means['loss'],
                  means['p_true'], means['p_fake'])
@@ -207,7 +232,12 @@ def _train_alone(run: _CategoryRun, use_cache: bool):
   num_passes, bs = c.train.num_passes, c.train.batch_size
   run.prepare(use_cache)
   state, cache, steps = run.state, run.cache, ctx.steps_per_pass
-  if use_cache:
+  if run.syn.active:
+    step_fn = functools.partial(
+        synthesis.make_cached_step(ctx.mesh, ctx.grid_hw, run.syn),
+        centre=run.centre, las_cache=run.las_cache,
+        las_labels=run.las_labels)
+  elif use_cache:
     step_fn = train.make_cached_step(ctx.mesh, ctx.embed_dim)
   else:
     step_fn = train.make_features_step(ctx.mesh, ctx.embed_dim)
@@ -271,8 +301,10 @@ def train_categories(ctxs, tbs=None) -> list:
       if run.config.model.method == 'knn':
         results[k] = _fit_memory_bank(run)  # No steps to share.
         continue
-      if not run.uses_cache():
-        results[k] = _train_alone(run, use_cache=False)
+      use_cache = run.uses_cache()
+      if not use_cache or run.syn.active:
+        # Recomputed features, or a step of another shape: alone.
+        results[k] = _train_alone(run, use_cache)
         continue
       groups.setdefault(jax.tree.structure(run.state), []).append(k)
     for members in groups.values():
@@ -366,6 +398,42 @@ def _calibrate(ctx, state, cache):
   logging.info('%s: noise std %.5f (%s mode)', ctx.category,
                float(state.noise_std), ctx.config.model.noise_mode)
   return state
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _centre(cache, grid_hw):
+  """(h, w, D) mean training feature per position (GAS 'hypersphere')."""
+  return cache.astype(jnp.float32).mean(0).reshape(*grid_hw, -1)
+
+
+def _las_cache(run: _CategoryRun):
+  """LAS: `synthesis.las_variants` defect images per training image, made
+  once and run through the backbone; returns their features (K, N, h*w, D)
+  and defect labels (K, N, h*w), replicated."""
+  ctx, c, syn = run.ctx, run.config, run.syn
+  t0 = time.perf_counter()
+  key = jax.random.fold_in(ctx.key, 3)
+  textures = synthesis.texture_bank(
+      synthesis.TEXTURES, ctx.train_set.image_hw,
+      seed=int(jax.random.randint(jax.random.fold_in(key, 0), (), 0, 2**30)),
+      texture_dir=syn.texture_dir)
+  feats, labels = [], []
+  for v in range(syn.las_variants):
+    vkey = jax.random.fold_in(jax.random.fold_in(key, 1), v)
+    images = synthesis.LASImages(ctx.train_set, vkey, textures, syn.recolour)
+    feats.append(feature_cache.build(
+        ctx.feature_fn, ctx.backbone_vars, images, ctx.train_idx,
+        c.eval.batch_size, c.train, c.dataset, ctx.mesh,
+        grid_hw=ctx.grid_hw, dim=ctx.embed_dim))
+    labels.append(synthesis.las_labels(vkey, ctx.train_idx,
+                                       ctx.train_set.image_hw, ctx.grid_hw))
+  feats = parallel.put_replicated(jnp.stack(feats), ctx.mesh)
+  labels = parallel.put_replicated(jnp.asarray(np.stack(labels)), ctx.mesh)
+  logging.info('%s: %d LAS images per training image in %.1f s (%.1f%% of '
+               'their feature cells defective)', ctx.category,
+               syn.las_variants, time.perf_counter() - t0,
+               100 * float(labels.mean()))
+  return feats, labels
 
 
 def _feature_histogram(ctx, state, cache):

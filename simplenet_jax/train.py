@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence, Union
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from simplenet_jax import model as model_lib
@@ -23,7 +24,9 @@ from simplenet_jax import parallel
 
 # Allowed values of model.noise_mode and optim.variant (config_checks
 # enforces them; the functions here trust a validated config).
-NOISE_MODES = ('absolute', 'relative')
+# 'relative': std = noise_rel x uncentred RMS of the adapted features;
+# 'spread': std = noise_rel x their centred spread (see feature_spread).
+NOISE_MODES = ('absolute', 'relative', 'spread')
 VARIANTS = ('released', 'paper')
 # Released: CosineAnnealingLR(dsc_opt, T_max, eta_min=dsc_lr * .4).
 COS_LR_FLOOR = 0.4
@@ -36,7 +39,8 @@ class TrainState(flax.struct.PyTreeNode):
   batch_stats: {'discriminator': {'bn': {'mean', 'var'}}} (BatchNorm running
     statistics).
   noise_std: f32 scalar, the std of the anomalous-feature noise (fixed for
-    'absolute', measured once by `calibrate_noise` for 'relative').
+    'absolute', measured once by `calibrate_noise` for 'relative' and
+    'spread').
   tx, margin, mix_noise: static, rebuilt from the config by
     `create_train_state`.
   """
@@ -126,7 +130,7 @@ def _top_level_labels(params):
   return {k: jax.tree.map(lambda _, k=k: k, v) for k, v in params.items()}
 
 
-def _modules(params):
+def head_modules(params):
   """The head's modules, sized from the parameters they will be applied to."""
   dim = params['adaptor']['fc']['kernel'].shape[1]
   hidden = params['discriminator']['fc']['kernel'].shape[1]
@@ -149,8 +153,8 @@ def create_train_state(key: jax.Array, model_cfg, optim_cfg, embed_dim: int,
                        steps_per_pass: int, num_passes: int) -> TrainState:
   """Freshly initialised head (released init) and optimiser.
 
-  With model.noise_mode 'relative', noise_std is NaN until `calibrate_noise`
-  sets it; training before that gives NaN losses.
+  With model.noise_mode 'relative' or 'spread', noise_std is NaN until
+  `calibrate_noise` sets it; training before that gives NaN losses.
   """
   params, batch_stats = _init_head(key, int(embed_dim), int(model_cfg.hidden))
   tx = make_optimizer(optim_cfg, steps_per_pass, num_passes)
@@ -182,7 +186,7 @@ def loss_fn(params, batch_stats, features, noise, margin,
     (loss, (metrics, new_batch_stats, scores)); scores (2N,) are the
     discriminator's train-mode outputs on [adapted; fake].
   """
-  _, disc = _modules(params)
+  _, disc = head_modules(params)
   # The adaptor and the discriminator's first Linear are both affine:
   # fc(x A + a) = x (A W) + (a W + w) and fc(fake) = fc(adapted) + noise W.
   # Folding A W once per step skips the (N, D) x (D, D) products, forward
@@ -220,10 +224,16 @@ def train_step_with_noise(state: TrainState, features, noise,
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (_, (metrics, batch_stats, _)), grads = grad_fn(
       state.params, state.batch_stats, features, noise, state.margin, mask)
+  return apply_gradients(state, grads, batch_stats), metrics
+
+
+def apply_gradients(state: TrainState, grads, batch_stats) -> TrainState:
+  """One optimiser step: the state after `grads`, with the BatchNorm
+  statistics of the step's train-mode forward pass."""
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   return state.replace(step=state.step + 1, params=params,
-                       batch_stats=batch_stats, opt_state=opt_state), metrics
+                       batch_stats=batch_stats, opt_state=opt_state)
 
 
 @jax.jit
@@ -252,7 +262,7 @@ def train_step(state: TrainState, features, key: jax.Array,
 
 @jax.jit
 def _adapt(params, features):
-  adaptor, _ = _modules(params)
+  adaptor, _ = head_modules(params)
   return adaptor.apply({'params': params['adaptor']},
                        jnp.asarray(features, jnp.float32))
 
@@ -279,15 +289,55 @@ def feature_rms(state: TrainState,
   return math.sqrt(total / count)
 
 
-def calibrate_noise(state: TrainState, model_cfg, features) -> TrainState:
-  """Sets noise_std per model.noise_mode: noise_std, or noise_rel * RMS.
+def feature_spread(state: TrainState,
+                   features: Union[jax.Array, Sequence[jax.Array]],
+                   chunk_rows: int = 16384) -> float:
+  """Centred spread of the adapted features: sqrt(mean_d Var_d).
 
-  For 'relative', the RMS of the adapted `features` (see `feature_rms`) with
-  the current adaptor; call once before training, the value then travels with
-  the state.
+  The square root of the mean per-dimension variance (= sqrt(trace(Cov) /
+  D)) of the adapted features (current adaptor). Unlike `feature_rms` it
+  ignores the features' mean, which says nothing about how far apart normal
+  features lie: ReLU6 features (EfficientNet-Lite) have large means, so
+  their RMS overstates the spread. Chunks are merged with Chan et al.'s
+  pairwise update in float64, so large means cost no precision. `features`
+  as in `feature_rms`.
+  """
+  arrays = [features] if hasattr(features, 'shape') else list(features)
+  count, mean, m2 = 0, None, None
+  for f in arrays:
+    rows = f.reshape(-1, f.shape[-1])
+    for start in range(0, rows.shape[0], chunk_rows):
+      a = np.asarray(_adapt(state.params, rows[start:start + chunk_rows]),
+                     np.float64)
+      if a.shape[0] == 0:
+        continue
+      n_b, mean_b = a.shape[0], a.mean(0)
+      m2_b = np.square(a - mean_b).sum(0)
+      if count == 0:
+        count, mean, m2 = n_b, mean_b, m2_b
+        continue
+      total = count + n_b
+      delta = mean_b - mean
+      mean = mean + delta * (n_b / total)
+      m2 = m2 + m2_b + np.square(delta) * (count * n_b / total)
+      count = total
+  if count == 0:
+    raise ValueError('feature_spread needs at least one feature vector.')
+  return math.sqrt(float(np.mean(m2 / count)))
+
+
+def calibrate_noise(state: TrainState, model_cfg, features) -> TrainState:
+  """Sets noise_std per model.noise_mode.
+
+  'absolute': noise_std (released). 'relative': noise_rel x the RMS of the
+  adapted `features` (`feature_rms`). 'spread': noise_rel x their centred
+  spread (`feature_spread`). Both with the current adaptor; call once
+  before training, the value then travels with the state.
   """
   if model_cfg.noise_mode == 'absolute':
     std = float(model_cfg.noise_std)
+  elif model_cfg.noise_mode == 'spread':
+    std = float(model_cfg.noise_rel) * feature_spread(state, features)
   else:
     std = float(model_cfg.noise_rel) * feature_rms(state, features)
   return state.replace(noise_std=jnp.asarray(std, jnp.float32))

@@ -298,12 +298,44 @@ def test_eval_or_predict_before_training(tmp_path, awkward_root,
     ('knn.coreset_fraction', 0.0, 'config.knn.coreset_fraction: is 0.0'),
     ('knn.projection_dim', 0, 'config.knn.projection_dim: is 0'),
     ('train.categories_per_step', 0, 'config.train.categories_per_step: is 0'),
+    ('synthesis.gas', 'sphere', "config.synthesis.gas: is 'sphere'; must be "
+     "one of ['none', 'manifold', 'hypersphere']"),
+    ('synthesis.gas_steps', 0, 'config.synthesis.gas_steps: is 0'),
+    ('synthesis.gas_r1', -1.0, 'config.synthesis.gas_r1: is -1.0'),
+    ('synthesis.gas_r2', 0.5, 'config.synthesis.gas_r2: is 0.5; must be >= '
+     'synthesis.gas_r1=0.85'),
+    ('synthesis.gas_quantile', 1.0, 'config.synthesis.gas_quantile: is 1.0'),
+    ('synthesis.perlin_threshold', 1.5,
+     'config.synthesis.perlin_threshold: is 1.5'),
+    ('synthesis.las_weight', -1.0, 'config.synthesis.las_weight: is -1.0'),
+    ('synthesis.las_variants', 0, 'config.synthesis.las_variants: is 0'),
+    ('synthesis.focal_hard', 1.0, 'config.synthesis.focal_hard: is 1.0'),
+    ('synthesis.texture_dir', '/no/such/textures',
+     "config.synthesis.texture_dir: '/no/such/textures' is not a folder"),
 ])
 def test_impossible_config_values(key, value, expected):
   from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   section, name = key.split('.')
   config[section][name] = value
+  with pytest.raises(UserError) as e:
+    config_checks.validate(config)
+  assert expected in str(e.value)
+
+
+@pytest.mark.parametrize('changes, expected', [
+    ({'synthesis.perlin': True, 'synthesis.gas': 'manifold'},
+     "config.synthesis.perlin: cannot be combined with synthesis.gas="
+     "'manifold'"),
+    ({'model.method': 'knn', 'synthesis.las_weight': 1.0},
+     "config.synthesis: switches apply to model.method=simplenet, not 'knn'"),
+])
+def test_synthesis_switches_that_do_not_combine(changes, expected):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  for key, value in changes.items():
+    section, name = key.split('.')
+    config[section][name] = value
   with pytest.raises(UserError) as e:
     config_checks.validate(config)
   assert expected in str(e.value)

@@ -17,9 +17,11 @@ import scipy.ndimage
 
 from configs import default
 from configs import mvtec
+from configs import glass
 from configs import mvtec_official
 from simplenet_jax import model
 from simplenet_jax import scoring
+from simplenet_jax import synthesis
 
 # key -> released value.
 RELEASED = {
@@ -67,6 +69,44 @@ def test_configs_keep_the_released_constants(module):
   config = module.get_config()
   got = {key: _get(config, key) for key in RELEASED}
   assert got == RELEASED
+
+
+@pytest.mark.parametrize('module', [default, mvtec, mvtec_official],
+                         ids=lambda m: m.__name__)
+def test_released_configs_train_without_synthesis(module):
+  syn = synthesis.SynthesisConfig.from_config(module.get_config().synthesis)
+  assert not syn.active  # train.train_step, the released step, is used.
+
+
+def test_glass_config_keeps_glass_published_settings():
+  # GLASS's shell/run-mvtec.sh: --meta_epochs 640 --noise 0.015 --radius 0.75
+  # --p 0.5 --step 20, --batch_size 8 --resize 288 --imagesize 288, WRN50-2
+  # layers 2+3 at 1536 dims, dsc_hidden 1024; FocalLoss gamma 2 (loss.py).
+  c = glass.get_config()
+  got = {k: _get(c, k) for k in (
+      'train.num_passes', 'model.noise_std', 'synthesis.gas_quantile',
+      'synthesis.focal_hard', 'synthesis.gas_steps', 'synthesis.gas_every',
+      'train.batch_size', 'dataset.resize', 'dataset.crop',
+      'dataset.texture_resize', 'backbone.name', 'backbone.layers',
+      'model.target_embed_dim', 'model.hidden', 'model.noise_mode',
+      'synthesis.focal_gamma')}
+  assert got == {
+      'train.num_passes': 640, 'model.noise_std': 0.015,
+      'synthesis.gas_quantile': 0.75, 'synthesis.focal_hard': 0.5,
+      'synthesis.gas_steps': 20, 'synthesis.gas_every': 5,
+      'train.batch_size': 8, 'dataset.resize': 288, 'dataset.crop': 0,
+      'dataset.texture_resize': 288, 'backbone.name': 'wide_resnet50_2',
+      'backbone.layers': ('layer2', 'layer3'), 'model.target_embed_dim': 1536,
+      'model.hidden': 1024, 'model.noise_mode': 'absolute',
+      'synthesis.focal_gamma': 2.0}
+  syn = synthesis.SynthesisConfig.from_config(c.synthesis)
+  assert syn.gas != 'none' and syn.las and syn.texture_dir
+  # In WRN50-2 units (rho = 0.015 sqrt(1536)): GLASS's step 0.001 and
+  # manifold ring [0.5, 1.0].
+  rho = 0.015 * 1536**0.5
+  assert abs(c.synthesis.gas_step * rho - 0.001) < 2e-5
+  assert abs(c.synthesis.gas_r1 * rho - 0.5) < 0.01
+  assert abs(c.synthesis.gas_r2 * rho - 1.0) < 0.01
 
 
 def test_smoothing_truncates_at_4_sigma_as_scipy_does():

@@ -331,6 +331,16 @@ def test_relative_noise_calibration():
   assert float(abs_state.noise_std) == pytest.approx(abs_cfg.model.noise_std)
 
 
+def test_spread_noise_calibration():
+  # The centred spread ignores the features' mean: a large common offset
+  # (ReLU6-like) changes the RMS a lot and the spread not at all.
+  state, cfg = _small_state(noise_mode='spread', noise_rel=0.4)
+  assert np.isnan(float(state.noise_std))
+  rng = np.random.default_rng(0)
+  x = rng.normal(0.0, 2.0, size=(60, 8)).astype(np.float32)
+  fc = state.params['adaptor']['fc']
+
+
 def test_eval_scores_fused_and_reference_match_the_layers():
   """-D(adaptor(x)) in eval mode, written out with numpy (BatchNorm eps
   1e-5 as torch's), against the folded head of inference

@@ -1,0 +1,192 @@
+"""Anomaly-detection quality of SimpleNet-family heads vs kNN (issue 9).
+
+  python benchmarks/quality.py --sets cookies,brick,grass,gravel \
+      --rows released,rms,spread,gas_hypersphere,knn --seeds 0,1,2 \
+      --out runs/quality.jsonl
+  python benchmarks/quality.py --table --out runs/quality.jsonl
+
+Each (set, row, seed) is one training run of the library's own pipeline
+(experiment.run, what main.py calls) in its own workdir under --workdir:
+configs/demo.py's settings (EfficientNet-Lite0, 40 passes, batch 4) with
+the row's keys, the final model evaluated (no test-set selection). Rows are
+config overrides (ROWS); 'base+key=value+...' adds or changes keys, e.g.
+'spread+model.noise_rel=0.8'.
+
+Sets: cookies (../shared/datasets/cookies, 224 crop) and the offline demo's
+brick, grass, gravel (generated once under --workdir, 128 px). One JSON line
+per run goes to --out: the three metrics, the median seconds per pass
+(log.jsonl's pass_s, the first pass left out: it compiles), the training
+stage's wall time and the load average. --table prints mean +- spread (half
+the max - min range over seeds).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from configs import demo as demo_config  # pylint: disable=g-import-not-at-top
+from simplenet_jax import config_checks
+from simplenet_jax import experiment
+from simplenet_jax.data import demo as demo_data
+
+SETS = ('cookies', 'brick', 'grass', 'gravel')
+SHARED_DATASETS = os.path.join(os.path.dirname(ROOT), 'shared', 'datasets')
+METRICS = ('image_auroc', 'pixel_auroc', 'aupro')
+
+_SPREAD = {'model.noise_mode': 'spread', 'model.noise_rel': 0.4}
+ROWS = {
+    # Released SimpleNet: the WRN50-2 noise std.
+    'released': {'model.noise_mode': 'absolute', 'model.noise_std': 0.015},
+    # The old relative calibration: 0.2 x uncentred RMS.
+    'rms': {'model.noise_mode': 'relative', 'model.noise_rel': 0.2},
+    # The new one: noise_rel x centred spread (0.2 for like-for-like).
+    'spread': _SPREAD,
+    'spread_0.2': {'model.noise_mode': 'spread', 'model.noise_rel': 0.2},
+    'gas_manifold': {**_SPREAD, 'synthesis.gas': 'manifold'},
+    'gas_hypersphere': {**_SPREAD, 'synthesis.gas': 'hypersphere'},
+    'las': {**_SPREAD, 'synthesis.las_weight': 1.0},
+    'gas_las': {**_SPREAD, 'synthesis.gas': 'hypersphere',
+                'synthesis.las_weight': 1.0},
+    'perlin': {**_SPREAD, 'synthesis.perlin': True},
+    'knn': {'model.method': 'knn'},
+    'knn_full': {'model.method': 'knn', 'knn.coreset_fraction': 1.0},
+}
+
+
+def row_overrides(name: str) -> dict:
+  base, *extra = name.split('+')
+  if base not in ROWS:
+    raise SystemExit(f'unknown row {base!r}; rows: {", ".join(ROWS)}')
+  out = dict(ROWS[base])
+  for item in extra:
+    key, value = item.split('=', 1)
+    try:
+      value = json.loads(value)
+    except ValueError:
+      pass
+    out[key] = value
+  return out
+
+
+def set_config(name: str, row: str, seed: int, args):
+  """configs/demo.py pointed at one set, with the row's keys."""
+  c = demo_config.get_config()
+  c.seed = seed
+  c.backbone.weights_dir = args.weights_dir
+  c.dataset.num_workers = 2
+  c.dataset.kind = 'mvtec'
+  c.dataset.categories = (name,)
+  if name == 'cookies':
+    c.dataset.root = SHARED_DATASETS
+  else:  # The demo's categories, generated once, read as textures.
+    c.dataset.root = str(demo_data.build(
+        os.path.join(args.workdir, 'demo_data')))
+    c.dataset.textures = (name,)
+  if args.passes:
+    c.train.num_passes = args.passes
+  c.eval.visualize = 'none'
+  c.eval.feature_histogram = False
+  c.report.html = False
+  c.report.tensorboard = False
+  for key, value in row_overrides(row).items():
+    section, leaf = key.split('.')
+    c[section][leaf] = value
+  return config_checks.validate(c)
+
+
+def run_one(name: str, row: str, seed: int, args) -> dict:
+  config = set_config(name, row, seed, args)
+  workdir = os.path.join(args.workdir, 'runs', f'{name}-{row}-{seed}')
+  shutil.rmtree(workdir, ignore_errors=True)
+  t0 = time.time()
+  experiment.run(config, workdir, 'train')
+  wall = time.time() - t0
+  with open(os.path.join(workdir, 'results.json'), encoding='utf-8') as f:
+    doc = json.load(f)
+  with open(os.path.join(workdir, name, 'log.jsonl'), encoding='utf-8') as f:
+    log = [json.loads(l) for l in f]
+  pass_s = [r['pass_s'] for r in log if 'pass_s' in r][1:]
+  timings = doc['extra']['timings']['categories'][name]
+  out = {k: doc['rows'][0][k] for k in METRICS}
+  out.update(set=name, row=row, seed=seed, passes=config.train.num_passes,
+             sec_per_pass=float(np.median(pass_s)) if pass_s else None,
+             train_s=timings['train'], wall_s=wall,
+             load=os.getloadavg()[0], last=log[-1])
+  if not args.keep:
+    shutil.rmtree(workdir, ignore_errors=True)
+  return out
+
+
+def table(path: str) -> str:
+  recs = [json.loads(l) for l in open(path, encoding='utf-8') if l.strip()]
+  groups = {}
+  for r in recs:
+    groups.setdefault((r['row'], r['set']), []).append(r)
+  sets = [s for s in SETS if any(k[1] == s for k in groups)]
+  rows = list(dict.fromkeys(k[0] for k in groups))
+
+  def cell(rs, key):
+    v = np.asarray([r[key] for r in rs], np.float64) * 100
+    return f'{v.mean():.1f} ± {(v.max() - v.min()) / 2:.1f}'
+
+  lines = ['| row | ' + ' | '.join(f'{s} I / P / PRO' for s in sets) +
+           ' | demo mean I / P / PRO | s/pass |',
+           '|---|' + '---|' * (len(sets) + 2)]
+  for row in rows:
+    cells, demo, tpp = [], [], []
+    for s in sets:
+      rs = groups.get((row, s), [])
+      if not rs:
+        cells.append('')
+        continue
+      cells.append(' / '.join(cell(rs, k) for k in METRICS) +
+                   f' (n={len(rs)})')
+      if s != 'cookies':
+        demo.append([np.mean([r[k] for r in rs]) for k in METRICS])
+      tpp += [r['sec_per_pass'] for r in rs if r.get('sec_per_pass')]
+    dm = (' / '.join(f'{100 * v:.1f}' for v in np.mean(demo, 0))
+          if len(demo) == 3 else '')
+    lines.append(f'| {row} | ' + ' | '.join(cells) + f' | {dm} | ' +
+                 (f'{np.median(tpp):.2f}' if tpp else '-') + ' |')
+  return '\n'.join(lines)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--sets', default=','.join(SETS))
+  p.add_argument('--rows', default='released,spread,gas_hypersphere,knn')
+  p.add_argument('--seeds', default='0,1,2')
+  p.add_argument('--passes', type=int, default=0,
+                 help="train.num_passes (0: the demo config's, 40)")
+  p.add_argument('--workdir', default='runs/quality')
+  p.add_argument('--weights-dir', default='pretrained')
+  p.add_argument('--out', default='runs/quality.jsonl')
+  p.add_argument('--keep', action='store_true',
+                 help='keep each run\'s workdir (checkpoints, logs)')
+  p.add_argument('--table', action='store_true',
+                 help='only print the table of --out')
+  a = p.parse_args(argv)
+  if not a.table:
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    for name in a.sets.split(','):
+      for row in a.rows.split(','):
+        for seed in (int(s) for s in a.seeds.split(',')):
+          res = run_one(name, row, seed, a)
+          print(json.dumps({k: v for k, v in res.items() if k != 'last'}),
+                flush=True)
+          with open(a.out, 'a', encoding='utf-8') as f:
+            f.write(json.dumps(res) + '\n')
+  print(table(a.out))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,44 @@
+"""GLASS (Chen et al., ECCV 2024) on MVTec AD: SimpleNet's head with
+gradient-ascent (GAS) and local (LAS) anomaly synthesis.
+
+  python main.py --config configs/glass.py --workdir runs/glass \
+    --config.dataset.root=/data/mvtec \
+    --config.synthesis.texture_dir=/data/dtd/images
+
+The published MVTec AD settings of GLASS's code (shell/run-mvtec.sh):
+WRN50-2 layers 2+3, 1536 dims, images resized to 288x288 (no crop), batch 8,
+640 passes, noise std 0.015, 20 ascent steps, hypersphere radius at the 0.75
+quantile, focal loss on the hardest half of the LAS patches, DTD textures
+blended with beta ~ N(0.5, 0.1). GLASS chooses manifold or hypersphere per
+data set (its --distribution switch); this config takes 'hypersphere', the
+mode that measured better here (docs/quality.md). Not reproduced: GLASS's
+foreground masks for objects (--fg), its random image augmentations of LAS
+(--rand_aug) and its selection of the best epoch on the test set (use
+train.select_best_on_test, labelled as such, to compare with its tables).
+"""
+
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.dataset.kind = 'mvtec'
+  c.dataset.root = 'data/mvtec'
+  c.dataset.categories = ('all',)
+  c.dataset.resize = 288
+  c.dataset.crop = 0
+  c.dataset.texture_resize = 288
+  c.model.noise_mode = 'absolute'
+  c.model.noise_std = 0.015
+  c.train.batch_size = 8
+  c.train.num_passes = 640
+  c.train.checkpoint_every = 20
+  c.synthesis.gas = 'hypersphere'
+  c.synthesis.gas_steps = 20
+  c.synthesis.gas_quantile = 0.75
+  c.synthesis.las_weight = 1.0
+  c.synthesis.focal_gamma = 2.0
+  c.synthesis.focal_hard = 0.5
+  c.synthesis.texture_dir = 'data/dtd/images'  # DTD's images/ folder.
+  c.synthesis.recolour = False  # GLASS blends DTD's colours as they are.
+  return c

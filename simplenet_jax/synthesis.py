@@ -1,0 +1,804 @@
+"""Anomalous features for training the discriminator.
+
+SimpleNet (released) adds Gaussian noise to every adapted feature. This
+module adds the synthesis of two successors, written from their papers and
+public code (no code copied):
+
+  GAS   gradient-ascent synthesis (GLASS, Chen et al., ECCV 2024): start from
+        the Gaussian fakes, take `gas_steps` normalised gradient steps that
+        make them look more normal to the current discriminator, and every
+        `gas_every` steps project them back onto a ring around an anchor:
+        'manifold'    offset from the true feature in [r1, r2];
+        'hypersphere' distance to the training features' centre (per
+                      position) in [r, 2r], r a quantile of the normal
+                      features' distances to it.
+  Perlin-masked feature noise (SuperSimpleNet, Rolih et al., ICPR 2024):
+        the batch is duplicated and the copy gets noise only inside a Perlin
+        mask on the feature grid (half of the masks empty); the loss is per
+        patch (masked patches are fakes, all others normal).
+  LAS   local anomaly synthesis (GLASS): defect images made from training
+        images by blending a texture inside a Perlin mask, their features
+        labelled per patch by the max-pooled mask and trained with a focal
+        loss (the hardest half of the patches) beside the truncated L1 loss.
+
+Scales. GLASS's constants are in WideResNet50 feature units, where the
+released noise std 0.015 in D = 1536 dimensions gives noise of norm
+rho = 0.015 * sqrt(1536) = 0.59. Here every length is in units of
+rho = noise_std * sqrt(D) of the run, so whatever calibration sets noise_std
+(train.calibrate_noise) sets the GAS ring and step too, and the defaults
+reproduce GLASS's numbers at WRN50's scale: ring [0.5, 1.0] = [0.85, 1.70]
+rho, step 0.001 = 0.0017 rho.
+
+Everything on the device is a pure function of explicit PRNG keys and
+jittable. The settings are the config group `synthesis` (all off = the
+released step, train.train_step, which the loop then uses unchanged);
+`make_cached_step` is the loop's step when any is on. LAS images are made
+once, `synthesis.las_variants` per training image, and their features cached
+beside the training features (`LASImages`, `las_labels`): measured against
+making them anew every step, the same quality at less time per pass.
+"""
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from simplenet_jax import model as model_lib
+from simplenet_jax import parallel
+from simplenet_jax import train
+from simplenet_jax.errors import UserError
+
+GAS_MODES = ('none', 'manifold', 'hypersphere')  # synthesis.gas
+# log2 range [lo, hi) of the Perlin lattice resolutions (GLASS, SuperSimpleNet).
+PERLIN_SCALES = (0, 6)
+# LAS: Perlin threshold of the pixel masks and the blend factor
+# beta ~ N(0.5, 0.1) clipped to [0.2, 0.8] (GLASS).
+LAS_THRESHOLD = 0.5
+LAS_BETA = (0.5, 0.1)
+TEXTURES = 64  # Textures in the bank, each image takes one at random.
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesisConfig:
+  """Static synthesis settings (hashable: a jit static argument), the config
+  group `synthesis` (validated by config_checks).
+
+  gas: 'none' | 'manifold' | 'hypersphere'.
+  gas_steps, gas_every: ascent steps, projection period (GLASS: 20, 5).
+  gas_step: ascent step length in units of rho (GLASS: 0.001 / 0.588).
+  gas_r1, gas_r2: manifold ring in units of rho (GLASS: 0.5 and 1.0 / 0.588).
+  gas_quantile: hypersphere r = this quantile of the batch's normal
+    distances to the centre (GLASS: 0.75); the ring is [r, 2r].
+  perlin: Perlin-masked noise on a duplicated batch instead of noise on
+    every row.
+  perlin_threshold: Perlin value above which a grid cell is masked
+    (SuperSimpleNet: 0.2 on MVTec AD, 0.6 on VisA).
+  perlin_empty: share of the copies whose mask is emptied (all normal).
+  las_weight: weight of the focal loss on LAS patches (0: no LAS).
+  focal_gamma: focal loss exponent (GLASS: 2).
+  focal_hard: drop LAS patches below this quantile of (p - label)^2, i.e.
+    keep the hardest 1 - focal_hard (GLASS: 0.5).
+  las_variants: LAS images made (and cached) per training image.
+  texture_dir: folder of texture images for LAS (e.g. DTD's images/);
+    '' = procedural textures (`procedural_textures`, no files).
+  recolour: LAS textures take each image's colours (`match_texture`).
+  """
+  gas: str = 'none'
+  gas_steps: int = 20
+  gas_every: int = 5
+  gas_step: float = 0.0017
+  gas_r1: float = 0.85
+  gas_r2: float = 1.70
+  gas_quantile: float = 0.75
+  perlin: bool = False
+  perlin_threshold: float = 0.2
+  perlin_empty: float = 0.5
+  las_weight: float = 0.0
+  focal_gamma: float = 2.0
+  focal_hard: float = 0.5
+  las_variants: int = 4
+  texture_dir: str = ''
+  recolour: bool = True
+
+  @classmethod
+  def from_config(cls, synthesis_cfg) -> 'SynthesisConfig':
+    return cls(**{f.name: synthesis_cfg[f.name]
+                  for f in dataclasses.fields(cls)})
+
+  @property
+  def las(self) -> bool:
+    return self.las_weight > 0
+
+  @property
+  def active(self) -> bool:
+    """False: the released step (train.train_step) is used."""
+    return self.gas != 'none' or self.perlin or self.las
+
+
+# ---- Perlin noise and masks -----------------------------------------------
+
+
+def _fade(t):
+  return t * t * t * (t * (t * 6.0 - 15.0) + 10.0)
+
+
+_LATTICE = 67  # Gradient table size: resolutions up to 64 plus rotation wrap.
+
+
+def perlin_noise(key: jax.Array, shape: Sequence[int], res_y, res_x,
+                 angle=0.0) -> jax.Array:
+  """2-D gradient (Perlin) noise, values in about [-1, 1], jittable.
+
+  The classic construction (random unit gradients on a res_y x res_x
+  lattice spread over the image, quintic fade, bilinear blend of the four
+  corner dot products, scaled by sqrt(2)), evaluated at pixel coordinates
+  rotated by `angle` about the centre (GLASS rotates its masks by up to 90
+  degrees). res_y, res_x and angle may be traced: the gradients come from a
+  fixed periodic table, so shapes never depend on them.
+
+  Args:
+    key: PRNG key (gradients).
+    shape: (H, W) static.
+    res_y, res_x: lattice cells along each axis (1..64), int or traced int.
+    angle: rotation in radians.
+
+  Returns:
+    (H, W) float32.
+  """
+  h, w = int(shape[0]), int(shape[1])
+  theta = jax.random.uniform(key, (_LATTICE, _LATTICE), jnp.float32, 0.0,
+                             2.0 * math.pi)
+  gy, gx = jnp.sin(theta), jnp.cos(theta)
+  res_y = jnp.asarray(res_y, jnp.float32)
+  res_x = jnp.asarray(res_x, jnp.float32)
+  # Lattice coordinates of the pixels (GLASS: u = y * res / H).
+  yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32),
+                        jnp.arange(w, dtype=jnp.float32), indexing='ij')
+  cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+  c, s = jnp.cos(angle), jnp.sin(angle)
+  ry = c * (yy - cy) - s * (xx - cx) + cy
+  rx = s * (yy - cy) + c * (xx - cx) + cx
+  u = ry * res_y / h
+  v = rx * res_x / w
+  i0 = jnp.floor(u)
+  j0 = jnp.floor(v)
+  fu, fv = u - i0, v - j0
+  i0 = jnp.mod(i0.astype(jnp.int32), _LATTICE)
+  j0 = jnp.mod(j0.astype(jnp.int32), _LATTICE)
+  i1 = jnp.mod(i0 + 1, _LATTICE)
+  j1 = jnp.mod(j0 + 1, _LATTICE)
+
+  def corner(i, j, du, dv):
+    return gy[i, j] * du + gx[i, j] * dv
+
+  n00 = corner(i0, j0, fu, fv)
+  n10 = corner(i1, j0, fu - 1.0, fv)
+  n01 = corner(i0, j1, fu, fv - 1.0)
+  n11 = corner(i1, j1, fu - 1.0, fv - 1.0)
+  tu, tv = _fade(fu), _fade(fv)
+  top = n00 + tu * (n10 - n00)
+  bottom = n01 + tu * (n11 - n01)
+  return math.sqrt(2.0) * (top + tv * (bottom - top))
+
+
+_perlin_noise_jit = jax.jit(perlin_noise, static_argnums=(1,))
+
+
+def perlin_mask(key: jax.Array, shape: Sequence[int], threshold: float = 0.5,
+                scales: Sequence[int] = PERLIN_SCALES, rotate: bool = True,
+                combine: bool = True) -> jax.Array:
+  """A binary Perlin mask (H, W) float32 in {0, 1}, never empty.
+
+  Lattice resolutions 2**k per axis, k ~ U{scales[0] .. scales[1] - 1},
+  capped at half the smaller side (finer lattices alias to zero noise);
+  rotation U(-pi/2, pi/2) when `rotate`. With `combine` (GLASS's LAS
+  masks) the mask is, with probability 1/3 each, one thresholded noise, the
+  union or the intersection of two. An empty result falls back to the first
+  noise thresholded at min(threshold, its maximum), so at least one pixel
+  is set.
+  """
+  ks = jax.random.split(key, 5)
+  # A lattice as fine as the pixels puts every pixel on a lattice point,
+  # where gradient noise is 0: no mask at all. Keep >= 2 pixels per cell.
+  top = int(math.floor(math.log2(max(min(shape) / 2, 1))))
+  lo, hi = min(scales[0], top), min(scales[1], top + 1)
+
+  def one(k):
+    k_res, k_ang, k_noise = jax.random.split(k, 3)
+    e = jax.random.randint(k_res, (2,), lo, max(hi, lo + 1))
+    res = jnp.left_shift(1, e)
+    ang = (jax.random.uniform(k_ang, (), jnp.float32, -math.pi / 2,
+                              math.pi / 2) if rotate else 0.0)
+    return perlin_noise(k_noise, shape, res[0], res[1], ang)
+
+  n1 = one(ks[0])
+  m1 = n1 > threshold
+  if combine:
+    m2 = one(ks[1]) > threshold
+    u = jax.random.uniform(ks[2], ())
+    m = jnp.where(u > 2 / 3, m1 | m2, jnp.where(u > 1 / 3, m1 & m2, m1))
+  else:
+    m = m1
+  fallback = n1 >= jnp.minimum(threshold, n1.max())
+  return jnp.where(m.any(), m, fallback).astype(jnp.float32)
+
+
+def perlin_masks(key: jax.Array, n: int, shape: Sequence[int],
+                 threshold: float = 0.2, scales: Sequence[int] = PERLIN_SCALES,
+                 empty_fraction: float = 0.5,
+                 rotate: bool = False, combine: bool = False) -> jax.Array:
+  """(n, H, W) float32 0/1 masks; mask i is emptied with probability
+  `empty_fraction` (SuperSimpleNet: half of the copies stay normal).
+
+  Mask i depends on (key, i) only.
+  """
+  def one(i):
+    k_mask, k_empty = jax.random.split(jax.random.fold_in(key, i))
+    m = perlin_mask(k_mask, shape, threshold, scales, rotate, combine)
+    keep = jax.random.uniform(k_empty, ()) >= empty_fraction
+    return m * keep.astype(jnp.float32)
+  return jax.vmap(one)(jnp.arange(n, dtype=jnp.uint32))
+
+
+@functools.lru_cache(maxsize=None)
+def _pool_matrix(size: int, cells: int) -> np.ndarray:
+  """(cells, size) 0/1: which pixels fall in each cell (ceil at edges)."""
+  a = np.zeros((cells, size), np.float32)
+  for c in range(cells):
+    lo = (c * size) // cells
+    hi = -(-((c + 1) * size) // cells)
+    a[c, lo:hi] = 1.0
+  return a
+
+
+def max_pool_to_grid(masks: jax.Array, grid_hw: Sequence[int]) -> jax.Array:
+  """(..., H, W) 0/1 masks -> (..., h, w) float32: 1 where any pixel of the
+  cell is set (GLASS: max-pooling by the stride; any H/h works here)."""
+  ah = jnp.asarray(_pool_matrix(masks.shape[-2], int(grid_hw[0])))
+  aw = jnp.asarray(_pool_matrix(masks.shape[-1], int(grid_hw[1])))
+  counts = jnp.einsum('hH,...HW,wW->...hw', ah, masks.astype(jnp.float32), aw)
+  return (counts > 0).astype(jnp.float32)
+
+
+# ---- Local anomaly synthesis (images) --------------------------------------
+
+
+def _augment_texture(key, tex):
+  """Random flips, 90-degree turn (square only), brightness / contrast."""
+  k_fy, k_fx, k_rot, k_b, k_c = jax.random.split(key, 5)
+  tex = jnp.where(jax.random.bernoulli(k_fy), tex[::-1], tex)
+  tex = jnp.where(jax.random.bernoulli(k_fx), tex[:, ::-1], tex)
+  if tex.shape[0] == tex.shape[1]:
+    tex = jnp.where(jax.random.bernoulli(k_rot), jnp.swapaxes(tex, 0, 1), tex)
+  b = jax.random.uniform(k_b, (), jnp.float32, 0.8, 1.2)
+  c = jax.random.uniform(k_c, (), jnp.float32, 0.8, 1.2)
+  mean = tex.mean()
+  return jnp.clip((tex - mean) * c + mean * b, 0.0, 1.0)
+
+
+def match_texture(tex: jax.Array, img: jax.Array) -> jax.Array:
+  """The texture's structure in the image's colours: its luminance,
+  standardised, recoloured with the image's per-channel mean and std.
+
+  A coloured texture on a grey data set (or any colour foreign to it) makes
+  LAS defects that a discriminator spots by colour alone, which real defects
+  do not share; matched, the synthetic defect differs in structure and
+  contrast only. (H, W, 3) floats in [0, 1] -> (H, W, 3).
+  """
+  luma = tex @ jnp.asarray([0.299, 0.587, 0.114], jnp.float32)
+  z = (luma - luma.mean()) / (luma.std() + 1e-6)
+  mean = img.mean((0, 1))
+  std = img.std((0, 1))
+  return jnp.clip(mean + z[..., None] * std, 0.0, 1.0)
+
+
+def las_mask(key: jax.Array, hw: Sequence[int]) -> jax.Array:
+  """The (H, W) 0/1 defect mask of the LAS image made with `key`."""
+  k_mask = jax.random.split(key, 4)[0]
+  return perlin_mask(k_mask, hw, LAS_THRESHOLD)
+
+
+def las_image(key: jax.Array, image: jax.Array, textures: jax.Array,
+              recolour: bool = False):
+  """One synthetic defect image (GLASS's LAS), jittable.
+
+  Inside the Perlin mask m = `las_mask(key, (H, W))` the image becomes
+  beta * image + (1 - beta) * texture, beta ~ N(0.5, 0.1) clipped to
+  [0.2, 0.8]; outside it is the image.
+
+  Args:
+    key: PRNG key.
+    image: (H, W, 3) uint8 (or float in [0, 1]) training image.
+    textures: (T, H, W, 3) uint8 texture bank at the image size
+      (`texture_bank`); the image takes one at random, randomly flipped,
+      turned and jittered.
+    recolour: give the texture the image's colours (`match_texture`).
+
+  Returns:
+    (defect image (H, W, 3) float32 in [0, 1], mask (H, W) float32 0/1).
+  """
+  img = _unit(image)
+  _, k_tex, k_aug, k_beta = jax.random.split(key, 4)
+  m = las_mask(key, img.shape[:2])
+  textures = jnp.asarray(textures)
+  tex = _augment_texture(k_aug, _unit(textures[
+      jax.random.randint(k_tex, (), 0, textures.shape[0])]))
+  if recolour:
+    tex = match_texture(tex, img)
+  beta = jnp.clip(LAS_BETA[0] + LAS_BETA[1] * jax.random.normal(k_beta, ()),
+                  0.2, 0.8)
+  blend = beta * img + (1.0 - beta) * tex
+  return jnp.where(m[..., None] > 0, blend, img), m
+
+
+def las_images(key: jax.Array, images: jax.Array, textures: jax.Array,
+               recolour: bool = False):
+  """`las_image` over a batch (B, H, W, 3), image i with fold_in(key, i):
+  ((B, H, W, 3) float32 in [0, 1], (B, H, W) masks)."""
+  one = lambda i, img: las_image(jax.random.fold_in(key, i), img, textures,
+                                 recolour)
+  return jax.vmap(one)(jnp.arange(images.shape[0], dtype=jnp.uint32), images)
+
+
+_las_image_jit = jax.jit(las_image, static_argnums=(3,))
+
+
+class LASImages:
+  """A training set whose image i is its LAS image made with fold_in(key, i)
+  (uint8, what the backbone's feature function takes), for
+  `feature_cache.build`; 'mask' holds the defect mask. Same interface as the
+  data sets (len, image_hw, load)."""
+
+  def __init__(self, dataset, key: jax.Array, textures: np.ndarray,
+               recolour: bool):
+    self.dataset, self.key, self.recolour = dataset, key, bool(recolour)
+    self.textures = jnp.asarray(textures)
+    self.image_hw = dataset.image_hw
+
+  def __len__(self) -> int:
+    return len(self.dataset)
+
+  def load(self, i: int) -> dict:
+    example = dict(self.dataset.load(i))
+    img, m = _las_image_jit(jax.random.fold_in(self.key, int(i)),
+                            jnp.asarray(example['image']), self.textures,
+                            self.recolour)
+    example['image'] = np.asarray(jnp.round(img * 255.0).astype(jnp.uint8))
+    example['mask'] = np.asarray(m, np.uint8)
+    return example
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _pooled_masks(key, indices, image_hw, grid_hw):
+  masks = jax.vmap(lambda i: las_mask(jax.random.fold_in(key, i),
+                                      image_hw))(indices)
+  return max_pool_to_grid(masks, grid_hw).reshape(len(indices), -1)
+
+
+def las_labels(key: jax.Array, indices, image_hw, grid_hw,
+               chunk: int = 64) -> np.ndarray:
+  """(N, h*w) float32 0/1 labels of `LASImages(., key, .)`'s images
+  `indices`: 1 where the defect mask reaches the feature cell."""
+  indices = np.asarray(indices, np.uint32)
+  n = len(indices)
+  image_hw, grid_hw = tuple(map(int, image_hw)), tuple(map(int, grid_hw))
+  chunk = min(chunk, n)
+  # One shape for every chunk (the last padded): one compilation.
+  padded = np.pad(indices, (0, -n % chunk))
+  return np.concatenate([
+      np.asarray(_pooled_masks(key, jnp.asarray(padded[s:s + chunk]),
+                               image_hw, grid_hw))
+      for s in range(0, len(padded), chunk)])[:n]
+
+
+def _unit(x):
+  x = jnp.asarray(x)
+  if x.dtype == jnp.uint8:
+    return x.astype(jnp.float32) / 255.0
+  return x.astype(jnp.float32)
+
+
+# ---- Texture sources (host side, numpy) ------------------------------------
+
+
+def _resize_crop(img: np.ndarray, hw, rng) -> np.ndarray:
+  """A random crop of img (H0, W0, 3) uint8 with the aspect of hw, resized."""
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+  h0, w0 = img.shape[:2]
+  scale = rng.uniform(0.35, 1.0)
+  ch = max(8, int(min(h0, w0 * hw[0] / hw[1]) * scale))
+  cw = max(8, int(ch * hw[1] / hw[0]))
+  ch, cw = min(ch, h0), min(cw, w0)
+  top = int(rng.integers(0, h0 - ch + 1))
+  left = int(rng.integers(0, w0 - cw + 1))
+  crop = PIL.Image.fromarray(img[top:top + ch, left:left + cw])
+  return np.asarray(crop.resize((hw[1], hw[0]), PIL.Image.Resampling.BILINEAR))
+
+
+def _rgb(img: np.ndarray) -> np.ndarray:
+  img = np.asarray(img)
+  if img.dtype != np.uint8:
+    img = np.clip(img * (255.0 if img.max() <= 1.0 else 1.0), 0,
+                  255).astype(np.uint8)
+  if img.ndim == 2:
+    img = np.repeat(img[..., None], 3, axis=-1)
+  return img[..., :3]
+
+
+def procedural_textures(n: int, hw, seed: int = 0) -> np.ndarray:
+  """(n, H, W, 3) uint8 synthetic textures, no files needed.
+
+  Each is a random mix of: multi-octave Perlin noise through a random
+  two-colour ramp, oriented stripes or a checkerboard with random period,
+  and sparse blobs; per-channel random colours, so they differ from any one
+  data set's look in colour, frequency and structure (DTD's role in GLASS).
+  """
+  rng = np.random.default_rng(seed)
+  h, w = int(hw[0]), int(hw[1])
+  yy, xx = np.mgrid[:h, :w].astype(np.float32)
+  out = np.empty((n, h, w, 3), np.uint8)
+  for t in range(n):
+    key = jax.random.PRNGKey(int(rng.integers(2**31)))
+    octaves = np.zeros((h, w), np.float32)
+    amp = 1.0
+    base = int(rng.integers(1, 4))
+    for o in range(int(rng.integers(1, 5))):
+      res = min(64, 2**(base + o))
+      octaves += amp * np.asarray(_perlin_noise_jit(
+          jax.random.fold_in(key, o), (h, w), res, res,
+          rng.uniform(-1.5, 1.5)))
+      amp *= 0.5
+    octaves = (octaves - octaves.min()) / (np.ptp(octaves) + 1e-6)
+    kind = rng.integers(3)
+    if kind == 0:  # Noise only.
+      pattern = octaves
+    elif kind == 1:  # Stripes, warped by the noise.
+      period = rng.uniform(3, max(4, min(h, w) / 3))
+      ang = rng.uniform(0, np.pi)
+      phase = (np.cos(ang) * xx + np.sin(ang) * yy) / period
+      pattern = 0.5 + 0.5 * np.sin(2 * np.pi * phase + 4 * octaves)
+    else:  # Checkerboard, blended with the noise.
+      period = rng.uniform(3, max(4, min(h, w) / 4))
+      pattern = ((np.floor(yy / period) + np.floor(xx / period)) % 2)
+      pattern = 0.6 * pattern + 0.4 * octaves
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    img = c0 + pattern[..., None] * (c1 - c0)
+    if rng.random() < 0.5:  # Sparse blobs in a third colour.
+      blobs = octaves > np.quantile(octaves, rng.uniform(0.85, 0.97))
+      img = np.where(blobs[..., None], rng.uniform(0, 255, 3), img)
+    img += rng.normal(0, rng.uniform(0, 12), img.shape)
+    out[t] = np.clip(np.round(img), 0, 255).astype(np.uint8)
+  return out
+
+
+def texture_bank(n: int, hw, seed: int = 0,
+                 texture_dir: str = '') -> np.ndarray:
+  """(n, H, W, 3) uint8 textures for `las_image`, deterministic in seed:
+  random crops of the images under `texture_dir` (searched recursively,
+  e.g. DTD's images/), or `procedural_textures` when it is ''."""
+  if not texture_dir:
+    return procedural_textures(n, hw, seed)
+  from simplenet_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  hw = (int(hw[0]), int(hw[1]))
+  files = sorted(
+      os.path.join(d, f) for d, _, fs in os.walk(texture_dir) for f in fs
+      if images_lib.is_image_file(f))
+  if not files:
+    raise UserError(f'synthesis.texture_dir={texture_dir!r} holds no image '
+                    'files; point it at a folder of textures (e.g. DTD\'s '
+                    "images/) or set it to '' for procedural textures")
+  return np.stack([
+      _resize_crop(_rgb(np.asarray(images_lib.load_rgb(
+          files[rng.integers(len(files))]))), hw, rng) for _ in range(n)])
+
+
+# ---- Losses ----------------------------------------------------------------
+
+
+def focal_loss(logits: jax.Array, labels: jax.Array, gamma: float = 2.0,
+               hard_quantile: float = 0.0,
+               mask: Optional[jax.Array] = None) -> jax.Array:
+  """Binary focal loss (Lin et al. 2017), mean over the kept rows.
+
+  FL = -(1 - p_t)^gamma log(p_t), p = sigmoid(logits) the probability of
+  label 1, p_t = p for label 1 and 1 - p for label 0. With hard_quantile > 0
+  only rows whose (p - label)^2 is at or above that quantile are kept
+  (GLASS: 0.5, the hardest half).
+
+  Args:
+    logits: (N,) float.
+    labels: (N,) 0/1.
+    gamma: focusing exponent (0: binary cross-entropy).
+    hard_quantile: in [0, 1).
+    mask: optional (N,) 0/1; rows with 0 are ignored (also by the quantile).
+
+  Returns:
+    f32 scalar.
+  """
+  logits = logits.astype(jnp.float32)
+  y = labels.astype(jnp.float32)
+  log_p = jax.nn.log_sigmoid(logits)
+  log_q = jax.nn.log_sigmoid(-logits)
+  log_pt = y * log_p + (1.0 - y) * log_q
+  pt = jnp.exp(log_pt)
+  loss = -jnp.power(1.0 - pt, gamma) * log_pt
+  keep = jnp.ones_like(loss) if mask is None else (mask > 0).astype(
+      jnp.float32)
+  if hard_quantile > 0:
+    err = jnp.square(jnp.exp(log_p) - y)
+    err_for_q = jnp.where(keep > 0, err, jnp.nan)
+    cut = jax.lax.stop_gradient(jnp.nanquantile(err_for_q, hard_quantile))
+    keep = keep * (err >= cut).astype(jnp.float32)
+  return jnp.sum(loss * keep) / jnp.maximum(jnp.sum(keep), 1.0)
+
+
+def _weighted_truncated_l1(scores, fake, margin, weight):
+  """Per-row truncated L1 with labels: fake rows want score <= -m, normal
+  rows >= m; mean over each group (SuperSimpleNet's per-patch form; with
+  one row per group it is model.truncated_l1_loss)."""
+  fake = fake.astype(jnp.float32)
+  normal = (1.0 - fake) * weight
+  fake = fake * weight
+  mean = lambda v, w: jnp.sum(v * w) / jnp.maximum(jnp.sum(w), 1.0)
+  loss = (mean(jax.nn.relu(margin - scores), normal) +
+          mean(jax.nn.relu(scores + margin), fake))
+  p_true = mean((scores >= margin).astype(jnp.float32), normal)
+  p_fake = mean((scores < -margin).astype(jnp.float32), fake)
+  return loss, p_true, p_fake
+
+
+# ---- Gradient-ascent synthesis ----------------------------------------------
+
+
+def project_to_ring(x: jax.Array, anchor: jax.Array, lo, hi) -> jax.Array:
+  """Moves each row of x along (x - anchor) so that ||x - anchor|| lies in
+  [lo, hi] (rows already inside are unchanged). (N, D) -> (N, D)."""
+  h = x - anchor
+  norm = jnp.sqrt(jnp.sum(jnp.square(h), -1, keepdims=True))
+  lo = jnp.reshape(lo, (-1, 1)) if jnp.ndim(lo) else lo
+  hi = jnp.reshape(hi, (-1, 1)) if jnp.ndim(hi) else hi
+  target = jnp.clip(norm, lo, hi)
+  return anchor + h * (target / jnp.maximum(norm, 1e-12))
+
+
+def gradient_ascent(score_fn, fakes: jax.Array, anchor: jax.Array, lo, hi,
+                    steps: int = 20, step_size=0.001,
+                    every: int = 5) -> jax.Array:
+  """GLASS's gradient-ascent synthesis, jittable (lax.fori_loop).
+
+  Each step moves every fake by step_size along its own normalised gradient
+  of score_fn (score: high = normal), i.e. towards what the discriminator
+  takes for normal, which raises the discriminator's loss on the fakes; every
+  `every` steps (and after the last) the fakes are projected back onto the
+  ring [lo, hi] around `anchor` (`project_to_ring`).
+
+  Args:
+    score_fn: (N, D) -> (N,) discriminator scores, each row's score
+      depending on that row only (BatchNorm with fixed statistics).
+    fakes: (N, D) starting points (adapted features + Gaussian noise).
+    anchor: (N, D) ring centres: the true features ('manifold') or the
+      training centre at each row's position ('hypersphere').
+    lo, hi: ring radii, scalars or (N,).
+    steps, every: static ints.
+    step_size: scalar.
+
+  Returns:
+    (N, D) synthesised fakes (no gradient flows through them).
+  """
+  fakes = jax.lax.stop_gradient(fakes)
+  anchor = jax.lax.stop_gradient(anchor)
+  grad_fn = jax.grad(lambda x: jnp.sum(score_fn(x)))
+
+  def body(t, x):
+    g = grad_fn(x)
+    norm = jnp.sqrt(jnp.sum(jnp.square(g), -1, keepdims=True))
+    x = x + step_size * g / (norm + 1e-10)
+    return jax.lax.cond((t + 1) % every == 0,
+                        lambda v: project_to_ring(v, anchor, lo, hi),
+                        lambda v: v, x)
+
+  x = jax.lax.fori_loop(0, steps, body, fakes)
+  if steps % every:
+    x = project_to_ring(x, anchor, lo, hi)
+  return jax.lax.stop_gradient(x)
+
+
+def _frozen_score_fn(disc, disc_params, hidden_true, hidden_fake, mask_rows):
+  """score(x) of the discriminator with BatchNorm fixed to the batch
+  statistics of [true; fake] (train-mode normalisation, no gradient through
+  the statistics, so every row's score depends on that row only)."""
+  both = jnp.concatenate([hidden_true, hidden_fake])
+  w = jnp.concatenate([mask_rows, mask_rows])[:, None]
+  n = jnp.maximum(jnp.sum(w), 1.0)
+  mean = jnp.sum(both * w, 0) / n
+  var = jnp.sum(jnp.square(both - mean) * w, 0) / n
+  stats = jax.lax.stop_gradient({'bn': {'mean': mean, 'var': var}})
+
+  def score(x):
+    return disc.apply({'params': disc_params, 'batch_stats': stats}, x,
+                      train=False)
+  return score
+
+
+# ---- The loss and the step ---------------------------------------------------
+
+
+def head_loss(params, batch_stats, features: jax.Array, key: jax.Array,
+              noise_std, margin: float, syn: SynthesisConfig,
+              mix_noise: int = 1, centre: Optional[jax.Array] = None,
+              las_features: Optional[jax.Array] = None,
+              las_labels: Optional[jax.Array] = None,
+              mask: Optional[jax.Array] = None):
+  """Loss of one batch with the configured synthesis.
+
+  Args:
+    params, batch_stats: as in train.TrainState.
+    features: (B, h, w, D) float local features of B training images
+      (before the adaptor).
+    key: PRNG key of this step (noise, Perlin masks).
+    noise_std: f32 scalar, the Gaussian noise std (TrainState.noise_std).
+    margin: the truncated L1 margin.
+    syn: SynthesisConfig (static).
+    mix_noise: released mix_noise (static).
+    centre: (h, w, D) mean local feature of the training images per position
+      (before the adaptor: the adaptor is affine, so the adapted centre is
+      adaptor(centre)); needed by gas='hypersphere'.
+    las_features, las_labels: (B, h, w, D) local features of LAS images
+      made from the same B images and (B, h, w) 0/1 defect labels; needed
+      when syn.las_weight > 0.
+    mask: optional (B,) 0/1; images with 0 (padding) are ignored.
+
+  Returns:
+    (loss, (metrics, new_batch_stats)): metrics f32 scalars 'loss',
+    'p_true', 'p_fake' (as train.loss_fn) plus 'focal', 'p_las' (share of
+    LAS defect patches scored < -margin) and 'radius' (GAS ring inner
+    radius, 0 without GAS) when they apply.
+  """
+  adaptor, disc = train.head_modules(params)
+  b, gh, gw, d = features.shape
+  p = gh * gw
+  n = b * p
+  rows = features.reshape(n, d).astype(jnp.float32)
+  row_mask = (jnp.ones((n,), jnp.float32) if mask is None else
+              jnp.repeat(mask.astype(jnp.float32), p))
+  adapt = lambda x: adaptor.apply({'params': params['adaptor']}, x)
+  adapted = adapt(rows)
+  k_noise, k_perlin = jax.random.split(key)
+  noise = model_lib.sample_noise(k_noise, (n, d), noise_std, mix_noise)
+  rho = noise_std * math.sqrt(d)
+  fc = params['discriminator']['fc']
+  hidden = lambda x: x @ fc['kernel'] + fc['bias']
+  metrics = {}
+
+  if syn.perlin:
+    pm = perlin_masks(k_perlin, b, (gh, gw), syn.perlin_threshold,
+                      PERLIN_SCALES, syn.perlin_empty).reshape(n)
+    fakes = adapted + noise * pm[:, None]
+    fake_label = pm
+  else:
+    fakes = adapted + noise
+    fake_label = jnp.ones((n,), jnp.float32)
+    if syn.gas != 'none':
+      score = _frozen_score_fn(disc, params['discriminator'],
+                               hidden(adapted), hidden(fakes), row_mask)
+      if syn.gas == 'manifold':
+        anchor, lo, hi = adapted, syn.gas_r1 * rho, syn.gas_r2 * rho
+      else:
+        c = jnp.tile(adapt(centre.reshape(p, d).astype(jnp.float32)), (b, 1))
+        dist = jnp.sqrt(jnp.sum(jnp.square(adapted - c), -1))
+        r = jnp.nanquantile(jnp.where(row_mask > 0, dist, jnp.nan),
+                            syn.gas_quantile)
+        anchor, lo, hi = c, r, 2.0 * r
+      step = syn.gas_step * rho
+      gas = gradient_ascent(score, fakes, anchor, lo, hi, syn.gas_steps, step,
+                            syn.gas_every)
+      # Gradients reach the adaptor through the true features, as for the
+      # released noise: fake = adapted + (fixed offset).
+      fakes = adapted + jax.lax.stop_gradient(gas - adapted)
+      metrics['radius'] = jax.lax.stop_gradient(lo / rho)
+
+  parts = [adapted, fakes]
+  labels = [jnp.zeros((n,), jnp.float32), fake_label]
+  weights = [row_mask, row_mask]
+  if syn.las:
+    las_rows = adapt(las_features.reshape(n, d).astype(jnp.float32))
+    las_lab = las_labels.reshape(n).astype(jnp.float32)
+    parts.append(las_rows)
+  x = jnp.concatenate(parts)
+  bn_mask = jnp.concatenate([row_mask] * len(parts))
+  scores, updates = disc.apply(
+      {'params': params['discriminator'],
+       'batch_stats': batch_stats['discriminator']},
+      x, train=True, mask=bn_mask if mask is not None else None,
+      mutable=['batch_stats'])
+  loss, p_true, p_fake = _weighted_truncated_l1(
+      scores[:2 * n], jnp.concatenate(labels), margin,
+      jnp.concatenate(weights))
+  if syn.las:
+    las_scores = scores[2 * n:]
+    focal = focal_loss(-las_scores, las_lab, syn.focal_gamma, syn.focal_hard,
+                       row_mask)
+    loss = loss + syn.las_weight * focal
+    defect = las_lab * row_mask
+    metrics['focal'] = focal
+    metrics['p_las'] = jnp.sum((las_scores < -margin) * defect) / jnp.maximum(
+        jnp.sum(defect), 1.0)
+  metrics.update(loss=loss, p_true=p_true, p_fake=p_fake)
+  return loss, (metrics, {'discriminator': updates['batch_stats']})
+
+
+@functools.partial(jax.jit, static_argnames=('syn',))
+def train_step(state: train.TrainState, features: jax.Array, key: jax.Array,
+               syn: SynthesisConfig, centre: Optional[jax.Array] = None,
+               las_features: Optional[jax.Array] = None,
+               las_labels: Optional[jax.Array] = None,
+               mask: Optional[jax.Array] = None):
+  """One optimiser step of a train.TrainState with `head_loss`.
+
+  Args: as head_loss.
+
+  Returns:
+    (new_state, metrics).
+  """
+  grad_fn = jax.value_and_grad(head_loss, has_aux=True)
+  (_, (metrics, batch_stats)), grads = grad_fn(
+      state.params, state.batch_stats, features, key, state.noise_std,
+      state.margin, syn, state.mix_noise, centre, las_features, las_labels,
+      mask)
+  return train.apply_gradients(state, grads, batch_stats), metrics
+
+
+def make_cached_step(mesh, grid_hw: Sequence[int], syn: SynthesisConfig):
+  """`train_step` on images gathered from the device-resident caches.
+
+  Returns step(state, cache, idx, key, centre, las_cache, las_labels) ->
+  (state, metrics):
+    cache: (N, h*w, D) training features (feature_cache.build).
+    idx: (B,) int image indices into it.
+    key: the step's key (noise, Perlin masks, LAS variant choice).
+    centre: (h, w, D) mean training feature per position, or None (needed
+      by gas='hypersphere').
+    las_cache, las_labels: (K, N, h*w, D) features of the K LAS images of
+      every training image and their (K, N, h*w) defect labels, or None
+      (needed by LAS); each image of the batch takes one of its K at random.
+  The batch is split over the mesh by images (padded and masked when B
+  does not divide); `state` is donated.
+  """
+  h, w = int(grid_hw[0]), int(grid_hw[1])
+  sharded = parallel.batch_sharded(mesh)
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step(state, cache, idx, key, centre, las_cache, las_labels):
+    b = idx.shape[0]
+    padded = parallel.padded_size(b, mesh)
+    mask = None
+    if padded != b:
+      idx = jnp.pad(idx, (0, padded - b))
+      mask = (jnp.arange(padded) < b).astype(jnp.float32)
+
+    def images(x):
+      x = x.reshape(padded, h, w, -1)
+      return (jax.lax.with_sharding_constraint(x, sharded) if mesh.size > 1
+              else x)
+
+    feats = images(cache[idx])
+    las_f = las_l = None
+    if las_cache is not None:
+      v = jax.random.randint(jax.random.fold_in(key, 1), (padded,), 0,
+                             las_cache.shape[0])
+      las_f = images(las_cache[v, idx])
+      las_l = las_labels[v, idx].reshape(padded, h, w)
+    return train_step(state, feats, key, syn, centre, las_f, las_l, mask)
+
+  def run(state, cache, idx, key, centre=None, las_cache=None,
+          las_labels=None):
+    idx, key = parallel.global_inputs(mesh, idx, key)
+    return step(state, cache, idx, key, centre, las_cache, las_labels)
+
+  return run

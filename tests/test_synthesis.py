@@ -1,0 +1,399 @@
+"""synthesis: Perlin masks, GAS, LAS, focal loss, the synthesis step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+import pytest
+
+from configs import demo as demo_config
+from simplenet_jax import model as model_lib
+from simplenet_jax import synthesis
+from simplenet_jax import train
+from simplenet_jax.errors import UserError
+
+
+# ---- Perlin ----------------------------------------------------------------
+
+
+def test_perlin_noise_range_shape_and_determinism():
+  key = jax.random.PRNGKey(0)
+  a = np.asarray(synthesis.perlin_noise(key, (40, 24), 4, 2, 0.3))
+  b = np.asarray(synthesis.perlin_noise(key, (40, 24), 4, 2, 0.3))
+  c = np.asarray(synthesis.perlin_noise(jax.random.PRNGKey(1), (40, 24), 4, 2,
+                                        0.3))
+  assert a.shape == (40, 24) and a.dtype == np.float32
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(a - c).max() > 0.1
+  assert np.all(np.abs(a) <= 1.5) and a.std() > 0.05
+  # Lattice points carry value 0 (unrotated): rows 0, 10, 20, 30 at res 4.
+  flat = np.asarray(synthesis.perlin_noise(key, (40, 24), 4, 2))
+  np.testing.assert_allclose(flat[::10, ::12], 0.0, atol=1e-6)
+
+
+def test_perlin_mask_binary_deterministic_never_empty():
+  key = jax.random.PRNGKey(3)
+  m = np.asarray(synthesis.perlin_mask(key, (32, 32), 0.5))
+  assert m.shape == (32, 32)
+  assert set(np.unique(m).tolist()) <= {0.0, 1.0}
+  np.testing.assert_array_equal(
+      m, np.asarray(synthesis.perlin_mask(key, (32, 32), 0.5)))
+  # A threshold above any noise value falls back to the maximum: not empty.
+  high = np.asarray(synthesis.perlin_mask(key, (32, 32), 10.0))
+  assert 1 <= high.sum() < 32 * 32
+  # On a small grid (feature grids are 8-28 cells) the finest scales must
+  # not alias to all-zero noise, which the fallback would turn into a full
+  # mask: masks cover a part of the grid, never all of it.
+  for i in range(40):
+    small = np.asarray(synthesis.perlin_mask(jax.random.PRNGKey(i), (8, 8),
+                                             0.2, scales=(0, 6),
+                                             combine=False))
+    assert 0 < small.mean() < 1, (i, small.mean())
+
+
+def test_perlin_masks_half_empty():
+  masks = np.asarray(synthesis.perlin_masks(jax.random.PRNGKey(0), 200,
+                                            (16, 16), threshold=0.2,
+                                            empty_fraction=0.5))
+  assert masks.shape == (200, 16, 16)
+  assert set(np.unique(masks).tolist()) <= {0.0, 1.0}
+  empty = int((masks.reshape(200, -1).sum(1) == 0).sum())
+  assert 70 <= empty <= 130, empty  # Binomial(200, 0.5): +- 4 sigma.
+  full = synthesis.perlin_masks(jax.random.PRNGKey(0), 50, (16, 16),
+                                empty_fraction=0.0)
+  assert int((np.asarray(full).reshape(50, -1).sum(1) == 0).sum()) == 0
+  none = synthesis.perlin_masks(jax.random.PRNGKey(0), 10, (16, 16),
+                                empty_fraction=1.0)
+  assert float(np.asarray(none).sum()) == 0.0
+  # Mask i depends on (key, i) only.
+  few = synthesis.perlin_masks(jax.random.PRNGKey(0), 7, (16, 16),
+                               threshold=0.2, empty_fraction=0.5)
+  np.testing.assert_array_equal(np.asarray(few), masks[:7])
+
+
+def test_max_pool_to_grid():
+  m = np.zeros((2, 8, 8), np.float32)
+  m[0, 0, 7] = 1  # Top-right pixel -> top-right cell.
+  m[1, 5, 2] = 1  # Row 5, col 2 -> cell (1, 0) of a 2x2 grid.
+  g = np.asarray(synthesis.max_pool_to_grid(jnp.asarray(m), (2, 2)))
+  np.testing.assert_array_equal(g[0], [[0, 1], [0, 0]])
+  np.testing.assert_array_equal(g[1], [[0, 0], [1, 0]])
+  # Sizes that do not divide: every pixel still reaches a cell covering it.
+  g3 = np.asarray(synthesis.max_pool_to_grid(jnp.asarray(m), (3, 3)))
+  assert g3[0, 0, 2] == 1 and g3[1, 1:, 0].max() == 1
+
+
+# ---- GAS -------------------------------------------------------------------
+
+
+def _disc(key, dim=16, hidden=8):
+  disc = model_lib.Discriminator(hidden)
+  params = disc.init(key, jnp.zeros((2, dim)), train=False)['params']
+  stats = {'bn': {'mean': jnp.zeros(hidden), 'var': jnp.ones(hidden)}}
+  score = lambda x: disc.apply({'params': params, 'batch_stats': stats}, x,
+                               train=False)
+  return score
+
+
+def test_project_to_ring():
+  rng = np.random.default_rng(0)
+  anchor = rng.normal(size=(50, 6)).astype(np.float32)
+  offsets = rng.normal(size=(50, 6)).astype(np.float32)
+  offsets *= rng.uniform(0.1, 4.0, size=(50, 1)) / np.linalg.norm(
+      offsets, axis=1, keepdims=True)
+  out = np.asarray(synthesis.project_to_ring(anchor + offsets, anchor, 1.0,
+                                             2.0))
+  h = out - anchor
+  norms = np.linalg.norm(h, axis=1)
+  assert norms.min() >= 1.0 - 1e-5 and norms.max() <= 2.0 + 1e-5
+  cos = np.sum(h * offsets, 1) / (norms * np.linalg.norm(offsets, axis=1))
+  np.testing.assert_allclose(cos, 1.0, atol=1e-5)  # Direction kept.
+  inside = (np.linalg.norm(offsets, axis=1) >= 1) & (
+      np.linalg.norm(offsets, axis=1) <= 2)
+  np.testing.assert_allclose(out[inside], (anchor + offsets)[inside],
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize('steps,every', [(20, 5), (7, 5)])
+def test_gas_manifold_keeps_offsets_in_ring_and_raises_fake_loss(steps, every):
+  score = _disc(jax.random.PRNGKey(0))
+  rng = np.random.default_rng(1)
+  true = jnp.asarray(rng.normal(size=(64, 16)).astype(np.float32))
+  fakes = true + 0.3 * jnp.asarray(rng.normal(size=(64, 16)), jnp.float32)
+  start = synthesis.project_to_ring(fakes, true, 1.0, 2.0)
+  out = synthesis.gradient_ascent(score, start, true, 1.0, 2.0, steps=steps,
+                                  step_size=0.05, every=every)
+  norms = np.linalg.norm(np.asarray(out - true), axis=1)
+  assert norms.min() >= 1.0 - 1e-4 and norms.max() <= 2.0 + 1e-4
+  fake_loss = lambda x: float(jnp.mean(jax.nn.relu(score(x) + 0.5)))
+  assert fake_loss(out) > fake_loss(start) + 1e-3
+  assert float(jnp.mean(score(out))) > float(jnp.mean(score(start)))
+  assert np.abs(np.asarray(out - start)).max() > 1e-3  # It moved.
+
+
+def test_gas_hypersphere_keeps_distances_in_r_2r():
+  score = _disc(jax.random.PRNGKey(2))
+  rng = np.random.default_rng(3)
+  centre = jnp.asarray(np.tile(rng.normal(size=(1, 16)), (64, 1)),
+                       jnp.float32)
+  fakes = centre + jnp.asarray(rng.normal(size=(64, 16)) *
+                               rng.uniform(0.1, 9, size=(64, 1)), jnp.float32)
+  r = 2.5
+  out = synthesis.gradient_ascent(score, fakes, centre, r, 2 * r, steps=20,
+                                  step_size=0.1, every=5)
+  d = np.linalg.norm(np.asarray(out - centre), axis=1)
+  assert d.min() >= r - 1e-4 and d.max() <= 2 * r + 1e-4
+
+
+# ---- LAS -------------------------------------------------------------------
+
+
+def test_las_images_change_only_inside_the_mask():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+  textures = rng.integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+  key = jax.random.PRNGKey(0)
+  out, masks = synthesis.las_images(key, images, textures)
+  out, masks = np.asarray(out), np.asarray(masks)
+  assert out.shape == (3, 32, 32, 3) and masks.shape == (3, 32, 32)
+  ref = images.astype(np.float32) / 255.0
+  outside = masks == 0
+  np.testing.assert_array_equal(np.round(out[outside] * 255), images[outside])
+  np.testing.assert_allclose(out[outside], ref[outside], rtol=1e-6)
+  for i in range(3):
+    inside = masks[i] > 0
+    assert inside.sum() > 0
+    diff = np.abs(out[i][inside] - ref[i][inside]).mean()
+    assert diff > 0.05, diff
+  # Blend factor in [0.2, 0.8]: out = beta img + (1 - beta) tex, so inside
+  # the mask out lies between image and (jittered) texture values.
+  assert out.min() >= 0.0 and out.max() <= 1.0
+  again, _ = synthesis.las_images(key, images, textures)
+  np.testing.assert_array_equal(np.asarray(again), out)
+
+
+def test_texture_bank_procedural_and_folder(tmp_path):
+  a = synthesis.texture_bank(3, (24, 20), seed=1)
+  b = synthesis.texture_bank(3, (24, 20), seed=1)
+  assert a.shape == (3, 24, 20, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, b)
+  assert a.std() > 10
+  # A folder of images (nested, any size): crops at the image size.
+  (tmp_path / 'sub').mkdir()
+  rng = np.random.default_rng(0)
+  for i, size in enumerate([(40, 60), (50, 50)]):
+    PIL.Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)
+                        ).save(tmp_path / 'sub' / f't{i}.png')
+  (tmp_path / 'notes.txt').write_text('not an image')
+  d = synthesis.texture_bank(4, (24, 20), seed=0, texture_dir=str(tmp_path))
+  assert d.shape == (4, 24, 20, 3) and d.std() > 10
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  with pytest.raises(UserError, match='texture_dir'):
+    synthesis.texture_bank(2, (8, 8), texture_dir=str(empty))
+
+
+class _Images:
+  """A training set of random images (the data sets' interface)."""
+
+  def __init__(self, n, hw):
+    rng = np.random.default_rng(1)
+    self.images = rng.integers(0, 256, (n,) + hw + (3,), dtype=np.uint8)
+    self.image_hw = hw
+
+  def __len__(self):
+    return len(self.images)
+
+  def load(self, i):
+    return {'image': self.images[i], 'mask': np.zeros(self.image_hw, np.uint8),
+            'label': 0, 'path': f'{i}.png', 'defect': 'good'}
+
+
+def test_las_dataset_images_and_labels_agree():
+  hw, grid = (32, 24), (4, 3)
+  base = _Images(5, hw)
+  key = jax.random.PRNGKey(7)
+  textures = synthesis.texture_bank(4, hw, seed=0)
+  ds = synthesis.LASImages(base, key, textures, recolour=True)
+  assert len(ds) == 5 and ds.image_hw == hw
+  idx = np.asarray([4, 0, 2])
+  labels = synthesis.las_labels(key, idx, hw, grid, chunk=2)
+  assert labels.shape == (3, 12)
+  for row, i in enumerate(idx):
+    ex = ds.load(int(i))
+    assert ex['image'].dtype == np.uint8 and ex['image'].shape == hw + (3,)
+    m = ex['mask'].astype(bool)
+    assert 0 < m.sum() < m.size
+    # Unchanged outside the defect, changed inside it.
+    np.testing.assert_array_equal(ex['image'][~m], base.images[i][~m])
+    assert np.abs(ex['image'][m].astype(int) - base.images[i][m]).mean() > 3
+    # A feature cell is a defect iff the mask reaches it (8 x 8 pixels).
+    cells = m.reshape(4, 8, 3, 8).any(axis=(1, 3)).reshape(-1)
+    np.testing.assert_array_equal(labels[row], cells.astype(np.float32))
+    # Image i depends on (key, i) only.
+    np.testing.assert_array_equal(ds.load(int(i))['image'], ex['image'])
+
+
+# ---- Focal loss --------------------------------------------------------------
+
+
+def test_focal_loss_against_hand_computation():
+  logits = np.array([2.0, -1.0, 0.5, -3.0], np.float32)
+  labels = np.array([1, 1, 0, 0], np.float32)
+  p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  pt = np.where(labels == 1, p, 1 - p)
+  per_row = -(1 - pt)**2 * np.log(pt)
+  got = float(synthesis.focal_loss(jnp.asarray(logits), jnp.asarray(labels),
+                                   gamma=2.0))
+  np.testing.assert_allclose(got, per_row.mean(), rtol=1e-5)
+  # gamma 0 is binary cross-entropy.
+  bce = float(synthesis.focal_loss(jnp.asarray(logits), jnp.asarray(labels),
+                                   gamma=0.0))
+  np.testing.assert_allclose(bce, -np.log(pt).mean(), rtol=1e-5)
+  # The hardest half: rows with the largest (p - y)^2 (rows 1 and 2).
+  err = (p - labels)**2
+  assert set(np.argsort(err)[2:]) == {1, 2}
+  hard = float(synthesis.focal_loss(jnp.asarray(logits), jnp.asarray(labels),
+                                    gamma=2.0, hard_quantile=0.5))
+  np.testing.assert_allclose(hard, per_row[[1, 2]].mean(), rtol=1e-5)
+  masked = float(synthesis.focal_loss(jnp.asarray(logits),
+                                      jnp.asarray(labels), gamma=2.0,
+                                      mask=jnp.asarray([1, 0, 1, 0])))
+  np.testing.assert_allclose(masked, per_row[[0, 2]].mean(), rtol=1e-5)
+
+
+# ---- The loss and the step ---------------------------------------------------
+
+
+def _state(dim=32, hidden=16, std=0.3):
+  c = demo_config.get_config()
+  c.model.hidden = hidden
+  st = train.create_train_state(jax.random.PRNGKey(0), c.model, c.optim, dim,
+                                5, 10)
+  return st.replace(noise_std=jnp.float32(std))
+
+
+def test_head_loss_default_equals_released_loss():
+  st = _state()
+  f = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 32)) + 1.0
+  key = jax.random.PRNGKey(2)
+  k_noise, _ = jax.random.split(key)
+  noise = model_lib.sample_noise(k_noise, (32, 32), st.noise_std)
+  ref, (ref_m, ref_bs, _) = train.loss_fn(st.params, st.batch_stats,
+                                          f.reshape(-1, 32), noise, 0.5)
+  got, (m, bs) = synthesis.head_loss(st.params, st.batch_stats, f, key,
+                                     st.noise_std, 0.5,
+                                     synthesis.SynthesisConfig())
+  np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
+  for k in ('p_true', 'p_fake'):
+    np.testing.assert_allclose(float(m[k]), float(ref_m[k]))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-6), bs, ref_bs)
+
+
+@pytest.mark.parametrize('syn', [
+    synthesis.SynthesisConfig(gas='manifold', gas_steps=4, gas_every=2),
+    synthesis.SynthesisConfig(gas='hypersphere', gas_steps=4, gas_every=2,
+                              las_weight=1.0),
+    synthesis.SynthesisConfig(perlin=True),
+    synthesis.SynthesisConfig(las_weight=0.5),
+])
+def test_train_step_variants(syn):
+  st = _state()
+  f = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 32)) + 1.0
+  las = f + jax.random.normal(jax.random.PRNGKey(3), f.shape)
+  lab = (jax.random.uniform(jax.random.PRNGKey(4), (2, 4, 4)) > 0.7)
+  new, m = synthesis.train_step(st, f, jax.random.PRNGKey(2), syn,
+                                centre=f.mean(0), las_features=las,
+                                las_labels=lab.astype(jnp.float32))
+  assert int(new.step) == 1
+  assert all(np.isfinite(float(v)) for v in m.values()), m
+  changed = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new.params,
+                         st.params)
+  assert max(jax.tree.leaves(changed)) > 0
+  if syn.las:
+    assert 'focal' in m and 'p_las' in m
+  # A padded image (mask 0) changes nothing about the others' loss.
+  f3 = jnp.concatenate([f, 100 + f[:1]])
+  kw = dict(centre=f.mean(0))
+  if syn.las:
+    kw.update(las_features=jnp.concatenate([las, las[:1]]),
+              las_labels=jnp.concatenate([lab, lab[:1]]).astype(jnp.float32))
+  _, m3 = synthesis.train_step(st, f3, jax.random.PRNGKey(2), syn,
+                               mask=jnp.asarray([1.0, 1.0, 0.0]), **kw)
+  np.testing.assert_allclose(float(m3['loss']), float(m['loss']), rtol=1e-4)
+
+
+# ---- Through main.py ---------------------------------------------------------
+
+
+def _final_tree(category_dir):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  manager = ocp.CheckpointManager(str(category_dir / 'checkpoints'),
+                                  item_names=('state', 'meta'))
+  try:
+    step = manager.latest_step()
+    return step, manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))['state']
+  finally:
+    manager.close()
+
+
+def test_main_trains_with_gas_and_las_and_resumes_identically(
+    tmp_path, lite0_weights_dir, awkward_root, jax_cache_dir):
+  """main.py with spread noise, GAS (hypersphere) and LAS: the passes log
+  the synthesis metrics, the table is finite, a run killed after pass 1
+  rebuilds the same LAS cache and centre and ends bit-identical, and a
+  checkpoint trained with other switches is refused."""
+  import json  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import conftest  # pylint: disable=g-import-not-at-top
+  root, _ = awkward_root
+  env = conftest.main_env(jax_cache_dir)
+  extra = ('--config.model.noise_mode=spread', '--config.model.noise_rel=0.4',
+           '--config.synthesis.gas=hypersphere',
+           '--config.synthesis.gas_steps=4', '--config.synthesis.gas_every=2',
+           '--config.synthesis.las_weight=1.0',
+           '--config.synthesis.las_variants=2',
+           '--config.train.checkpoint_every=1',
+           '--config.train.keep_checkpoints=4')
+  first = tmp_path / 'first'
+  args = conftest.tiny_args(first, lite0_weights_dir, root, passes=3,
+                            extra=extra)
+  proc = conftest.run_main(args + ['--mode=train'], env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  cat = conftest.CATEGORY
+  log = [json.loads(l) for l in (first / cat / 'log.jsonl').read_text()
+         .splitlines()]
+  assert [r['pass'] for r in log] == [1, 2, 3]
+  for r in log:
+    assert {'loss', 'p_true', 'p_fake', 'focal', 'p_las', 'radius'} <= set(r)
+    assert r['radius'] > 0 and 0 <= r['p_las'] <= 1
+  info = (first / 'logs' / 'simplenet.INFO').read_text()
+  assert '2 LAS images per training image' in info
+  rows = json.loads((first / 'results.json').read_text())['rows']
+  assert all(np.isfinite(rows[0][k]) for k in ('image_auroc', 'pixel_auroc'))
+
+  second = tmp_path / 'second'
+  shutil.copytree(first, second, ignore=shutil.ignore_patterns('logs'))
+  for step_dir in (second / cat / 'checkpoints').iterdir():
+    if step_dir.name.isdigit() and int(step_dir.name) > 1:
+      shutil.rmtree(step_dir)
+  args2 = conftest.tiny_args(second, lite0_weights_dir, root, passes=3,
+                             extra=extra)
+  proc = conftest.run_main(args2 + ['--mode=train'], env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'{cat}: continuing from pass 1 ' in (
+      second / 'logs' / 'simplenet.INFO').read_text()
+  (s1, a), (s2, b) = _final_tree(first / cat), _final_tree(second / cat)
+  assert s1 == s2 == 3
+  jax.tree.map(np.testing.assert_array_equal, a['params'], b['params'])
+  jax.tree.map(np.testing.assert_array_equal, a['batch_stats'],
+               b['batch_stats'])
+
+  # Other switches, same workdir: the checkpoint is not silently reused.
+  other = [a if not a.startswith('--config.synthesis.gas=') else
+           '--config.synthesis.gas=manifold' for a in args]
+  proc = conftest.run_main(other + ['--mode=train'], env)
+  assert proc.returncode == 2
+  assert 'error:' in proc.stderr and 'config' in proc.stderr.lower()
