@@ -1,29 +1,52 @@
 #!/usr/bin/env bash
-# Every GPU measurement of docs/scaling.md in one run, for a lent GPU machine
-# (the `device` tool: run it from the repository root, results under $OUT):
-#   1. inference at 224 px, WRN50-2 (random weights), float32 and bfloat16
-#      backbones, large batches (throughput) and batch 1 (latency p50/p99);
-#   2. the whole MVTec-AD-shaped workload (15 categories, 160 passes, train +
-#      threshold + evaluation), one category at a time and 15 at a time.
+# The GPU measurements of docs/scaling.md, for a lent GPU machine (the
+# `device` tool: run from the repository root, results under $OUT). A lent
+# machine gives at most 10 minutes per command and about 15 in all, so the
+# work comes in parts, one command each, every step with its own timeout:
+#   bash benchmarks/gpu_scaling.sh inference   # ~3 min: WRN50-2 (random
+#       weights) at 224 px, float32 and bfloat16 backbones, batch 64 and 256
+#       (images/s) and batch 1 (latency p50/p99 over 200 calls)
+#   bash benchmarks/gpu_scaling.sh together    # <= 9 min: the MVTec-AD-shaped
+#       workload (15 categories, 160 passes, train + threshold + evaluation),
+#       all 15 heads stepped together (train.categories_per_step=15)
+#   bash benchmarks/gpu_scaling.sh alone [P]   # <= 9 min: the same one
+#       category at a time, P passes (default 20; scale the training stage
+#       by 160 / P to compare: a full K=1 run does not fit one command)
 # Needs jax with CUDA: pip install -r requirements.txt "jax[cuda12]".
 set -uo pipefail
 OUT=${OUT:-runs/gpu_scaling}
+PART=${1:-inference}
 mkdir -p "$OUT"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
-python - <<'PY' > "$OUT/jax.txt" 2>&1
-import jax; print(jax.__version__, jax.devices())
-PY
-for dtype in float32 bfloat16; do
-  for batch in 64 256; do
-    timeout 300 python -m simplenet_jax.bench --image-size 224 --batch $batch \
-      --backbone-dtype $dtype --train-images 256 --latency 200 \
-      --json "$OUT/bench_${dtype}_b${batch}.json" > "$OUT/bench_${dtype}_b${batch}.log" 2>&1
-  done
-done
-for k in 15 1; do
-  timeout 1500 python benchmarks/mvtec_workload.py --categories-per-step $k \
-    --eval-batch 64 --workers 16 --json "$OUT/workload_k${k}.json" \
-    > "$OUT/workload_k${k}.log" 2>&1
-done
-python -m simplenet_jax.bench --merge "$OUT"/bench_*.json > "$OUT/bench_table.md" 2>&1
-echo done
+python -c 'import jax; print(jax.__version__, jax.devices())' > "$OUT/jax.txt" 2>&1
+case "$PART" in
+  inference)
+    for dtype in float32 bfloat16; do
+      for batch in 64 256; do
+        timeout 170 python -m simplenet_jax.bench --image-size 224 \
+          --batch "$batch" --backbone-dtype "$dtype" --train-images 256 \
+          --latency 200 --json "$OUT/bench_${dtype}_b${batch}.json" \
+          > "$OUT/bench_${dtype}_b${batch}.log" 2>&1
+      done
+    done
+    python -m simplenet_jax.bench --merge "$OUT"/bench_*.json \
+      > "$OUT/bench_table.md" 2>&1
+    ;;
+  together)
+    timeout 540 python benchmarks/mvtec_workload.py --categories-per-step 15 \
+      --eval-batch 64 --workers 16 --json "$OUT/workload_k15.json" \
+      > "$OUT/workload_k15.log" 2>&1
+    ;;
+  alone)
+    passes=${2:-20}
+    timeout 540 python benchmarks/mvtec_workload.py --categories-per-step 1 \
+      --passes "$passes" --eval-batch 64 --workers 16 \
+      --json "$OUT/workload_k1_p${passes}.json" \
+      > "$OUT/workload_k1_p${passes}.log" 2>&1
+    ;;
+  *)
+    echo "usage: $0 inference | together | alone [passes]" >&2
+    exit 2
+    ;;
+esac
+echo "done: $PART (exit $?)"

@@ -228,6 +228,9 @@ def perlin_mask(key: jax.Array, shape: Sequence[int], threshold: float = 0.5,
   return jnp.where(m.any(), m, fallback).astype(jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnames=(
+    'n', 'shape', 'threshold', 'scales', 'empty_fraction', 'rotate',
+    'combine'))
 def perlin_masks(key: jax.Array, n: int, shape: Sequence[int],
                  threshold: float = 0.2, scales: Sequence[int] = PERLIN_SCALES,
                  empty_fraction: float = 0.5,

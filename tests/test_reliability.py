@@ -571,6 +571,7 @@ def category_context(lite0_weights_dir, awkward_root):
   c.train.checkpoint_every = 1
   c.eval.batch_size = 8
   c.eval.visualize = 'none'
+  c.synthesis.gas = 'none'  # The plain step (the tests patch it).
   config = config_checks.validate(c)
   mesh = parallel.make_mesh()
   module, variables = backbones.load_for_run(config.backbone)
