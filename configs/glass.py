@@ -17,28 +17,19 @@ foreground masks for objects (--fg), its random image augmentations of LAS
 train.select_best_on_test, labelled as such, to compare with its tables).
 """
 
-from configs import default
+from configs import mvtec
 
 
 def get_config():
-  c = default.get_config()
-  c.dataset.kind = 'mvtec'
-  c.dataset.root = 'data/mvtec'
-  c.dataset.categories = ('all',)
+  c = mvtec.get_config()  # WRN50-2 layers 2+3, 1536 dims, MVTec AD.
   c.dataset.resize = 288
   c.dataset.crop = 0
   c.dataset.texture_resize = 288
-  c.model.noise_mode = 'absolute'
-  c.model.noise_std = 0.015
   c.train.batch_size = 8
   c.train.num_passes = 640
   c.train.checkpoint_every = 20
   c.synthesis.gas = 'hypersphere'
-  c.synthesis.gas_steps = 20
-  c.synthesis.gas_quantile = 0.75
   c.synthesis.las_weight = 1.0
-  c.synthesis.focal_gamma = 2.0
-  c.synthesis.focal_hard = 0.5
   c.synthesis.texture_dir = 'data/dtd/images'  # DTD's images/ folder.
   c.synthesis.recolour = False  # GLASS blends DTD's colours as they are.
   return c

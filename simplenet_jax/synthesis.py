@@ -65,8 +65,9 @@ TEXTURES = 64  # Textures in the bank, each image takes one at random.
 
 @dataclasses.dataclass(frozen=True)
 class SynthesisConfig:
-  """Static synthesis settings (hashable: a jit static argument), the config
-  group `synthesis` (validated by config_checks).
+  """Static synthesis settings (hashable: a jit static argument): the config
+  group `synthesis` (defaults in configs/default.py, validated by
+  config_checks), built with `from_config`.
 
   gas: 'none' | 'manifold' | 'hypersphere'.
   gas_steps, gas_every: ascent steps, projection period (GLASS: 20, 5).
@@ -88,22 +89,22 @@ class SynthesisConfig:
     '' = procedural textures (`procedural_textures`, no files).
   recolour: LAS textures take each image's colours (`match_texture`).
   """
-  gas: str = 'none'
-  gas_steps: int = 20
-  gas_every: int = 5
-  gas_step: float = 0.0017
-  gas_r1: float = 0.85
-  gas_r2: float = 1.70
-  gas_quantile: float = 0.75
-  perlin: bool = False
-  perlin_threshold: float = 0.2
-  perlin_empty: float = 0.5
-  las_weight: float = 0.0
-  focal_gamma: float = 2.0
-  focal_hard: float = 0.5
-  las_variants: int = 4
-  texture_dir: str = ''
-  recolour: bool = True
+  gas: str
+  gas_steps: int
+  gas_every: int
+  gas_step: float
+  gas_r1: float
+  gas_r2: float
+  gas_quantile: float
+  perlin: bool
+  perlin_threshold: float
+  perlin_empty: float
+  las_weight: float
+  focal_gamma: float
+  focal_hard: float
+  las_variants: int
+  texture_dir: str
+  recolour: bool
 
   @classmethod
   def from_config(cls, synthesis_cfg) -> 'SynthesisConfig':

@@ -1,5 +1,7 @@
 """synthesis: Perlin masks, GAS, LAS, focal loss, the synthesis step."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,13 @@ from simplenet_jax import model as model_lib
 from simplenet_jax import synthesis
 from simplenet_jax import train
 from simplenet_jax.errors import UserError
+
+
+def _syn(**changes):
+  """configs/default.py's synthesis settings (all off), with `changes`."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  return dataclasses.replace(synthesis.SynthesisConfig.from_config(
+      default.get_config().synthesis), **changes)
 
 
 # ---- Perlin ----------------------------------------------------------------
@@ -283,7 +292,7 @@ def test_head_loss_default_equals_released_loss():
                                           f.reshape(-1, 32), noise, 0.5)
   got, (m, bs) = synthesis.head_loss(st.params, st.batch_stats, f, key,
                                      st.noise_std, 0.5,
-                                     synthesis.SynthesisConfig())
+                                     _syn())
   np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
   for k in ('p_true', 'p_fake'):
     np.testing.assert_allclose(float(m[k]), float(ref_m[k]))
@@ -292,11 +301,11 @@ def test_head_loss_default_equals_released_loss():
 
 
 @pytest.mark.parametrize('syn', [
-    synthesis.SynthesisConfig(gas='manifold', gas_steps=4, gas_every=2),
-    synthesis.SynthesisConfig(gas='hypersphere', gas_steps=4, gas_every=2,
+    _syn(gas='manifold', gas_steps=4, gas_every=2),
+    _syn(gas='hypersphere', gas_steps=4, gas_every=2,
                               las_weight=1.0),
-    synthesis.SynthesisConfig(perlin=True),
-    synthesis.SynthesisConfig(las_weight=0.5),
+    _syn(perlin=True),
+    _syn(las_weight=0.5),
 ])
 def test_train_step_variants(syn):
   st = _state()
