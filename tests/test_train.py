@@ -340,6 +340,27 @@ def test_spread_noise_calibration():
   x = rng.normal(0.0, 2.0, size=(60, 8)).astype(np.float32)
   fc = state.params['adaptor']['fc']
 
+  def adapted(v):
+    return v.astype(np.float64) @ np.asarray(fc['kernel'], np.float64) + (
+        np.asarray(fc['bias'], np.float64))
+
+  want = np.sqrt(adapted(x).var(0).mean())
+  assert train.feature_spread(state, x) == pytest.approx(want, rel=1e-5)
+  assert train.feature_spread(state, x, chunk_rows=7) == pytest.approx(
+      want, rel=1e-5)
+  assert train.feature_spread(state, [x[:13], x[13:].reshape(47, 1, 8)]) == (
+      pytest.approx(want, rel=1e-5))
+  shifted = x + np.float32(300.0)
+  assert train.feature_spread(state, shifted, chunk_rows=9) == pytest.approx(
+      np.sqrt(adapted(shifted).var(0).mean()), rel=1e-4)
+  assert train.feature_spread(state, shifted) == pytest.approx(want,
+                                                               rel=1e-3)
+  assert train.feature_rms(state, shifted) > 10 * train.feature_rms(state, x)
+  state = train.calibrate_noise(state, cfg.model, x)
+  assert float(state.noise_std) == pytest.approx(0.4 * want, rel=1e-5)
+  with pytest.raises(ValueError):
+    train.feature_spread(state, np.zeros((0, 8), np.float32))
+
 
 def test_eval_scores_fused_and_reference_match_the_layers():
   """-D(adaptor(x)) in eval mode, written out with numpy (BatchNorm eps
