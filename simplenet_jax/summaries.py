@@ -20,7 +20,9 @@ import sys
 import jax
 import numpy as np
 
-PASS_SCALARS = ('loss', 'p_true', 'p_fake', 'lr_adaptor', 'lr_discriminator')
+# Per pass; the synthesis switches add 'focal', 'p_las' and 'radius'.
+PASS_SCALARS = ('loss', 'p_true', 'p_fake', 'lr_adaptor', 'lr_discriminator',
+                'focal', 'p_las', 'radius', 'pass_s')
 EVAL_SCALARS = ('image_auroc', 'pixel_auroc', 'aupro')
 
 

@@ -57,7 +57,7 @@ def test_scalars_and_images_round_trip(tmp_path):
                              'p_fake': 0.75, 'lr_adaptor': 1e-4,
                              'lr_discriminator': 2e-4, 'other': 3.0})
     summaries.write_pass(w, {'pass': 2, 'loss': float('nan'), 'p_true': 0.5,
-                             'p_fake': 0.5})
+                             'p_fake': 0.5, 'focal': 0.125, 'radius': 2.5})
     summaries.write_evaluation(w, 2, {'image_auroc': 0.875,
                                       'pixel_auroc': float('nan'),
                                       'aupro': None})
@@ -70,6 +70,7 @@ def test_scalars_and_images_round_trip(tmp_path):
       (1, 'train/lr_adaptor'): pytest.approx(1e-4),
       (1, 'train/lr_discriminator'): pytest.approx(2e-4),
       (2, 'train/p_true'): 0.5, (2, 'train/p_fake'): 0.5,
+      (2, 'train/focal'): 0.125, (2, 'train/radius'): 2.5,
       (2, 'eval/image_auroc'): 0.875}  # nan, None and 'other' left out.
   (img,) = [v for _, t, v in events if t == 'heatmaps/a']
   np.testing.assert_array_equal(img, image)
