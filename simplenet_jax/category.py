@@ -21,9 +21,9 @@ from simplenet_jax import checkpoint
 from simplenet_jax import data
 from simplenet_jax import feature_cache
 from simplenet_jax import knn
-from simplenet_jax import synthesis
 from simplenet_jax import parallel
 from simplenet_jax import scoring
+from simplenet_jax import synthesis
 from simplenet_jax import train
 from simplenet_jax.errors import UserError
 

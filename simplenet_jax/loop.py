@@ -4,7 +4,10 @@
 `train.num_passes`, writing a checkpoint every `train.checkpoint_every`
 passes and one record per pass to <workdir>/<category>/log.jsonl (and to
 TensorBoard when given a writer), and ends with the decision threshold
-(`evaluate.decision_threshold`) in the final checkpoint's metadata. `train_categories` does the same for several
+(`evaluate.decision_threshold`) in the final checkpoint's metadata. The step
+is the released one (`train.make_cached_step`, or `make_features_step` when
+the features are not cached), or `synthesis.make_cached_step` when a
+`synthesis` switch is on. `train_categories` does the same for several
 categories at once, stepping all their heads in one jitted call
 (`train.make_stacked_cached_step`); each category's numbers, checkpoints and
 logs are those of training it alone.
