@@ -8,7 +8,8 @@
 Each (set, row, seed) is one training run of the library's own pipeline
 (experiment.run, what main.py calls) in its own workdir under --workdir:
 configs/demo.py's settings (EfficientNet-Lite0, 40 passes, batch 4) with
-the row's keys, the final model evaluated (no test-set selection). Rows are
+its synthesis off and the row's keys, the final model evaluated (no
+test-set selection). Rows are
 config overrides (ROWS); 'base+key=value+...' adds or changes keys, e.g.
 'spread+model.noise_rel=0.8'.
 
@@ -63,10 +64,12 @@ ROWS = {
 
 
 def row_overrides(name: str) -> dict:
+  """The row's keys, over the released head (no synthesis: configs/demo.py
+  has GAS on, and a row turns on only what it names)."""
   base, *extra = name.split('+')
   if base not in ROWS:
     raise SystemExit(f'unknown row {base!r}; rows: {", ".join(ROWS)}')
-  out = dict(ROWS[base])
+  out = {'synthesis.gas': 'none', **ROWS[base]}
   for item in extra:
     key, value = item.split('=', 1)
     try:
