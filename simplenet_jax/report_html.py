@@ -162,6 +162,27 @@ def results_table_html(rows: list[dict], table_id: str = 'results') -> str:
   return '\n'.join(lines)
 
 
+def _training_text(config: dict) -> str:
+  """The method and its settings in words (results.json's config)."""
+  m, t = config.get('model', {}), config.get('train', {})
+  if m.get('method') == 'knn':
+    frac = config.get('knn', {}).get('coreset_fraction')
+    return f'kNN memory bank, coreset fraction {frac}'
+  mode = m.get('noise_mode')
+  noise = {'absolute': f"std {m.get('noise_std')}",
+           'relative': f"{m.get('noise_rel')} x RMS of the adapted features",
+           'spread': f"{m.get('noise_rel')} x spread of the adapted features"
+           }.get(mode, str(mode))
+  y = config.get('synthesis', {})
+  extras = [f"GAS {y['gas']}" if y.get('gas', 'none') != 'none' else '',
+            f"LAS (weight {y['las_weight']})" if y.get('las_weight') else '',
+            'Perlin-masked noise' if y.get('perlin') else '']
+  extras = ', '.join(e for e in extras if e)
+  return (f"{t.get('num_passes')} passes, batch {t.get('batch_size')}, "
+          f"noise {mode}: {noise}" + (f'; synthesis: {extras}' if extras
+                                      else ''))
+
+
 def _run_section(workdir: str, doc: dict) -> str:
   extra = doc.get('extra', {})
   config = extra.get('config', {})
@@ -169,8 +190,6 @@ def _run_section(workdir: str, doc: dict) -> str:
   d = config.get('dataset', {})
   t = config.get('train', {})
   m = config.get('model', {})
-  noise = m.get('noise_rel' if m.get('noise_mode') == 'relative' else
-                'noise_std')
   devices = extra.get('devices', [])
   kv = [('Mode', extra.get('mode', '')),
         ('Workdir', os.path.abspath(workdir)),
@@ -183,9 +202,7 @@ def _run_section(workdir: str, doc: dict) -> str:
                  f"; categories {', '.join(r['category'] for r in doc['rows'])}"
                  f"; resize {d.get('resize')} crop {d.get('crop')}, textures "
                  f"{d.get('texture_resize')}"),
-        ('Training', f"{t.get('num_passes')} passes, batch "
-                     f"{t.get('batch_size')}, noise {m.get('noise_mode')} "
-                     f"({noise})"),
+        ('Training', _training_text(config)),
         ('Devices', f"{len(devices)}: {', '.join(devices)}")]
   rows = ''.join(f'<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>' for k, v in kv)
   out = [f'<section id="run"><h2>Run</h2><table class="kv">{rows}</table>']

@@ -249,6 +249,19 @@ def test_select_galleries_by_hand():
       'top_defects': [], 'false_positives': [], 'false_negatives': []}
 
 
+def test_run_section_names_the_method_and_its_noise():
+  from configs import default, demo as demo_config  # pylint: disable=g-import-not-at-top
+  text = report_html._training_text(default.get_config().to_dict())  # pylint: disable=protected-access
+  assert text == '160 passes, batch 4, noise absolute: std 0.015'
+  text = report_html._training_text(demo_config.get_config().to_dict())  # pylint: disable=protected-access
+  assert text == ('40 passes, batch 4, noise spread: 0.4 x spread of the '
+                  'adapted features; synthesis: GAS hypersphere')
+  knn = default.get_config()
+  knn.model.method = 'knn'
+  assert report_html._training_text(knn.to_dict()) == (  # pylint: disable=protected-access
+      'kNN memory bank, coreset fraction 0.1')
+
+
 def test_record_round_trip_replaces_old_tiles(tmp_path):
   image = np.zeros((8, 8, 3), np.uint8)
   amap = np.arange(64, dtype=np.float32).reshape(8, 8)
