@@ -188,8 +188,6 @@ def _run_section(workdir: str, doc: dict) -> str:
   config = extra.get('config', {})
   b = config.get('backbone', {})
   d = config.get('dataset', {})
-  t = config.get('train', {})
-  m = config.get('model', {})
   devices = extra.get('devices', [])
   kv = [('Mode', extra.get('mode', '')),
         ('Workdir', os.path.abspath(workdir)),
