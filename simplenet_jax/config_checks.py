@@ -194,6 +194,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          'synthesis.texture_dir',
          f'{y.texture_dir!r} is not a folder; give a folder of texture '
          "images (e.g. DTD's images/) or '' for procedural textures")
+  _check(not (y.texture_dir and y.las_weight > 0) or
+         synthesis.texture_files(y.texture_dir), 'synthesis.texture_dir',
+         f'{y.texture_dir!r} holds no image files; give a folder of texture '
+         "images (e.g. DTD's images/) or '' for procedural textures")
   _check(m.method == 'simplenet' or
          not synthesis.SynthesisConfig.from_config(y).active,
          'synthesis', f'switches apply to model.method=simplenet, not '

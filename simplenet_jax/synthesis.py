@@ -51,7 +51,6 @@ import numpy as np
 from simplenet_jax import model as model_lib
 from simplenet_jax import parallel
 from simplenet_jax import train
-from simplenet_jax.errors import UserError
 
 GAS_MODES = ('none', 'manifold', 'hypersphere')  # synthesis.gas
 # log2 range [lo, hi) of the Perlin lattice resolutions (GLASS, SuperSimpleNet).
@@ -480,6 +479,14 @@ def procedural_textures(n: int, hw, seed: int = 0) -> np.ndarray:
   return out
 
 
+def texture_files(texture_dir: str) -> list[str]:
+  """The image files under `texture_dir` (recursively), sorted."""
+  from simplenet_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
+  return sorted(
+      os.path.join(d, f) for d, _, fs in os.walk(texture_dir) for f in fs
+      if images_lib.is_image_file(f))
+
+
 def texture_bank(n: int, hw, seed: int = 0,
                  texture_dir: str = '') -> np.ndarray:
   """(n, H, W, 3) uint8 textures for `las_image`, deterministic in seed:
@@ -490,13 +497,9 @@ def texture_bank(n: int, hw, seed: int = 0,
   from simplenet_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   hw = (int(hw[0]), int(hw[1]))
-  files = sorted(
-      os.path.join(d, f) for d, _, fs in os.walk(texture_dir) for f in fs
-      if images_lib.is_image_file(f))
-  if not files:
-    raise UserError(f'synthesis.texture_dir={texture_dir!r} holds no image '
-                    'files; point it at a folder of textures (e.g. DTD\'s '
-                    "images/) or set it to '' for procedural textures")
+  files = texture_files(texture_dir)
+  if not files:  # config_checks refuses such a folder before any work.
+    raise ValueError(f'no image files under {texture_dir!r}')
   return np.stack([
       _resize_crop(_rgb(np.asarray(images_lib.load_rgb(
           files[rng.integers(len(files))]))), hw, rng) for _ in range(n)])

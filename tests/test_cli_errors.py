@@ -341,6 +341,22 @@ def test_synthesis_switches_that_do_not_combine(changes, expected):
   assert expected in str(e.value)
 
 
+def test_texture_folder_without_images_is_refused_before_any_work(tmp_path):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'readme.txt').write_text('no images here')
+  config = default.get_config()
+  config.synthesis.las_weight = 1.0
+  config.synthesis.texture_dir = str(tmp_path)
+  with pytest.raises(UserError) as e:
+    config_checks.validate(config)
+  assert str(e.value) == (
+      f"config.synthesis.texture_dir: {str(tmp_path)!r} holds no image "
+      "files; give a folder of texture images (e.g. DTD's images/) or '' for "
+      'procedural textures')
+  (tmp_path / 'a.png').write_bytes(b'')  # Named like an image: accepted.
+  config_checks.validate(config)
+
+
 def test_category_names_are_checked_and_split_once():
   from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config()
