@@ -124,18 +124,10 @@ def overlay(image, anomaly_map, mask=None, vmin: float = 0.0,
 
 
 def _atomic_save(img: Image.Image, path: str) -> str:
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp-', suffix='.png')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      img.save(f, format='PNG')
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  """`img` as a PNG at `path`, written whole or not at all."""
+  buf = io.BytesIO()
+  img.save(buf, format='PNG')
+  return _atomic_write_bytes(buf.getvalue(), path)
 
 
 def safe_filename(name: str, max_bytes: int = 150) -> str:
