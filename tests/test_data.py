@@ -467,6 +467,35 @@ def test_folder_with_masks(tmp_path):
     data.build(cfg, 'parts', 'test')
 
 
+def test_folder_config_keeps_whole_photos(tmp_path):
+  """configs/folder.py resizes each photo whole to 256x256: a mark in the
+  corner of a 3:4 portrait photo (cut away by a centre crop) and its mask
+  survive, at the corner."""
+  from configs import folder as folder_config  # pylint: disable=g-import-not-at-top
+  photo = _rgb(400, 300, 100)
+  photo[:40, :30] = 250  # Top-left corner: 10% x 10%.
+  _save(tmp_path / 'train/n.png', _rgb(400, 300, 90))
+  _save(tmp_path / 'good/g.png', _rgb(400, 300, 90))
+  _save(tmp_path / 'bad/d.png', photo)
+  mask = np.zeros((400, 300), np.uint8)
+  mask[:40, :30] = 255
+  _save(tmp_path / 'masks/d_mask.png', mask)
+  cfg = folder_config.get_config().dataset
+  cfg.train_dir = str(tmp_path / 'train')
+  cfg.test_dirs = ml_collections.ConfigDict(
+      {'good': str(tmp_path / 'good'), 'bad': str(tmp_path / 'bad')})
+  cfg.mask_dir = str(tmp_path / 'masks')
+  (cat, kind), = data.categories(cfg)
+  assert (cat, kind) == ('folder', 'texture')
+  test = data.build(cfg, cat, 'test')
+  assert test.image_hw == (256, 256)
+  d = [test.load(i) for i in range(len(test)) if test.load(i)['label']][0]
+  assert d['image'].shape == (256, 256, 3)
+  # 10% of 256 = 25.6 rows and columns: bright there, plain beyond.
+  assert (d['image'][:22, :22] > 240).all() and (d['image'][30:, 30:] < 110).all()
+  assert d['mask'][:22, :22].all() and not d['mask'][30:, :].any()
+
+
 def test_folder_bad_config(tmp_path):
   cfg = _folder(tmp_path, with_masks=False)
   cfg.train_dir = ''
