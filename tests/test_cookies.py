@@ -6,7 +6,8 @@ ImageNet weights, the demo's head settings as shipped (spread-calibrated
 noise, GAS hypersphere), a short run. Measured with these settings on the
 2-core development machine (benchmarks/quality.py, 10 passes, seed 0, 10%
 held out): I-AUROC 0.97, P-AUROC 0.92; 40 passes, 3 seeds: 0.954 / 0.935
-(docs/quality.md). A wrong sign, margin, noise scale or feature mapping
+(docs/quality.md, the table of the centre-cropped geometry this test uses;
+whole photos score higher). A wrong sign, margin, noise scale or feature mapping
 falls to chance (0.5).
 """
 
