@@ -13,7 +13,6 @@ get), so no part of it is cropped away: the object transform (shorter side
 256, centre crop 224) drops a third of a 3:4 photo, with any defect there,
 and scored 2-8 points lower image AUROC on the cookies photos
 (docs/quality.md).
-If you rename the category, name it in config.dataset.textures too.
 A held-out 10% of the normal training images sets the decision threshold used
 by --mode=predict.
 
@@ -39,8 +38,9 @@ def get_config():
   c.dataset.train_dir = ''
   c.dataset.test_dirs = ml_collections.ConfigDict({'good': '', 'defect': ''})
   c.dataset.mask_dir = ''
-  # Whole images, resized to texture_resize squared (data.images.geometry_for).
-  c.dataset.textures = ('folder',)
+  # Whole images, resized to texture_resize squared (data.images.geometry_for):
+  # the category is a 'texture' under whatever name it is given.
+  c.dataset.textures = c.dataset.get_ref('categories')
   c.dataset.texture_resize = 256
   c.model.noise_mode = 'spread'
   c.model.noise_rel = 0.4

@@ -487,6 +487,9 @@ def test_folder_config_keeps_whole_photos(tmp_path):
   cfg.mask_dir = str(tmp_path / 'masks')
   (cat, kind), = data.categories(cfg)
   assert (cat, kind) == ('folder', 'texture')
+  cfg.categories = ('parts',)  # Renamed: still whole photos.
+  (cat, kind), = data.categories(cfg)
+  assert (cat, kind) == ('parts', 'texture')
   test = data.build(cfg, cat, 'test')
   assert test.image_hw == (256, 256)
   d = [test.load(i) for i in range(len(test)) if test.load(i)['label']][0]
