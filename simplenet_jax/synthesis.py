@@ -53,6 +53,8 @@ from simplenet_jax import parallel
 from simplenet_jax import train
 
 GAS_MODES = ('none', 'manifold', 'hypersphere')  # synthesis.gas
+# synthesis.loss: SimpleNet's truncated L1 or GLASS's binary cross-entropy.
+LOSSES = ('truncated_l1', 'bce')
 # log2 range [lo, hi) of the Perlin lattice resolutions (GLASS, SuperSimpleNet).
 PERLIN_SCALES = (0, 6)
 # LAS: Perlin threshold of the pixel masks and the blend factor
@@ -87,6 +89,8 @@ class SynthesisConfig:
   texture_dir: folder of texture images for LAS (e.g. DTD's images/);
     '' = procedural textures (`procedural_textures`, no files).
   recolour: LAS textures take each image's colours (`match_texture`).
+  loss: 'truncated_l1' (SimpleNet's, margin model.margin) or 'bce' (GLASS's:
+    binary cross-entropy of the sigmoid of the discriminator's output).
   """
   gas: str
   gas_steps: int
@@ -104,6 +108,7 @@ class SynthesisConfig:
   las_variants: int
   texture_dir: str
   recolour: bool
+  loss: str
 
   @classmethod
   def from_config(cls, synthesis_cfg) -> 'SynthesisConfig':
@@ -117,7 +122,8 @@ class SynthesisConfig:
   @property
   def active(self) -> bool:
     """False: the released step (train.train_step) is used."""
-    return self.gas != 'none' or self.perlin or self.las
+    return (self.gas != 'none' or self.perlin or self.las or
+            self.loss != 'truncated_l1')
 
 
 # ---- Perlin noise and masks -----------------------------------------------
@@ -545,6 +551,23 @@ def focal_loss(logits: jax.Array, labels: jax.Array, gamma: float = 2.0,
   return jnp.sum(loss * keep) / jnp.maximum(jnp.sum(keep), 1.0)
 
 
+def _weighted_bce(scores, fake, weight):
+  """GLASS's loss: binary cross-entropy of p = sigmoid(-score) (the
+  probability of "anomalous") against the labels, mean over each group
+  (normal, fake) and summed, as GLASS sums its two BCE terms. p_true /
+  p_fake: shares on the right side of p = 0.5. Computed from the logits
+  (softplus), which is GLASS's BCE on sigmoid outputs without its clamp."""
+  fake = fake.astype(jnp.float32)
+  normal = (1.0 - fake) * weight
+  fake = fake * weight
+  mean = lambda v, w: jnp.sum(v * w) / jnp.maximum(jnp.sum(w), 1.0)
+  loss = (mean(jax.nn.softplus(-scores), normal) +
+          mean(jax.nn.softplus(scores), fake))
+  p_true = mean((scores >= 0).astype(jnp.float32), normal)
+  p_fake = mean((scores < 0).astype(jnp.float32), fake)
+  return loss, p_true, p_fake
+
+
 def _weighted_truncated_l1(scores, fake, margin, weight):
   """Per-row truncated L1 with labels: fake rows want score <= -m, normal
   rows >= m; mean over each group (SuperSimpleNet's per-patch form; with
@@ -650,7 +673,7 @@ def head_loss(params, batch_stats, features: jax.Array, key: jax.Array,
       (before the adaptor).
     key: PRNG key of this step (noise, Perlin masks).
     noise_std: f32 scalar, the Gaussian noise std (TrainState.noise_std).
-    margin: the truncated L1 margin.
+    margin: the truncated L1 margin (unused with syn.loss='bce').
     syn: SynthesisConfig (static).
     mix_noise: released mix_noise (static).
     centre: (h, w, D) mean local feature of the training images per position
@@ -664,7 +687,7 @@ def head_loss(params, batch_stats, features: jax.Array, key: jax.Array,
   Returns:
     (loss, (metrics, new_batch_stats)): metrics f32 scalars 'loss',
     'p_true', 'p_fake' (as train.loss_fn) plus 'focal', 'p_las' (share of
-    LAS defect patches scored < -margin) and 'radius' (GAS ring inner
+    LAS defect patches scored < -margin, < 0 with 'bce') and 'radius' (GAS ring inner
     radius, 0 without GAS) when they apply.
   """
   adaptor, disc = train.head_modules(params)
@@ -724,9 +747,13 @@ def head_loss(params, batch_stats, features: jax.Array, key: jax.Array,
        'batch_stats': batch_stats['discriminator']},
       x, train=True, mask=bn_mask if mask is not None else None,
       mutable=['batch_stats'])
-  loss, p_true, p_fake = _weighted_truncated_l1(
-      scores[:2 * n], jnp.concatenate(labels), margin,
-      jnp.concatenate(weights))
+  if syn.loss == 'bce':
+    loss, p_true, p_fake = _weighted_bce(
+        scores[:2 * n], jnp.concatenate(labels), jnp.concatenate(weights))
+  else:
+    loss, p_true, p_fake = _weighted_truncated_l1(
+        scores[:2 * n], jnp.concatenate(labels), margin,
+        jnp.concatenate(weights))
   if syn.las:
     las_scores = scores[2 * n:]
     focal = focal_loss(-las_scores, las_lab, syn.focal_gamma, syn.focal_hard,
@@ -734,7 +761,9 @@ def head_loss(params, batch_stats, features: jax.Array, key: jax.Array,
     loss = loss + syn.las_weight * focal
     defect = las_lab * row_mask
     metrics['focal'] = focal
-    metrics['p_las'] = jnp.sum((las_scores < -margin) * defect) / jnp.maximum(
+    # A LAS defect patch counts as caught past the loss's decision point.
+    cut = 0.0 if syn.loss == 'bce' else -margin
+    metrics['p_las'] = jnp.sum((las_scores < cut) * defect) / jnp.maximum(
         jnp.sum(defect), 1.0)
   metrics.update(loss=loss, p_true=p_true, p_fake=p_fake)
   return loss, (metrics, {'discriminator': updates['batch_stats']})

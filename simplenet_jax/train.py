@@ -27,7 +27,7 @@ from simplenet_jax import parallel
 # 'relative': std = noise_rel x uncentred RMS of the adapted features;
 # 'spread': std = noise_rel x their centred spread (see feature_spread).
 NOISE_MODES = ('absolute', 'relative', 'spread')
-VARIANTS = ('released', 'paper')
+VARIANTS = ('released', 'paper', 'glass')
 # Released: CosineAnnealingLR(dsc_opt, T_max, eta_min=dsc_lr * .4).
 COS_LR_FLOOR = 0.4
 
@@ -97,6 +97,9 @@ def make_optimizer(optim_cfg, steps_per_pass: int,
     (disc_lr) with coupled L2 disc_wd.
   'paper': both Adam with coupled L2 disc_wd (the paper's "weight decay
     1e-5"), at adaptor_lr and disc_lr.
+  'glass': GLASS's released code (glass.py), the other way round: adaptor
+    Adam(adaptor_lr) with coupled L2 adaptor_wd; discriminator AdamW(disc_lr,
+    decoupled disc_wd).
   `cos_lr` schedules the discriminator lr only, as released.
 
   Equal settings give the same (cached) object, so train states built from
@@ -115,8 +118,14 @@ def _optimizer(variant, adaptor_lr, adaptor_wd, disc_lr, disc_wd, cos_lr,
                steps_per_pass, num_passes, cos_period_passes):
   disc_cfg = {'disc_lr': disc_lr, 'cos_lr': cos_lr,
               'cos_period_passes': cos_period_passes}
-  disc = _adam(disc_lr_schedule(disc_cfg, steps_per_pass, num_passes),
-               l2=disc_wd)
+  disc_lr = disc_lr_schedule(disc_cfg, steps_per_pass, num_passes)
+  if variant == 'glass':
+    return optax.multi_transform(
+        {'adaptor': _adam(adaptor_lr, l2=adaptor_wd),
+         'discriminator': optax.adamw(disc_lr, b1=0.9, b2=0.999, eps=1e-8,
+                                      weight_decay=disc_wd)},
+        _top_level_labels)
+  disc = _adam(disc_lr, l2=disc_wd)
   if variant == 'released':
     adaptor = optax.adamw(adaptor_lr, b1=0.9, b2=0.999, eps=1e-8,
                           weight_decay=adaptor_wd)

@@ -301,6 +301,8 @@ def test_eval_or_predict_before_training(tmp_path, awkward_root,
     ('synthesis.gas', 'sphere', "config.synthesis.gas: is 'sphere'; must be "
      "one of ['none', 'manifold', 'hypersphere']"),
     ('synthesis.gas_steps', 0, 'config.synthesis.gas_steps: is 0'),
+    ('synthesis.loss', 'hinge', "config.synthesis.loss: is 'hinge'; must be "
+     "one of"),
     ('synthesis.gas_r1', -1.0, 'config.synthesis.gas_r1: is -1.0'),
     ('synthesis.gas_r2', 0.5, 'config.synthesis.gas_r2: is 0.5; must be >= '
      'synthesis.gas_r1=0.85'),

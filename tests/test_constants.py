@@ -80,7 +80,7 @@ def test_released_configs_train_without_synthesis(module):
 
 def test_glass_config_keeps_glass_published_settings():
   # GLASS's shell/run-mvtec.sh: --meta_epochs 640 --noise 0.015 --radius 0.75
-  # --p 0.5 --step 20, --batch_size 8 --resize 288 --imagesize 288, WRN50-2
+  # --p 0.5 --step 20 (--lr default 1e-4), --batch_size 8 --resize 288 --imagesize 288, WRN50-2
   # layers 2+3 at 1536 dims, dsc_hidden 1024; FocalLoss gamma 2 (loss.py).
   c = glass.get_config()
   got = {k: _get(c, k) for k in (
@@ -89,7 +89,9 @@ def test_glass_config_keeps_glass_published_settings():
       'train.batch_size', 'dataset.resize', 'dataset.crop',
       'dataset.texture_resize', 'backbone.name', 'backbone.layers',
       'model.target_embed_dim', 'model.hidden', 'model.noise_mode',
-      'synthesis.focal_gamma')}
+      'synthesis.focal_gamma', 'synthesis.loss', 'optim.variant',
+      'optim.adaptor_lr', 'optim.adaptor_wd', 'optim.disc_lr',
+      'optim.disc_wd', 'optim.cos_lr')}
   assert got == {
       'train.num_passes': 640, 'model.noise_std': 0.015,
       'synthesis.gas_quantile': 0.75, 'synthesis.focal_hard': 0.5,
@@ -98,7 +100,13 @@ def test_glass_config_keeps_glass_published_settings():
       'dataset.texture_resize': 288, 'backbone.name': 'wide_resnet50_2',
       'backbone.layers': ('layer2', 'layer3'), 'model.target_embed_dim': 1536,
       'model.hidden': 1024, 'model.noise_mode': 'absolute',
-      'synthesis.focal_gamma': 2.0}
+      'synthesis.focal_gamma': 2.0, 'synthesis.loss': 'bce',
+      # glass.py: Adam(lr=1e-4, weight_decay=1e-5) for the projection,
+      # AdamW(lr * 2) (decay 0.01, torch's default) for the discriminator,
+      # no scheduler.
+      'optim.variant': 'glass', 'optim.adaptor_lr': 1e-4,
+      'optim.adaptor_wd': 1e-5, 'optim.disc_lr': 2e-4, 'optim.disc_wd': 0.01,
+      'optim.cos_lr': False}
   syn = synthesis.SynthesisConfig.from_config(c.synthesis)
   assert syn.gas != 'none' and syn.las and syn.texture_dir
   # In WRN50-2 units (rho = 0.015 sqrt(1536)): GLASS's step 0.001 and

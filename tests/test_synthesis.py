@@ -272,6 +272,23 @@ def test_focal_loss_against_hand_computation():
   np.testing.assert_allclose(masked, per_row[[0, 2]].mean(), rtol=1e-5)
 
 
+def test_bce_loss_is_glass_bce_on_sigmoid_outputs():
+  # GLASS's discriminator ends in a sigmoid giving p = P(anomalous); its
+  # loss is BCELoss(p_true, 0) + BCELoss(p_fake, 1). Here the output s is a
+  # logit with high = normal, so p = sigmoid(-s).
+  s = np.array([2.0, -0.5, 0.3, -4.0, 1.5, 0.0], np.float32)
+  fake = np.array([0, 0, 0, 1, 1, 1], np.float32)
+  weight = np.array([1, 1, 0, 1, 1, 1], np.float32)  # Row 2 is padding.
+  p = 1 / (1 + np.exp(s.astype(np.float64)))
+  true_bce = -np.log(1 - p[[0, 1]]).mean()
+  fake_bce = -np.log(p[[3, 4, 5]]).mean()
+  loss, p_true, p_fake = synthesis._weighted_bce(  # pylint: disable=protected-access
+      jnp.asarray(s), jnp.asarray(fake), jnp.asarray(weight))
+  np.testing.assert_allclose(float(loss), true_bce + fake_bce, rtol=1e-5)
+  # Right side of p = 0.5: normal row 0 (not 1); fake row 3 (5 is at 0.5).
+  assert float(p_true) == 0.5 and float(p_fake) == pytest.approx(1 / 3)
+
+
 # ---- The loss and the step ---------------------------------------------------
 
 
@@ -307,6 +324,8 @@ def test_head_loss_default_equals_released_loss():
                               las_weight=1.0),
     _syn(perlin=True),
     _syn(las_weight=0.5),
+    _syn(gas='hypersphere', gas_steps=4, gas_every=2, las_weight=1.0,
+         loss='bce'),
 ])
 def test_train_step_variants(syn):
   st = _state()
@@ -419,3 +438,13 @@ def test_checkpoints_remember_the_switches():
   on.synthesis.gas_steps = 7
   prints.add(category.fingerprint(on))
   assert len(prints) == 3 and base not in prints
+  # synthesis.loss came later: at its default the fingerprints are the ones
+  # the code before it gave (values printed by that code), so demo runs
+  # started then still resume; 'bce' changes them.
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  assert category.fingerprint(demo.get_config()) == '0xcafcc261'
+  manifold = default.get_config()
+  manifold.synthesis.gas = 'manifold'
+  assert category.fingerprint(manifold) == '0xcef7037e'
+  manifold.synthesis.loss = 'bce'
+  assert category.fingerprint(manifold) not in prints | {'0xcef7037e'}

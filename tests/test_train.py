@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import glass
 from configs.default import get_config
 import helpers
 from simplenet_jax import model
@@ -235,9 +236,16 @@ def _torch_reference_updates(variant, cos_lr, grads, steps_per_pass,
   dsc = torch.tensor(p0['discriminator']['w'], requires_grad=True)
   if variant == 'released':
     opt_a = torch.optim.AdamW([a], lr=o.adaptor_lr, weight_decay=o.adaptor_wd)
+  elif variant == 'glass':
+    # GLASS's glass.py: proj_opt Adam(lr, weight_decay=1e-5), dsc_opt
+    # AdamW(lr * 2) at torch's default decay 0.01 (configs/glass.py's).
+    g = glass.get_config().optim
+    opt_a = torch.optim.Adam([a], lr=g.adaptor_lr, weight_decay=g.adaptor_wd)
+    opt_d = torch.optim.AdamW([dsc], lr=g.disc_lr, weight_decay=g.disc_wd)
   else:
     opt_a = torch.optim.Adam([a], lr=o.adaptor_lr, weight_decay=o.disc_wd)
-  opt_d = torch.optim.Adam([dsc], lr=o.disc_lr, weight_decay=o.disc_wd)
+  if variant != 'glass':
+    opt_d = torch.optim.Adam([dsc], lr=o.disc_lr, weight_decay=o.disc_wd)
   sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_d, num_passes,
                                                      o.disc_lr * 0.4)
   for i, g in enumerate(grads):
@@ -252,9 +260,11 @@ def _torch_reference_updates(variant, cos_lr, grads, steps_per_pass,
 
 @pytest.mark.parametrize('variant,cos_lr', [('released', False),
                                             ('paper', False),
-                                            ('released', True)])
+                                            ('released', True),
+                                            ('glass', False)])
 def test_optimizer_matches_torch(variant, cos_lr):
-  cfg = get_config()
+  cfg = glass.get_config() if variant == 'glass' else get_config()
+  assert cfg.optim.variant == variant or variant == 'paper'
   cfg.optim.variant = variant
   cfg.optim.cos_lr = cos_lr
   rng = np.random.default_rng(0)
