@@ -597,6 +597,21 @@ def project_to_ring(x: jax.Array, anchor: jax.Array, lo, hi) -> jax.Array:
   return anchor + h * (target / jnp.maximum(norm, 1e-12))
 
 
+def _norm(x):
+  return jnp.sqrt(jnp.sum(jnp.square(x), -1))
+
+
+def las_onto_shell(las_rows: jax.Array, labels: jax.Array, centre: jax.Array,
+                   r) -> jax.Array:
+  """GLASS with the hypersphere: each LAS defect feature (label 1) moves
+  along its offset from the centre onto the shell [2r, 4r] (outside the
+  [r, 2r] ring of the GAS fakes); normal rows are unchanged. Gradients
+  flow through the rows, not the centre or r. (N, D), (N,), (N, D) -> (N, D).
+  """
+  shell = project_to_ring(las_rows, centre, 2.0 * r, 4.0 * r)
+  return jnp.where(labels[:, None] > 0, shell, las_rows)
+
+
 def gradient_ascent(score_fn, fakes: jax.Array, anchor: jax.Array, lo, hi,
                     steps: int = 20, step_size=0.001,
                     every: int = 5) -> jax.Array:
@@ -706,6 +721,10 @@ def head_loss(params, batch_stats, features: jax.Array, key: jax.Array,
   hidden = lambda x: x @ fc['kernel'] + fc['bias']
   metrics = {}
 
+  if syn.las:
+    las_rows = adapt(las_features.reshape(n, d).astype(jnp.float32))
+    las_lab = las_labels.reshape(n).astype(jnp.float32)
+
   if syn.perlin:
     pm = perlin_masks(k_perlin, b, (gh, gw), syn.perlin_threshold,
                       PERLIN_SCALES, syn.perlin_empty).reshape(n)
@@ -720,11 +739,18 @@ def head_loss(params, batch_stats, features: jax.Array, key: jax.Array,
       if syn.gas == 'manifold':
         anchor, lo, hi = adapted, syn.gas_r1 * rho, syn.gas_r2 * rho
       else:
-        c = jnp.tile(adapt(centre.reshape(p, d).astype(jnp.float32)), (b, 1))
-        dist = jnp.sqrt(jnp.sum(jnp.square(adapted - c), -1))
-        r = jnp.nanquantile(jnp.where(row_mask > 0, dist, jnp.nan),
-                            syn.gas_quantile)
+        c = jax.lax.stop_gradient(jnp.tile(
+            adapt(centre.reshape(p, d).astype(jnp.float32)), (b, 1)))
+        dist = jnp.where(row_mask > 0, _norm(adapted - c), jnp.nan)
+        if syn.las:
+          # GLASS's radius also counts the LAS images' normal patches.
+          las_normal = (row_mask > 0) & (las_lab == 0)
+          dist = jnp.concatenate(
+              [dist, jnp.where(las_normal, _norm(las_rows - c), jnp.nan)])
+        r = jax.lax.stop_gradient(jnp.nanquantile(dist, syn.gas_quantile))
         anchor, lo, hi = c, r, 2.0 * r
+        if syn.las:
+          las_rows = las_onto_shell(las_rows, las_lab, c, r)
       step = syn.gas_step * rho
       gas = gradient_ascent(score, fakes, anchor, lo, hi, syn.gas_steps, step,
                             syn.gas_every)
@@ -737,8 +763,6 @@ def head_loss(params, batch_stats, features: jax.Array, key: jax.Array,
   labels = [jnp.zeros((n,), jnp.float32), fake_label]
   weights = [row_mask, row_mask]
   if syn.las:
-    las_rows = adapt(las_features.reshape(n, d).astype(jnp.float32))
-    las_lab = las_labels.reshape(n).astype(jnp.float32)
     parts.append(las_rows)
   x = jnp.concatenate(parts)
   bn_mask = jnp.concatenate([row_mask] * len(parts))

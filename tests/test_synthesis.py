@@ -157,6 +157,27 @@ def test_gas_hypersphere_keeps_distances_in_r_2r():
 # ---- LAS -------------------------------------------------------------------
 
 
+def test_las_defects_move_onto_the_outer_shell():
+  rng = np.random.default_rng(0)
+  centre = rng.normal(size=(6, 5)).astype(np.float32)
+  offsets = rng.normal(size=(6, 5)).astype(np.float32)
+  offsets *= (np.array([0.5, 3.0, 9.0, 0.5, 3.0, 9.0]) /
+              np.linalg.norm(offsets, axis=1))[:, None]
+  rows = centre + offsets
+  labels = np.array([1, 1, 1, 0, 0, 0], np.float32)
+  got = np.asarray(synthesis.las_onto_shell(
+      jnp.asarray(rows), jnp.asarray(labels), jnp.asarray(centre), 1.0))
+  dist = np.linalg.norm(got - centre, axis=1)
+  # Defects at 0.5, 3 and 9 from the centre end at 2, 3 and 4, on their own
+  # direction; normal rows stay where they were.
+  np.testing.assert_allclose(dist[:3], [2.0, 3.0, 4.0], rtol=1e-5)
+  np.testing.assert_allclose(
+      (got - centre)[:3] / dist[:3, None],
+      offsets[:3] / np.linalg.norm(offsets[:3], axis=1, keepdims=True),
+      rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(got[3:], rows[3:])
+
+
 def test_las_images_change_only_inside_the_mask():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
