@@ -80,6 +80,9 @@ def get_config():
   c.synthesis.focal_hard = 0.5  # Keep the hardest 1 - this of LAS patches.
   c.synthesis.texture_dir = ''  # Texture images (e.g. DTD); '' = procedural.
   c.synthesis.recolour = True  # Textures take each image's colours.
+  # gas='hypersphere' with LAS: LAS defect features onto the shell [2r, 4r]
+  # around the centre, as GLASS does.
+  c.synthesis.las_shell = True
   # Head loss: SimpleNet's 'truncated_l1' (margin model.margin) or GLASS's
   # 'bce' (binary cross-entropy of the sigmoid of the output).
   c.synthesis.loss = 'truncated_l1'

@@ -64,10 +64,6 @@ def state_template(config, embed_dim: int, steps_per_pass: int, key=None,
                                   steps_per_pass, config.train.num_passes)
 
 
-# (group, key, default) of config keys added after checkpoints existed.
-_LATER_KEYS = (('synthesis', 'loss', 'truncated_l1'),)
-
-
 def fingerprint(config) -> str:
   """What must not change between a run and its continuation."""
   groups = ('backbone', 'model', 'optim') + (
@@ -75,11 +71,13 @@ def fingerprint(config) -> str:
           ('synthesis',) if synthesis.SynthesisConfig.from_config(
               config.synthesis).active else ())
   keys = {k: config[k].to_dict() for k in groups}
-  # Keys added after a release are left out at their default value, so a
-  # run started before they existed still resumes and exports.
-  for group, key, default in _LATER_KEYS:
-    if keys.get(group, {}).get(key, default) == default:
-      keys.get(group, {}).pop(key, None)
+  # Keys added after checkpoints existed are left out where the run trains
+  # as the code before them did, so such runs still resume and export.
+  syn = keys.get('synthesis', {})
+  if syn.get('loss') == 'truncated_l1':
+    syn.pop('loss')
+  if not (syn.get('gas') == 'hypersphere' and syn.get('las_weight', 0) > 0):
+    syn.pop('las_shell', None)  # Only hypersphere + LAS uses it.
   keys['seed'] = config.seed
   keys['train'] = {k: config.train[k] for k in ('batch_size', 'num_passes')}
   keys['holdout'] = config.threshold.holdout_fraction

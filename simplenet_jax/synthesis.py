@@ -89,6 +89,8 @@ class SynthesisConfig:
   texture_dir: folder of texture images for LAS (e.g. DTD's images/);
     '' = procedural textures (`procedural_textures`, no files).
   recolour: LAS textures take each image's colours (`match_texture`).
+  las_shell: with gas='hypersphere' and LAS, move the LAS defect features
+    onto the shell [2r, 4r] around the centre (GLASS; `las_onto_shell`).
   loss: 'truncated_l1' (SimpleNet's, margin model.margin) or 'bce' (GLASS's:
     binary cross-entropy of the sigmoid of the discriminator's output).
   """
@@ -108,6 +110,7 @@ class SynthesisConfig:
   las_variants: int
   texture_dir: str
   recolour: bool
+  las_shell: bool
   loss: str
 
   @classmethod
@@ -749,7 +752,7 @@ def head_loss(params, batch_stats, features: jax.Array, key: jax.Array,
               [dist, jnp.where(las_normal, _norm(las_rows - c), jnp.nan)])
         r = jax.lax.stop_gradient(jnp.nanquantile(dist, syn.gas_quantile))
         anchor, lo, hi = c, r, 2.0 * r
-        if syn.las:
+        if syn.las and syn.las_shell:
           las_rows = las_onto_shell(las_rows, las_lab, c, r)
       step = syn.gas_step * rho
       gas = gradient_ascent(score, fakes, anchor, lo, hi, syn.gas_steps, step,

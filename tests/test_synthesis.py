@@ -343,6 +343,8 @@ def test_head_loss_default_equals_released_loss():
     _syn(gas='manifold', gas_steps=4, gas_every=2),
     _syn(gas='hypersphere', gas_steps=4, gas_every=2,
                               las_weight=1.0),
+    _syn(gas='hypersphere', gas_steps=4, gas_every=2, las_weight=1.0,
+         las_shell=False),
     _syn(perlin=True),
     _syn(las_weight=0.5),
     _syn(gas='hypersphere', gas_steps=4, gas_every=2, las_weight=1.0,
@@ -469,3 +471,12 @@ def test_checkpoints_remember_the_switches():
   assert category.fingerprint(manifold) == '0xcef7037e'
   manifold.synthesis.loss = 'bce'
   assert category.fingerprint(manifold) not in prints | {'0xcef7037e'}
+  # hypersphere + LAS trains differently now (GLASS's radius and shell):
+  # its runs from before must not resume.
+  glass_like = default.get_config()
+  glass_like.synthesis.gas = 'hypersphere'
+  glass_like.synthesis.las_weight = 1.0
+  before = '0xa9411d9f'  # Printed by the code before las_shell existed.
+  shell = category.fingerprint(glass_like)
+  glass_like.synthesis.las_shell = False
+  assert len({before, shell, category.fingerprint(glass_like)}) == 3
