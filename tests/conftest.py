@@ -1,5 +1,6 @@
 """Shared fixtures: converted Lite0 weights, a small awkward MVTec-layout
-dataset, and a helper that runs main.py as a subprocess.
+dataset, and a helper that runs main.py as a subprocess; and how
+pytest-xdist splits the suite between its workers.
 
 The repository root goes on sys.path so that plain `pytest` finds
 `simplenet_jax` and `configs`.
@@ -26,6 +27,44 @@ FIXTURES = helpers.FIXTURES
 CATEGORY = 'brick'
 # Awkward on purpose: spaces and non-ASCII characters in every path.
 DATA_DIR_NAME = 'dåta sèt ü'
+
+
+# ---- pytest-xdist: the README's test command runs two workers ---------------
+
+# A module's tests run on one worker, so that its fixtures are set up once;
+# these modules also share one worker, for the exported models (exported_*).
+SAME_WORKER = {'test_serve.py': 'test_export.py', 'test_knn.py': 'test_export.py'}
+# The slowest modules (on 2 CPU cores) start first, so that the two workers
+# end together; the others follow in the usual order.
+SLOW_FIRST = ('test_export.py', 'test_together.py', 'test_synthesis.py',
+              'test_reliability.py', 'test_parallel.py', 'test_main.py',
+              'test_cookies.py', 'test_experiment_kinds.py',
+              'test_report_html.py', 'test_cli_errors.py')
+
+
+@pytest.hookimpl(optionalhook=True)  # Known only with pytest-xdist.
+def pytest_xdist_make_scheduler(config, log):
+  """Whole modules per worker (--dist loadfile) with SAME_WORKER's together,
+  in the order the workers collected them (see SLOW_FIRST); for -n alone or
+  with --dist load or loadfile (another --dist is xdist's own)."""
+  if config.getvalue('dist') not in ('load', 'loadfile'):
+    return None
+  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top
+
+  class Scheduling(LoadScopeScheduling):
+
+    def _split_scope(self, nodeid):
+      head, name = os.path.split(nodeid.split('::', 1)[0])
+      return os.path.join(head, SAME_WORKER.get(name, name))
+
+  config.option.loadscopereorder = False  # Keep the collected order.
+  return Scheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+  if hasattr(config, 'workerinput'):  # An xdist worker: SLOW_FIRST first.
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope='session')

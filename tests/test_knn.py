@@ -110,7 +110,8 @@ def test_memory_bank_fraction():
     knn.coreset_size(10, 0.0)
 
 
-def test_main_fits_saves_and_reloads_the_memory_bank(exported_knn):
+def test_main_fits_saves_and_reloads_the_memory_bank(exported_knn,
+                                                      jax_cache_dir):
   """Through main.py (the session fixture trained model.method=knn): the
   checkpoint holds a bank of coreset_size rows of real training features,
   and --mode=eval reproduces the training run's table from it."""
@@ -137,7 +138,7 @@ def test_main_fits_saves_and_reloads_the_memory_bank(exported_knn):
   table = json.loads(open(os.path.join(exported_knn.workdir,
                                        'results.json')).read())['rows']
   proc = conftest.run_main(exported_knn.args + ['--mode=eval'],
-                           conftest.main_env(exported_knn.workdir.parent))
+                           conftest.main_env(jax_cache_dir))
   assert proc.returncode == 0, proc.stderr[-2000:]
   again = json.loads(open(os.path.join(exported_knn.workdir,
                                        'results.json')).read())['rows']

@@ -8,6 +8,7 @@ of 4 host devices, and end to end through main.py (tables, parameters, and
 categories resuming from different passes).
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -87,8 +88,14 @@ def _plans(passes):
   return out
 
 
+# The steps, made once per mesh: jax compiles each once per shape, not once
+# per call (they are pure functions of their arguments).
+_cached_step = functools.cache(train.make_cached_step)
+_stacked_step = functools.cache(train.make_stacked_cached_step)
+
+
 def _alone(mesh, cfg, cache, plans, starts_state=None):
-  step = train.make_cached_step(mesh, D)
+  step = _cached_step(mesh, D)
   n = cache.shape[0]
   steps = -(-n // BATCH)
   state = train.create_train_state(jax.random.PRNGKey(7), cfg.model,
@@ -104,7 +111,7 @@ def _alone(mesh, cfg, cache, plans, starts_state=None):
 
 
 def _together(mesh, cfg, caches, plans):
-  step = train.make_stacked_cached_step(mesh, BATCH)
+  step = _stacked_step(mesh, BATCH)
   steps = [-(-c.shape[0] // BATCH) for c in caches]
   states = [train.create_train_state(jax.random.PRNGKey(7), cfg.model,
                                      cfg.optim, D, s, 2) for s in steps]
