@@ -12,14 +12,43 @@
 #   bash benchmarks/gpu_scaling.sh alone [P]   # <= 9 min: the same one
 #       category at a time, P passes (default 20; scale the training stage
 #       by 160 / P to compare: a full K=1 run does not fit one command)
+#   bash benchmarks/gpu_scaling.sh all [P]     # <= 9.7 min, one command:
+#       inference at batch 256 (float32, bfloat16), the full workload with
+#       K=15, then K=1 at P passes (default 40) with what time is left; every
+#       stage logs as it ends (run.log), so a cut-off stage still reports
 # Needs jax with CUDA: pip install -r requirements.txt "jax[cuda12]".
 set -uo pipefail
 OUT=${OUT:-runs/gpu_scaling}
 PART=${1:-inference}
 mkdir -p "$OUT"
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
-python -c 'import jax; print(jax.__version__, jax.devices())' > "$OUT/jax.txt" 2>&1
+export PYTHONUNBUFFERED=1
+{ nvidia-smi; python -c 'import jax, flax, optax, orbax.checkpoint as o
+print("jax", jax.__version__, jax.devices())
+print("flax", flax.__version__, "optax", optax.__version__)' ; python -m pip \
+  show orbax-checkpoint 2>/dev/null | head -2; } > "$OUT/env.txt" 2>&1
 case "$PART" in
+  all)
+    passes=${2:-40}
+    start=$SECONDS
+    for dtype in float32 bfloat16; do
+      timeout 65 python -m simplenet_jax.bench --image-size 224 --batch 256 \
+        --backbone-dtype "$dtype" --train-images 256 --latency 100 \
+        --repeats 3 --json "$OUT/bench_${dtype}.json" >> "$OUT/run.log" 2>&1
+      echo "bench $dtype exit $? at $((SECONDS - start)) s" >> "$OUT/run.log"
+    done
+    python -m simplenet_jax.bench --merge "$OUT"/bench_*.json \
+      > "$OUT/bench_table.md" 2>&1
+    timeout 270 python benchmarks/mvtec_workload.py --categories-per-step 15 \
+      --eval-batch 64 --workers 16 --json "$OUT/workload_k15.json" \
+      >> "$OUT/run.log" 2>&1
+    echo "k15 exit $? at $((SECONDS - start)) s" >> "$OUT/run.log"
+    left=$((570 - (SECONDS - start)))
+    timeout "$left" python benchmarks/mvtec_workload.py \
+      --categories-per-step 1 --passes "$passes" --eval-batch 64 \
+      --workers 16 --json "$OUT/workload_k1_p${passes}.json" \
+      >> "$OUT/run.log" 2>&1
+    echo "k1 exit $? at $((SECONDS - start)) s" >> "$OUT/run.log"
+    ;;
   inference)
     for dtype in float32 bfloat16; do
       for batch in 64 256; do
@@ -45,7 +74,7 @@ case "$PART" in
       > "$OUT/workload_k1_p${passes}.log" 2>&1
     ;;
   *)
-    echo "usage: $0 inference | together | alone [passes]" >&2
+    echo "usage: $0 inference | together | alone [passes] | all [passes]" >&2
     exit 2
     ;;
 esac

@@ -128,6 +128,21 @@ class _Timer:
   def add(self, cat, stage, seconds):
     row = self.rows.setdefault(cat, {})
     row[stage] = row.get(stage, 0.0) + seconds
+    # Progress as it happens: a run cut off by a time limit still leaves
+    # the stages it finished in its log.
+    print(f'[{time.strftime("%H:%M:%S")}] {cat}: {stage} {seconds:.2f} s',
+          flush=True)
+
+
+def _pass_seconds(cat_dir: str) -> list[float]:
+  """The wall seconds of each training pass, from the category's log.jsonl
+  (a stacked group's passes are the group's)."""
+  path = os.path.join(cat_dir, 'log.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding='utf-8') as f:
+    recs = [json.loads(line) for line in f if line.strip()]
+  return [r['pass_s'] for r in recs if 'pass_s' in r]
 
 
 def run(args) -> dict:
@@ -145,6 +160,12 @@ def run(args) -> dict:
   config.eval.feature_histogram = False
   config = config_checks.validate(config)
   timer = _Timer()
+  if args.train_only:
+    # Cache and training passes only: no decision threshold, no evaluation
+    # (their compilations dominate a short run on a GPU).
+    evaluate.decision_threshold = lambda ctx, state, cache=None: dict(
+        threshold=0.0, threshold_quantile=config.threshold.quantile,
+        threshold_source='skipped (--train-only)', map_range=(0.0, 1.0))
   # The cache is built inside the training stage: timed on its own and
   # taken out of 'train' below.
   timer.wrap(feature_cache, 'build', 'cache',
@@ -178,6 +199,8 @@ def run(args) -> dict:
       share = len(ctx.train_idx) / sum(len(c.train_idx) for c in ctxs)
       timer.add(ctx.category, 'train_total', t_train * share)
     for ctx, (state, meta) in zip(ctxs, trained):
+      if args.train_only:
+        continue
       t_eval = time.perf_counter()
       row = evaluate.evaluate_category(ctx, state, meta)
       timer.add(ctx.category, 'eval', time.perf_counter() - t_eval)
@@ -188,7 +211,12 @@ def run(args) -> dict:
     t = timer.rows.get(name, {})
     passes = t.get('train_total', 0.0) - t.get('cache', 0.0) - t.get(
         'threshold', 0.0)
+    pass_s = _pass_seconds(os.path.join(workdir, name))
     per_cat[name] = {'cache_s': t.get('cache', 0.0), 'passes_s': passes,
+                     # The first pass compiles; the rest repeat one another.
+                     'first_pass_s': pass_s[0] if pass_s else None,
+                     'later_pass_median_s': (float(np.median(pass_s[1:]))
+                                             if len(pass_s) > 1 else None),
                      'threshold_s': t.get('threshold', 0.0),
                      'eval_s': t.get('eval', 0.0),
                      'train_images': MVTEC_SHAPE[name][0],
@@ -204,7 +232,7 @@ def run(args) -> dict:
       'total_s': total, 'stages': sums, 'per_category': per_cat,
       'train_img_s_per_pass': (sums['train_images'] * args.passes /
                                max(sums['passes_s'], 1e-9)),
-      'table': report.results_table(rows),
+      'table': report.results_table(rows) if rows else '',
       'load_avg_1min': os.getloadavg()[0], 'cpus': os.cpu_count(),
       'machine': platform.processor() or platform.machine(),
       'jax': jax.__version__,
@@ -222,6 +250,8 @@ def main(argv=None):
                  choices=['float32', 'bfloat16'])
   p.add_argument('--cache-dtype', default='float32',
                  choices=['float32', 'bfloat16'])
+  p.add_argument('--train-only', action='store_true',
+                 help='feature cache and training passes only')
   p.add_argument('--workdir', default='')
   p.add_argument('--json', default='')
   args = p.parse_args(argv)
