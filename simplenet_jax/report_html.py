@@ -178,9 +178,15 @@ def _training_text(config: dict) -> str:
             f"LAS (weight {y['las_weight']})" if y.get('las_weight') else '',
             'Perlin-masked noise' if y.get('perlin') else '']
   extras = ', '.join(e for e in extras if e)
+  # Only what departs from the released code: loss and optimisers.
+  other = ['loss: binary cross-entropy' if y.get('loss') == 'bce' else '',
+           (f"optimisers: {config['optim']['variant']}"
+            if config.get('optim', {}).get('variant', 'released') !=
+            'released' else '')]
+  other = ''.join(f'; {o}' for o in other if o)
   return (f"{t.get('num_passes')} passes, batch {t.get('batch_size')}, "
           f"noise {mode}: {noise}" + (f'; synthesis: {extras}' if extras
-                                      else ''))
+                                      else '') + other)
 
 
 def _run_section(workdir: str, doc: dict) -> str:

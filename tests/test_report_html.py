@@ -256,6 +256,11 @@ def test_run_section_names_the_method_and_its_noise():
   text = report_html._training_text(demo_config.get_config().to_dict())  # pylint: disable=protected-access
   assert text == ('40 passes, batch 4, noise spread: 0.4 x spread of the '
                   'adapted features; synthesis: GAS hypersphere')
+  from configs import glass  # pylint: disable=g-import-not-at-top
+  text = report_html._training_text(glass.get_config().to_dict())  # pylint: disable=protected-access
+  assert text == ('640 passes, batch 8, noise absolute: std 0.015; '
+                  'synthesis: GAS hypersphere, LAS (weight 1.0); '
+                  'loss: binary cross-entropy; optimisers: glass')
   knn = default.get_config()
   knn.model.method = 'knn'
   assert report_html._training_text(knn.to_dict()) == (  # pylint: disable=protected-access
