@@ -11,6 +11,7 @@ import os
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from simplenet_jax import eval_record
@@ -33,7 +34,9 @@ def _predict_batches(ctx, state, dataset, indices=None, batch_size=None):
   for batch in loader.batches(dataset, batch_size, indices=indices,
                               num_workers=c.dataset.num_workers,
                               prefetch=c.dataset.prefetch):
-    images, n = parallel.put_batch(batch['image'], ctx.mesh)
+    # One shape for every batch (the last one padded): one compilation.
+    images, n = parallel.put_batch(batch['image'], ctx.mesh,
+                                   min_rows=batch_size)
     out = ctx.predict_fn(ctx.backbone_vars, hv, images)
     yield batch, {k: parallel.to_host(v)[:n] for k, v in out.items()}
 
@@ -83,11 +86,15 @@ def _cached_statistics(ctx, state, cache):
   head = state.head_vars()
   h, w = ctx.grid_hw
   scores, lo, hi = [], np.inf, -np.inf
-  for start in range(0, cache.shape[0], c.eval.batch_size):
-    feats = cache[start:start + c.eval.batch_size]
-    out = fn(head, feats.reshape(feats.shape[0], h, w, feats.shape[-1]))
-    scores.append(parallel.to_host(out['image_scores']))
-    maps = parallel.to_host(out['anomaly_maps'])
+  bs = c.eval.batch_size
+  for start in range(0, cache.shape[0], bs):
+    feats = cache[start:start + bs]
+    n = feats.shape[0]
+    if n < bs:  # The last batch padded: one shape, one compilation.
+      feats = jnp.pad(feats, ((0, bs - n), (0, 0), (0, 0)))
+    out = fn(head, feats.reshape(bs, h, w, feats.shape[-1]))
+    scores.append(parallel.to_host(out['image_scores'])[:n])
+    maps = parallel.to_host(out['anomaly_maps'])[:n]
     lo, hi = min(lo, float(maps.min())), max(hi, float(maps.max()))
   return np.concatenate(scores), [lo, hi]
 

@@ -106,7 +106,8 @@ def build(feature_fn, backbone_vars, dataset, indices, batch_size: int,
                                        indices=indices,
                                        num_workers=data_cfg.num_workers,
                                        prefetch=data_cfg.prefetch):
-      images, n = parallel.put_batch(batch['image'], mesh, batch['n_global'])
+      images, n = parallel.put_batch(batch['image'], mesh, batch['n_global'],
+                                     min_rows=batch_size)
       (offset,) = parallel.global_inputs(mesh, np.int32(start))
       cache = write(cache, feature_fn(backbone_vars, images), offset, n)
       start += n

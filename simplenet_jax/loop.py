@@ -234,7 +234,10 @@ def _train_alone(run: _CategoryRun, use_cache: bool):
   ctx, c = run.ctx, run.config
   num_passes, bs = c.train.num_passes, c.train.batch_size
   run.prepare(use_cache)
-  state, cache, steps = run.state, run.cache, ctx.steps_per_pass
+  # Every leaf committed to the mesh, as the step's outputs are: otherwise
+  # the first step's inputs differ in placement and the step compiles twice.
+  state = parallel.put_replicated(run.state, ctx.mesh)
+  cache, steps = run.cache, ctx.steps_per_pass
   if run.syn.active:
     step_fn = functools.partial(
         synthesis.make_cached_step(ctx.mesh, ctx.grid_hw, run.syn),

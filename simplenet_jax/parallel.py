@@ -111,7 +111,8 @@ def put_replicated(tree, mesh: Mesh):
   return jax.tree.map(put, tree)
 
 
-def put_batch(x: np.ndarray, mesh: Mesh, n_global: Optional[int] = None):
+def put_batch(x: np.ndarray, mesh: Mesh, n_global: Optional[int] = None,
+              min_rows: int = 0):
   """A host batch -> one global array split over the mesh, padded to divide.
 
   Args:
@@ -121,25 +122,36 @@ def put_batch(x: np.ndarray, mesh: Mesh, n_global: Optional[int] = None):
       rows[process_rows(n_global, mesh)] (what `host_batches` yields).
     mesh: the mesh.
     n_global: the global batch's number of rows (see x).
+    min_rows: pad a short batch to at least this many rows, so that every
+      batch of a loop has one shape and jitted functions compile once (the
+      last, short batch would otherwise compile its own). Not applied to
+      a multi-host run's per-process rows (n_global given): their split
+      follows the batch's own size.
 
   Returns:
-    (array, n): the global array of padded_size(n, mesh) rows, split over the
+    (array, n): the global array of padded_size(max(n, min_rows), mesh) rows
+    (padded_size(n, mesh) in the multi-host case above), split over the
     mesh, zero rows at the end; n = how many leading rows are real.
   """
   x = np.asarray(x)
   local = n_global is not None
   n = int(n_global) if local else x.shape[0]
-  n_pad = padded_size(n, mesh)
+  multi_local = local and jax.process_count() > 1
+  n_pad = padded_size(n if multi_local else max(n, min_rows), mesh)
   sharding = batch_sharded(mesh)
   if jax.process_count() == 1:
     if x.shape[0] != n:
       raise ValueError(f'put_batch: {x.shape[0]} rows given for a batch of '
                        f'{n}')
     return jax.device_put(pad_rows(x, n_pad), sharding), n
-  rows = process_rows(n, mesh)
   if not local:
-    x = x[rows]
-  elif x.shape[0] != rows.stop - rows.start:
+    # Every process holds the whole batch: padding it first keeps the
+    # processes' blocks consistent (they split the padded batch).
+    x = pad_rows(x, n_pad)[_block(n_pad, mesh)]
+    return jax.make_array_from_process_local_data(
+        sharding, x, (n_pad,) + x.shape[1:]), n
+  rows = process_rows(n, mesh)
+  if x.shape[0] != rows.stop - rows.start:
     raise ValueError(f'put_batch: process {jax.process_index()} passed '
                      f'{x.shape[0]} rows; its part of a batch of {n} has '
                      f'{rows.stop - rows.start}')

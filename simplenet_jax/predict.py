@@ -105,7 +105,8 @@ def run(config, workdir: str) -> list[dict]:
       for batch in loader.batches(inputs, config.eval.batch_size,
                                   num_workers=config.dataset.num_workers,
                                   prefetch=config.dataset.prefetch):
-        x, n = parallel.put_batch(batch['image'], mesh)
+        x, n = parallel.put_batch(batch['image'], mesh,
+                                  min_rows=config.eval.batch_size)
         out = predict_fn(backbone_vars, head, x)
         scores = parallel.to_host(out['image_scores'])[:n]
         maps = parallel.to_host(out['anomaly_maps'])[:n]

@@ -19,6 +19,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import scipy.ndimage
 
@@ -79,13 +80,27 @@ def _features(backbone_module, layers, model_cfg, backbone_vars, images):
       patch_size=int(model_cfg.patch_size))
 
 
+# The factories below are memoised on their (hashable) arguments: every
+# category of a run gets the same jitted function, so a shape compiled for
+# one category is not compiled again for the next.
+
+
+def _frozen(model_cfg) -> ml_collections.FrozenConfigDict:
+  """model.* as a hashable, immutable key."""
+  return ml_collections.FrozenConfigDict(model_cfg)
+
+
 def make_feature_fn(backbone_module, layers: Sequence[str], model_cfg):
   """Jitted fn(backbone_vars, images (B, H, W, 3)) -> (B, h, w, D) features.
 
   Images are uint8 or float in [0, 1]; `layers` picks the backbone outputs in
   order, the first one sets the grid.
   """
-  layers = tuple(layers)
+  return _feature_fn(backbone_module, tuple(layers), _frozen(model_cfg))
+
+
+@functools.lru_cache(maxsize=32)
+def _feature_fn(backbone_module, layers, model_cfg):
   return jax.jit(functools.partial(_features, backbone_module, layers,
                                    model_cfg))
 
@@ -221,9 +236,13 @@ def make_cached_features_fn(model_cfg, image_hw: Sequence[int],
   """Jitted fn(head_vars, features (B, h, w, D)) -> {'image_scores' (B,),
   'anomaly_maps' (B, H, W)}: `make_predict_fn`'s outputs from local features
   already computed (the training feature cache), with no backbone pass."""
-  out_hw = (int(image_hw[0]), int(image_hw[1]))
-  sigma = float(sigma)
+  return _cached_features_fn(_frozen(model_cfg),
+                             (int(image_hw[0]), int(image_hw[1])),
+                             float(sigma))
 
+
+@functools.lru_cache(maxsize=32)
+def _cached_features_fn(model_cfg, out_hw, sigma):
   @jax.jit
   def fn(head_vars, features):
     features = features.astype(jnp.float32)
@@ -250,10 +269,12 @@ def make_predict_fn(backbone_module, layers: Sequence[str], model_cfg,
   (`fused_head`) once per head_vars (the same leaf arrays) and reused; kNN
   scores are nearest-bank-row distances (`knn.patch_scores`).
   """
-  layers = tuple(layers)
-  out_hw = (int(image_hw[0]), int(image_hw[1]))
-  sigma = float(sigma)
+  return _predict_fn(backbone_module, tuple(layers), _frozen(model_cfg),
+                     (int(image_hw[0]), int(image_hw[1])), float(sigma))
 
+
+@functools.lru_cache(maxsize=32)
+def _predict_fn(backbone_module, layers, model_cfg, out_hw, sigma):
   def outputs(scores):
     return {'image_scores': image_scores(scores),
             'anomaly_maps': anomaly_maps(scores, out_hw, sigma),

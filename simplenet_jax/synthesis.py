@@ -833,6 +833,13 @@ def make_cached_step(mesh, grid_hw: Sequence[int], syn: SynthesisConfig):
   The batch is split over the mesh by images (padded and masked when B
   does not divide); `state` is donated.
   """
+  return _cached_step(mesh, (int(grid_hw[0]), int(grid_hw[1])), syn)
+
+
+# One jitted step (and its compilations) for every category of a run with
+# the same mesh, grid and synthesis.
+@functools.lru_cache(maxsize=32)
+def _cached_step(mesh, grid_hw, syn: SynthesisConfig):
   h, w = int(grid_hw[0]), int(grid_hw[1])
   sharded = parallel.batch_sharded(mesh)
 

@@ -352,7 +352,8 @@ def calibrate_noise(state: TrainState, model_cfg, features) -> TrainState:
   return state.replace(noise_std=jnp.asarray(std, jnp.float32))
 
 
-def make_cached_step(mesh, embed_dim):
+@functools.lru_cache(maxsize=32)  # One jitted step (and its compilations)
+def make_cached_step(mesh, embed_dim):  # for every category of a run.
   """train_step on rows gathered from the device-resident cache.
 
   Returns step(state, cache, idx, key) -> (state, metrics): cache (N, h*w, D)
@@ -377,6 +378,7 @@ def make_cached_step(mesh, embed_dim):
   return run
 
 
+@functools.lru_cache(maxsize=32)  # As make_cached_step.
 def make_features_step(mesh, embed_dim):
   """train_step on features recomputed from a batch of images.
 
@@ -415,6 +417,7 @@ def _pad_rows_for(rows, mesh):
   return rows, mask
 
 
+@functools.lru_cache(maxsize=32)  # As make_cached_step.
 def make_stacked_cached_step(mesh, batch_size: int):
   """One optimiser step for K categories' heads at once (vmap over K).
 
