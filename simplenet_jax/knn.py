@@ -2,11 +2,13 @@
 
 Roth et al., *Towards Total Recall in Industrial Anomaly Detection*, CVPR
 2022: the memory bank is the training set's local features (N, D), reduced
-by an approximate greedy coreset; a test patch's score is the Euclidean
-distance to its nearest bank row, an image's score the maximum over its
-patches (`scoring.image_scores`), the anomaly map the usual upsampled and
-blurred patch scores (`scoring.anomaly_maps`). No training, no noise: the
-baseline that a SimpleNet-family head has to match on the same features.
+by an approximate greedy coreset (`greedy_coreset`: the selection rule of
+PatchCore's released ApproximateGreedyCoresetSampler); a test patch's score
+is the Euclidean distance to its nearest bank row, an image's score the
+maximum over its patches (`scoring.image_scores`), the anomaly map the usual
+upsampled and blurred patch scores (`scoring.anomaly_maps`). No training,
+no noise: the baseline that a SimpleNet-family head has to match on the same
+features.
 
 Everything runs on the device, jitted, in fixed-size chunks, so a large bank
 and many queries never build the full (M, N) distance matrix.
@@ -14,6 +16,7 @@ and many queries never build the full (M, N) distance matrix.
 
 import functools
 import math
+from typing import Optional
 
 import flax.struct
 import jax
@@ -107,31 +110,73 @@ def nearest_distances(queries: jax.Array, bank: jax.Array,
   return nearest_neighbours(queries, bank, query_chunk, bank_chunk)[0]
 
 
+# PatchCore's ApproximateGreedyCoresetSampler: rows whose mean distance to a
+# few random starting rows seeds the greedy selection.
+NUM_STARTS = 10
+
+
 def coreset_size(n: int, fraction: float) -> int:
-  """Rows kept of a bank of n: round(fraction * n), at least 1, at most n."""
+  """Rows kept of a bank of n: int(n * fraction) (PatchCore's count, rounded
+  down), at least 1; fraction 1.0 keeps all n."""
   if not 0.0 < fraction <= 1.0:
     raise ValueError(f'coreset fraction must be in (0, 1], got {fraction}')
-  return int(min(n, max(1, round(fraction * n))))
+  if fraction == 1.0:
+    return int(n)
+  return int(min(n, max(1, int(n * fraction))))
 
 
-@functools.partial(jax.jit, static_argnames=('num', 'proj_dim', 'chunk'))
-def coreset_indices(bank: jax.Array, key: jax.Array, num: int,
-                    proj_dim: int = 128, chunk: int = 16384) -> jax.Array:
-  """PatchCore's approximate greedy coreset: `num` distinct row indices.
+def coreset_projection(key: jax.Array, dim: int,
+                       proj_dim: int) -> Optional[jax.Array]:
+  """The coreset's random projection: (proj_dim, dim) float32, or None when
+  dim == proj_dim (no projection, as in PatchCore; a smaller dim is
+  projected *up*).
 
-  The bank is mapped to `proj_dim` dimensions by a Gaussian random matrix
-  (Johnson-Lindenstrauss: distances kept up to a small factor; no projection
-  when D <= proj_dim), then greedy farthest-point selection: start at a row
-  drawn with `key`, repeatedly add the row farthest from everything selected
-  so far and update every row's distance to the selection. The first k
-  indices of a selection of num > k are the selection of k (same key), so
-  the covering radius never grows with num.
+  Entries are uniform in [-1/sqrt(dim), 1/sqrt(dim)): the distribution of a
+  fresh bias-free torch.nn.Linear(dim, proj_dim) weight, which is what
+  PatchCore projects with. Rows map as x @ W.T.
+  """
+  if dim == proj_dim:
+    return None
+  bound = 1.0 / math.sqrt(dim)
+  return jax.random.uniform(key, (proj_dim, dim), jnp.float32, -bound, bound)
+
+
+def coreset_starts(key: jax.Array, n: int,
+                   num_starts: int = NUM_STARTS) -> jax.Array:
+  """min(num_starts, n) distinct row indices drawn uniformly, (k,) int32."""
+  return jax.random.choice(key, n, (min(num_starts, n),),
+                           replace=False).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=('num', 'chunk'))
+def greedy_coreset(bank: jax.Array, projection: Optional[jax.Array],
+                   starts: jax.Array, num: int,
+                   chunk: int = 16384) -> jax.Array:
+  """Approximate greedy coreset with a given projection and starting rows.
+
+  The selection rule of PatchCore's ApproximateGreedyCoresetSampler
+  (patchcore-inspection, src/patchcore/sampler.py): rows are mapped by
+  `projection`; each row's initial score is its mean Euclidean distance to
+  the `starts` rows (which are not selected for that); then `num` times the
+  row of highest score is selected (the lowest index among equal scores, as
+  argmax) and every score becomes min(score, distance to that row). With the
+  same projection matrix and starting rows it selects PatchCore's indices in
+  PatchCore's order (tests/fixtures/patchcore).
+
+  Numerics differ only where exact arithmetic would not: distances use the
+  expanded form on rows centred on their mean (see nearest_neighbours), and
+  a selected row is taken out of the running, so the indices are distinct
+  even when the bank has fewer distinct rows than `num` (PatchCore may then
+  repeat a row).
+
+  Memory: the projected bank (N, P) and O(N * len(starts)); never (N, N).
 
   Args:
     bank: (N, D) float.
-    key: PRNG key (projection matrix and starting row).
+    projection: (P, D) float32 (rows map as x @ projection.T), or None to
+      select in the bank's own space.
+    starts: (S,) int row indices, S >= 1.
     num: rows to select, 1 <= num <= N (static).
-    proj_dim: dimension of the random projection (static).
     chunk: rows per block of the projection (static); bounds the temporary
       (chunk, D) float32 copy.
 
@@ -141,36 +186,65 @@ def coreset_indices(bank: jax.Array, key: jax.Array, num: int,
   n, d = bank.shape
   if not 1 <= num <= n:
     raise ValueError(f'coreset of {num} rows from a bank of {n}')
-  k_proj, k_start = jax.random.split(key)
-  if d > proj_dim:
-    w = jax.random.normal(k_proj, (d, proj_dim), jnp.float32) / math.sqrt(
-        proj_dim)
+  if projection is not None:
+    w = jnp.asarray(projection, jnp.float32)
+    p = w.shape[0]
     rows, _ = _pad_rows(bank, min(chunk, n))
     z = jax.lax.map(
-        lambda b: jnp.matmul(b.astype(jnp.float32), w, precision=_HIGHEST),
-        rows.reshape(-1, min(chunk, n), d)).reshape(-1, proj_dim)[:n]
+        lambda b: jnp.matmul(b.astype(jnp.float32), w.T, precision=_HIGHEST),
+        rows.reshape(-1, min(chunk, n), d)).reshape(-1, p)[:n]
   else:
     z = bank.astype(jnp.float32)
   z = z - z.mean(0)  # Centred: see nearest_neighbours.
   z_sq = jnp.sum(jnp.square(z), -1)
 
-  def dist2_to(i):
-    d2 = z_sq - 2.0 * jnp.matmul(z, z[i], precision=_HIGHEST) + z_sq[i]
-    return jnp.maximum(d2, 0.0)
+  def distances(cols):
+    """(N, k) Euclidean distances of every row to the rows `cols` (k, P)."""
+    d2 = (z_sq[:, None] - 2.0 * jnp.matmul(z, cols.T, precision=_HIGHEST) +
+          jnp.sum(jnp.square(cols), -1)[None])
+    return jnp.sqrt(jnp.maximum(d2, 0.0))
 
-  start = jax.random.randint(k_start, (), 0, n, jnp.int32)
-  selected = jnp.zeros((num,), jnp.int32).at[0].set(start)
-  # -1 marks selected rows: never picked again, even among duplicates.
-  min_d2 = dist2_to(start).at[start].set(-1.0)
+  score = jnp.mean(distances(z[jnp.asarray(starts, jnp.int32)]), -1)
 
   def body(t, carry):
-    selected, min_d2 = carry
-    i = jnp.argmax(min_d2).astype(jnp.int32)
-    min_d2 = jnp.minimum(min_d2, dist2_to(i)).at[i].set(-1.0)
-    return selected.at[t].set(i), min_d2
+    selected, score = carry
+    i = jnp.argmax(score).astype(jnp.int32)
+    # -1: a selected row is never picked again, even among duplicates.
+    score = jnp.minimum(score, distances(z[i][None])[:, 0]).at[i].set(-1.0)
+    return selected.at[t].set(i), score
 
-  selected, _ = jax.lax.fori_loop(1, num, body, (selected, min_d2))
+  selected, _ = jax.lax.fori_loop(
+      0, num, body, (jnp.zeros((num,), jnp.int32), score))
   return selected
+
+
+@functools.partial(jax.jit,
+                   static_argnames=('num', 'proj_dim', 'num_starts', 'chunk'))
+def coreset_indices(bank: jax.Array, key: jax.Array, num: int,
+                    proj_dim: int = 128, num_starts: int = NUM_STARTS,
+                    chunk: int = 16384) -> jax.Array:
+  """PatchCore's approximate greedy coreset: `num` distinct row indices.
+
+  Draws the projection (`coreset_projection`, skipped when D == proj_dim)
+  and the starting rows (`coreset_starts`) from `key`, then runs
+  `greedy_coreset`. The first k indices of a selection of num > k are the
+  selection of k (same key), so the covering radius never grows with num.
+
+  Args:
+    bank: (N, D) float.
+    key: PRNG key (projection matrix and starting rows).
+    num: rows to select, 1 <= num <= N (static).
+    proj_dim: dimension of the random projection (static).
+    num_starts: starting rows of the initial scores (static).
+    chunk: rows per block of the projection (static).
+
+  Returns:
+    (num,) int32 indices into bank, in the order they were selected.
+  """
+  n, d = bank.shape
+  k_proj, k_start = jax.random.split(key)
+  return greedy_coreset(bank, coreset_projection(k_proj, d, proj_dim),
+                        coreset_starts(k_start, n, num_starts), num, chunk)
 
 
 def memory_bank(features: jax.Array, key: jax.Array, fraction: float = 0.1,

@@ -95,6 +95,59 @@ def test_coreset_with_duplicate_rows_stays_distinct():
   assert sorted(np.argmax(bank[idx[:4]], 1).tolist()) == [0, 1, 2, 3]
 
 
+_FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'patchcore',
+                        'coreset.npz')
+
+
+@pytest.mark.parametrize('case', ['up', 'same', 'down', 'few'])
+def test_coreset_matches_patchcore(case):
+  """PatchCore's released ApproximateGreedyCoresetSampler, run once on these
+  inputs (tests/fixtures/patchcore/make_fixture.py): with its projection
+  matrix and starting rows, greedy_coreset selects its indices in its order.
+  Cases: D=24 (PatchCore projects up to 128), D=128 (no projection), D=136
+  with a common offset of 4 (projects down), 8 rows (fewer than 10 starts)."""
+  f = np.load(_FIXTURE)
+  x, w, starts = f[f'{case}_x'], f[f'{case}_w'], f[f'{case}_starts']
+  expected = f[f'{case}_indices']
+  proj_dim = int(f[f'{case}_proj_dim'])
+  assert len(starts) == min(int(f[f'{case}_num_starts']), len(x))
+  # The row count: PatchCore's int(N * percentage).
+  num = knn.coreset_size(len(x), float(f[f'{case}_fraction']))
+  assert num == len(expected)
+  # Projection skipped exactly when PatchCore skipped it, same shape else.
+  ours_w = knn.coreset_projection(jax.random.PRNGKey(0), x.shape[1], proj_dim)
+  if w.shape[0] == 0:
+    assert ours_w is None
+    w = None
+  else:
+    assert ours_w.shape == w.shape
+  idx = np.asarray(knn.greedy_coreset(x, w, starts, num))
+  np.testing.assert_array_equal(idx, expected)
+
+
+def test_coreset_projection_and_starts():
+  w = np.asarray(knn.coreset_projection(jax.random.PRNGKey(0), 24, 128))
+  # torch.nn.Linear(24, 128)'s default weight: uniform in +-1/sqrt(24).
+  assert w.shape == (128, 24) and w.dtype == np.float32
+  bound = 1 / np.sqrt(24)
+  assert np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound
+  assert abs(w.mean()) < 0.01 and abs(w.var() - bound**2 / 3) < 0.1 * bound**2
+  assert knn.coreset_projection(jax.random.PRNGKey(0), 128, 128) is None
+  for n, k in [(1000, 10), (7, 7)]:
+    starts = np.asarray(knn.coreset_starts(jax.random.PRNGKey(1), n))
+    assert starts.shape == (k,) and len(set(starts.tolist())) == k
+    assert starts.min() >= 0 and starts.max() < n
+  # coreset_indices draws both from its key: the same key, the same rows.
+  bank = np.random.default_rng(5).normal(size=(120, 40)).astype(np.float32)
+  key = jax.random.PRNGKey(3)
+  k_proj, k_start = jax.random.split(key)
+  np.testing.assert_array_equal(
+      np.asarray(knn.coreset_indices(bank, key, 12, proj_dim=16)),
+      np.asarray(knn.greedy_coreset(
+          bank, knn.coreset_projection(k_proj, 40, 16),
+          knn.coreset_starts(k_start, 120), 12)))
+
+
 def test_memory_bank_fraction():
   rng = np.random.default_rng(4)
   feats = rng.normal(size=(5, 10, 12)).astype(np.float32)
@@ -106,6 +159,9 @@ def test_memory_bank_fraction():
   rows = {r.tobytes() for r in feats.reshape(-1, 12)}
   assert all(r.tobytes() in rows for r in tenth)
   assert knn.coreset_size(50, 0.1) == 5 and knn.coreset_size(3, 0.01) == 1
+  # PatchCore's int(N * percentage): rounded down, float product as it is.
+  assert knn.coreset_size(255, 0.1) == 25 and knn.coreset_size(100, 0.29) == 28
+  assert knn.coreset_size(7, 1.0) == 7
   with pytest.raises(ValueError):
     knn.coreset_size(10, 0.0)
 
