@@ -69,6 +69,9 @@ def get_config():
   c.synthesis.gas_r1 = 0.85  # 'manifold' ring [r1, r2] / rho (GLASS:
   c.synthesis.gas_r2 = 1.70  # 0.5 and 1.0 at WRN50).
   c.synthesis.gas_quantile = 0.75  # 'hypersphere': r = this quantile.
+  # Discriminator BatchNorm during the ascent: 'frozen' (statistics of the
+  # step's start) or 'batch' (GLASS's code: recomputed at every ascent step).
+  c.synthesis.gas_bn = 'frozen'
   # SuperSimpleNet's Perlin-masked feature noise (not with GAS).
   c.synthesis.perlin = False
   c.synthesis.perlin_threshold = 0.2  # Perlin value above which cells get noise.

@@ -76,6 +76,8 @@ def fingerprint(config) -> str:
   syn = keys.get('synthesis', {})
   if syn.get('loss') == 'truncated_l1':
     syn.pop('loss')
+  if syn.get('gas_bn') == 'frozen':
+    syn.pop('gas_bn')
   if not (syn.get('gas') == 'hypersphere' and syn.get('las_weight', 0) > 0):
     syn.pop('las_shell', None)  # Only hypersphere + LAS uses it.
   keys['seed'] = config.seed

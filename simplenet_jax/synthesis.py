@@ -53,6 +53,8 @@ from simplenet_jax import parallel
 from simplenet_jax import train
 
 GAS_MODES = ('none', 'manifold', 'hypersphere')  # synthesis.gas
+# synthesis.gas_bn: the discriminator's BatchNorm during the ascent.
+GAS_BN = ('frozen', 'batch')
 # synthesis.loss: SimpleNet's truncated L1 or GLASS's binary cross-entropy.
 LOSSES = ('truncated_l1', 'bce')
 # log2 range [lo, hi) of the Perlin lattice resolutions (GLASS, SuperSimpleNet).
@@ -76,6 +78,12 @@ class SynthesisConfig:
   gas_r1, gas_r2: manifold ring in units of rho (GLASS: 0.5 and 1.0 / 0.588).
   gas_quantile: hypersphere r = this quantile of the batch's normal
     distances to the centre (GLASS: 0.75); the ring is [r, 2r].
+  gas_bn: the discriminator's BatchNorm during the ascent. 'frozen': the
+    batch statistics of [true; fake] at the start of the step, no gradient
+    through them, each fake moves along the gradient of its own score.
+    'batch' (GLASS's code, its discriminator in train mode): statistics of
+    [true; current fakes] recomputed at every ascent step, the gradient of
+    the fakes' binary cross-entropy flowing through them (fakes interact).
   perlin: Perlin-masked noise on a duplicated batch instead of noise on
     every row.
   perlin_threshold: Perlin value above which a grid cell is masked
@@ -101,6 +109,7 @@ class SynthesisConfig:
   gas_r1: float
   gas_r2: float
   gas_quantile: float
+  gas_bn: str
   perlin: bool
   perlin_threshold: float
   perlin_empty: float
@@ -627,8 +636,11 @@ def gradient_ascent(score_fn, fakes: jax.Array, anchor: jax.Array, lo, hi,
   ring [lo, hi] around `anchor` (`project_to_ring`).
 
   Args:
-    score_fn: (N, D) -> (N,) discriminator scores, each row's score
-      depending on that row only (BatchNorm with fixed statistics).
+    score_fn: (N, D) -> (N,) per-row values to raise, rising as a row
+      looks more normal: discriminator scores (BatchNorm with fixed
+      statistics, each row's score depending on that row only,
+      `_frozen_score_fn`) or the fakes' loss terms (`_batch_loss_fn`); each
+      row follows its normalised gradient of their sum.
     fakes: (N, D) starting points (adapted features + Gaussian noise).
     anchor: (N, D) ring centres: the true features ('manifold') or the
       training centre at each row's position ('hypersphere').
@@ -672,6 +684,27 @@ def _frozen_score_fn(disc, disc_params, hidden_true, hidden_fake, mask_rows):
     return disc.apply({'params': disc_params, 'batch_stats': stats}, x,
                       train=False)
   return score
+
+
+def _batch_loss_fn(disc, disc_params, disc_stats, true_rows, mask_rows):
+  """gas_bn='batch', GLASS's ascent: x -> each fake's binary cross-entropy
+  term softplus(score) (GLASS's fake loss is their mean), the scores from the
+  discriminator in train mode on [true; x], so the BatchNorm statistics
+  follow the fakes at every ascent step and the gradient flows through them.
+  The running statistics are not updated (GLASS's forwards update them at
+  every ascent step). mask_rows: (N,) 0/1 or None."""
+  true_rows = jax.lax.stop_gradient(true_rows)
+  n = true_rows.shape[0]
+  bn_mask = (None if mask_rows is None else
+             jnp.concatenate([mask_rows, mask_rows]))
+
+  def loss(x):
+    s, _ = disc.apply({'params': disc_params, 'batch_stats': disc_stats},
+                      jnp.concatenate([true_rows, x]), train=True,
+                      mask=bn_mask, mutable=['batch_stats'])
+    out = jax.nn.softplus(s[n:])
+    return out if mask_rows is None else out * mask_rows
+  return loss
 
 
 # ---- The loss and the step ---------------------------------------------------
@@ -737,8 +770,13 @@ def head_loss(params, batch_stats, features: jax.Array, key: jax.Array,
     fakes = adapted + noise
     fake_label = jnp.ones((n,), jnp.float32)
     if syn.gas != 'none':
-      score = _frozen_score_fn(disc, params['discriminator'],
-                               hidden(adapted), hidden(fakes), row_mask)
+      if syn.gas_bn == 'batch':
+        score = _batch_loss_fn(disc, params['discriminator'],
+                               batch_stats['discriminator'], adapted,
+                               None if mask is None else row_mask)
+      else:
+        score = _frozen_score_fn(disc, params['discriminator'],
+                                 hidden(adapted), hidden(fakes), row_mask)
       if syn.gas == 'manifold':
         anchor, lo, hi = adapted, syn.gas_r1 * rho, syn.gas_r2 * rho
       else:

@@ -307,6 +307,7 @@ def test_eval_or_predict_before_training(tmp_path, awkward_root,
     ('synthesis.gas_r2', 0.5, 'config.synthesis.gas_r2: is 0.5; must be >= '
      'synthesis.gas_r1=0.85'),
     ('synthesis.gas_quantile', 1.0, 'config.synthesis.gas_quantile: is 1.0'),
+    ('synthesis.gas_bn', 'live', "config.synthesis.gas_bn: is 'live'"),
     ('synthesis.perlin_threshold', 1.5,
      'config.synthesis.perlin_threshold: is 1.5'),
     ('synthesis.las_weight', -1.0, 'config.synthesis.las_weight: is -1.0'),

@@ -154,6 +154,122 @@ def test_gas_hypersphere_keeps_distances_in_r_2r():
   assert d.min() >= r - 1e-4 and d.max() <= 2 * r + 1e-4
 
 
+# GLASS's released code (cqylunlun/GLASS, glass.py _train_discriminator) run
+# by tests/fixtures/glass/make_fixture.py on fixed inputs, weights and noise.
+_GLASS = os.path.join(os.path.dirname(__file__), 'fixtures', 'glass',
+                      'gas.npz')
+
+
+def _glass_head(f):
+  """The fixture's projection and discriminator as our head's variables.
+  GLASS's discriminator ends in a sigmoid of P(anomalous); our score is a
+  logit with high = normal, so the tail changes sign."""
+  params = {
+      'adaptor': {'fc': {'kernel': f['proj_kernel'], 'bias': f['proj_bias']}},
+      'discriminator': {
+          'fc': {'kernel': f['fc_kernel'], 'bias': f['fc_bias']},
+          'bn': {'scale': f['bn_scale'], 'bias': f['bn_bias']},
+          'tail': {'kernel': -f['tail_kernel']}}}
+  hidden = f['fc_bias'].shape[0]
+  stats = {'discriminator': {'bn': {'mean': np.zeros(hidden, np.float32),
+                                    'var': np.ones(hidden, np.float32)}}}
+  return (jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, stats))
+
+
+@pytest.mark.parametrize('gas', ['manifold', 'hypersphere'])
+@pytest.mark.parametrize('gas_bn', ['frozen', 'batch'])
+def test_gas_matches_glass_code(gas, gas_bn, monkeypatch):
+  """head_loss's GAS fakes equal GLASS's on the same inputs, weights and
+  noise, with GLASS's absolute constants (step 0.001, manifold ring
+  [0.5, 1.0]) as our lengths in units of rho.
+
+  gas_bn='batch' is compared with GLASS as released (discriminator in train
+  mode: BatchNorm statistics of [true; fakes] recomputed at every ascent
+  step). 'frozen' (our default) is compared with GLASS held in eval mode
+  with running statistics equal to the batch statistics of [true; true +
+  noise] at step 0, where the two agree by construction; the fixture's two
+  runs differ by up to 0.03 (checked below), so the test tells them apart.
+  """
+  f = np.load(_GLASS)
+  ref = f'{gas}/' if gas_bn == 'batch' else f'{gas}_eval/'
+  params, stats = _glass_head(f)
+  b, p, d = f['features'].shape
+  grid = (b, 4, p // 4, d)
+  noise_std = jnp.float32(0.015)  # GLASS's --noise
+  rho = float(noise_std * np.sqrt(np.float32(d)))  # as head_loss computes it
+  syn = _syn(gas=gas, gas_bn=gas_bn, gas_steps=20, gas_every=5,
+             gas_step=0.001 / rho, gas_r1=0.5 / rho, gas_r2=1.0 / rho,
+             gas_quantile=0.75, las_weight=1.0, las_shell=True, loss='bce')
+  got = {}
+
+  def record(name, fn):
+    def wrapped(*args, **kwargs):
+      got[name] = fn(*args, **kwargs)
+      return got[name]
+    monkeypatch.setattr(synthesis, name, wrapped)
+
+  record('gradient_ascent', synthesis.gradient_ascent)
+  record('las_onto_shell', synthesis.las_onto_shell)
+  noise = jnp.asarray(f['noise'])
+  monkeypatch.setattr(model_lib, 'sample_noise',
+                      lambda key, shape, std, mix=1: noise)
+  _, (metrics, _) = synthesis.head_loss(
+      params, stats, jnp.asarray(f['features'].reshape(grid)),
+      jax.random.PRNGKey(0), noise_std, 0.5, syn,
+      centre=jnp.asarray(f['centre'].reshape(grid[1:])),
+      las_features=jnp.asarray(f['las_features'].reshape(grid)),
+      las_labels=jnp.asarray(f['las_labels'].reshape(grid[:3])))
+
+  # The fakes after the 20 steps and 4 projections.
+  fakes = np.asarray(got['gradient_ascent'])
+  np.testing.assert_allclose(fakes, f[ref + 'gaus'][-1], rtol=1e-5,
+                             atol=1e-5)
+  other = f'{gas}_eval/' if gas_bn == 'batch' else f'{gas}/'
+  assert np.abs(f[other + 'gaus'][-1] - f[ref + 'gaus'][-1]).max() > 1e-2
+  if gas == 'manifold':
+    np.testing.assert_allclose(float(metrics['radius']) * rho, 0.5,
+                               rtol=1e-6)
+  else:  # GLASS's r_t (0.75 quantile, LAS normal patches included).
+    np.testing.assert_allclose(float(metrics['radius']) * rho,
+                               float(f[ref + 'r_t']), rtol=1e-5)
+    # LAS defect features onto the shell [2r, 4r] (GLASS's fake_feats).
+    np.testing.assert_allclose(np.asarray(got['las_onto_shell']),
+                               f[ref + 'las_in'], rtol=1e-5, atol=1e-5)
+  # GLASS's last discriminator call of the ascent, P(anomalous) of
+  # [true; fakes] (train or eval mode as GLASS ran it), from our fakes.
+  params_d = params['discriminator']
+  x = jnp.concatenate([jnp.asarray(f[ref + 'true']), jnp.asarray(fakes)])
+  if gas_bn == 'batch':
+    s, _ = model_lib.Discriminator(params_d['fc']['bias'].shape[0]).apply(
+        {'params': params_d, 'batch_stats': stats['discriminator']}, x,
+        train=True, mutable=['batch_stats'])
+    np.testing.assert_allclose(np.asarray(jax.nn.sigmoid(-s)),
+                               f[ref + 'final_scores'], rtol=1e-5, atol=1e-6)
+    # GLASS's bce_loss: BCELoss(p_true, 0) + BCELoss(p_fakes, 1).
+    prob = f[ref + 'final_scores'].astype(np.float64)
+    n = prob.shape[0] // 2
+    bce = -np.log(1 - prob[:n]).mean() - np.log(prob[n:]).mean()
+    loss, _, _ = synthesis._weighted_bce(  # pylint: disable=protected-access
+        s, jnp.concatenate([jnp.zeros(n), jnp.ones(n)]), jnp.ones(2 * n))
+    np.testing.assert_allclose(float(loss), bce, rtol=1e-5)
+
+
+def test_gas_bn_is_validated_and_leaves_default_fingerprints():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import category  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from simplenet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  c = default.get_config()
+  c.synthesis.gas = 'manifold'
+  before = category.fingerprint(c)
+  assert before == '0xcef7037e'  # As before gas_bn existed.
+  c.synthesis.gas_bn = 'batch'
+  assert category.fingerprint(c) != before
+  c.synthesis.gas_bn = 'live'
+  with pytest.raises(UserError, match='gas_bn'):
+    config_checks.validate(c)
+
+
 # ---- LAS -------------------------------------------------------------------
 
 
