@@ -187,3 +187,33 @@ def test_threshold_from_the_feature_cache_equals_a_backbone_pass(method,
   assert cached['threshold'] == pytest.approx(passed['threshold'], rel=1e-5)
   np.testing.assert_allclose(cached['map_range'], passed['map_range'],
                              rtol=1e-5, atol=1e-6)
+
+
+def test_knn_bank_of_another_size_restores(tmp_path):
+  """A kNN checkpoint whose bank is not today's coreset_size rows (fitted by
+  an older rounding rule) still loads for --mode=eval with the bank it was
+  saved with (restoring reads the saved shape, not the template's)."""
+  from simplenet_jax import category as category_lib  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import knn  # pylint: disable=g-import-not-at-top
+  cfg = get_config()
+  cfg.model.method = 'knn'
+  cfg.model.pretrain_embed_dim = cfg.model.target_embed_dim = D
+  cfg.train.num_passes = 1
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  ctx = category_lib.CategoryContext.from_datasets(
+      cfg, str(tmp_path), 'tiny', 'object', helpers.TinyBackbone(),
+      helpers.tiny_backbone_vars(), mesh, helpers.RandomImages(7, SIZE),
+      _DefectImages(4))
+  rows = ctx.bank_rows + 1
+  bank = np.random.default_rng(0).normal(size=(rows, D)).astype(np.float32)
+  meta = ctx.meta(1)
+  meta['bank_rows'] = rows
+  ckpt = ctx.checkpointer()
+  try:
+    ckpt.save(1, knn.MemoryBank(bank=bank), meta)
+  finally:
+    ckpt.close()
+  state, got = ctx.restore_trained()
+  assert got['bank_rows'] == rows
+  np.testing.assert_array_equal(np.asarray(state.bank), bank)
