@@ -217,3 +217,50 @@ def test_knn_bank_of_another_size_restores(tmp_path):
   state, got = ctx.restore_trained()
   assert got['bank_rows'] == rows
   np.testing.assert_array_equal(np.asarray(state.bank), bank)
+
+
+def test_categories_share_compilations(tmp_path):
+  """Two categories of one run (same config and shapes) share the jitted
+  functions, and the short last batches are padded: evaluating the second
+  category and every one of its batches compiles nothing new."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import category as category_lib  # pylint: disable=g-import-not-at-top
+  cfg = get_config()
+  cfg.model.pretrain_embed_dim = cfg.model.target_embed_dim = D
+  cfg.model.hidden = 8
+  cfg.dataset.num_workers = 2
+  cfg.eval.batch_size = 3  # 7 test images: batches of 3, 3 and 1.
+  cfg.eval.visualize = 'none'
+  cfg.report.html = False
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  ctxs = [category_lib.CategoryContext.from_datasets(
+      cfg, str(tmp_path), name, 'object', helpers.TinyBackbone(),
+      helpers.tiny_backbone_vars(), mesh, helpers.RandomImages(5, SIZE),
+      _DefectImages(7)) for name in ('first', 'second')]
+  assert ctxs[0].predict_fn is ctxs[1].predict_fn
+  assert ctxs[0].feature_fn is ctxs[1].feature_fn
+  assert train.make_cached_step(mesh, D) is train.make_cached_step(mesh, D)
+
+  class Count(logging.Handler):
+    compiled = []
+
+    def emit(self, record):
+      if 'Compiling' in record.getMessage():
+        self.compiled.append(record.getMessage().split(' with ')[0])
+
+  handler = Count()
+  logger = logging.getLogger('jax')
+  logger.addHandler(handler)
+  try:
+    with jax.log_compiles():
+      evaluate.evaluate_category(ctxs[0], ctxs[0].new_state(), None,
+                                 visualize_maps=False)
+      first = len(handler.compiled)
+      evaluate.evaluate_category(ctxs[1], ctxs[1].new_state(), None,
+                                 visualize_maps=False)
+  finally:
+    logger.removeHandler(handler)
+  predict = [c for c in handler.compiled if 'predict' in c]
+  assert len(predict) == 1, handler.compiled  # One batch shape, once.
+  assert not [c for c in handler.compiled[first:] if 'predict' in c or
+              '_features' in c], handler.compiled[first:]
