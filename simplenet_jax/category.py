@@ -80,6 +80,10 @@ def fingerprint(config) -> str:
     syn.pop('gas_bn')
   if not (syn.get('gas') == 'hypersphere' and syn.get('las_weight', 0) > 0):
     syn.pop('las_shell', None)  # Only hypersphere + LAS uses it.
+  if syn.get('perlin'):
+    # Perlin-masked noise masks both copies of the batch since 2026-11-30
+    # (before: the second only), so older perlin runs are not resumed.
+    syn['perlin_masked_copies'] = 2
   keys['seed'] = config.seed
   keys['train'] = {k: config.train[k] for k in ('batch_size', 'num_passes')}
   keys['holdout'] = config.threshold.holdout_fraction

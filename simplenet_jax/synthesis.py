@@ -13,9 +13,10 @@ public code (no code copied):
                       position) in [r, 2r], r a quantile of the normal
                       features' distances to it.
   Perlin-masked feature noise (SuperSimpleNet, Rolih et al., ICPR 2024):
-        the batch is duplicated and the copy gets noise only inside a Perlin
-        mask on the feature grid (half of the masks empty); the loss is per
-        patch (masked patches are fakes, all others normal).
+        the batch is duplicated and each of the 2B copies gets noise only
+        inside its own Perlin mask on the feature grid (half of the masks
+        empty); the loss is per patch (masked patches are fakes, all others
+        normal).
   LAS   local anomaly synthesis (GLASS): defect images made from training
         images by blending a texture inside a Perlin mask, their features
         labelled per patch by the max-pooled mask and trained with a focal
@@ -84,8 +85,8 @@ class SynthesisConfig:
     'batch' (GLASS's code, its discriminator in train mode): statistics of
     [true; current fakes] recomputed at every ascent step, the gradient of
     the fakes' binary cross-entropy flowing through them (fakes interact).
-  perlin: Perlin-masked noise on a duplicated batch instead of noise on
-    every row.
+  perlin: Perlin-masked noise on both copies of a duplicated batch (each
+    copy its own mask) instead of noise on every row.
   perlin_threshold: Perlin value above which a grid cell is masked
     (SuperSimpleNet: 0.2 on MVTec AD, 0.6 on VisA).
   perlin_empty: share of the copies whose mask is emptied (all normal).
@@ -761,11 +762,20 @@ def head_loss(params, batch_stats, features: jax.Array, key: jax.Array,
     las_rows = adapt(las_features.reshape(n, d).astype(jnp.float32))
     las_lab = las_labels.reshape(n).astype(jnp.float32)
 
+  true_rows, true_label = adapted, jnp.zeros((n,), jnp.float32)
   if syn.perlin:
-    pm = perlin_masks(k_perlin, b, (gh, gw), syn.perlin_threshold,
-                      PERLIN_SCALES, syn.perlin_empty).reshape(n)
-    fakes = adapted + noise * pm[:, None]
-    fake_label = pm
+    # As SuperSimpleNet, both copies of the duplicated batch get their own
+    # mask (each emptied with probability perlin_empty); keeping the first
+    # copy clean halved the fakes per step. One key per copy, so image i's
+    # masks and noise depend on (key, i) only (padding changes nothing).
+    masks = lambda k: perlin_masks(k, b, (gh, gw), syn.perlin_threshold,
+                                   PERLIN_SCALES, syn.perlin_empty).reshape(n)
+    fake_label = masks(k_perlin)
+    fakes = adapted + noise * fake_label[:, None]
+    true_label = masks(jax.random.fold_in(k_perlin, 1))
+    noise_2 = model_lib.sample_noise(jax.random.fold_in(k_noise, 1), (n, d),
+                                     noise_std, mix_noise)
+    true_rows = adapted + noise_2 * true_label[:, None]
   else:
     fakes = adapted + noise
     fake_label = jnp.ones((n,), jnp.float32)
@@ -800,8 +810,8 @@ def head_loss(params, batch_stats, features: jax.Array, key: jax.Array,
       fakes = adapted + jax.lax.stop_gradient(gas - adapted)
       metrics['radius'] = jax.lax.stop_gradient(lo / rho)
 
-  parts = [adapted, fakes]
-  labels = [jnp.zeros((n,), jnp.float32), fake_label]
+  parts = [true_rows, fakes]
+  labels = [true_label, fake_label]
   weights = [row_mask, row_mask]
   if syn.las:
     parts.append(las_rows)

@@ -596,3 +596,8 @@ def test_checkpoints_remember_the_switches():
   shell = category.fingerprint(glass_like)
   glass_like.synthesis.las_shell = False
   assert len({before, shell, category.fingerprint(glass_like)}) == 3
+  # Perlin-masked noise masks both copies of the batch now: runs from before
+  # (this value was printed by the code then) must not resume.
+  perlin = default.get_config()
+  perlin.synthesis.perlin = True
+  assert category.fingerprint(perlin) not in ('0xda949b63', base)
