@@ -151,13 +151,22 @@ def test_test_images_in_order_in_full_batches_only():
   assert not list(images_of(ctx, state, []))
 
 
+def _tiny_category(cfg, tmp_path, mesh, name='tiny', n_train=7, n_test=4):
+  """A CategoryContext on the tiny backbone, random training images and
+  _DefectImages for test."""
+  from simplenet_jax import category as category_lib  # pylint: disable=g-import-not-at-top
+  return category_lib.CategoryContext.from_datasets(
+      cfg, str(tmp_path), name, 'object', helpers.TinyBackbone(),
+      helpers.tiny_backbone_vars(), mesh, helpers.RandomImages(n_train, SIZE),
+      _DefectImages(n_test))
+
+
 @pytest.mark.parametrize('method', ['simplenet', 'knn'])
 def test_threshold_from_the_feature_cache_equals_a_backbone_pass(method,
                                                                  tmp_path):
   """Without a hold-out the threshold scores the training images: from
   their cached features (what training does) it must equal scoring them
   through the backbone again."""
-  from simplenet_jax import category as category_lib  # pylint: disable=g-import-not-at-top
   from simplenet_jax import feature_cache  # pylint: disable=g-import-not-at-top
   cfg = get_config()
   cfg.model.method = method
@@ -169,10 +178,7 @@ def test_threshold_from_the_feature_cache_equals_a_backbone_pass(method,
   cfg.threshold.holdout_fraction = 0.0
   cfg.threshold.quantile = 0.9
   mesh = parallel.make_mesh(jax.devices()[:1])
-  ctx = category_lib.CategoryContext.from_datasets(
-      cfg, str(tmp_path), 'tiny', 'object', helpers.TinyBackbone(),
-      helpers.tiny_backbone_vars(), mesh, helpers.RandomImages(7, SIZE),
-      _DefectImages(4))
+  ctx = _tiny_category(cfg, tmp_path, mesh)
   cache = feature_cache.build(ctx.feature_fn, ctx.backbone_vars,
                               ctx.train_set, ctx.train_idx, 3, cfg.train,
                               cfg.dataset, mesh)
@@ -193,18 +199,13 @@ def test_knn_bank_of_another_size_restores(tmp_path):
   """A kNN checkpoint whose bank is not today's coreset_size rows (fitted by
   an older rounding rule) still loads for --mode=eval with the bank it was
   saved with (restoring reads the saved shape, not the template's)."""
-  from simplenet_jax import category as category_lib  # pylint: disable=g-import-not-at-top
-  from simplenet_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from simplenet_jax import knn  # pylint: disable=g-import-not-at-top
   cfg = get_config()
   cfg.model.method = 'knn'
   cfg.model.pretrain_embed_dim = cfg.model.target_embed_dim = D
   cfg.train.num_passes = 1
   mesh = parallel.make_mesh(jax.devices()[:1])
-  ctx = category_lib.CategoryContext.from_datasets(
-      cfg, str(tmp_path), 'tiny', 'object', helpers.TinyBackbone(),
-      helpers.tiny_backbone_vars(), mesh, helpers.RandomImages(7, SIZE),
-      _DefectImages(4))
+  ctx = _tiny_category(cfg, tmp_path, mesh)
   rows = ctx.bank_rows + 1
   bank = np.random.default_rng(0).normal(size=(rows, D)).astype(np.float32)
   meta = ctx.meta(1)
@@ -224,19 +225,19 @@ def test_categories_share_compilations(tmp_path):
   functions, and the short last batches are padded: evaluating the second
   category and every one of its batches compiles nothing new."""
   import logging  # pylint: disable=g-import-not-at-top
-  from simplenet_jax import category as category_lib  # pylint: disable=g-import-not-at-top
   cfg = get_config()
   cfg.model.pretrain_embed_dim = cfg.model.target_embed_dim = D
   cfg.model.hidden = 8
   cfg.dataset.num_workers = 2
   cfg.eval.batch_size = 3  # 7 test images: batches of 3, 3 and 1.
+  # New jitted functions, so that earlier tests' compilations do not count.
+  scoring._predict_fn.cache_clear()  # pylint: disable=protected-access
+  scoring._feature_fn.cache_clear()  # pylint: disable=protected-access
   cfg.eval.visualize = 'none'
   cfg.report.html = False
   mesh = parallel.make_mesh(jax.devices()[:1])
-  ctxs = [category_lib.CategoryContext.from_datasets(
-      cfg, str(tmp_path), name, 'object', helpers.TinyBackbone(),
-      helpers.tiny_backbone_vars(), mesh, helpers.RandomImages(5, SIZE),
-      _DefectImages(7)) for name in ('first', 'second')]
+  ctxs = [_tiny_category(cfg, tmp_path, mesh, name, n_test=7)
+          for name in ('first', 'second')]
   assert ctxs[0].predict_fn is ctxs[1].predict_fn
   assert ctxs[0].feature_fn is ctxs[1].feature_fn
   assert train.make_cached_step(mesh, D) is train.make_cached_step(mesh, D)
