@@ -599,19 +599,20 @@ def _weighted_truncated_l1(scores, fake, margin, weight):
 # ---- Gradient-ascent synthesis ----------------------------------------------
 
 
+def _norm(x):
+  """Euclidean norm of each row: (N, D) -> (N,)."""
+  return jnp.sqrt(jnp.sum(jnp.square(x), -1))
+
+
 def project_to_ring(x: jax.Array, anchor: jax.Array, lo, hi) -> jax.Array:
   """Moves each row of x along (x - anchor) so that ||x - anchor|| lies in
   [lo, hi] (rows already inside are unchanged). (N, D) -> (N, D)."""
   h = x - anchor
-  norm = jnp.sqrt(jnp.sum(jnp.square(h), -1, keepdims=True))
+  norm = _norm(h)[:, None]
   lo = jnp.reshape(lo, (-1, 1)) if jnp.ndim(lo) else lo
   hi = jnp.reshape(hi, (-1, 1)) if jnp.ndim(hi) else hi
   target = jnp.clip(norm, lo, hi)
   return anchor + h * (target / jnp.maximum(norm, 1e-12))
-
-
-def _norm(x):
-  return jnp.sqrt(jnp.sum(jnp.square(x), -1))
 
 
 def las_onto_shell(las_rows: jax.Array, labels: jax.Array, centre: jax.Array,
