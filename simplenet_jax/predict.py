@@ -98,6 +98,10 @@ def run(config, workdir: str) -> list[dict]:
   vmin, vmax = meta.get('map_range', (None, None))
   scale = visualize.display_scale(hw)
   results = []
+  # A short last batch is padded to the others' shape (one compilation);
+  # a single short batch is run as it is (padding would only add work).
+  bs = config.eval.batch_size
+  min_rows = bs if len(inputs) > bs else 0
   log_path = os.path.join(out_dir, 'predictions.jsonl')
   tmp_path = f'{log_path}.tmp{os.getpid()}'
   try:
@@ -105,8 +109,7 @@ def run(config, workdir: str) -> list[dict]:
       for batch in loader.batches(inputs, config.eval.batch_size,
                                   num_workers=config.dataset.num_workers,
                                   prefetch=config.dataset.prefetch):
-        x, n = parallel.put_batch(batch['image'], mesh,
-                                  min_rows=config.eval.batch_size)
+        x, n = parallel.put_batch(batch['image'], mesh, min_rows=min_rows)
         out = predict_fn(backbone_vars, head, x)
         scores = parallel.to_host(out['image_scores'])[:n]
         maps = parallel.to_host(out['anomaly_maps'])[:n]
