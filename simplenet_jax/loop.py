@@ -331,7 +331,9 @@ def _train_stacked(live: list) -> list:
   mesh = live[0].ctx.mesh
   for run in live:
     run.prepare(use_cache=True)
-  states = train.stack_states([r.state for r in live])
+  # Committed to the mesh like the step's outputs (see _train_alone).
+  states = parallel.put_replicated(
+      train.stack_states([r.state for r in live]), mesh)
   caches = _stack_caches([r.cache for r in live], mesh)
   grid = np.asarray([r.cache.shape[1] for r in live], np.int32)
   step_fn = train.make_stacked_cached_step(mesh, bs)

@@ -287,8 +287,13 @@ def test_main_trains_three_categories_together_as_if_alone(
   env = conftest.main_env(jax_cache_dir)
   alone, together = tmp_path / 'alone', tmp_path / 'together'
   for workdir, k in ((alone, 1), (together, 3)):
-    proc = conftest.run_main(_args(workdir, lite0_weights_dir, root, k), env)
+    proc = conftest.run_main(
+        _args(workdir, lite0_weights_dir, root, k),
+        conftest.main_env(jax_cache_dir, JAX_LOG_COMPILES=1) if k > 1 else env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+  # The stacked step has one input shape, so it compiles once (its first
+  # call's inputs are placed like its outputs, not compiled a second time).
+  assert (proc.stdout + proc.stderr).count('Compiling jit(step)') == 1
   # Per pass, batch 2, after the demo config's 10% hold-out: 4, 6, 2 images.
   steps = {'alpha': 2, 'beta': 3, 'gamma': 1}
   for name, per_pass in steps.items():
