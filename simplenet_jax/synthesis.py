@@ -718,8 +718,8 @@ def gradient_ascent(score_fn, fakes: jax.Array, anchor: jax.Array, lo, hi,
     score_fn: (N, D) -> (N,) per-row values to raise, rising as a row
       looks more normal: discriminator scores (BatchNorm with fixed
       statistics, each row's score depending on that row only,
-      `_frozen_score_fn`) or the fakes' loss terms (`_batch_loss_fn`); each
-      row follows its normalised gradient of their sum.
+      `_frozen_score_fn`; gas_bn='batch' uses `glass_ascent`); each row
+      follows its normalised gradient of their sum.
     fakes: (N, D) starting points (adapted features + Gaussian noise).
     anchor: (N, D) ring centres: the true features ('manifold') or the
       training centre at each row's position ('hypersphere').
