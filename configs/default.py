@@ -70,8 +70,13 @@ def get_config():
   c.synthesis.gas_r2 = 1.70  # 0.5 and 1.0 at WRN50).
   c.synthesis.gas_quantile = 0.75  # 'hypersphere': r = this quantile.
   # Discriminator BatchNorm during the ascent: 'frozen' (statistics of the
-  # step's start) or 'batch' (GLASS's code: recomputed at every ascent step).
+  # step's start) or 'batch' (GLASS's code: recomputed at every ascent step;
+  # with GAS, GLASS's whole step: running statistics moved at each of its
+  # forwards, LAS scored in a forward of its own, torch's loss clamps).
   c.synthesis.gas_bn = 'frozen'
+  # 'hypersphere' centre through the adaptor of: every 'step', or the start of
+  # each 'pass' (GLASS: recomputed once per epoch).
+  c.synthesis.gas_centre = 'step'
   # SuperSimpleNet's Perlin-masked feature noise (not with GAS).
   c.synthesis.perlin = False
   c.synthesis.perlin_threshold = 0.2  # Perlin value above which cells get noise.

@@ -34,6 +34,8 @@ def get_config():
   # GLASS's discriminator stays in train mode during the ascent: BatchNorm
   # statistics of [true; current fakes] at every ascent step.
   c.synthesis.gas_bn = 'batch'
+  # GLASS recomputes the centre once per epoch, with the projection of then.
+  c.synthesis.gas_centre = 'pass'
   c.synthesis.las_weight = 1.0
   c.synthesis.texture_dir = 'data/dtd/images'  # DTD's images/ folder.
   c.synthesis.recolour = False  # GLASS blends DTD's colours as they are.

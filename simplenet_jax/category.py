@@ -78,6 +78,14 @@ def fingerprint(config) -> str:
     syn.pop('loss')
   if syn.get('gas_bn') == 'frozen':
     syn.pop('gas_bn')
+  if syn.get('gas_centre') == 'step':
+    syn.pop('gas_centre')
+  if syn.get('gas_bn') == 'batch' and syn.get('gas') != 'none':
+    # GAS with gas_bn='batch' became GLASS's whole step on 2026-11-30
+    # (running statistics at every forward, two final forwards, torch's
+    # clamps, the gradient through the projections): older runs of it are
+    # not resumed.
+    syn['glass_step'] = 2
   if not (syn.get('gas') == 'hypersphere' and syn.get('las_weight', 0) > 0):
     syn.pop('las_shell', None)  # Only hypersphere + LAS uses it.
   if syn.get('perlin'):

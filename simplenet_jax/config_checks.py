@@ -173,6 +173,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   y = config.synthesis
   _one_of(config, 'synthesis.gas', synthesis.GAS_MODES)
   _one_of(config, 'synthesis.gas_bn', synthesis.GAS_BN)
+  _one_of(config, 'synthesis.gas_centre', synthesis.GAS_CENTRE)
+  _check(y.gas_centre == 'step' or y.gas == 'hypersphere',
+         'synthesis.gas_centre', f'is {y.gas_centre!r}; only '
+         "synthesis.gas='hypersphere' has a centre (use 'step')")
   _one_of(config, 'synthesis.loss', synthesis.LOSSES)
   for key in ('gas_steps', 'gas_every', 'las_variants'):
     _check(y[key] >= 1, f'synthesis.{key}', f'is {y[key]}; must be >= 1')

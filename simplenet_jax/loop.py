@@ -118,6 +118,14 @@ class _CategoryRun:
     if self.syn.las:
       self.las_cache, self.las_labels = _las_cache(self)
 
+  def pass_centre(self, state):
+    """The centre the steps of a pass get: raw (the step adapts it), or
+    with synthesis.gas_centre='pass' adapted once by the adaptor of `state`,
+    the state at the pass's start (a resumed run gets the same)."""
+    if self.centre is None or self.syn.gas_centre == 'step':
+      return self.centre
+    return synthesis.pass_centre(state.params, self.centre)
+
   def pass_plan(self, p: int):
     """(order, noise_key) of pass p: the shuffled training images (cache
     rows) and the key whose fold_in(., step) is each step's noise key."""
@@ -239,16 +247,17 @@ def _train_alone(run: _CategoryRun, use_cache: bool):
   state = parallel.put_replicated(run.state, ctx.mesh)
   cache, steps = run.cache, ctx.steps_per_pass
   if run.syn.active:
-    step_fn = functools.partial(
+    syn_step = functools.partial(
         synthesis.make_cached_step(ctx.mesh, ctx.grid_hw, run.syn),
-        centre=run.centre, las_cache=run.las_cache,
-        las_labels=run.las_labels)
+        las_cache=run.las_cache, las_labels=run.las_labels)
   elif use_cache:
     step_fn = train.make_cached_step(ctx.mesh, ctx.embed_dim)
   else:
     step_fn = train.make_features_step(ctx.mesh, ctx.embed_dim)
   for p in range(run.start, num_passes):
     order, noise_key = run.pass_plan(p)
+    if run.syn.active:
+      step_fn = functools.partial(syn_step, centre=run.pass_centre(state))
     history = []
     bar = console.progress(steps, f'{ctx.category} pass {p + 1}/{num_passes}')
     if use_cache:

@@ -56,6 +56,16 @@ from simplenet_jax import train
 GAS_MODES = ('none', 'manifold', 'hypersphere')  # synthesis.gas
 # synthesis.gas_bn: the discriminator's BatchNorm during the ascent.
 GAS_BN = ('frozen', 'batch')
+# synthesis.gas_centre: when the hypersphere's centre takes the adaptor's
+# weights: at every step, or once per pass (GLASS: once per epoch).
+GAS_CENTRE = ('step', 'pass')
+# GLASS's FocalLoss (loss.py, smooth=1e-5): one-hot labels clamped to
+# [1e-5, 1 - 1e-5] and 1e-5 added to p_t; used by its step (gas_bn='batch').
+GLASS_FOCAL_SMOOTH = 1e-5
+# torch's binary cross-entropy: logs clamped at -100, and the gradient
+# (p - y) / max(p (1 - p), 1e-12).
+BCE_LOG_MIN = -100.0
+BCE_GRAD_EPS = 1e-12
 # synthesis.loss: SimpleNet's truncated L1 or GLASS's binary cross-entropy.
 LOSSES = ('truncated_l1', 'bce')
 # log2 range [lo, hi) of the Perlin lattice resolutions (GLASS, SuperSimpleNet).
@@ -85,6 +95,15 @@ class SynthesisConfig:
     'batch' (GLASS's code, its discriminator in train mode): statistics of
     [true; current fakes] recomputed at every ascent step, the gradient of
     the fakes' binary cross-entropy flowing through them (fakes interact).
+    With gas != 'none', 'batch' is GLASS's whole step as released
+    (`glass_step`): the running statistics move at every ascent forward,
+    [true; fakes] and the LAS features are scored in two forwards, the
+    losses are torch's (BCE, GLASS's FocalLoss) with their clamps, and the
+    hypersphere fakes pass the gradient through their projections.
+  gas_centre: 'step' (the current adaptor applied to the raw centre at every
+    step) or 'pass' (GLASS: the centre adapted once per pass, with the
+    adaptor of the pass's start; the loop passes it adapted,
+    `pass_centre`). Only gas='hypersphere' uses a centre.
   perlin: Perlin-masked noise on both copies of a duplicated batch (each
     copy its own mask) instead of noise on every row.
   perlin_threshold: Perlin value above which a grid cell is masked
@@ -111,6 +130,7 @@ class SynthesisConfig:
   gas_r2: float
   gas_quantile: float
   gas_bn: str
+  gas_centre: str
   perlin: bool
   perlin_threshold: float
   perlin_empty: float
@@ -131,6 +151,11 @@ class SynthesisConfig:
   @property
   def las(self) -> bool:
     return self.las_weight > 0
+
+  @property
+  def glass_step(self) -> bool:
+    """GAS with gas_bn='batch': the step of GLASS's released code."""
+    return self.gas != 'none' and self.gas_bn == 'batch'
 
   @property
   def active(self) -> bool:
@@ -529,7 +554,8 @@ def texture_bank(n: int, hw, seed: int = 0,
 
 def focal_loss(logits: jax.Array, labels: jax.Array, gamma: float = 2.0,
                hard_quantile: float = 0.0,
-               mask: Optional[jax.Array] = None) -> jax.Array:
+               mask: Optional[jax.Array] = None,
+               smooth: float = 0.0) -> jax.Array:
   """Binary focal loss (Lin et al. 2017), mean over the kept rows.
 
   FL = -(1 - p_t)^gamma log(p_t), p = sigmoid(logits) the probability of
@@ -537,27 +563,40 @@ def focal_loss(logits: jax.Array, labels: jax.Array, gamma: float = 2.0,
   only rows whose (p - label)^2 is at or above that quantile are kept
   (GLASS: 0.5, the hardest half).
 
+  With smooth > 0 it is GLASS's FocalLoss on its sigmoid outputs
+  (GLASS_FOCAL_SMOOTH): p_t = y1 p + y0 (1 - p) + smooth, the one-hot
+  labels y1 = y, y0 = 1 - y clamped to [smooth, 1 - smooth]; a confidently
+  wrong row then costs at most about -log(2 smooth).
+
   Args:
     logits: (N,) float.
     labels: (N,) 0/1.
     gamma: focusing exponent (0: binary cross-entropy).
     hard_quantile: in [0, 1).
     mask: optional (N,) 0/1; rows with 0 are ignored (also by the quantile).
+    smooth: 0 (exact, from the logits) or GLASS's clamp.
 
   Returns:
     f32 scalar.
   """
   logits = logits.astype(jnp.float32)
   y = labels.astype(jnp.float32)
-  log_p = jax.nn.log_sigmoid(logits)
-  log_q = jax.nn.log_sigmoid(-logits)
-  log_pt = y * log_p + (1.0 - y) * log_q
-  pt = jnp.exp(log_pt)
-  loss = -jnp.power(1.0 - pt, gamma) * log_pt
+  if smooth > 0:
+    p = jax.nn.sigmoid(logits)
+    one_hot = lambda v: jnp.clip(v, smooth, 1.0 - smooth)
+    pt = one_hot(1.0 - y) * (1.0 - p) + one_hot(y) * p + smooth
+    loss = -jnp.power(1.0 - pt, gamma) * jnp.log(pt)
+  else:
+    log_p = jax.nn.log_sigmoid(logits)
+    log_q = jax.nn.log_sigmoid(-logits)
+    log_pt = y * log_p + (1.0 - y) * log_q
+    pt = jnp.exp(log_pt)
+    loss = -jnp.power(1.0 - pt, gamma) * log_pt
+    p = jnp.exp(log_p)
   keep = jnp.ones_like(loss) if mask is None else (mask > 0).astype(
       jnp.float32)
   if hard_quantile > 0:
-    err = jnp.square(jnp.exp(log_p) - y)
+    err = jnp.square(p - y)
     err_for_q = jnp.where(keep > 0, err, jnp.nan)
     cut = jax.lax.stop_gradient(jnp.nanquantile(err_for_q, hard_quantile))
     keep = keep * (err >= cut).astype(jnp.float32)
@@ -576,6 +615,44 @@ def _weighted_bce(scores, fake, weight):
   mean = lambda v, w: jnp.sum(v * w) / jnp.maximum(jnp.sum(w), 1.0)
   loss = (mean(jax.nn.softplus(-scores), normal) +
           mean(jax.nn.softplus(scores), fake))
+  p_true = mean((scores >= 0).astype(jnp.float32), normal)
+  p_fake = mean((scores < 0).astype(jnp.float32), fake)
+  return loss, p_true, p_fake
+
+
+@jax.custom_vjp
+def torch_bce(p: jax.Array, y: jax.Array) -> jax.Array:
+  """torch's binary cross-entropy of probabilities p against labels y,
+  per element: -(y log p + (1 - y) log(1 - p)) with each log clamped at
+  BCE_LOG_MIN; its gradient is torch's (p - y) / max(p (1 - p),
+  BCE_GRAD_EPS), so a probability rounded to 0 or 1 passes (almost) none
+  through the sigmoid before it."""
+  return -(y * jnp.maximum(jnp.log(p), BCE_LOG_MIN) +
+           (1.0 - y) * jnp.maximum(jnp.log1p(-p), BCE_LOG_MIN))
+
+
+def _torch_bce_fwd(p, y):
+  return torch_bce(p, y), (p, y)
+
+
+def _torch_bce_bwd(res, g):
+  p, y = res
+  return (g * (p - y) / jnp.maximum((1.0 - p) * p, BCE_GRAD_EPS),
+          jnp.zeros_like(y))
+
+
+torch_bce.defvjp(_torch_bce_fwd, _torch_bce_bwd)
+
+
+def _glass_bce(scores, fake, weight):
+  """`_weighted_bce` as GLASS's code computes it (gas_bn='batch'): torch's
+  BCE (`torch_bce`) on p = sigmoid(-score), its clamps included."""
+  fake = fake.astype(jnp.float32)
+  normal = (1.0 - fake) * weight
+  terms = torch_bce(jax.nn.sigmoid(-scores), fake)
+  fake = fake * weight
+  mean = lambda v, w: jnp.sum(v * w) / jnp.maximum(jnp.sum(w), 1.0)
+  loss = mean(terms, normal) + mean(terms, fake)
   p_true = mean((scores >= 0).astype(jnp.float32), normal)
   p_fake = mean((scores < 0).astype(jnp.float32), fake)
   return loss, p_true, p_fake
@@ -641,8 +718,8 @@ def gradient_ascent(score_fn, fakes: jax.Array, anchor: jax.Array, lo, hi,
     score_fn: (N, D) -> (N,) per-row values to raise, rising as a row
       looks more normal: discriminator scores (BatchNorm with fixed
       statistics, each row's score depending on that row only,
-      `_frozen_score_fn`) or the fakes' loss terms (`_batch_loss_fn`); each
-      row follows its normalised gradient of their sum.
+      `_frozen_score_fn`; gas_bn='batch' uses `glass_ascent`); each row
+      follows its normalised gradient of their sum.
     fakes: (N, D) starting points (adapted features + Gaussian noise).
     anchor: (N, D) ring centres: the true features ('manifold') or the
       training centre at each row's position ('hypersphere').
@@ -688,25 +765,110 @@ def _frozen_score_fn(disc, disc_params, hidden_true, hidden_fake, mask_rows):
   return score
 
 
-def _batch_loss_fn(disc, disc_params, disc_stats, true_rows, mask_rows):
-  """gas_bn='batch', GLASS's ascent: x -> each fake's binary cross-entropy
-  term softplus(score) (GLASS's fake loss is their mean), the scores from the
-  discriminator in train mode on [true; x], so the BatchNorm statistics
-  follow the fakes at every ascent step and the gradient flows through them.
-  The running statistics are not updated (GLASS's forwards update them at
-  every ascent step). mask_rows: (N,) 0/1 or None."""
+def glass_ascent(loss_fn, fakes: jax.Array, stats, anchor: jax.Array, lo,
+                 hi, steps: int = 20, step_size=0.001, every: int = 5):
+  """GLASS's gradient ascent as its code runs it (gas_bn='batch'), jittable.
+
+  The steps and projections of `gradient_ascent`, but each ascent forward
+  also moves the discriminator's BatchNorm running statistics (GLASS's
+  discriminator is in train mode), and the points at which the projections
+  were taken are returned for `through_projections`.
+
+  Args:
+    loss_fn: (x (N, D), batch_stats) -> (the fakes' loss, the batch_stats
+      after that forward) (`_glass_ascent_loss`); each row moves along its
+      normalised gradient of the loss.
+    fakes: (N, D) starting points (adapted features + Gaussian noise).
+    stats: the discriminator's batch_stats before the ascent.
+    anchor, lo, hi, steps, step_size, every: as `gradient_ascent`.
+
+  Returns:
+    (fakes (N, D), points (K, N, D) the fakes just before each of the K
+    projections, batch_stats after the `steps` forwards); no gradient flows
+    through them.
+  """
+  sg = jax.lax.stop_gradient
+  fakes, anchor, stats = sg(fakes), sg(anchor), sg(stats)
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def ascend(_, carry):
+    x, st = carry
+    g, st = grad_fn(x, st)
+    norm = jnp.sqrt(jnp.sum(jnp.square(g), -1, keepdims=True))
+    return x + step_size * (g / (norm + 1e-10)), st
+
+  def block(carry, _):
+    x, st = jax.lax.fori_loop(0, every, ascend, carry)
+    return (project_to_ring(x, anchor, lo, hi), st), x
+
+  (x, stats), points = jax.lax.scan(block, (fakes, stats), None,
+                                    length=steps // every)
+  if steps % every:
+    x, stats = jax.lax.fori_loop(0, steps % every, ascend, (x, stats))
+    points = jnp.concatenate([points, x[None]])
+    x = project_to_ring(x, anchor, lo, hi)
+  return sg(x), sg(points), sg(stats)
+
+
+def through_projections(rows: jax.Array, points: jax.Array,
+                        anchor: jax.Array, lo, hi) -> jax.Array:
+  """Zeros (N, D) whose derivative w.r.t. rows is what GLASS's autograd
+  gives its hypersphere fakes w.r.t. the true features: the fakes start as
+  true + noise, the ascent steps are taken without autograd, and each
+  projection onto the ring [lo, hi] around the (constant) anchor is
+  differentiated, so d fakes / d true = J_K ... J_1, J_k the projection's
+  Jacobian at points[k] (`glass_ascent`). Add the result to the fakes."""
+  sg = jax.lax.stop_gradient
+
+  def one(z, x):
+    y = project_to_ring(x + z, anchor, lo, hi)
+    return y - sg(y), None
+
+  z, _ = jax.lax.scan(one, rows - sg(rows), sg(points))
+  return z
+
+
+def _glass_ascent_loss(disc, disc_params, true_rows, mask_rows):
+  """gas_bn='batch', GLASS's ascent loss: (x, batch_stats) -> (the fakes'
+  binary cross-entropy, torch's (`torch_bce`), mean over the fakes;
+  batch_stats after the forward). The discriminator runs in train mode on
+  [true; x], so the BatchNorm statistics follow the fakes at every ascent
+  step, the gradient flows through them (fakes interact) and the running
+  statistics move as in GLASS. mask_rows: (N,) 0/1 or None."""
   true_rows = jax.lax.stop_gradient(true_rows)
+  disc_params = jax.lax.stop_gradient(disc_params)
   n = true_rows.shape[0]
   bn_mask = (None if mask_rows is None else
              jnp.concatenate([mask_rows, mask_rows]))
 
-  def loss(x):
-    s, _ = disc.apply({'params': disc_params, 'batch_stats': disc_stats},
-                      jnp.concatenate([true_rows, x]), train=True,
-                      mask=bn_mask, mutable=['batch_stats'])
-    out = jax.nn.softplus(s[n:])
-    return out if mask_rows is None else out * mask_rows
+  def loss(x, stats):
+    s, updates = disc.apply({'params': disc_params, 'batch_stats': stats},
+                            jnp.concatenate([true_rows, x]), train=True,
+                            mask=bn_mask, mutable=['batch_stats'])
+    terms = torch_bce(jax.nn.sigmoid(-s[n:]), jnp.ones((n,), jnp.float32))
+    if mask_rows is None:
+      value = jnp.mean(terms)
+    else:
+      value = jnp.sum(terms * mask_rows) / jnp.maximum(jnp.sum(mask_rows), 1.0)
+    return value, updates['batch_stats']
   return loss
+
+
+def pass_centre(params, centre: jax.Array) -> jax.Array:
+  """synthesis.gas_centre='pass': the raw centre (h, w, D) through the
+  adaptor of `params` (the state at a pass's start), float32 (h, w, D), as
+  GLASS recomputes its centre once per epoch with the projection of that
+  moment (the adaptor is affine: the adapted centre is the centre of the
+  adapted features)."""
+  return _pass_centre(params['adaptor'], centre)
+
+
+@jax.jit
+def _pass_centre(adaptor_params, centre):
+  adaptor = model_lib.Adaptor(adaptor_params['fc']['kernel'].shape[1])
+  rows = centre.reshape(-1, centre.shape[-1]).astype(jnp.float32)
+  return adaptor.apply({'params': adaptor_params}, rows).reshape(
+      *centre.shape[:-1], -1)
 
 
 # ---- The loss and the step ---------------------------------------------------
@@ -731,7 +893,8 @@ def head_loss(params, batch_stats, features: jax.Array, key: jax.Array,
     mix_noise: released mix_noise (static).
     centre: (h, w, D) mean local feature of the training images per position
       (before the adaptor: the adaptor is affine, so the adapted centre is
-      adaptor(centre)); needed by gas='hypersphere'.
+      adaptor(centre)); with syn.gas_centre='pass' already adapted
+      (`pass_centre`); needed by gas='hypersphere'.
     las_features, las_labels: (B, h, w, D) local features of LAS images
       made from the same B images and (B, h, w) 0/1 defect labels; needed
       when syn.las_weight > 0.
@@ -781,18 +944,21 @@ def head_loss(params, batch_stats, features: jax.Array, key: jax.Array,
     fakes = adapted + noise
     fake_label = jnp.ones((n,), jnp.float32)
     if syn.gas != 'none':
-      if syn.gas_bn == 'batch':
-        score = _batch_loss_fn(disc, params['discriminator'],
-                               batch_stats['discriminator'], adapted,
-                               None if mask is None else row_mask)
+      disc_stats = batch_stats['discriminator']
+      if syn.glass_step:
+        ascent_loss = _glass_ascent_loss(disc, params['discriminator'],
+                                         adapted,
+                                         None if mask is None else row_mask)
       else:
         score = _frozen_score_fn(disc, params['discriminator'],
                                  hidden(adapted), hidden(fakes), row_mask)
       if syn.gas == 'manifold':
         anchor, lo, hi = adapted, syn.gas_r1 * rho, syn.gas_r2 * rho
       else:
-        c = jax.lax.stop_gradient(jnp.tile(
-            adapt(centre.reshape(p, d).astype(jnp.float32)), (b, 1)))
+        c = centre.reshape(p, d).astype(jnp.float32)
+        if syn.gas_centre == 'step':
+          c = adapt(c)  # 'pass': adapted by the loop (`pass_centre`).
+        c = jax.lax.stop_gradient(jnp.tile(c, (b, 1)))
         dist = jnp.where(row_mask > 0, _norm(adapted - c), jnp.nan)
         if syn.las:
           # GLASS's radius also counts the LAS images' normal patches.
@@ -804,36 +970,65 @@ def head_loss(params, batch_stats, features: jax.Array, key: jax.Array,
         if syn.las and syn.las_shell:
           las_rows = las_onto_shell(las_rows, las_lab, c, r)
       step = syn.gas_step * rho
-      gas = gradient_ascent(score, fakes, anchor, lo, hi, syn.gas_steps, step,
-                            syn.gas_every)
-      # Gradients reach the adaptor through the true features, as for the
-      # released noise: fake = adapted + (fixed offset).
-      fakes = adapted + jax.lax.stop_gradient(gas - adapted)
+      if syn.glass_step:
+        gas, points, disc_stats = glass_ascent(
+            ascent_loss, fakes, disc_stats, anchor, lo, hi, syn.gas_steps,
+            step, syn.gas_every)
+        # GLASS's autograd: the fakes' gradient reaches the true features
+        # through the projections (the identity for 'manifold', whose ring
+        # moves with the true feature).
+        fakes = gas + (through_projections(adapted, points, anchor, lo, hi)
+                       if syn.gas == 'hypersphere' else
+                       adapted - jax.lax.stop_gradient(adapted))
+      else:
+        gas = gradient_ascent(score, fakes, anchor, lo, hi, syn.gas_steps,
+                              step, syn.gas_every)
+        # Gradients reach the adaptor through the true features, as for the
+        # released noise: fake = adapted + (fixed offset).
+        fakes = adapted + jax.lax.stop_gradient(gas - adapted)
       metrics['radius'] = jax.lax.stop_gradient(lo / rho)
 
   parts = [true_rows, fakes]
   labels = [true_label, fake_label]
   weights = [row_mask, row_mask]
-  if syn.las:
-    parts.append(las_rows)
-  x = jnp.concatenate(parts)
-  bn_mask = jnp.concatenate([row_mask] * len(parts))
-  scores, updates = disc.apply(
-      {'params': params['discriminator'],
-       'batch_stats': batch_stats['discriminator']},
-      x, train=True, mask=bn_mask if mask is not None else None,
-      mutable=['batch_stats'])
+  disc_vars = lambda stats: {'params': params['discriminator'],
+                             'batch_stats': stats}
+  if syn.glass_step:
+    # GLASS's two train-mode forwards, each with its own batch statistics
+    # and each moving the running statistics: [true; fakes] (the last
+    # forward of its ascent), then the LAS features.
+    bn_mask = jnp.concatenate([row_mask] * 2)
+    scores, updates = disc.apply(
+        disc_vars(disc_stats), jnp.concatenate(parts), train=True,
+        mask=bn_mask if mask is not None else None, mutable=['batch_stats'])
+    if syn.las:
+      las_scores, updates = disc.apply(
+          disc_vars(updates['batch_stats']), las_rows, train=True,
+          mask=row_mask if mask is not None else None,
+          mutable=['batch_stats'])
+  else:
+    if syn.las:
+      parts.append(las_rows)
+    x = jnp.concatenate(parts)
+    bn_mask = jnp.concatenate([row_mask] * len(parts))
+    scores, updates = disc.apply(
+        disc_vars(batch_stats['discriminator']),
+        x, train=True, mask=bn_mask if mask is not None else None,
+        mutable=['batch_stats'])
+    if syn.las:
+      las_scores = scores[2 * n:]
   if syn.loss == 'bce':
-    loss, p_true, p_fake = _weighted_bce(
+    bce = _glass_bce if syn.glass_step else _weighted_bce
+    loss, p_true, p_fake = bce(
         scores[:2 * n], jnp.concatenate(labels), jnp.concatenate(weights))
   else:
     loss, p_true, p_fake = _weighted_truncated_l1(
         scores[:2 * n], jnp.concatenate(labels), margin,
         jnp.concatenate(weights))
   if syn.las:
-    las_scores = scores[2 * n:]
     focal = focal_loss(-las_scores, las_lab, syn.focal_gamma, syn.focal_hard,
-                       row_mask)
+                       row_mask,
+                       smooth=GLASS_FOCAL_SMOOTH if syn.glass_step else 0.0)
     loss = loss + syn.las_weight * focal
     defect = las_lab * row_mask
     metrics['focal'] = focal
@@ -875,7 +1070,7 @@ def make_cached_step(mesh, grid_hw: Sequence[int], syn: SynthesisConfig):
     idx: (B,) int image indices into it.
     key: the step's key (noise, Perlin masks, LAS variant choice).
     centre: (h, w, D) mean training feature per position, or None (needed
-      by gas='hypersphere').
+      by gas='hypersphere'); adapted with gas_centre='pass' (`head_loss`).
     las_cache, las_labels: (K, N, h*w, D) features of the K LAS images of
       every training image and their (K, N, h*w) defect labels, or None
       (needed by LAS); each image of the batch takes one of its K at random.

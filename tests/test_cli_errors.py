@@ -308,6 +308,8 @@ def test_eval_or_predict_before_training(tmp_path, awkward_root,
      'synthesis.gas_r1=0.85'),
     ('synthesis.gas_quantile', 1.0, 'config.synthesis.gas_quantile: is 1.0'),
     ('synthesis.gas_bn', 'live', "config.synthesis.gas_bn: is 'live'"),
+    ('synthesis.gas_centre', 'epoch',
+     "config.synthesis.gas_centre: is 'epoch'; must be one of"),
     ('synthesis.perlin_threshold', 1.5,
      'config.synthesis.perlin_threshold: is 1.5'),
     ('synthesis.las_weight', -1.0, 'config.synthesis.las_weight: is -1.0'),
@@ -332,6 +334,9 @@ def test_impossible_config_values(key, value, expected):
      "'manifold'"),
     ({'model.method': 'knn', 'synthesis.las_weight': 1.0},
      "config.synthesis: switches apply to model.method=simplenet, not 'knn'"),
+    ({'synthesis.gas': 'manifold', 'synthesis.gas_centre': 'pass'},
+     "config.synthesis.gas_centre: is 'pass'; only synthesis.gas="
+     "'hypersphere' has a centre"),
 ])
 def test_synthesis_switches_that_do_not_combine(changes, expected):
   from configs import default  # pylint: disable=g-import-not-at-top

@@ -91,7 +91,8 @@ def test_glass_config_keeps_glass_published_settings():
       'model.target_embed_dim', 'model.hidden', 'model.noise_mode',
       'synthesis.focal_gamma', 'synthesis.loss', 'optim.variant',
       'optim.adaptor_lr', 'optim.adaptor_wd', 'optim.disc_lr',
-      'optim.disc_wd', 'optim.cos_lr', 'synthesis.gas_bn')}
+      'optim.disc_wd', 'optim.cos_lr', 'synthesis.gas_bn',
+      'synthesis.gas_centre')}
   assert got == {
       'train.num_passes': 640, 'model.noise_std': 0.015,
       'synthesis.gas_quantile': 0.75, 'synthesis.focal_hard': 0.5,
@@ -108,7 +109,9 @@ def test_glass_config_keeps_glass_published_settings():
       'optim.adaptor_wd': 1e-5, 'optim.disc_lr': 2e-4, 'optim.disc_wd': 0.01,
       'optim.cos_lr': False,
       # glass.py: discriminator.train() during the ascent.
-      'synthesis.gas_bn': 'batch'}
+      'synthesis.gas_bn': 'batch',
+      # glass.py L253-271: the centre recomputed at each epoch's start.
+      'synthesis.gas_centre': 'pass'}
   syn = synthesis.SynthesisConfig.from_config(c.synthesis)
   assert syn.gas != 'none' and syn.las and syn.texture_dir
   # In WRN50-2 units (rho = 0.015 sqrt(1536)): GLASS's step 0.001 and

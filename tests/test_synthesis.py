@@ -176,6 +176,66 @@ def _glass_head(f):
   return (jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, stats))
 
 
+_GLASS_NOISE = 0.015  # GLASS's --noise
+
+
+def _glass_syn(gas, gas_bn, d=32, **changes):
+  """GLASS's constants (step 0.001, manifold ring [0.5, 1.0]) as our lengths
+  in units of rho; returns (SynthesisConfig, rho)."""
+  rho = float(jnp.float32(_GLASS_NOISE) * np.sqrt(np.float32(d)))
+  return _syn(gas=gas, gas_bn=gas_bn, gas_steps=20, gas_every=5,
+              gas_step=0.001 / rho, gas_r1=0.5 / rho, gas_r2=1.0 / rho,
+              gas_quantile=0.75, las_weight=1.0, las_shell=True, loss='bce',
+              **changes), rho
+
+
+def _glass_loss(params, stats, f, syn, batch='', centre=None):
+  """head_loss on the fixture's batch ('' or '_2'); centre: the raw one."""
+  b, p, d = f['features'].shape
+  grid = (b, 4, p // 4, d)
+  if centre is None:
+    centre = jnp.asarray(f['centre'].reshape(grid[1:]))
+  return synthesis.head_loss(
+      params, stats, jnp.asarray(f['features' + batch].reshape(grid)),
+      jax.random.PRNGKey(0), jnp.float32(_GLASS_NOISE), 0.5, syn,
+      centre=centre,
+      las_features=jnp.asarray(f['las_features' + batch].reshape(grid)),
+      las_labels=jnp.asarray(f['las_labels' + batch].reshape(grid[:3])))
+
+
+def _as_glass(tree):
+  """Our head's parameters (or their gradients) under the fixture's names,
+  in its layout (GLASS's tail is minus ours)."""
+  a, dsc = tree['adaptor']['fc'], tree['discriminator']
+  return {'proj_kernel': a['kernel'], 'proj_bias': a['bias'],
+          'fc_kernel': dsc['fc']['kernel'], 'fc_bias': dsc['fc']['bias'],
+          'bn_scale': dsc['bn']['scale'], 'bn_bias': dsc['bn']['bias'],
+          'tail_kernel': -dsc['tail']['kernel']}
+
+
+def _recorder(monkeypatch):
+  """got, record(name, args=False): synthesis.<name> keeps its last result
+  (or its positional arguments) in got[name]."""
+  got = {}
+
+  def record(name, args=False):
+    fn = getattr(synthesis, name)
+
+    def wrapped(*a, **kw):
+      out = fn(*a, **kw)
+      got[name] = a if args else out
+      return out
+    monkeypatch.setattr(synthesis, name, wrapped)
+  return got, record
+
+
+def _fixed_noise(monkeypatch, *noises):
+  """model_lib.sample_noise returns the fixture's noise tensors in turn."""
+  it = iter([jnp.asarray(n) for n in noises])
+  monkeypatch.setattr(model_lib, 'sample_noise',
+                      lambda key, shape, std, mix=1: next(it))
+
+
 @pytest.mark.parametrize('gas', ['manifold', 'hypersphere'])
 @pytest.mark.parametrize('gas_bn', ['frozen', 'batch'])
 def test_gas_matches_glass_code(gas, gas_bn, monkeypatch):
@@ -185,43 +245,31 @@ def test_gas_matches_glass_code(gas, gas_bn, monkeypatch):
 
   gas_bn='batch' is compared with GLASS as released (discriminator in train
   mode: BatchNorm statistics of [true; fakes] recomputed at every ascent
-  step). 'frozen' (our default) is compared with GLASS held in eval mode
-  with running statistics equal to the batch statistics of [true; true +
-  noise] at step 0, where the two agree by construction; the fixture's two
-  runs differ by up to 0.03 (checked below), so the test tells them apart.
+  step), and the whole step with it: the scores of its two final forwards,
+  its loss, the running statistics after its 22 forwards and the gradients
+  its optimisers get. 'frozen' (our default) is compared with GLASS held in
+  eval mode with running statistics equal to the batch statistics of [true;
+  true + noise] at step 0, where the two agree by construction (the fakes,
+  radius and shell; its loss, statistics and gradients are ours, not
+  GLASS's); the fixture's two runs differ by up to 0.03 (checked below), so
+  the test tells them apart.
   """
   f = np.load(_GLASS)
   ref = f'{gas}/' if gas_bn == 'batch' else f'{gas}_eval/'
   params, stats = _glass_head(f)
-  b, p, d = f['features'].shape
-  grid = (b, 4, p // 4, d)
-  noise_std = jnp.float32(0.015)  # GLASS's --noise
-  rho = float(noise_std * np.sqrt(np.float32(d)))  # as head_loss computes it
-  syn = _syn(gas=gas, gas_bn=gas_bn, gas_steps=20, gas_every=5,
-             gas_step=0.001 / rho, gas_r1=0.5 / rho, gas_r2=1.0 / rho,
-             gas_quantile=0.75, las_weight=1.0, las_shell=True, loss='bce')
-  got = {}
-
-  def record(name, fn):
-    def wrapped(*args, **kwargs):
-      got[name] = fn(*args, **kwargs)
-      return got[name]
-    monkeypatch.setattr(synthesis, name, wrapped)
-
-  record('gradient_ascent', synthesis.gradient_ascent)
-  record('las_onto_shell', synthesis.las_onto_shell)
-  noise = jnp.asarray(f['noise'])
-  monkeypatch.setattr(model_lib, 'sample_noise',
-                      lambda key, shape, std, mix=1: noise)
-  _, (metrics, _) = synthesis.head_loss(
-      params, stats, jnp.asarray(f['features'].reshape(grid)),
-      jax.random.PRNGKey(0), noise_std, 0.5, syn,
-      centre=jnp.asarray(f['centre'].reshape(grid[1:])),
-      las_features=jnp.asarray(f['las_features'].reshape(grid)),
-      las_labels=jnp.asarray(f['las_labels'].reshape(grid[:3])))
+  syn, rho = _glass_syn(gas, gas_bn)
+  got, record = _recorder(monkeypatch)
+  record('gradient_ascent')
+  record('glass_ascent')
+  record('las_onto_shell')
+  record('_glass_bce', args=True)
+  record('focal_loss', args=True)
+  _fixed_noise(monkeypatch, f['noise'], f['noise'])
+  _, (metrics, new_stats) = _glass_loss(params, stats, f, syn)
 
   # The fakes after the 20 steps and 4 projections.
-  fakes = np.asarray(got['gradient_ascent'])
+  fakes = np.asarray(got['glass_ascent'][0] if gas_bn == 'batch' else
+                     got['gradient_ascent'])
   np.testing.assert_allclose(fakes, f[ref + 'gaus'][-1], rtol=1e-5,
                              atol=1e-5)
   other = f'{gas}_eval/' if gas_bn == 'batch' else f'{gas}/'
@@ -235,23 +283,119 @@ def test_gas_matches_glass_code(gas, gas_bn, monkeypatch):
     # LAS defect features onto the shell [2r, 4r] (GLASS's fake_feats).
     np.testing.assert_allclose(np.asarray(got['las_onto_shell']),
                                f[ref + 'las_in'], rtol=1e-5, atol=1e-5)
-  # GLASS's last discriminator call of the ascent, P(anomalous) of
-  # [true; fakes] (train or eval mode as GLASS ran it), from our fakes.
-  params_d = params['discriminator']
-  x = jnp.concatenate([jnp.asarray(f[ref + 'true']), jnp.asarray(fakes)])
-  if gas_bn == 'batch':
-    s, _ = model_lib.Discriminator(params_d['fc']['bias'].shape[0]).apply(
-        {'params': params_d, 'batch_stats': stats['discriminator']}, x,
-        train=True, mutable=['batch_stats'])
-    np.testing.assert_allclose(np.asarray(jax.nn.sigmoid(-s)),
-                               f[ref + 'final_scores'], rtol=1e-5, atol=1e-6)
-    # GLASS's bce_loss: BCELoss(p_true, 0) + BCELoss(p_fakes, 1).
-    prob = f[ref + 'final_scores'].astype(np.float64)
-    n = prob.shape[0] // 2
-    bce = -np.log(1 - prob[:n]).mean() - np.log(prob[n:]).mean()
-    loss, _, _ = synthesis._weighted_bce(  # pylint: disable=protected-access
-        s, jnp.concatenate([jnp.zeros(n), jnp.ones(n)]), jnp.ones(2 * n))
-    np.testing.assert_allclose(float(loss), bce, rtol=1e-5)
+  if gas_bn == 'frozen':
+    assert 'glass_ascent' not in got and '_glass_bce' not in got
+    return
+  # GLASS's last forward of the ascent, P(anomalous) of [true; fakes], and
+  # its LAS forward, each in train mode with its own batch statistics.
+  np.testing.assert_allclose(np.asarray(jax.nn.sigmoid(-got['_glass_bce'][0])),
+                             f[ref + 'final_scores'], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(jax.nn.sigmoid(got['focal_loss'][0])),
+                             f[ref + 'las_scores'], rtol=1e-5, atol=1e-6)
+  # Its logged loss: BCE of [true; fakes] + focal loss of the LAS features.
+  np.testing.assert_allclose(float(metrics['loss']), float(f[ref + 'loss']),
+                             rtol=2e-6)
+  # The running statistics after its 22 train-mode forwards (momentum 0.1).
+  bn = new_stats['discriminator']['bn']
+  np.testing.assert_allclose(np.asarray(bn['mean']), f[ref + 'running_mean'],
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(bn['var']), f[ref + 'running_var'],
+                             rtol=1e-5, atol=1e-6)
+  # The gradients its optimisers get; with 'hypersphere' the fakes' part
+  # reaches the projection through the ring projections (its autograd).
+  grads = jax.grad(lambda pr: _glass_loss(pr, stats, f, syn)[0])(params)
+  for k, v in _as_glass(grads).items():
+    np.testing.assert_allclose(np.asarray(v), f[ref + 'grad/' + k],
+                               rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_glass_two_steps_keep_the_epoch_centre(monkeypatch):
+  """Two GLASS steps in one epoch with SGD between them (fixture
+  'hypersphere_2steps'): GLASS's centre stays the projection of the epoch's
+  start, which gas_centre='pass' reproduces (`synthesis.pass_centre` of the
+  pass's first state); the per-step centre of 'step' moves with the
+  adaptor and misses GLASS's second radius. Checked after the two steps:
+  both radii and losses, the second step's fakes, the running statistics
+  (44 forwards) and the weights."""
+  f = np.load(_GLASS)
+  ref = 'hypersphere_2steps/'
+  lr = 0.5  # make_fixture.SGD_LR
+  for gas_centre in ('pass', 'step'):
+    params, stats = _glass_head(f)
+    syn, rho = _glass_syn('hypersphere', 'batch', gas_centre=gas_centre)
+    raw = jnp.asarray(f['centre'].reshape(4, 4, -1))
+    centre = synthesis.pass_centre(params, raw) if gas_centre == 'pass' else raw
+    got, record = _recorder(monkeypatch)
+    record('glass_ascent')
+    _fixed_noise(monkeypatch, f['noise'], f['noise'], f['noise_2'],
+                 f['noise_2'])
+    radii, losses = [], []
+    for batch in ('', '_2'):
+      loss_fn = lambda pr, b=batch: _glass_loss(pr, stats, f, syn, b, centre)
+      _, (metrics, new_stats) = loss_fn(params)
+      grads, _ = jax.grad(loss_fn, has_aux=True)(params)
+      params = jax.tree.map(lambda w, g: w - lr * g, params, grads)
+      stats = new_stats
+      radii.append(float(metrics['radius']) * rho)
+      losses.append(float(metrics['loss']))
+    if gas_centre == 'step':
+      np.testing.assert_allclose(radii[0], f[ref + 'r_t'][0], rtol=1e-5)
+      assert abs(radii[1] - f[ref + 'r_t'][1]) > 1e-2
+      continue
+    np.testing.assert_allclose(radii, f[ref + 'r_t'], rtol=1e-5)
+    np.testing.assert_allclose(losses, f[ref + 'loss'], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got['glass_ascent'][0]),
+                               f[ref + 'gaus'][-1], rtol=1e-5, atol=1e-5)
+    bn = stats['discriminator']['bn']
+    np.testing.assert_allclose(np.asarray(bn['mean']), f[ref + 'running_mean'],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(bn['var']), f[ref + 'running_var'],
+                               rtol=1e-5, atol=1e-6)
+    for k, v in _as_glass(params).items():
+      np.testing.assert_allclose(np.asarray(v), f[ref + 'after/' + k],
+                                 rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_loop_gives_each_pass_the_centre_of_its_first_state():
+  import types  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import loop  # pylint: disable=g-import-not-at-top
+  st = _state()
+  raw = jax.random.normal(jax.random.PRNGKey(5), (4, 4, 32))
+  run = types.SimpleNamespace(centre=raw, syn=_syn(gas='hypersphere'))
+  assert loop._CategoryRun.pass_centre(run, st) is raw  # 'step': raw.
+  run.syn = _syn(gas='hypersphere', gas_centre='pass')
+  adaptor, _ = train.head_modules(st.params)
+  want = adaptor.apply({'params': st.params['adaptor']}, raw.reshape(16, 32))
+  np.testing.assert_allclose(
+      np.asarray(loop._CategoryRun.pass_centre(run, st)),
+      np.asarray(want).reshape(4, 4, 32), rtol=1e-6, atol=1e-6)
+
+
+def test_glass_losses_keep_torch_clamps():
+  """gas_bn='batch' losses against GLASS's FocalLoss and torch's BCELoss
+  (fixture probes) on logits reaching their clamps: values and gradients.
+  The exact losses (our default) are far from them there."""
+  f = np.load(_GLASS)
+  z, y = jnp.asarray(f['probe/logits']), jnp.asarray(f['probe/labels'])
+  focal = lambda v, smooth: synthesis.focal_loss(v, y, 2.0, smooth=smooth)
+  glass = synthesis.GLASS_FOCAL_SMOOTH
+  np.testing.assert_allclose(float(focal(z, glass)), float(f['probe/focal']),
+                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(jax.grad(focal)(z, glass)),
+                             f['probe/focal_grad'], rtol=1e-5, atol=1e-9)
+  assert abs(float(focal(z, 0.0)) - float(f['probe/focal'])) > 1.0
+  s = jnp.asarray(f['probe/bce_logits'])
+  fake = jnp.repeat(jnp.asarray([0.0, 1.0]), s.shape[0] // 2)
+  bce = lambda v, fn: fn(v, fake, jnp.ones_like(v))[0]
+  glass_bce = synthesis._glass_bce  # pylint: disable=protected-access
+  exact_bce = synthesis._weighted_bce  # pylint: disable=protected-access
+  np.testing.assert_allclose(float(bce(s, glass_bce)), float(f['probe/bce']),
+                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(jax.grad(bce)(s, glass_bce)),
+                             f['probe/bce_grad'], rtol=1e-5, atol=1e-12)
+  assert abs(float(bce(s, exact_bce)) - float(f['probe/bce'])) > 1.0
+  assert np.abs(np.asarray(jax.grad(bce)(s, exact_bce)) -
+                f['probe/bce_grad']).max() > 0.1
 
 
 def test_gas_bn_is_validated_and_leaves_default_fingerprints():
@@ -264,9 +408,24 @@ def test_gas_bn_is_validated_and_leaves_default_fingerprints():
   before = category.fingerprint(c)
   assert before == '0xcef7037e'  # As before gas_bn existed.
   c.synthesis.gas_bn = 'batch'
-  assert category.fingerprint(c) != before
+  # 'batch' became GLASS's whole step (running statistics at each forward,
+  # two final forwards, torch's clamps, the gradient through the
+  # projections): its runs from before (this value was printed by the code
+  # then) must not resume.
+  assert category.fingerprint(c) not in (before, '0x30c72ce1')
   c.synthesis.gas_bn = 'live'
   with pytest.raises(UserError, match='gas_bn'):
+    config_checks.validate(c)
+  # synthesis.gas_centre came later: at 'step' (its default) the fingerprint
+  # is the one the code before it printed; 'pass' changes it.
+  c = default.get_config()
+  c.synthesis.gas = 'hypersphere'
+  assert category.fingerprint(c) == '0x3967c82e'
+  c.synthesis.gas_centre = 'pass'
+  assert category.fingerprint(c) != '0x3967c82e'
+  config_checks.validate(c)
+  c.synthesis.gas = 'manifold'
+  with pytest.raises(UserError, match='gas_centre'):
     config_checks.validate(c)
 
 
@@ -465,6 +624,10 @@ def test_head_loss_default_equals_released_loss():
     _syn(las_weight=0.5),
     _syn(gas='hypersphere', gas_steps=4, gas_every=2, las_weight=1.0,
          loss='bce'),
+    # GLASS's step; 5 = 2 x 2 + 1: a last projection after the loop.
+    _syn(gas='hypersphere', gas_steps=5, gas_every=2, las_weight=1.0,
+         loss='bce', gas_bn='batch', gas_centre='pass'),
+    _syn(gas='manifold', gas_steps=4, gas_every=2, gas_bn='batch'),
 ])
 def test_train_step_variants(syn):
   st = _state()
@@ -507,11 +670,15 @@ def _final_tree(category_dir):
     manager.close()
 
 
+@pytest.mark.parametrize('glass', [False, True], ids=['frozen', 'glass'])
 def test_main_trains_with_gas_and_las_and_resumes_identically(
-    tmp_path, lite0_weights_dir, awkward_root, jax_cache_dir):
+    tmp_path, lite0_weights_dir, awkward_root, jax_cache_dir, glass):
   """main.py with spread noise, GAS (hypersphere) and LAS: the passes log
   the synthesis metrics, the table is finite, and a run killed after pass 1
-  rebuilds the same LAS cache and centre and ends bit-identical."""
+  rebuilds the same LAS cache and centre and ends bit-identical. With
+  `glass`, GLASS's step and its centre adapted once per pass (from the
+  pass's first state: a centre taken once at the start, or from the
+  restored state, would end elsewhere after the resume)."""
   import json  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
   import conftest  # pylint: disable=g-import-not-at-top
@@ -524,6 +691,10 @@ def test_main_trains_with_gas_and_las_and_resumes_identically(
            '--config.synthesis.las_variants=2',
            '--config.train.checkpoint_every=1',
            '--config.train.keep_checkpoints=4')
+  if glass:
+    extra += ('--config.synthesis.gas_bn=batch',
+              '--config.synthesis.gas_centre=pass',
+              '--config.synthesis.loss=bce')
   first = tmp_path / 'first'
   args = conftest.tiny_args(first, lite0_weights_dir, root, passes=3,
                             extra=extra)
