@@ -130,6 +130,11 @@ def get_config():
   c.eval.visualize = 'top'  # 'none' | 'top' | 'all'
   c.eval.visualize_top_n = 8
   c.eval.feature_histogram = True  # The paper's Fig. 3 diagnostic.
+  # Also evaluate kNN (model.method=knn's scorer) on the same features and
+  # report it beside SimpleNet's figures: what a nearest-neighbour scorer
+  # reaches on this data, at the cost of one backbone pass over the training
+  # images and one over the test set.
+  c.eval.yardstick = False
 
   c.report = ml_collections.ConfigDict()
   c.report.html = True  # <workdir>/report.html after train / eval (and predict).

@@ -13,7 +13,9 @@ adapted features (model.noise_mode='spread', 0.4; the absolute 0.015 was
 tuned for WRN50-2's features) and GLASS's gradient-ascent synthesis with
 the hypersphere projection, whose radius follows from the normal features.
 The released SimpleNet is `--config.model.noise_mode=absolute
---config.synthesis.gas=none` (configs/mvtec.py).
+--config.synthesis.gas=none` (configs/mvtec.py). Each category's evaluation
+also reports kNN on the same features (eval.yardstick), the yardstick the
+head is measured against.
 """
 
 from configs import default
@@ -40,4 +42,6 @@ def get_config():
   c.eval.visualize = 'top'
   c.eval.visualize_top_n = 6
   c.threshold.holdout_fraction = 0.1
+  # kNN on the same features, reported beside the head's figures.
+  c.eval.yardstick = True
   return c

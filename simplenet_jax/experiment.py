@@ -22,6 +22,7 @@ from simplenet_jax import predict
 from simplenet_jax import report
 from simplenet_jax import report_html
 from simplenet_jax import summaries
+from simplenet_jax import yardstick
 from simplenet_jax.data import checks as data_checks
 from simplenet_jax.errors import UserError
 
@@ -110,6 +111,10 @@ def run(config, workdir: str, mode: str) -> list[dict]:
                                          step=int(meta['passes_done']))
         clock.lap('evaluate')
         laps['evaluate'] = clock.laps['evaluate']
+        if config.eval.yardstick and config.model.method == 'simplenet':
+          row.update(yardstick.evaluate_knn(ctx))
+          clock.lap('kNN yardstick')
+          laps['kNN yardstick'] = clock.laps['kNN yardstick']
         if len(ctxs) > 1:
           laps['trained_with'] = [c.category for c in ctxs]
         timings['categories'][ctx.category] = laps
@@ -172,6 +177,10 @@ def _print_category(row: dict, laps: dict) -> None:
   if laps.get('trained_with'):
     times += ' (trained with ' + ', '.join(
         c for c in laps['trained_with'] if c != row['category']) + ')'
+  knn = ''
+  if report.YARDSTICK[0] in row:
+    knn = ('  [kNN on the same features: ' + ' / '.join(
+        pct(row[k]) for k in report.YARDSTICK) + ']')
   print(f"{row['category']}: I-AUROC {pct(row['image_auroc'])}  "
-        f"P-AUROC {pct(row['pixel_auroc'])}  AUPRO {pct(row['aupro'])}  "
+        f"P-AUROC {pct(row['pixel_auroc'])}  AUPRO {pct(row['aupro'])}{knn}  "
         f"({row['kind']}, {row['n_test']} test images; {times})", flush=True)

@@ -19,6 +19,10 @@ import numpy as np
 
 METRICS = ('image_auroc', 'pixel_auroc', 'aupro')
 HEADERS = ('I-AUROC %', 'P-AUROC %', 'AUPRO %')
+# eval.yardstick: the same metrics of kNN on the same features
+# (`yardstick.evaluate_knn`), columns after the model's own.
+YARDSTICK = tuple(f'knn_{m}' for m in METRICS)
+YARDSTICK_HEADERS = ('kNN I-AUROC %', 'kNN P-AUROC %', 'kNN AUPRO %')
 # Mean rows: (key in results.json, label in the table and results.csv, kinds).
 MEAN_ROWS = (('texture', 'texture mean', ('texture',)),
              ('object', 'object mean', ('object',)),
@@ -39,14 +43,23 @@ def _nanmean(values) -> float:
   return sum(vals) / len(vals) if vals else float('nan')
 
 
+def columns(rows: list[dict]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """(keys, headers) of the metric columns: METRICS, then YARDSTICK when a
+  row has the kNN yardstick's figures."""
+  if any(YARDSTICK[0] in r for r in rows):
+    return METRICS + YARDSTICK, HEADERS + YARDSTICK_HEADERS
+  return METRICS, HEADERS
+
+
 def means(rows: list[dict]) -> dict[str, dict[str, float]]:
   """{'texture': {...}, 'object': {...}, 'all': {...}} metric means (nan
-  skipped); a group with no rows is left out."""
+  skipped) of every column (`columns`); a group with no rows is left out."""
+  keys, _ = columns(rows)
   out = {}
   for key, _, kinds in MEAN_ROWS:
     group = [r for r in rows if kinds is None or r.get('kind') in kinds]
     if group:
-      out[key] = {m: _nanmean(_value(r, m) for r in group) for m in METRICS}
+      out[key] = {m: _nanmean(_value(r, m) for r in group) for m in keys}
   return out
 
 
@@ -66,19 +79,20 @@ def results_table(rows: list[dict], note: str | None = None) -> str:
     rows: result rows (see the module docstring), in display order.
     note: an optional line above the table, e.g. 'test-set selected'.
   """
+  keys, headers = columns(rows)
   lines = []
   if note:
     lines += [f'_{_cell(note)}_', '']
-  lines.append('| Category | Kind | ' + ' | '.join(HEADERS) + ' |')
-  lines.append('|---|---|' + '---:|' * len(HEADERS))
+  lines.append('| Category | Kind | ' + ' | '.join(headers) + ' |')
+  lines.append('|---|---|' + '---:|' * len(headers))
   for r in rows:
-    vals = [_pct(_value(r, m)) for m in METRICS]
+    vals = [_pct(_value(r, m)) for m in keys]
     lines.append(f"| {_cell(r.get('category', ''))} | "
                  f"{_cell(r.get('kind', ''))} | " + ' | '.join(vals) + ' |')
   avg = means(rows)
   for key, label, _ in MEAN_ROWS:
     if key in avg:
-      vals = [_pct(avg[key][m]) for m in METRICS]
+      vals = [_pct(avg[key][m]) for m in keys]
       lines.append(f'| **{label}** | | ' + ' | '.join(vals) + ' |')
   return '\n'.join(lines) + '\n'
 
@@ -126,13 +140,15 @@ def write_results(workdir: str, rows: list[dict],
   """Writes workdir/results.json and workdir/results.csv atomically.
 
   results.json: {'rows': [...], 'means': means(rows), 'extra': extra}, nan
-  as null. results.csv: columns category, kind and the three metrics as
-  fractions (nan as 'nan'), then the mean rows with kind 'mean'.
+  as null. results.csv: columns category, kind and the three metrics (and
+  the kNN yardstick's three, `columns`) as fractions (nan as 'nan'), then
+  the mean rows with kind 'mean'.
 
   Returns:
     (json_path, csv_path).
   """
-  clean = [dict(r, **{m: _value(r, m) for m in METRICS}) for r in rows]
+  keys, _ = columns(rows)
+  clean = [dict(r, **{m: _value(r, m) for m in keys}) for r in rows]
   avg = means(clean)
   doc = {'rows': clean, 'means': avg, 'extra': extra or {}}
   json_path = os.path.join(workdir, 'results.json')
@@ -141,12 +157,12 @@ def write_results(workdir: str, rows: list[dict],
                                       ensure_ascii=False) + '\n')
   buf = io.StringIO()
   w = csv.writer(buf, lineterminator='\n')
-  w.writerow(('category', 'kind') + METRICS)
+  w.writerow(('category', 'kind') + keys)
   for r in clean:
     w.writerow([r.get('category', ''), r.get('kind', '')] +
-               [repr(r[m]) for m in METRICS])
+               [repr(r[m]) for m in keys])
   for key, label, _ in MEAN_ROWS:
     if key in avg:
-      w.writerow([label, 'mean'] + [repr(avg[key][m]) for m in METRICS])
+      w.writerow([label, 'mean'] + [repr(avg[key][m]) for m in keys])
   _atomic_write(csv_path, buf.getvalue())
   return json_path, csv_path

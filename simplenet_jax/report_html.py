@@ -141,12 +141,12 @@ def _read_jsonl(path: str) -> list[dict]:
 def results_table_html(rows: list[dict], table_id: str = 'results') -> str:
   """The results table (as report.results_table): a row per category, then
   the texture, object and overall means; percent with one decimal."""
-  head = ''.join(f'<th class="num">{_e(h)}</th>' for h in report.HEADERS)
+  keys, headers = report.columns(rows)
+  head = ''.join(f'<th class="num">{_e(h)}</th>' for h in headers)
   lines = [f'<table id="{_e(table_id)}"><thead><tr><th>Category</th>'
            f'<th>Kind</th>{head}</tr></thead><tbody>']
   for r in rows:
-    cells = ''.join(f'<td class="num">{_pct(r.get(m))}</td>'
-                    for m in report.METRICS)
+    cells = ''.join(f'<td class="num">{_pct(r.get(m))}</td>' for m in keys)
     lines.append(f'<tr data-category="{_e(r.get("category", ""))}"><td>'
                  f'<a href="#cat-{_e(r.get("category", ""))}">'
                  f'{_e(r.get("category", ""))}</a></td>'
@@ -155,7 +155,7 @@ def results_table_html(rows: list[dict], table_id: str = 'results') -> str:
   for key, label, _ in report.MEAN_ROWS:
     if key in avg:
       cells = ''.join(f'<td class="num">{_pct(avg[key][m])}</td>'
-                      for m in report.METRICS)
+                      for m in keys)
       lines.append(f'<tr class="mean" data-category="{_e(label)}"><td>'
                    f'{_e(label)}</td><td></td>{cells}</tr>')
   lines.append('</tbody></table>')
@@ -212,7 +212,8 @@ def _run_section(workdir: str, doc: dict) -> str:
   out = [f'<section id="run"><h2>Run</h2><table class="kv">{rows}</table>']
   timings = extra.get('timings')
   if timings:
-    stages = [k for k in ('setup', 'train', 'evaluate')
+    stages = [k for k in ('setup', 'train', 'restore', 'evaluate',
+                          'kNN yardstick')
               if any(k in c for c in timings.get('categories', {}).values())]
     head = ''.join(f'<th class="num">{_e(s)}</th>' for s in stages)
     lines = [f'<h3>Wall time per stage</h3><table id="timings"><thead><tr>'
@@ -307,6 +308,10 @@ def _category_section(workdir: str, row: dict) -> str:
   facts = [f'I-AUROC {_pct(row.get("image_auroc"))} %',
            f'P-AUROC {_pct(row.get("pixel_auroc"))} %',
            f'AUPRO {_pct(row.get("aupro"))} %']
+  if report.YARDSTICK[0] in row:
+    facts.append('kNN on the same features (eval.yardstick): '
+                 + ' / '.join(_pct(row.get(k)) for k in report.YARDSTICK)
+                 + ' %')
   if rec is not None:
     labels = np.asarray(rec['labels'], bool)
     scores = np.asarray([np.nan if s is None else s for s in rec['scores']])
@@ -406,6 +411,11 @@ def write_report(workdir: str) -> str:
            '<p class="note">Percent; nan (undefined) shows as n/a. The same '
            'numbers as results.json and the table printed at the end of the '
            'run: the final model.</p>', results_table_html(rows)]
+  if any(report.YARDSTICK[0] in r for r in rows):
+    parts.append('<p class="note">kNN columns (eval.yardstick): PatchCore\'s '
+                 'nearest-neighbour scoring on the same backbone features, '
+                 'training images and test set, no training; what '
+                 '--config.model.method=knn gives.</p>')
   selected = doc.get('extra', {}).get('test_set_selected')
   if selected:
     parts += ['<h3>Test-set selected</h3><p class="note">Each row is the best '

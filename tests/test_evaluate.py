@@ -265,3 +265,39 @@ def test_categories_share_compilations(tmp_path):
   assert len(predict) == 1, handler.compiled  # One batch shape, once.
   assert not [c for c in handler.compiled[first:] if 'predict' in c or
               '_features' in c], handler.compiled[first:]
+
+
+def test_yardstick_equals_a_knn_run(tmp_path):
+  """eval.yardstick's figures are those of a model.method=knn run of the same
+  config: the same training images (hold-out split), coreset key, maps and
+  metrics."""
+  from simplenet_jax import loop  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import report  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import yardstick  # pylint: disable=g-import-not-at-top
+  cfg = get_config()
+  cfg.model.pretrain_embed_dim = cfg.model.target_embed_dim = D
+  cfg.model.hidden = 8
+  cfg.dataset.num_workers = 2
+  cfg.eval.batch_size = 3
+  cfg.knn.coreset_fraction = 0.3
+  cfg.train.num_passes = 1
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  got = yardstick.evaluate_knn(
+      _tiny_category(cfg, tmp_path / 'simplenet', mesh, n_train=9, n_test=8))
+  knn_cfg = cfg.copy_and_resolve_references()
+  knn_cfg.model.method = 'knn'
+  ctx = _tiny_category(knn_cfg, tmp_path / 'knn', mesh, n_train=9, n_test=8)
+  state, meta = loop.train_category(ctx, None)
+  row = evaluate.evaluate_category(ctx, state, meta, visualize_maps=False)
+  want = {k: row[m] for k, m in zip(report.YARDSTICK, report.METRICS)}
+  assert got == want
+  assert 0.5 < want['knn_pixel_auroc'] < 1.0  # Not a degenerate case.
+
+
+def test_yardstick_over_the_cache_cap_is_skipped(tmp_path):
+  from simplenet_jax import yardstick  # pylint: disable=g-import-not-at-top
+  cfg = get_config()
+  cfg.model.pretrain_embed_dim = cfg.model.target_embed_dim = D
+  cfg.train.cache_max_gb = 1e-9
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  assert yardstick.evaluate_knn(_tiny_category(cfg, tmp_path, mesh)) == {}

@@ -55,7 +55,9 @@ def _env(jax_cache_dir):
 def _numbers(results_path):
   with open(results_path, encoding='utf-8') as f:
     rows = json.load(f)['rows']
-  return [(r['category'], r['image_auroc'], r['pixel_auroc'], r['aupro'])
+  # The demo config's kNN yardstick (eval.yardstick) rides along.
+  return [(r['category'], r['image_auroc'], r['pixel_auroc'], r['aupro'],
+           r['knn_image_auroc'], r['knn_pixel_auroc'], r['knn_aupro'])
           for r in rows]
 
 
@@ -63,6 +65,7 @@ def test_train_eval_predict(tmp_path, weights_dir, env):
   workdir = tmp_path / 'run'
   proc = main_py(tiny_args(workdir, weights_dir) + ['--mode=train'], env)
   assert '| brick | texture |' in proc.stdout
+  assert '| kNN I-AUROC % | kNN P-AUROC % | kNN AUPRO % |' in proc.stdout
   trained = _numbers(workdir / 'results.json')
   assert len(trained) == 1 and all(np.isfinite(trained[0][1:]))
   cat = workdir / 'brick'

@@ -54,6 +54,35 @@ def test_table_rows_and_means_by_hand():
   assert len(lines) == 10
 
 
+def test_yardstick_columns_by_hand(tmp_path):
+  """Rows with the kNN yardstick's figures get three more columns, in the
+  table, its means and results.csv; rows without them keep three."""
+  rows = [{'category': 'a', 'kind': 'texture', 'image_auroc': 0.9,
+           'pixel_auroc': 0.8, 'aupro': 0.7, 'knn_image_auroc': 1.0,
+           'knn_pixel_auroc': 0.99, 'knn_aupro': 0.95},
+          {'category': 'b', 'kind': 'texture', 'image_auroc': 0.7,
+           'pixel_auroc': 0.6, 'aupro': 0.5, 'knn_image_auroc': 0.8,
+           'knn_pixel_auroc': NAN, 'knn_aupro': 0.85}]
+  lines = _lines(report.results_table(rows))
+  assert lines[0] == ('| Category | Kind | I-AUROC % | P-AUROC % | AUPRO % | '
+                      'kNN I-AUROC % | kNN P-AUROC % | kNN AUPRO % |')
+  assert lines[1] == '|---|---|---:|---:|---:|---:|---:|---:|'
+  assert lines[2] == '| a | texture | 90.0 | 80.0 | 70.0 | 100.0 | 99.0 | 95.0 |'
+  assert lines[3] == '| b | texture | 70.0 | 60.0 | 50.0 | 80.0 | n/a | 85.0 |'
+  # kNN means: I (100 + 80)/2 = 90.0; P 99.0 (b's nan skipped); AUPRO 90.0.
+  assert lines[4] == ('| **texture mean** | | 80.0 | 70.0 | 60.0 | 90.0 | '
+                      '99.0 | 90.0 |')
+  _, csv_path = report.write_results(str(tmp_path), rows)
+  with open(csv_path, encoding='utf-8') as f:
+    table = list(csv.reader(f))
+  assert table[0] == ['category', 'kind', 'image_auroc', 'pixel_auroc',
+                      'aupro', 'knn_image_auroc', 'knn_pixel_auroc',
+                      'knn_aupro']
+  assert float(table[3][5]) == pytest.approx(0.9)
+  assert _lines(report.results_table(ROWS[:1]))[0] == (
+      '| Category | Kind | I-AUROC % | P-AUROC % | AUPRO % |')
+
+
 def test_table_note_escaping_and_missing_groups():
   rows = [{'category': 'a|b', 'kind': 'object', 'image_auroc': 0.5,
            'pixel_auroc': None, 'aupro': np.float32(0.25)}]

@@ -71,13 +71,14 @@ def _expected_table(rows):
   """The results table as the test expects it, from results.json's rows."""
   def pct(v):
     return 'n/a' if v is None or math.isnan(v) else f'{100 * v:.1f}'
-  out = [[r['category'], r['kind']] + [pct(r[m]) for m in report.METRICS]
-         for r in rows]
+  keys = report.METRICS + (('knn_image_auroc', 'knn_pixel_auroc', 'knn_aupro')
+                            if any('knn_aupro' in r for r in rows) else ())
+  out = [[r['category'], r['kind']] + [pct(r[m]) for m in keys] for r in rows]
   for key, label, _ in report.MEAN_ROWS:
     group = [r for r in rows if key == 'all' or r['kind'] == key]
     if group:
       means = []
-      for m in report.METRICS:
+      for m in keys:
         vals = [r[m] for r in group if r[m] is not None and not math.isnan(
             r[m])]
         means.append(pct(sum(vals) / len(vals) if vals else None))
@@ -236,6 +237,32 @@ def _demo_workdir(workdir, rows_extra=()):
                for c, _ in DEMO}, 'total': 205.0}}
   report.write_results(str(workdir), rows, extra)
   return rows, tiles
+
+
+def test_yardstick_columns_and_facts(tmp_path):
+  """Rows with the kNN yardstick's figures: three more columns in the
+  results table, means included, a note under it and a fact per category."""
+  rows = [{'category': 'a', 'kind': 'texture', 'image_auroc': 0.9,
+           'pixel_auroc': 0.8, 'aupro': 0.7, 'knn_image_auroc': 1.0,
+           'knn_pixel_auroc': 0.99, 'knn_aupro': 0.95},
+          {'category': 'b', 'kind': 'texture', 'image_auroc': 0.7,
+           'pixel_auroc': 0.6, 'aupro': 0.5, 'knn_image_auroc': 0.8,
+           'knn_pixel_auroc': 0.97, 'knn_aupro': 0.85}]
+  laps = {'setup': 1.0, 'train': 2.0, 'evaluate': 3.0, 'kNN yardstick': 4.0}
+  report.write_results(str(tmp_path), rows, {
+      'mode': 'train', 'timings': {'categories': {'a': laps}}})
+  text = open(report_html.write_report(str(tmp_path)), encoding='utf-8').read()
+  assert _Page(text).tables['timings'][0][-2:] == ['kNN yardstick', 'total']
+  assert _Page(text).tables['timings'][1][-2:] == ['4.0 s', '10.0 s']
+  table = _Page(text).tables['results']
+  assert table[0][-3:] == ['kNN I-AUROC %', 'kNN P-AUROC %', 'kNN AUPRO %']
+  assert table[1] == ['a', 'texture', '90.0', '80.0', '70.0', '100.0', '99.0',
+                      '95.0']
+  assert table[3] == ['texture mean', '', '80.0', '70.0', '60.0', '90.0',
+                      '98.0', '90.0']
+  assert 'kNN columns (eval.yardstick)' in text
+  assert 'kNN on the same features (eval.yardstick): 80.0 / 97.0 / 85.0 %' in (
+      text)
 
 
 def test_select_galleries_by_hand():

@@ -1,0 +1,61 @@
+"""kNN on the same features, evaluated beside a SimpleNet run (eval.yardstick).
+
+PatchCore's scoring (model.method='knn') needs no training, so every
+SimpleNet evaluation can say what a nearest-neighbour scorer on the very
+same backbone features, training images and test set reaches. The figures
+are those a separate `model.method=knn` run of the same config gives: the
+same training images (the hold-out split), the same coreset key, the same
+maps and metrics.
+"""
+
+import dataclasses
+import time
+
+from absl import logging
+import jax
+
+from simplenet_jax import evaluate
+from simplenet_jax import feature_cache
+from simplenet_jax import knn
+from simplenet_jax import parallel
+from simplenet_jax import report
+from simplenet_jax import scoring
+
+# The coreset key of a kNN run (loop._fit_memory_bank): fold_in(ctx.key, 2).
+_BANK_KEY = 2
+
+
+def evaluate_knn(ctx) -> dict:
+  """{'knn_image_auroc', 'knn_pixel_auroc', 'knn_aupro'} (report.YARDSTICK) of a
+  memory bank of ctx's training features on ctx's test set; {} (with a
+  warning) when those features exceed train.cache_max_gb on the device."""
+  c = ctx.config
+  t0 = time.perf_counter()
+  need = feature_cache.estimate_bytes(len(ctx.train_idx), ctx.grid_hw,
+                                      ctx.embed_dim, c.train.cache_dtype)
+  if need / 2**30 > c.train.cache_max_gb:
+    logging.warning(
+        '%s: eval.yardstick skipped: the training features (%.1f GB) exceed '
+        'train.cache_max_gb; raise it or set train.cache_dtype=bfloat16 for '
+        'the kNN yardstick', ctx.category, need / 2**30)
+    return {}
+  cfg = c.copy_and_resolve_references()
+  cfg.model.method = 'knn'
+  features = feature_cache.build(ctx.feature_fn, ctx.backbone_vars,
+                                 ctx.train_set, ctx.train_idx,
+                                 c.eval.batch_size, c.train, c.dataset,
+                                 ctx.mesh, grid_hw=ctx.grid_hw,
+                                 dim=ctx.embed_dim)
+  bank = knn.memory_bank(features, jax.random.fold_in(ctx.key, _BANK_KEY),
+                         c.knn.coreset_fraction, c.knn.projection_dim)
+  del features
+  state = parallel.put_replicated(knn.MemoryBank(bank=bank), ctx.mesh)
+  knn_ctx = dataclasses.replace(
+      ctx, config=cfg,
+      predict_fn=scoring.make_predict_fn(ctx.module, tuple(c.backbone.layers),
+                                         cfg.model, ctx.test_set.image_hw,
+                                         c.eval.sigma))
+  row = evaluate.evaluate_category(knn_ctx, state, None, visualize_maps=False)
+  logging.info('%s: kNN yardstick (%d bank rows) in %.1f s', ctx.category,
+               bank.shape[0], time.perf_counter() - t0)
+  return {k: row[m] for k, m in zip(report.YARDSTICK, report.METRICS)}
