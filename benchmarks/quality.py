@@ -18,10 +18,12 @@ Sets: cookies (../shared/datasets/cookies, 576x768 photos resized to
 away; 'cookies_crop' is the object transform instead: shorter side 256,
 centre crop 224) and the offline demo's brick, grass, gravel (generated once
 under --workdir, 128 px). One JSON line
-per run goes to --out: the three metrics, the median seconds per pass
-(log.jsonl's pass_s, the first pass left out: it compiles), the training
-stage's wall time and the load average. --table prints mean +- spread (half
-the max - min range over seeds).
+per run goes to --out: the three metrics, kNN's on the same features
+(eval.yardstick, on in configs/demo.py; not for the knn rows), the median
+seconds per pass (log.jsonl's pass_s, the first pass left out: it compiles),
+the training stage's wall time and the load average. --table prints mean +-
+spread (half the max - min range over seeds), with a 'kNN yardstick (same
+runs)' row: each (set, seed)'s kNN figures once.
 """
 
 import argparse
@@ -40,6 +42,7 @@ if ROOT not in sys.path:
 from configs import demo as demo_config  # pylint: disable=g-import-not-at-top
 from simplenet_jax import config_checks
 from simplenet_jax import experiment
+from simplenet_jax import report
 from simplenet_jax.data import demo as demo_data
 
 SETS = ('cookies', 'cookies_crop', 'brick', 'grass', 'gravel')
@@ -127,7 +130,9 @@ def run_one(name: str, row: str, seed: int, args) -> dict:
     log = [json.loads(l) for l in f]
   pass_s = [r['pass_s'] for r in log if 'pass_s' in r][1:]
   timings = doc['extra']['timings']['categories'][category]
-  out = {k: doc['rows'][0][k] for k in METRICS}
+  # METRICS, and kNN on the same features (eval.yardstick) where present.
+  out = {k: v for k, v in doc['rows'][0].items()
+         if k in METRICS + report.YARDSTICK}
   out.update(set=name, row=row, seed=seed, passes=config.train.num_passes,
              sec_per_pass=float(np.median(pass_s)) if pass_s else None,
              train_s=timings['train'], wall_s=wall,
@@ -142,12 +147,22 @@ def table(path: str) -> str:
   groups = {}
   for r in recs:
     groups.setdefault((r['row'], r['set']), []).append(r)
-  sets = [s for s in SETS if any(k[1] == s for k in groups)]
-  rows = list(dict.fromkeys(k[0] for k in groups))
-
   def cell(rs, key):
     v = np.asarray([r[key] for r in rs], np.float64) * 100
     return f'{v.mean():.1f} ± {(v.max() - v.min()) / 2:.1f}'
+
+  # The yardstick of a (set, seed) is the same whatever the head row (the
+  # same training images and coreset key): one row of its own, each run once.
+  runs = {}
+  for r in recs:
+    if all(k in r for k in report.YARDSTICK):
+      runs.setdefault((r['set'], r['seed']),
+                      {m: r[y] for m, y in zip(METRICS, report.YARDSTICK)})
+  yard = 'kNN yardstick (same runs)'
+  for (s, _), r in runs.items():
+    groups.setdefault((yard, s), []).append(r)
+  sets = [s for s in SETS if any(k[1] == s for k in groups)]
+  rows = list(dict.fromkeys(k[0] for k in groups))
 
   lines = ['| row | ' + ' | '.join(f'{s} I / P / PRO' for s in sets) +
            ' | demo mean I / P / PRO | s/pass |',

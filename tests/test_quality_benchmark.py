@@ -1,0 +1,39 @@
+"""benchmarks/quality.py's table: the kNN yardstick row counts each run once."""
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
+import quality  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _rec(row, seed, head, knn):
+  r = {'set': 'grass', 'row': row, 'seed': seed, 'sec_per_pass': 0.5}
+  r.update(zip(('image_auroc', 'pixel_auroc', 'aupro'), head))
+  if knn is not None:
+    r.update(zip(('knn_image_auroc', 'knn_pixel_auroc', 'knn_aupro'), knn))
+  return r
+
+
+def test_yardstick_row_once_per_run(tmp_path):
+  path = tmp_path / 'q.jsonl'
+  recs = [
+      _rec('spread', 0, (0.60, 0.80, 0.50), (0.70, 0.90, 0.60)),
+      _rec('spread', 1, (0.62, 0.82, 0.52), (0.80, 0.94, 0.64)),
+      # Another head row on the same runs: the same yardstick figures.
+      _rec('gas_hypersphere', 0, (0.64, 0.84, 0.54), (0.70, 0.90, 0.60)),
+      _rec('gas_hypersphere', 1, (0.66, 0.86, 0.56), (0.80, 0.94, 0.64)),
+      _rec('knn', 0, (0.71, 0.91, 0.61), None),
+  ]
+  path.write_text(''.join(json.dumps(r) + '\n' for r in recs))
+  lines = quality.table(str(path)).splitlines()
+  by_row = {l.split(' | ')[0].lstrip('| '): l for l in lines[2:]}
+  assert list(by_row) == ['spread', 'gas_hypersphere', 'knn',
+                          'kNN yardstick (same runs)']
+  # By hand: (70 + 80) / 2 = 75, half range 5; (90 + 94) / 2 = 92, 2;
+  # (60 + 64) / 2 = 62, 2; two runs, not four.
+  assert ('75.0 ± 5.0 / 92.0 ± 2.0 / 62.0 ± 2.0 (n=2)'
+          in by_row['kNN yardstick (same runs)'])
+  assert '61.0 ± 1.0 / 81.0 ± 1.0 / 51.0 ± 1.0 (n=2)' in by_row['spread']
