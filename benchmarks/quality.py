@@ -147,6 +147,7 @@ def table(path: str) -> str:
   groups = {}
   for r in recs:
     groups.setdefault((r['row'], r['set']), []).append(r)
+
   def cell(rs, key):
     v = np.asarray([r[key] for r in rs], np.float64) * 100
     return f'{v.mean():.1f} ± {(v.max() - v.min()) / 2:.1f}'
