@@ -47,7 +47,7 @@ from simplenet_jax.data import demo as demo_data
 
 SETS = ('cookies', 'cookies_crop', 'brick', 'grass', 'gravel')
 SHARED_DATASETS = os.path.join(os.path.dirname(ROOT), 'shared', 'datasets')
-METRICS = ('image_auroc', 'pixel_auroc', 'aupro')
+METRICS = report.METRICS
 
 _SPREAD = {'model.noise_mode': 'spread', 'model.noise_rel': 0.4}
 ROWS = {
