@@ -86,7 +86,7 @@ def backends_for(name: str, size: int, weights_dir: str, tmp: str):
   head = state.head_vars()
   hw = (size, size)
   predict_fn = scoring.make_predict_fn(module, config.backbone.layers,
-                                       config.model, hw, config.eval.sigma)
+                                       config.model, hw, config.eval)
 
   def run_jax(x):
     out = predict_fn(backbone_vars, head, jnp.asarray(x))
@@ -94,7 +94,7 @@ def backends_for(name: str, size: int, weights_dir: str, tmp: str):
 
   fn = scoring.make_export_fn(backbones.onnx_variant(module),
                               config.backbone.layers, config.model,
-                              backbone_vars, head, hw, config.eval.sigma)
+                              backbone_vars, head, hw, config.eval)
   (n,) = jax.export.symbolic_shape('N')
   t = time.perf_counter()
   model = onnx_lowering.to_onnx(

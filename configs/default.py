@@ -126,6 +126,9 @@ def get_config():
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 8
   c.eval.sigma = 4.0
+  # Image score: 'patch_max' (released: the largest raw patch score) or
+  # 'map_max' (the largest value of the smoothed anomaly map).
+  c.eval.image_score = 'patch_max'
   c.eval.aupro_max_fpr = 0.3
   c.eval.visualize = 'top'  # 'none' | 'top' | 'all'
   c.eval.visualize_top_n = 8

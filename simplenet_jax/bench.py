@@ -151,7 +151,7 @@ def run(args) -> dict:
   state = parallel.put_replicated(state, mesh)
   head = state.head_vars()
   predict_fn = scoring.make_predict_fn(module, layers, config.model, (s, s),
-                                       config.eval.sigma)
+                                       config.eval)
   t_infer = _time(lambda: jax.block_until_ready(predict_fn(bvars, head,
                                                            images)),
                   args.warmup, args.repeats, 'inference')

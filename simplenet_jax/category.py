@@ -148,7 +148,7 @@ class CategoryContext:
     shape = jax.eval_shape(feature_fn, backbone_vars,
                            jax.ShapeDtypeStruct((1, h, w, 3), jnp.uint8)).shape
     predict_fn = scoring.make_predict_fn(module, layers, config.model,
-                                         test_set.image_hw, config.eval.sigma)
+                                         test_set.image_hw, config.eval)
     return cls(config=config, workdir=os.path.join(workdir, category),
                category=category, kind=kind, module=module,
                backbone_vars=backbone_vars, mesh=mesh, train_set=train_set,
@@ -199,6 +199,7 @@ class CategoryContext:
           f'{self.checkpoint_dir} was written with a different config '
           '(backbone, model, optim, seed, batch size or number of passes); use '
           'another --workdir or the same config')
+    scoring.check_score_rule(self.config.eval, meta, self.checkpoint_dir)
 
   def restore_trained(self):
     """(state, meta) of the final checkpoint of a finished run (eval mode),

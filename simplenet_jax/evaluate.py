@@ -73,6 +73,7 @@ def decision_threshold(ctx, state, cache=None) -> dict:
   q = ctx.config.threshold.quantile
   return dict(threshold=float(np.quantile(scores, q)),
               threshold_quantile=float(q),
+              score_rule=scoring.score_rule(ctx.config.eval),
               threshold_source=f'quantile {q} of image scores over {source}',
               map_range=map_range)
 
@@ -82,7 +83,7 @@ def _cached_statistics(ctx, state, cache):
   features (row i of the cache is ctx.train_set[ctx.train_idx[i]])."""
   c = ctx.config
   fn = scoring.make_cached_features_fn(c.model, ctx.test_set.image_hw,
-                                       c.eval.sigma)
+                                       c.eval)
   head = state.head_vars()
   h, w = ctx.grid_hw
   scores, lo, hi = [], np.inf, -np.inf

@@ -55,6 +55,9 @@ META_FILE = 'metadata.json'
 FILES = (ONNX_FILE, JAX_FILE, META_FILE)
 INPUT_NAME = 'images'
 OUTPUT_NAMES = ('scores', 'maps')
+_IMAGE_SCORE_WHAT = {  # eval.image_score
+    'patch_max': 'image anomaly score (max patch score)',
+    'map_max': 'image anomaly score (max of the anomaly map)'}
 BATCH_DIM = 'N'
 PLATFORMS = ('cpu', 'cuda')
 _TMP_PREFIX = '.export-tmp-'
@@ -84,7 +87,7 @@ def _scorer(config, ckpt_dir: str, meta: dict) -> Callable:
   def build(module, backbone_vars):
     return scoring.make_export_fn(module, config.backbone.layers,
                                   config.model, backbone_vars, head,
-                                  meta['image_hw'], config.eval.sigma)
+                                  meta['image_hw'], config.eval)
   return build
 
 
@@ -98,6 +101,7 @@ def _fingerprint_check(config, ckpt_dir: str):
           f'{ckpt_dir} was written with a different config (backbone, model, '
           'optim, seed, batch size or number of passes); export with the '
           'config it was trained with')
+    scoring.check_score_rule(config.eval, meta, ckpt_dir)
   return check
 
 
@@ -236,7 +240,8 @@ def metadata(config, category: str, meta: dict, files: dict) -> dict:
                 'shape': [BATCH_DIM, h, w, 3], 'channels': 'RGB'},
       'outputs': {
           OUTPUT_NAMES[0]: {'dtype': 'float32', 'shape': [BATCH_DIM],
-                            'what': 'image anomaly score (max patch score)'},
+                            'what': _IMAGE_SCORE_WHAT[
+                                config.eval.image_score]},
           OUTPUT_NAMES[1]: {'dtype': 'float32', 'shape': [BATCH_DIM, h, w],
                             'what': 'anomaly map, bilinearly upsampled and '
                                     f'Gaussian-smoothed (sigma '
@@ -254,6 +259,7 @@ def metadata(config, category: str, meta: dict, files: dict) -> dict:
       'decision': 'anomalous when score > threshold',
       'map_range': meta.get('map_range'),
       'sigma': float(config.eval.sigma),
+      'image_score': config.eval.image_score,
       'passes_done': meta.get('passes_done'),
       'config_fingerprint': meta.get('fingerprint'),
       'model_config': config.model.to_dict(),

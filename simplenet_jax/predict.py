@@ -48,6 +48,7 @@ def _check_meta(config, ckpt_dir):
         raise UserError(
             f'config.backbone.{key} is {used[key]!r} but {ckpt_dir} was '
             f'trained with {value!r}; predict with the training config')
+    scoring.check_score_rule(config.eval, meta, ckpt_dir)
   return check
 
 
@@ -88,7 +89,7 @@ def run(config, workdir: str) -> list[dict]:
                     '(see the warnings above); run --mode=train again')
   hw = tuple(meta['image_hw'])
   predict_fn = scoring.make_predict_fn(module, tuple(config.backbone.layers),
-                                       config.model, hw, config.eval.sigma)
+                                       config.model, hw, config.eval)
   geometry = data.geometry(config.dataset, meta['kind'])
   inputs = data_inputs.ImageFiles(paths, geometry, hw)
   out_dir = os.path.join(workdir, 'predict', category)

@@ -6,6 +6,12 @@ Anomaly map (released RescaleSegmentor): patch scores bilinearly upsampled
 so per axis they fold into one small matrix A = G @ U, built once in float64,
 and a map is A_h @ P @ A_w^T on device.
 
+Image score (eval.image_score): the released code's is the largest raw patch
+score ('patch_max'); 'map_max' is the largest value of the anomaly map, i.e.
+of the smoothed scores, so that a lone noisy patch weighs less than a
+defect that raises its neighbours too, and the score is the peak of the map
+the user sees.
+
 Patch scores at inference: in eval mode the adaptor (Linear D->D), the
 discriminator's first Linear (D->H) and its BatchNorm (running statistics)
 are one affine map, so `fused_head` folds them into a single (D, H) matrix.
@@ -26,11 +32,14 @@ import scipy.ndimage
 from simplenet_jax import features as features_lib
 from simplenet_jax import knn
 from simplenet_jax import model as model_lib
+from simplenet_jax.errors import UserError
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # model.method: the released head ('simplenet') or PatchCore-style
 # nearest-neighbour scoring on the same local features ('knn').
 METHODS = ('simplenet', 'knn')
+# eval.image_score: the released maximum patch score, or the map's maximum.
+IMAGE_SCORES = ('patch_max', 'map_max')
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,6 +71,47 @@ def anomaly_maps(patch_scores: jax.Array, out_hw: Sequence[int],
 def image_scores(patch_scores: jax.Array) -> jax.Array:
   """(B, h, w) -> (B,): the maximum raw patch score of each image."""
   return patch_scores.reshape(patch_scores.shape[0], -1).max(-1)
+
+
+def outputs(patch_scores: jax.Array, out_hw: Sequence[int], sigma: float,
+            image_score: str) -> dict:
+  """(B, h, w) patch scores -> {'image_scores' (B,), 'anomaly_maps'
+  (B, H, W)}, the image score by the rule `image_score` (IMAGE_SCORES)."""
+  maps = anomaly_maps(patch_scores, out_hw, sigma)
+  if image_score == 'map_max':
+    scores = maps.reshape(maps.shape[0], -1).max(-1)
+  else:
+    scores = image_scores(patch_scores)
+  return {'image_scores': scores, 'anomaly_maps': maps}
+
+
+def map_args(eval_cfg) -> tuple[float, str]:
+  """(sigma, image_score) of the config's eval section, hashable."""
+  return float(eval_cfg.sigma), str(eval_cfg.image_score)
+
+
+def score_rule(eval_cfg) -> dict:
+  """How image scores, and so the decision threshold, are computed; stored
+  with the threshold. The smoothing enters them only through the map."""
+  sigma, image_score = map_args(eval_cfg)
+  rule = {'image_score': image_score}
+  if image_score == 'map_max':
+    rule['sigma'] = sigma
+  return rule
+
+
+def check_score_rule(eval_cfg, meta: dict, where: str) -> None:
+  """A stored decision threshold holds only for the scores it was set on
+  (checkpoints from before eval.image_score existed scored 'patch_max')."""
+  if 'threshold' not in meta:
+    return
+  stored = meta.get('score_rule', {'image_score': 'patch_max'})
+  if stored != score_rule(eval_cfg):
+    flags = ' '.join(f'--config.eval.{k}={v}' for k, v in stored.items())
+    raise UserError(
+        f'{where}: its decision threshold was set on image scores with '
+        f'{stored}, but the config asks for {score_rule(eval_cfg)}; run '
+        f'with {flags} or train in another --workdir')
 
 
 def to_unit_float(images: jax.Array) -> jax.Array:
@@ -201,7 +251,7 @@ def _folded_scores(backbone_module, layers, model_cfg, backbone_vars, fused,
 
 def make_export_fn(backbone_module, layers: Sequence[str], model_cfg,
                    backbone_vars, head_vars, image_hw: Sequence[int],
-                   sigma: float):
+                   eval_cfg):
   """fn(images (N, H, W, 3) uint8) -> (image_scores (N,), anomaly_maps
   (N, H, W)), float32: `make_predict_fn`'s maths with the backbone's and the
   head's (or memory bank's) weights closed over as constants, so that
@@ -209,7 +259,7 @@ def make_export_fn(backbone_module, layers: Sequence[str], model_cfg,
   program, which is what `export` serializes."""
   layers = tuple(layers)
   out_hw = (int(image_hw[0]), int(image_hw[1]))
-  sigma = float(sigma)
+  sigma, image_score = map_args(eval_cfg)
   if model_cfg.method == 'knn':
     bank = np.asarray(head_vars['bank'], np.float32)
 
@@ -225,24 +275,23 @@ def make_export_fn(backbone_module, layers: Sequence[str], model_cfg,
                             fused, images)
 
   def fn(images):
-    scores = patch_fn(images)
-    return image_scores(scores), anomaly_maps(scores, out_hw, sigma)
+    out = outputs(patch_fn(images), out_hw, sigma, image_score)
+    return out['image_scores'], out['anomaly_maps']
 
   return fn
 
 
-def make_cached_features_fn(model_cfg, image_hw: Sequence[int],
-                            sigma: float):
+def make_cached_features_fn(model_cfg, image_hw: Sequence[int], eval_cfg):
   """Jitted fn(head_vars, features (B, h, w, D)) -> {'image_scores' (B,),
   'anomaly_maps' (B, H, W)}: `make_predict_fn`'s outputs from local features
   already computed (the training feature cache), with no backbone pass."""
   return _cached_features_fn(_frozen(model_cfg),
                              (int(image_hw[0]), int(image_hw[1])),
-                             float(sigma))
+                             *map_args(eval_cfg))
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_features_fn(model_cfg, out_hw, sigma):
+def _cached_features_fn(model_cfg, out_hw, sigma, image_score):
   @jax.jit
   def fn(head_vars, features):
     features = features.astype(jnp.float32)
@@ -253,13 +302,12 @@ def _cached_features_fn(model_cfg, out_hw, sigma):
       hidden = jnp.matmul(features, fused['kernel'],
                           precision=_HIGHEST) + fused['bias']
       scores = -(jax.nn.leaky_relu(hidden, 0.2) @ fused['tail'])
-    return {'image_scores': image_scores(scores),
-            'anomaly_maps': anomaly_maps(scores, out_hw, sigma)}
+    return outputs(scores, out_hw, sigma, image_score)
   return fn
 
 
 def make_predict_fn(backbone_module, layers: Sequence[str], model_cfg,
-                    image_hw: Sequence[int], sigma: float):
+                    image_hw: Sequence[int], eval_cfg):
   """fn(backbone_vars, head_vars, images) -> dict of
   image_scores (B,), anomaly_maps (B, H, W) at image_hw, patch_scores
   (B, h, w). head_vars is the trained state's `head_vars()`: for SimpleNet
@@ -270,14 +318,15 @@ def make_predict_fn(backbone_module, layers: Sequence[str], model_cfg,
   scores are nearest-bank-row distances (`knn.patch_scores`).
   """
   return _predict_fn(backbone_module, tuple(layers), _frozen(model_cfg),
-                     (int(image_hw[0]), int(image_hw[1])), float(sigma))
+                     (int(image_hw[0]), int(image_hw[1])),
+                     *map_args(eval_cfg))
 
 
 @functools.lru_cache(maxsize=32)
-def _predict_fn(backbone_module, layers, model_cfg, out_hw, sigma):
-  def outputs(scores):
-    return {'image_scores': image_scores(scores),
-            'anomaly_maps': anomaly_maps(scores, out_hw, sigma),
+def _predict_fn(backbone_module, layers, model_cfg, out_hw, sigma,
+                image_score):
+  def with_patches(scores):
+    return {**outputs(scores, out_hw, sigma, image_score),
             'patch_scores': scores}
 
   if model_cfg.method == 'knn':
@@ -285,13 +334,13 @@ def _predict_fn(backbone_module, layers, model_cfg, out_hw, sigma):
     def predict_knn(backbone_vars, head_vars, images):
       feats = _features(backbone_module, layers, model_cfg, backbone_vars,
                         images)
-      return outputs(knn.patch_scores(head_vars['bank'], feats))
+      return with_patches(knn.patch_scores(head_vars['bank'], feats))
     return predict_knn
 
   @jax.jit
   def predict(backbone_vars, fused, images):
-    return outputs(_folded_scores(backbone_module, layers, model_cfg,
-                                  backbone_vars, fused, images))
+    return with_patches(_folded_scores(backbone_module, layers, model_cfg,
+                                       backbone_vars, fused, images))
 
   last = {'leaves': (), 'fused': None}  # Strong refs: ids cannot be reused.
 

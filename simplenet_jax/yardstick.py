@@ -54,7 +54,7 @@ def evaluate_knn(ctx) -> dict:
       ctx, config=cfg,
       predict_fn=scoring.make_predict_fn(ctx.module, tuple(c.backbone.layers),
                                          cfg.model, ctx.test_set.image_hw,
-                                         c.eval.sigma))
+                                         c.eval))
   row = evaluate.evaluate_category(knn_ctx, state, None, visualize_maps=False)
   logging.info('%s: kNN yardstick (%d bank rows) in %.1f s', ctx.category,
                bank.shape[0], time.perf_counter() - t0)

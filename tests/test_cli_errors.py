@@ -282,6 +282,8 @@ def test_eval_or_predict_before_training(tmp_path, awkward_root,
      'must be an integer'),
     ('eval.visualize', 'best', "config.eval.visualize: is 'best'; must be one "
      'of'),
+    ('eval.image_score', 'mean', "config.eval.image_score: is 'mean'; must be "
+     "one of ['patch_max', 'map_max']"),
     ('threshold.holdout_fraction', 1.0, 'config.threshold.holdout_fraction'),
     ('dataset.crop', 8, 'config.dataset.crop: is 8, smaller than the stride '
      '16 of wide_resnet50_2/layer3'),

@@ -52,7 +52,7 @@ def evaluation():
                                    D, 1, 1)
   test = _DefectImages(8)
   predict_fn = scoring.make_predict_fn(module, ('layer2', 'layer3'),
-                                       cfg.model, (SIZE, SIZE), cfg.eval.sigma)
+                                       cfg.model, (SIZE, SIZE), cfg.eval)
 
   def run(max_fpr):
     c = get_config()

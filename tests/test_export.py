@@ -74,7 +74,7 @@ def reference(exported, paths):
   module, backbone_vars = backbones.load_for_run(config.backbone)
   predict_fn = scoring.make_predict_fn(module, config.backbone.layers,
                                        config.model, meta['image_hw'],
-                                       config.eval.sigma)
+                                       config.eval)
   files = data_inputs.ImageFiles(paths, data.geometry(config.dataset,
                                                       meta['kind']),
                                  meta['image_hw'])

@@ -118,6 +118,28 @@ def test_train_eval_predict(tmp_path, weights_dir, env):
   assert [r['pass'] for r in log] == [1, 2, 3, 4]
   assert _numbers(workdir / 'results.json') == trained
 
+  # The stored threshold was set on max patch scores: predicting with the
+  # map's peak instead is refused in one line; finishing the run again with
+  # it stores a threshold on that scale, which the default then refuses.
+  peak = ['--config.eval.image_score=map_max']
+  predict = [f'--config.predict.inputs={odd}', '--mode=predict']
+  proc = conftest.run_main(tiny_args(workdir, weights_dir) + predict + peak,
+                           env=env)
+  assert proc.returncode != 0
+  assert re.search(r"^error: .*brick.*threshold was set on image scores with "
+                   r"\{'image_score': 'patch_max'\}.*--config.eval.image_"
+                   r"score=patch_max", proc.stderr, re.M), proc.stderr[-2000:]
+  shutil.rmtree(cat / 'checkpoints' / '4')
+  main_py(tiny_args(workdir, weights_dir) + ['--mode=train'] + peak, env)
+  proc = main_py(tiny_args(workdir, weights_dir) + predict + peak, env)
+  (rec,) = [json.loads(l) for l in proc.stdout.splitlines()
+            if l.startswith('{')]
+  assert rec['threshold'] != lines[0]['threshold']
+  assert rec['anomalous'] == (rec['score'] > rec['threshold'])
+  proc = conftest.run_main(tiny_args(workdir, weights_dir) + predict, env=env)
+  assert proc.returncode != 0
+  assert "'image_score': 'map_max', 'sigma': 4.0}" in proc.stderr
+
 
 def _final_tree(category_dir):
   """(step, state tree) of the newest checkpoint, read back as saved."""

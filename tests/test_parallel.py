@@ -121,7 +121,7 @@ _ONE_HOST = _COMMON + textwrap.dedent('''
 
   # Evaluation: predict_fn on 3 images (padded to 4) vs one device.
   predict = scoring.make_predict_fn(module, ('layer2', 'layer3'), cfg.model,
-                                    (16, 16), 4.0)
+                                    (16, 16), cfg.eval)
   st = new_state(mesh1)
   head = {'params': st.params, 'batch_stats': st.batch_stats}
   ev = {}

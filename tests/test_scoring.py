@@ -72,6 +72,46 @@ def test_image_scores_is_max_of_raw_patch_scores():
                                 [5.0, -1.0, 2.0])
 
 
+def test_map_max_image_score_is_the_peak_of_the_smoothed_map():
+  """A lone patch at 3 vs a 3x3 block at 2 (8 px per patch, sigma 4): the
+  released rule ranks the lone patch first, the map's peak the block. The
+  peaks are taken from torch's bilinear upsampling and scipy's blur."""
+  torch = helpers.require_torch()
+  p = np.zeros((2, 8, 8), np.float32)
+  p[0, 4, 4] = 3.0
+  p[1, 3:6, 3:6] = 2.0
+  up = torch.nn.functional.interpolate(
+      torch.from_numpy(p)[:, None], size=(64, 64), mode='bilinear',
+      align_corners=False)[:, 0].numpy()
+  want = [scipy.ndimage.gaussian_filter(u, sigma=SIGMA, truncate=4.0,
+                                        mode='reflect').max() for u in up]
+  assert want[0] < want[1]  # The construction does what it says.
+  released = scoring.outputs(jnp.asarray(p), (64, 64), SIGMA, 'patch_max')
+  np.testing.assert_array_equal(np.asarray(released['image_scores']),
+                                [3.0, 2.0])
+  peak = scoring.outputs(jnp.asarray(p), (64, 64), SIGMA, 'map_max')
+  np.testing.assert_allclose(np.asarray(peak['image_scores']), want,
+                             rtol=0, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(peak['anomaly_maps']),
+                                np.asarray(released['anomaly_maps']))
+
+
+def test_score_rule_guards_a_stored_threshold():
+  cfg = get_config()
+  meta = {'threshold': 0.5}  # Written before eval.image_score existed.
+  scoring.check_score_rule(cfg.eval, meta, 'ckpt')
+  cfg.eval.image_score = 'map_max'
+  with pytest.raises(scoring.UserError,
+                     match=r"ckpt: .*--config.eval.image_score=patch_max"):
+    scoring.check_score_rule(cfg.eval, meta, 'ckpt')
+  meta['score_rule'] = {'image_score': 'map_max', 'sigma': 4.0}
+  scoring.check_score_rule(cfg.eval, meta, 'ckpt')
+  cfg.eval.sigma = 2.0  # The map's peak depends on the smoothing.
+  with pytest.raises(scoring.UserError, match=r'--config.eval.sigma=4.0'):
+    scoring.check_score_rule(cfg.eval, meta, 'ckpt')
+  scoring.check_score_rule(cfg.eval, {}, 'ckpt')  # No threshold yet.
+
+
 class _TinyBackbone(nn.Module):
   """Stand-in backbone: two NHWC maps at strides 2 and 4."""
 
@@ -117,7 +157,7 @@ def test_predict_fn_is_consistent_with_the_parts():
                                    16, 1, 1)
   head = {'params': state.params, 'batch_stats': state.batch_stats}
   predict = scoring.make_predict_fn(module, ('layer2', 'layer3'), cfg.model,
-                                    (32, 40), cfg.eval.sigma)
+                                    (32, 40), cfg.eval)
   out = predict(backbone_vars, head, images)
   assert out['patch_scores'].shape == (2, 16, 20)
   assert out['anomaly_maps'].shape == (2, 32, 40)
