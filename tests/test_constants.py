@@ -28,6 +28,9 @@ RELEASED = {
     # RescaleSegmentor: ndimage.gaussian_filter(scores, sigma=4); paper: "a
     # Gaussian filter with sigma = 4".
     'eval.sigma': 4.0,
+    # simplenet.py _predict: image score = max over the patch scores (before
+    # the maps are upsampled and smoothed).
+    'eval.image_score': 'patch_max',
     # The MVTec AD AUPRO (Bergmann et al., IJCV 2021): the PRO curve
     # integrated up to FPR 0.3 and normalised (README, "Known limits").
     'eval.aupro_max_fpr': 0.3,
