@@ -312,6 +312,8 @@ def make_predict_fn(backbone_module, layers: Sequence[str], model_cfg,
   image_scores (B,), anomaly_maps (B, H, W) at image_hw, patch_scores
   (B, h, w). head_vars is the trained state's `head_vars()`: for SimpleNet
   {'params': ..., 'batch_stats': ...}, for model.method='knn' {'bank': ...}.
+  eval_cfg: the config's eval section (its sigma and image_score; also for
+  `make_cached_features_fn` and `make_export_fn`).
 
   The work runs in one jitted call per batch. SimpleNet's head is folded
   (`fused_head`) once per head_vars (the same leaf arrays) and reused; kNN
