@@ -173,3 +173,32 @@ def test_predict_fn_is_consistent_with_the_parts():
       atol=1e-5)
   np.testing.assert_allclose(np.asarray(out['image_scores']),
                              np.asarray(want).reshape(2, -1).max(1), atol=1e-5)
+
+
+def test_every_scorer_takes_the_map_peak_when_asked():
+  """predict, the cached-feature path (decision threshold) and export all
+  follow eval.image_score='map_max': each image's score is its map's peak."""
+  cfg, module, backbone_vars, images = _setup()
+  cfg.eval.image_score = 'map_max'
+  state = train.create_train_state(jax.random.key(1), cfg.model, cfg.optim,
+                                   16, 1, 1)
+  head = {'params': state.params, 'batch_stats': state.batch_stats}
+  layers = ('layer2', 'layer3')
+  out = scoring.make_predict_fn(module, layers, cfg.model, (32, 40),
+                                cfg.eval)(backbone_vars, head, images)
+  peaks = np.asarray(out['anomaly_maps']).reshape(2, -1).max(1)
+  patch_max = np.asarray(out['patch_scores']).reshape(2, -1).max(1)
+  assert np.abs(peaks - patch_max).min() > 1e-4  # The rules differ here.
+  np.testing.assert_allclose(np.asarray(out['image_scores']), peaks, atol=1e-6)
+  feats = scoring.make_feature_fn(module, layers, cfg.model)(backbone_vars,
+                                                              images)
+  cached = scoring.make_cached_features_fn(cfg.model, (32, 40), cfg.eval)(
+      head, feats)
+  np.testing.assert_allclose(np.asarray(cached['image_scores']), peaks,
+                             atol=1e-5)
+  exported, maps = scoring.make_export_fn(module, layers, cfg.model,
+                                          backbone_vars, head, (32, 40),
+                                          cfg.eval)(images)
+  np.testing.assert_allclose(np.asarray(exported), peaks, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(maps).reshape(2, -1).max(1), peaks,
+                             atol=1e-5)
