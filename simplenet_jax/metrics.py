@@ -305,3 +305,19 @@ class PixelMetrics:
         out['pro_curve'] = None
       return out
     return self._compute(curve_points)
+
+
+def decision_counts(scores, labels, threshold: float) -> dict[str, int]:
+  """What a decision threshold does to a test set: an image is called
+  anomalous when its score is above the threshold.
+
+  Returns {'normal', 'false_alarms', 'anomalous', 'caught'}: the numbers of
+  normal images and of those flagged, of anomalous images and of those
+  flagged. NaN scores are never flagged.
+  """
+  scores = np.asarray(scores, np.float64)
+  labels = np.asarray(labels).astype(bool)
+  flagged = scores > threshold
+  return dict(normal=int((~labels).sum()),
+              false_alarms=int((flagged & ~labels).sum()),
+              anomalous=int(labels.sum()), caught=int((flagged & labels).sum()))

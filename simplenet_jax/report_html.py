@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from simplenet_jax import eval_record
+from simplenet_jax import metrics
 from simplenet_jax import report
 from simplenet_jax import visualize
 
@@ -319,7 +320,9 @@ def _category_section(workdir: str, row: dict) -> str:
                  f'{int(labels.sum())} anomalous)')
     facts.append(f'{rec.get("n_train")} training images'
                  + (f', {rec["n_holdout"]} held out for the threshold'
-                    if rec.get('n_holdout') else ''))
+                    if rec.get('n_holdout') else '')
+                 + (f', {rec["n_validation"]} validation images for the '
+                    'threshold' if rec.get('n_validation') else ''))
     facts.append(f'model after pass {rec.get("passes")}')
   out.append(f'<p class="facts">{" &middot; ".join(_e(x) for x in facts)}</p>')
   if rec is None:
@@ -330,14 +333,13 @@ def _category_section(workdir: str, row: dict) -> str:
     return '\n'.join(out)
   threshold = rec.get('threshold')
   if threshold is not None:
-    flagged_n = int(np.sum(scores[~labels] > threshold))
-    flagged_a = int(np.sum(scores[labels] > threshold))
+    d = metrics.decision_counts(scores, labels, threshold)
     out.append(
         f'<p class="facts">Decision threshold {threshold:.4g} '
         f'({_e(rec.get("threshold_source", ""))}): images scoring above it '
-        f'are called anomalous. On the test set: {flagged_a} of '
-        f'{int(labels.sum())} anomalous images caught, {flagged_n} of '
-        f'{int((~labels).sum())} normal images falsely flagged.</p>')
+        f'are called anomalous. On the test set: {d["caught"]} of '
+        f'{d["anomalous"]} anomalous images caught, {d["false_alarms"]} of '
+        f'{d["normal"]} normal images falsely flagged.</p>')
   plots = []
   roc = rec.get('roc')
   if roc:

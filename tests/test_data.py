@@ -105,6 +105,28 @@ def test_split_order_is_sorted_defect_then_name(tmp_path):
   assert not train.has_masks and {s.label for s in train.samples} == {0}
 
 
+def test_validation_split_is_optional_normal_images(tmp_path):
+  """<category>/validation/good (MVTec LOCO AD's layout) is read as normal
+  images without masks; a category without it has no validation split."""
+  _mvtec_tree(tmp_path, 'widget')
+  cfg = _cfg(root=str(tmp_path), resize=40, crop=40)
+  assert data.build(cfg, 'widget', 'validation') is None
+  for i in (1, 0):
+    _save(tmp_path / 'widget/validation/good' / f'{i:03d}.png',
+          _rgb(40, 48, 30 + i))
+  val = data.build(cfg, 'widget', 'validation')
+  assert len(val) == 2 and not val.has_masks
+  got = [val.load(i) for i in range(2)]
+  assert [Path(g['path']).name for g in got] == ['000.png', '001.png']
+  assert [(g['label'], g['defect']) for g in got] == [(0, 'good')] * 2
+  assert [int(g['image'][0, 0, 0]) for g in got] == [30, 31]
+  assert not any(g['mask'].any() for g in got)
+  # Training and test images are as before.
+  assert len(data.build(cfg, 'widget', 'train')) == 3
+  with pytest.raises(ValueError, match='split must be'):
+    data.build(cfg, 'widget', 'val')
+
+
 def test_build_dispatch_and_image_hw(tmp_path):
   _mvtec_tree(tmp_path, 'carpet')  # An MVTec texture: square, no crop.
   _mvtec_tree(tmp_path, 'widget')  # Unknown name: an object.
@@ -497,6 +519,19 @@ def test_folder_config_keeps_whole_photos(tmp_path):
   # 10% of 256 = 25.6 rows and columns: bright there, plain beyond.
   assert (d['image'][:22, :22] > 240).all() and (d['image'][30:, 30:] < 110).all()
   assert d['mask'][:22, :22].all() and not d['mask'][30:, :].any()
+
+
+def test_folder_validation_dir(tmp_path):
+  cfg = _folder(tmp_path, with_masks=False)
+  assert data.build(cfg, 'parts', 'validation') is None  # val_dir unset.
+  _save(tmp_path / 'val/v.png', _rgb(20, 20, 77))
+  cfg.val_dir = str(tmp_path / 'val')
+  val = data.build(cfg, 'parts', 'validation')
+  assert len(val) == 1 and val.load(0)['label'] == 0
+  assert int(val.load(0)['image'][0, 0, 0]) == 77
+  cfg.val_dir = str(tmp_path / 'missing')
+  with pytest.raises(UserError, match=r'dataset\.val_dir=.*missing: no such folder'):
+    data.build(cfg, 'parts', 'validation')
 
 
 def test_folder_bad_config(tmp_path):

@@ -26,6 +26,7 @@ def _read(path):
 def test_layout_and_counts(root):
   for c in ('brick', 'grass', 'gravel'):
     assert len(list((root / c / 'train/good').glob('*.png'))) == 20
+    assert len(list((root / c / 'validation/good').glob('*.png'))) == 6
     assert len(list((root / c / 'test/good').glob('*.png'))) == 10
     for d in ('hole', 'patch', 'scratch'):
       imgs = sorted((root / c / 'test' / d).glob('*.png'))
@@ -38,7 +39,7 @@ def test_layout_and_counts(root):
 def test_tiles_are_the_photographs_and_masks_are_exact(root):
   manifest = json.loads((root / demo.MANIFEST).read_text())['files']
   photos = {c: getattr(skimage.data, c)() for c in ('brick', 'grass', 'gravel')}
-  assert len(manifest) == 3 * (20 + 10 + 15)
+  assert len(manifest) == 3 * (20 + 6 + 10 + 15)
   for rel, info in manifest.items():
     t, l, s = info['top'], info['left'], info['size']
     clean = photos[info['source']][t:t + s, l:l + s]
@@ -54,12 +55,39 @@ def test_tiles_are_the_photographs_and_masks_are_exact(root):
     assert 10 <= m.sum() <= 0.25 * m.size, rel
 
 
-def test_train_and_test_regions_disjoint(root):
+def _tiles(manifest, category, split):
+  return [v for k, v in manifest.items() if k.startswith(f'{category}/{split}/')]
+
+
+def test_train_validation_and_test_regions_disjoint(root):
+  """No validation or test tile shares a pixel with a training tile (one
+  that does scores like training data and sets the threshold too low)."""
   manifest = json.loads((root / demo.MANIFEST).read_text())['files']
   for c in ('brick', 'grass', 'gravel'):
-    train = [v for k, v in manifest.items() if k.startswith(f'{c}/train/')]
-    test = [v for k, v in manifest.items() if k.startswith(f'{c}/test/')]
+    train, val, test = (_tiles(manifest, c, s)
+                        for s in ('train', 'validation', 'test'))
     assert max(v['top'] + v['size'] for v in train) <= min(v['top'] for v in test)
+    assert max(v['left'] + v['size'] for v in train) <= min(v['left'] for v in val)
+    assert max(v['top'] + v['size'] for v in val) <= min(v['top'] for v in test)
+    assert len({(v['top'], v['left']) for v in val}) > 1
+
+
+def test_test_tiles_are_those_of_version_1(root):
+  """The validation tiles (version 2) left the test set as it was, so
+  figures measured on version 1's test tiles still compare: positions of
+  version 1's first and last tiles of each test folder, read off its
+  manifest."""
+  manifest = json.loads((root / demo.MANIFEST).read_text())['files']
+  version_1 = {
+      'brick/test/good/000.png': (327, 10),
+      'brick/test/scratch/004.png': (313, 44),
+      'grass/test/good/009.png': (364, 234),
+      'grass/test/hole/000.png': (373, 246),
+      'gravel/test/patch/002.png': (303, 34),
+      'gravel/test/scratch/004.png': (327, 244),
+  }
+  got = {k: (manifest[k]['top'], manifest[k]['left']) for k in version_1}
+  assert got == version_1
 
 
 def test_idempotent_and_deterministic(root, tmp_path):

@@ -195,6 +195,42 @@ def test_threshold_from_the_feature_cache_equals_a_backbone_pass(method,
                              rtol=1e-5, atol=1e-6)
 
 
+def test_threshold_from_validation_images(tmp_path):
+  """A category with validation images trains on every training image (no
+  hold-out, whatever threshold.holdout_fraction says) and takes the
+  threshold's quantile over the validation images' scores, each read here
+  straight from the predict function."""
+  from simplenet_jax import category as category_lib  # pylint: disable=g-import-not-at-top
+  cfg = get_config()
+  cfg.model.pretrain_embed_dim = cfg.model.target_embed_dim = D
+  cfg.model.hidden = 8
+  cfg.dataset.num_workers = 2
+  cfg.eval.batch_size = 2  # Uneven batches over 5 validation images.
+  cfg.threshold.holdout_fraction = 0.3
+  cfg.threshold.quantile = 0.75
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  val = helpers.RandomImages(5, SIZE, seed=7)
+  ctx = category_lib.CategoryContext.from_datasets(
+      cfg, str(tmp_path), 'tiny', 'object', helpers.TinyBackbone(),
+      helpers.tiny_backbone_vars(), mesh, helpers.RandomImages(7, SIZE),
+      _DefectImages(4), val)
+  assert list(ctx.train_idx) == list(range(7)) and not len(ctx.holdout_idx)
+  state = ctx.new_state()
+  got = evaluate.decision_threshold(ctx, state)
+  out = ctx.predict_fn(ctx.backbone_vars, state.head_vars(), val.x)
+  scores = np.asarray(out['image_scores'])
+  assert got['threshold'] == pytest.approx(float(np.quantile(scores, 0.75)),
+                                           rel=1e-5)
+  maps = np.asarray(out['anomaly_maps'])
+  np.testing.assert_allclose(got['map_range'], [maps.min(), maps.max()],
+                             rtol=1e-5, atol=1e-6)
+  assert got['threshold_source'].endswith('5 validation images (normal, not '
+                                          'trained on)')
+  # Without them the same config holds out 30% of the training images.
+  ctx = _tiny_category(cfg, tmp_path, mesh)
+  assert (len(ctx.train_idx), len(ctx.holdout_idx)) == (5, 2)
+
+
 def test_knn_bank_of_another_size_restores(tmp_path):
   """A kNN checkpoint whose bank is not today's coreset_size rows (fitted by
   an older rounding rule) still loads for --mode=eval with the bank it was

@@ -105,6 +105,23 @@ def test_train_eval_predict(tmp_path, weights_dir, env):
     assert len({rec['heatmap'] for rec in lines}) == expected
   assert len({rec['threshold'] for rec in lines}) == 1
 
+  # The threshold came from the demo's validation tiles (no training tile
+  # held out), and results.json's decisions are predict mode's on the test
+  # set: the same scores against the same threshold.
+  report_text = (workdir / 'report.html').read_text(encoding='utf-8')
+  assert '20 training images, 6 validation images for the threshold' in report_text
+  assert 'over 6 validation images (normal, not trained on)' in report_text
+  with open(workdir / 'results.json', encoding='utf-8') as f:
+    decisions = json.load(f)['rows'][0]['decisions']
+  proc = main_py(tiny_args(workdir, weights_dir) + [
+      '--mode=predict', f'--config.predict.inputs={tile}/*/*.png'], env)
+  lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith('{')]
+  normal = [r['anomalous'] for r in lines if '/good/' in r['path']]
+  defects = [r['anomalous'] for r in lines if '/good/' not in r['path']]
+  assert (len(normal), len(defects)) == (10, 15)
+  assert decisions == dict(normal=10, false_alarms=sum(normal),
+                           anomalous=15, caught=sum(defects))
+
   # Continuing: drop the final checkpoint (as if killed after pass 2's
   # checkpoint), train again: it resumes at pass 3 and ends bit-identical.
   step, before = _final_tree(cat)

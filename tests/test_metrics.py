@@ -359,3 +359,13 @@ def test_add_rejects_bad_shapes():
     m.add(np.zeros((1, 5, 4)))
   with pytest.raises(ValueError, match='max_fpr'):
     metrics.PixelMetrics(max_fpr=0.0)
+
+
+def test_decision_counts():
+  scores = [0.1, 0.9, 0.5, 0.7, float('nan'), 0.5]
+  labels = [0, 0, 1, 1, 1, 0]
+  # Above 0.5 (not at it): normal 0.9; anomalous 0.7. NaN is never flagged.
+  assert metrics.decision_counts(scores, labels, 0.5) == dict(
+      normal=3, false_alarms=1, anomalous=3, caught=1)
+  assert metrics.decision_counts(scores, labels, 1.0) == dict(
+      normal=3, false_alarms=0, anomalous=3, caught=0)

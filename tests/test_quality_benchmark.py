@@ -29,7 +29,8 @@ def test_yardstick_row_once_per_run(tmp_path):
   ]
   path.write_text(''.join(json.dumps(r) + '\n' for r in recs))
   lines = quality.table(str(path)).splitlines()
-  by_row = {l.split(' | ')[0].lstrip('| '): l for l in lines[2:]}
+  by_row = {l.split(' | ')[0].lstrip('| '): l for l in lines[2:]
+            if l.startswith('|')}
   assert list(by_row) == ['spread', 'gas_hypersphere', 'knn',
                           'kNN yardstick (same runs)']
   # By hand: (70 + 80) / 2 = 75, half range 5; (90 + 94) / 2 = 92, 2;
@@ -37,3 +38,15 @@ def test_yardstick_row_once_per_run(tmp_path):
   assert ('75.0 ± 5.0 / 92.0 ± 2.0 / 62.0 ± 2.0 (n=2)'
           in by_row['kNN yardstick (same runs)'])
   assert '61.0 ± 1.0 / 81.0 ± 1.0 / 51.0 ± 1.0 (n=2)' in by_row['spread']
+
+
+def test_decisions_summed_over_seeds(tmp_path):
+  path = tmp_path / 'q.jsonl'
+  recs = [_rec('spread', seed, (0.6, 0.8, 0.5), None) for seed in (0, 1, 2)]
+  recs[0]['decisions'] = dict(normal=10, false_alarms=2, anomalous=15, caught=9)
+  recs[1]['decisions'] = dict(normal=10, false_alarms=0, anomalous=15, caught=12)
+  # recs[2]: an older run without decisions, left out.
+  path.write_text(''.join(json.dumps(r) + '\n' for r in recs))
+  text = quality.table(str(path))
+  assert ('spread, at the threshold (all seeds): grass 2/20 normal flagged, '
+          '21/30 anomalous caught') in text

@@ -75,10 +75,18 @@ def categories(dataset_cfg) -> list[tuple[str, str]]:
 
 def build(dataset_cfg, category: str, split: str,
           workdir: Optional[str] = None):
-  """The dataset of `category`'s `split` ('train' | 'test')."""
-  if split not in ('train', 'test'):
-    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+  """The dataset of `category`'s `split` ('train' | 'test' | 'validation').
+
+  'validation' (normal images kept out of training, for the decision
+  threshold) is optional: None where the category has none (always for
+  cifar10 and mvtec_tfds).
+  """
+  if split not in ('train', 'test', 'validation'):
+    raise ValueError(f"split must be 'train', 'test' or 'validation', got "
+                     f'{split!r}')
   kind = dataset_cfg.kind
+  if split == 'validation' and kind in ('cifar10', 'mvtec_tfds'):
+    return None
   if kind == 'cifar10':
     from simplenet_jax.data import cifar10  # pylint: disable=g-import-not-at-top
     return cifar10.build(category, split, dataset_cfg.resize,

@@ -2,7 +2,9 @@
 
 scikit-image ships three 512x512 grayscale photographs of textures (brick,
 grass, gravel; public domain). `build` tiles each into an MVTec-layout
-category: training tiles from the top of the photo, test tiles from the
+category: training tiles from the top band of the photo except its right
+edge, validation tiles (normal, for the decision threshold) from that right
+edge, so they share no pixel with a training tile, test tiles from the
 disjoint bottom band, and defective test tiles with synthetic defects:
 
   hole     dark blobs (1-3 overlapping ellipses)
@@ -29,7 +31,9 @@ from simplenet_jax.errors import UserError
 CATEGORIES = ('brick', 'grass', 'gravel')
 DEFECTS = ('hole', 'patch', 'scratch')
 MANIFEST = 'demo_manifest.json'
-_VERSION = 1  # Bump when the generated images change.
+# Bump when the generated images change. 2: validation tiles (the training
+# tiles leave the right edge to them); the test tiles are version 1's.
+_VERSION = 2
 
 
 def photographs() -> dict[str, np.ndarray]:
@@ -122,7 +126,7 @@ def _save(path: Path, array: np.ndarray) -> None:
   PIL.Image.fromarray(array, mode='L').save(path)
 
 
-def _write(out: Path, seed: int, tile: int, num_train: int,
+def _write(out: Path, seed: int, tile: int, num_train: int, num_val: int,
            num_test_good: int, num_defect_each: int) -> dict:
   photos = photographs()
   files = {}
@@ -132,16 +136,26 @@ def _write(out: Path, seed: int, tile: int, num_train: int,
     h, w = photo.shape
     band = _test_band_top(h, tile)
 
-    def cut(rows, rel, kind, category=category, photo=photo, rng=rng, w=w):
+    def cut(rows, rel, kind, cols=(0, w), rng=rng, category=category,
+            photo=photo):
       top = int(rng.integers(rows[0], rows[1] - tile + 1))
-      left = int(rng.integers(0, w - tile + 1))
+      left = int(rng.integers(cols[0], cols[1] - tile + 1))
       files[rel] = dict(source=category, top=top, left=left, size=tile,
                         defect=kind)
       return photo[top:top + tile, left:left + tile]
 
+    # The rightmost tile-wide strip of the top band is the validation tiles'
+    # only: tiles that overlap training tiles score like training data and
+    # would set the threshold too low. Their own generator keeps the test
+    # tiles' draws (and so the test tiles) as they were.
+    val_rng = np.random.default_rng([seed, ci, 1])
     for i in range(num_train):
       rel = f'{category}/train/good/{i:03d}.png'
-      _save(out / rel, cut((0, band), rel, 'good'))
+      _save(out / rel, cut((0, band), rel, 'good', cols=(0, w - tile)))
+    for i in range(num_val):
+      rel = f'{category}/validation/good/{i:03d}.png'
+      _save(out / rel, cut((0, band), rel, 'good', cols=(w - tile, w),
+                           rng=val_rng))
     for i in range(num_test_good):
       rel = f'{category}/test/good/{i:03d}.png'
       _save(out / rel, cut((band, h), rel, 'good'))
@@ -157,17 +171,20 @@ def _write(out: Path, seed: int, tile: int, num_train: int,
 
 
 def build(root, seed: int = 0, *, tile: int = 128, num_train: int = 20,
-          num_test_good: int = 10, num_defect_each: int = 5) -> Path:
+          num_val: int = 6, num_test_good: int = 10,
+          num_defect_each: int = 5) -> Path:
   """Writes the demo data set under `root` (MVTec layout) unless it is there.
 
   Deterministic given the arguments; written to a temporary folder and
   renamed, so an interrupted run leaves nothing half-written. Returns root.
-  Per category: num_train training tiles, num_test_good normal and
-  3 * num_defect_each defective test tiles, all tile x tile grayscale PNGs.
+  Per category: num_train training tiles, num_val validation tiles,
+  num_test_good normal and 3 * num_defect_each defective test tiles, all
+  tile x tile grayscale PNGs.
   """
   root = Path(root)
   params = dict(version=_VERSION, seed=seed, tile=tile, num_train=num_train,
-                num_test_good=num_test_good, num_defect_each=num_defect_each)
+                num_val=num_val, num_test_good=num_test_good,
+                num_defect_each=num_defect_each)
 
   def current() -> bool:
     try:
@@ -183,7 +200,8 @@ def build(root, seed: int = 0, *, tile: int = 128, num_train: int = 20,
   root.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f'.{root.name}-', dir=root.parent))
   try:
-    files = _write(tmp, seed, tile, num_train, num_test_good, num_defect_each)
+    files = _write(tmp, seed, tile, num_train, num_val, num_test_good,
+                   num_defect_each)
     (tmp / MANIFEST).write_text(json.dumps(dict(params=params, files=files),
                                            indent=1, sort_keys=True))
     if root.exists():  # An older demo version, or an empty folder.

@@ -3,6 +3,10 @@
   dataset.train_dir = 'my/train'                   normal images only
   dataset.test_dirs = {'good': 'my/ok', 'scratch': 'my/scratch'}
   dataset.mask_dir  = 'my/masks'                   optional
+  dataset.val_dir   = 'my/val'                     optional, normal images
+
+Normal images in val_dir are not trained on; they set the decision threshold
+(instead of a hold-out of the training images).
 
 A test folder named 'good' or 'normal' holds normal images (label 0); any
 other name holds anomalous ones (label 1) and is the `defect` string. With a
@@ -40,8 +44,15 @@ def list_samples(dataset_cfg, split: str) -> list[images.Sample]:
     d = _dir(dataset_cfg.train_dir, 'dataset.train_dir')
     return [images.Sample(p, None, 0, 'good')
             for p in _images(d, 'dataset.train_dir')]
+  if split == 'validation':
+    if not dataset_cfg.val_dir:
+      return []
+    d = _dir(dataset_cfg.val_dir, 'dataset.val_dir')
+    return [images.Sample(p, None, 0, 'good')
+            for p in _images(d, 'dataset.val_dir')]
   if split != 'test':
-    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    raise ValueError(f"split must be 'train', 'test' or 'validation', got "
+                     f'{split!r}')
   test_dirs = dict(dataset_cfg.test_dirs)
   if not test_dirs:
     raise UserError("config.dataset.test_dirs is empty; set e.g. "
@@ -67,10 +78,12 @@ def list_samples(dataset_cfg, split: str) -> list[images.Sample]:
   return samples
 
 
-def build(dataset_cfg, category: str, split: str,
-          geometry: images.Geometry) -> images.FileDataset:
-  """has_masks only for the test split when dataset.mask_dir is set."""
+def build(dataset_cfg, category: str, split: str, geometry: images.Geometry):
+  """images.FileDataset; has_masks only for the test split when
+  dataset.mask_dir is set. None for 'validation' without dataset.val_dir."""
+  samples = list_samples(dataset_cfg, split)
+  if not samples:  # Only 'validation' may be empty (the others raise).
+    return None
   return images.FileDataset(
-      name=category, samples=list_samples(dataset_cfg, split),
-      geometry=geometry,
+      name=category, samples=samples, geometry=geometry,
       has_masks=split == 'test' and bool(dataset_cfg.mask_dir))

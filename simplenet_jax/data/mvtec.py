@@ -1,8 +1,12 @@
 """MVTec AD layout on disk.
 
   <root>/<category>/train/good/*.png
+  <root>/<category>/validation/good/*.png        optional (MVTec LOCO AD's)
   <root>/<category>/test/<defect>/*.png          ('good' = normal)
   <root>/<category>/ground_truth/<defect>/<stem>_mask.png
+
+validation/good holds normal images that are not trained on; where it exists
+they set the decision threshold (evaluate.decision_threshold).
 
 Masks are paired with images by file name, never by sorted position.
 """
@@ -24,9 +28,13 @@ def _subdirs(path: Path) -> list[Path]:
 
 
 def list_samples(root, category: str, split: str) -> list[images.Sample]:
-  """The split's images (sorted by defect, then name) with their masks."""
-  if split not in ('train', 'test'):
-    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+  """The split's images (sorted by defect, then name) with their masks.
+
+  split 'validation' is optional: no validation/good folder gives [].
+  """
+  if split not in ('train', 'test', 'validation'):
+    raise ValueError(f"split must be 'train', 'test' or 'validation', got "
+                     f'{split!r}')
   root = Path(root)
   if not root.is_dir():
     raise UserError(f'dataset root {root} does not exist; set '
@@ -39,6 +47,10 @@ def list_samples(root, category: str, split: str) -> list[images.Sample]:
                     f'{", ".join(found) or "nothing"}); fix '
                     '--config.dataset.categories or --config.dataset.root.')
   split_dir = cat_dir / split
+  if split == 'validation':
+    good = split_dir / 'good'
+    return [images.Sample(image=p, mask=None, label=0, defect='good')
+            for p in images.list_images(good)] if good.is_dir() else []
   if not split_dir.is_dir():
     raise UserError(f'{split_dir} does not exist; a category folder needs '
                     'train/good/ and test/<defect>/ (MVTec AD layout).')
@@ -66,9 +78,11 @@ def list_samples(root, category: str, split: str) -> list[images.Sample]:
   return samples
 
 
-def build(root, category: str, split: str,
-          geometry: images.Geometry) -> images.FileDataset:
-  """An MVTec-layout category split; has_masks for the test split."""
-  return images.FileDataset(name=category,
-                            samples=list_samples(root, category, split),
+def build(root, category: str, split: str, geometry: images.Geometry):
+  """An MVTec-layout category split (images.FileDataset); has_masks for the
+  test split. None for a 'validation' split the category does not have."""
+  samples = list_samples(root, category, split)
+  if not samples:  # Only 'validation' may be empty (list_samples raises).
+    return None
+  return images.FileDataset(name=category, samples=samples,
                             geometry=geometry, has_masks=split == 'test')
