@@ -112,6 +112,30 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
   assert (tmp_path / 'mine/thesis.txt').read_text() == 'x'
 
 
+def test_runs_on_another_data_version_are_refused(root, tmp_path):
+  """A workdir trained on an older version of the demo data is not given
+  the new data under its checkpoints: one error, nothing changed."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  cfg = get_config().dataset
+  cfg.kind = 'demo'
+  workdir = tmp_path / 'run'
+  shutil.copytree(root, workdir / 'demo_data')
+  manifest = workdir / 'demo_data' / demo.MANIFEST
+  doc = json.loads(manifest.read_text())
+  doc['params']['version'] = 1
+  manifest.write_text(json.dumps(doc))
+  # No runs there yet: the old data is simply rebuilt.
+  assert len(data.build(cfg, 'brick', 'train', workdir=str(workdir))) == 20
+  assert demo.built_version(workdir / 'demo_data') == 2
+  manifest.write_text(json.dumps(doc))
+  (workdir / 'brick/checkpoints/40').mkdir(parents=True)
+  with pytest.raises(UserError, match=r'holds runs \(brick\) trained on '
+                     r'version 1 of the demo data.*new --workdir'):
+    data.build(cfg, 'grass', 'test', workdir=str(workdir))
+  assert demo.built_version(workdir / 'demo_data') == 1
+  assert (workdir / 'brick/checkpoints/40').is_dir()
+
+
 def test_kind_demo_reads_through_mvtec_path(root):
   cfg = get_config().dataset
   cfg.kind = 'demo'

@@ -170,6 +170,32 @@ def _write(out: Path, seed: int, tile: int, num_train: int, num_val: int,
   return files
 
 
+def built_version(root) -> int | None:
+  """The version of the demo data under `root`, None where there is none."""
+  try:
+    return int(json.loads((Path(root) / MANIFEST).read_text())['params']
+               ['version'])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def check_runs_match(workdir) -> None:
+  """A workdir whose checkpoints were trained on another version of the demo
+  data is refused: `build` would replace that data under them, and the
+  runs would be evaluated (and their thresholds reported) on tiles they
+  were not made with."""
+  workdir = Path(workdir)
+  old = built_version(workdir / 'demo_data')
+  if old is None or old == _VERSION:
+    return
+  trained = sorted(p.parent.name for p in workdir.glob('*/checkpoints'))
+  if trained:
+    raise UserError(
+        f'{workdir} holds runs ({", ".join(trained)}) trained on version '
+        f'{old} of the demo data; this version builds version {_VERSION}. '
+        'Use a new --workdir (or delete that one) to train on it.')
+
+
 def build(root, seed: int = 0, *, tile: int = 128, num_train: int = 20,
           num_val: int = 6, num_test_good: int = 10,
           num_defect_each: int = 5) -> Path:
