@@ -181,6 +181,12 @@ def _print_category(row: dict, laps: dict) -> None:
   if report.YARDSTICK[0] in row:
     knn = ('  [kNN on the same features: ' + ' / '.join(
         pct(row[k]) for k in report.YARDSTICK) + ']')
+  flagged = ''
+  if 'decisions' in row:  # What the stored decision threshold does.
+    d = row['decisions']
+    flagged = (f", flagged at the threshold: {d['caught']}/{d['anomalous']} "
+               f"anomalous, {d['false_alarms']}/{d['normal']} normal")
   print(f"{row['category']}: I-AUROC {pct(row['image_auroc'])}  "
         f"P-AUROC {pct(row['pixel_auroc'])}  AUPRO {pct(row['aupro'])}{knn}  "
-        f"({row['kind']}, {row['n_test']} test images; {times})", flush=True)
+        f"({row['kind']}, {row['n_test']} test images{flagged}; {times})",
+        flush=True)

@@ -64,6 +64,7 @@ def _numbers(results_path):
 def test_train_eval_predict(tmp_path, weights_dir, env):
   workdir = tmp_path / 'run'
   proc = main_py(tiny_args(workdir, weights_dir) + ['--mode=train'], env)
+  train_stdout = proc.stdout
   assert '| brick | texture |' in proc.stdout
   assert '| kNN I-AUROC % | kNN P-AUROC % | kNN AUPRO % |' in proc.stdout
   trained = _numbers(workdir / 'results.json')
@@ -121,6 +122,8 @@ def test_train_eval_predict(tmp_path, weights_dir, env):
   assert (len(normal), len(defects)) == (10, 15)
   assert decisions == dict(normal=10, false_alarms=sum(normal),
                            anomalous=15, caught=sum(defects))
+  assert (f"flagged at the threshold: {sum(defects)}/15 anomalous, "
+          f"{sum(normal)}/10 normal;") in train_stdout
 
   # Continuing: drop the final checkpoint (as if killed after pass 2's
   # checkpoint), train again: it resumes at pass 3 and ends bit-identical.
