@@ -60,6 +60,9 @@ ROWS = {
     'spread_0.2': {'model.noise_mode': 'spread', 'model.noise_rel': 0.2},
     'gas_manifold': {**_SPREAD, 'synthesis.gas': 'manifold'},
     'gas_hypersphere': {**_SPREAD, 'synthesis.gas': 'hypersphere'},
+    # configs/demo.py: the same head, scored with flips and the map's peak.
+    'gas_flips': {**_SPREAD, 'synthesis.gas': 'hypersphere',
+                  'eval.tta': 'flips', 'eval.image_score': 'map_max'},
     'las': {**_SPREAD, 'synthesis.las_weight': 1.0},
     'gas_las': {**_SPREAD, 'synthesis.gas': 'hypersphere',
                 'synthesis.las_weight': 1.0},
@@ -70,12 +73,14 @@ ROWS = {
 
 
 def row_overrides(name: str) -> dict:
-  """The row's keys, over the released head (no synthesis: configs/demo.py
-  has GAS on, and a row turns on only what it names)."""
+  """The row's keys, over the released head and scoring (no synthesis, one
+  pass, the largest patch score: configs/demo.py has GAS, flips and the
+  map's peak on, and a row turns on only what it names)."""
   base, *extra = name.split('+')
   if base not in ROWS:
     raise SystemExit(f'unknown row {base!r}; rows: {", ".join(ROWS)}')
-  out = {'synthesis.gas': 'none', **ROWS[base]}
+  out = {'synthesis.gas': 'none', 'eval.tta': 'none',
+         'eval.image_score': 'patch_max', **ROWS[base]}
   for item in extra:
     key, value = item.split('=', 1)
     try:

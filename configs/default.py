@@ -132,6 +132,9 @@ def get_config():
   # Image score: 'patch_max' (released: the largest raw patch score) or
   # 'map_max' (the largest value of the smoothed anomaly map).
   c.eval.image_score = 'patch_max'
+  # 'none' (released) | 'flips': patch scores averaged over the image and its
+  # three flips; for data whose normal look does not depend on orientation.
+  c.eval.tta = 'none'
   c.eval.aupro_max_fpr = 0.3
   c.eval.visualize = 'top'  # 'none' | 'top' | 'all'
   c.eval.visualize_top_n = 8

@@ -15,7 +15,14 @@ adapted features (model.noise_mode='spread', 0.4; the absolute 0.015 was
 tuned for WRN50-2's features) and GLASS's gradient-ascent synthesis with
 the hypersphere projection, whose radius follows from the normal features.
 The released SimpleNet is `--config.model.noise_mode=absolute
---config.synthesis.gas=none` (configs/mvtec.py). Each category's evaluation
+--config.synthesis.gas=none` (configs/mvtec.py).
+
+Textures look normal mirrored, so each test image is scored with its three
+flips and the patch scores averaged (eval.tta='flips'; the head's errors
+depend on the feature's exact values, and four views average them out),
+and an image's score is the peak of its anomaly map (eval.image_score=
+'map_max'). Released scoring: --config.eval.tta=none
+--config.eval.image_score=patch_max. Each category's evaluation
 also reports kNN on the same features (eval.yardstick), the yardstick the
 head is measured against.
 """
@@ -41,6 +48,8 @@ def get_config():
   c.train.num_passes = 40
   c.train.checkpoint_every = 10
   c.eval.batch_size = 16
+  c.eval.tta = 'flips'
+  c.eval.image_score = 'map_max'
   c.eval.visualize = 'top'
   c.eval.visualize_top_n = 6
   # The demo data has validation tiles, which set the threshold; the hold-out

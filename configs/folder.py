@@ -28,7 +28,11 @@ SimpleNet use configs/mvtec.py's head settings
 evaluation also reports a nearest-neighbour yardstick, kNN on the same
 features (eval.yardstick; on these sets it localised better than any
 SimpleNet-family setting); --config.model.method=knn --config.synthesis.gas=none
-trains and ships that scorer instead.
+trains and ships that scorer instead. If your images look normal mirrored
+(textures, most surfaces), --config.eval.tta=flips scores each image with
+its three flips as well (docs/quality.md: it helped the head on every set,
+cookies included); it stays off here because a mirrored part can be a
+defect.
 """
 
 import ml_collections

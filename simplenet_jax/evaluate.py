@@ -72,7 +72,7 @@ def decision_threshold(ctx, state, cache=None) -> dict:
   else:
     idx = ctx.train_idx
     source = f'{len(idx)} training images (in-sample: no hold-out)'
-    if cache is not None:
+    if cache is not None and ctx.config.eval.tta == 'none':
       scores, map_range = _cached_statistics(ctx, state, cache)
     else:
       scores, map_range = normal_statistics(ctx, state, ctx.train_set, idx)

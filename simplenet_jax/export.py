@@ -260,6 +260,9 @@ def metadata(config, category: str, meta: dict, files: dict) -> dict:
       'map_range': meta.get('map_range'),
       'sigma': float(config.eval.sigma),
       'image_score': config.eval.image_score,
+      # 'flips': the graph scores each image and its three flips and
+      # averages the patch scores (eval.tta).
+      'tta': config.eval.tta,
       'passes_done': meta.get('passes_done'),
       'config_fingerprint': meta.get('fingerprint'),
       'model_config': config.model.to_dict(),

@@ -536,6 +536,19 @@ class _Lowering:
                                        i64(steps)]),
                  eqn.outvars[0].aval.shape)
 
+  def _rev(self, eqn, ins):
+    # ONNX has no reverse op; a Slice with step -1 over the whole axis is one.
+    x = self.full(ins[0], eqn.invars[0])
+    axes = [int(d) for d in eqn.params['dimensions']]
+    if not axes:
+      return _Lazy(x, eqn.outvars[0].aval.shape)
+    i64 = lambda v: self.b.const(np.array(v, np.int64))
+    lowest = np.iinfo(np.int64).min
+    return _Lazy(self.b.node('Slice', [x, i64([-1] * len(axes)),
+                                       i64([lowest] * len(axes)), i64(axes),
+                                       i64([-1] * len(axes))]),
+                 eqn.outvars[0].aval.shape)
+
   # ---- reductions ---------------------------------------------------------------
 
   def _reduce(self, eqn, ins, op):

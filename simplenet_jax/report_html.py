@@ -190,6 +190,17 @@ def _training_text(config: dict) -> str:
                                       else '') + other)
 
 
+def _scoring_text(config: dict) -> str:
+  """How test images were scored (results.json's config eval section)."""
+  e = config.get('eval', {})
+  views = ('the image and its three flips, patch scores averaged'
+           if e.get('tta') == 'flips' else 'one pass')
+  score = ('the peak of the anomaly map' if e.get('image_score') == 'map_max'
+           else 'the largest patch score')
+  return (f"{views}; image score: {score}; maps smoothed with sigma "
+          f"{e.get('sigma')}")
+
+
 def _run_section(workdir: str, doc: dict) -> str:
   extra = doc.get('extra', {})
   config = extra.get('config', {})
@@ -208,6 +219,7 @@ def _run_section(workdir: str, doc: dict) -> str:
                  f"; resize {d.get('resize')} crop {d.get('crop')}, textures "
                  f"{d.get('texture_resize')}"),
         ('Training', _training_text(config)),
+        ('Scoring', _scoring_text(config)),
         ('Devices', f"{len(devices)}: {', '.join(devices)}")]
   rows = ''.join(f'<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>' for k, v in kv)
   out = [f'<section id="run"><h2>Run</h2><table class="kv">{rows}</table>']

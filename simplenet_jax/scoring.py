@@ -40,6 +40,10 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 METHODS = ('simplenet', 'knn')
 # eval.image_score: the released maximum patch score, or the map's maximum.
 IMAGE_SCORES = ('patch_max', 'map_max')
+# eval.tta: one pass (released), or patch scores averaged over the image and
+# its horizontal, vertical and double flips (each flipped back).
+TTAS = ('none', 'flips')
+_FLIP_AXES = ((), (2,), (1,), (1, 2))  # Of (B, H, W, C) images / (B, h, w).
 
 
 @functools.lru_cache(maxsize=None)
@@ -85,18 +89,39 @@ def outputs(patch_scores: jax.Array, out_hw: Sequence[int], sigma: float,
   return {'image_scores': scores, 'anomaly_maps': maps}
 
 
-def map_args(eval_cfg) -> tuple[float, str]:
-  """(sigma, image_score) of the config's eval section, hashable."""
-  return float(eval_cfg.sigma), str(eval_cfg.image_score)
+def with_tta(patch_fn, images: jax.Array, tta: str) -> jax.Array:
+  """patch_fn(images (B, H, W, C)) -> (B, h, w) patch scores, under eval.tta.
+
+  'flips': the mean of patch_fn over the image and its three flips, each
+  score grid flipped back. The maps are linear in the grid and commute with
+  flips (bilinear resize with half-pixel centres, a symmetric Gaussian), so
+  this is also the mean of the four anomaly maps. The backbone's grid is
+  flip-equivariant only up to its stride's padding offsets, a fraction of a
+  grid cell.
+  """
+  if tta == 'none':
+    return patch_fn(images)
+  total = 0.0
+  for axes in _FLIP_AXES:
+    scores = patch_fn(jnp.flip(images, axes) if axes else images)
+    total = total + (jnp.flip(scores, axes) if axes else scores)
+  return total / len(_FLIP_AXES)
+
+
+def map_args(eval_cfg) -> tuple[float, str, str]:
+  """(sigma, image_score, tta) of the config's eval section, hashable."""
+  return float(eval_cfg.sigma), str(eval_cfg.image_score), str(eval_cfg.tta)
 
 
 def score_rule(eval_cfg) -> dict:
   """How image scores, and so the decision threshold, are computed; stored
   with the threshold. The smoothing enters them only through the map."""
-  sigma, image_score = map_args(eval_cfg)
+  sigma, image_score, tta = map_args(eval_cfg)
   rule = {'image_score': image_score}
   if image_score == 'map_max':
     rule['sigma'] = sigma
+  if tta != 'none':  # Absent for one pass: thresholds stored before eval.tta.
+    rule['tta'] = tta
   return rule
 
 
@@ -259,7 +284,7 @@ def make_export_fn(backbone_module, layers: Sequence[str], model_cfg,
   program, which is what `export` serializes."""
   layers = tuple(layers)
   out_hw = (int(image_hw[0]), int(image_hw[1]))
-  sigma, image_score = map_args(eval_cfg)
+  sigma, image_score, tta = map_args(eval_cfg)
   if model_cfg.method == 'knn':
     bank = np.asarray(head_vars['bank'], np.float32)
 
@@ -275,7 +300,7 @@ def make_export_fn(backbone_module, layers: Sequence[str], model_cfg,
                             fused, images)
 
   def fn(images):
-    out = outputs(patch_fn(images), out_hw, sigma, image_score)
+    out = outputs(with_tta(patch_fn, images, tta), out_hw, sigma, image_score)
     return out['image_scores'], out['anomaly_maps']
 
   return fn
@@ -291,7 +316,10 @@ def make_cached_features_fn(model_cfg, image_hw: Sequence[int], eval_cfg):
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_features_fn(model_cfg, out_hw, sigma, image_score):
+def _cached_features_fn(model_cfg, out_hw, sigma, image_score, tta):
+  if tta != 'none':  # Cached features are of the unflipped images only.
+    raise ValueError(f'no cached-feature scoring under eval.tta={tta!r}')
+
   @jax.jit
   def fn(head_vars, features):
     features = features.astype(jnp.float32)
@@ -326,23 +354,26 @@ def make_predict_fn(backbone_module, layers: Sequence[str], model_cfg,
 
 @functools.lru_cache(maxsize=32)
 def _predict_fn(backbone_module, layers, model_cfg, out_hw, sigma,
-                image_score):
-  def with_patches(scores):
+                image_score, tta):
+  def with_patches(patch_fn, images):
+    scores = with_tta(patch_fn, images, tta)
     return {**outputs(scores, out_hw, sigma, image_score),
             'patch_scores': scores}
 
   if model_cfg.method == 'knn':
     @jax.jit
     def predict_knn(backbone_vars, head_vars, images):
-      feats = _features(backbone_module, layers, model_cfg, backbone_vars,
-                        images)
-      return with_patches(knn.patch_scores(head_vars['bank'], feats))
+      def patch_fn(x):
+        feats = _features(backbone_module, layers, model_cfg, backbone_vars, x)
+        return knn.patch_scores(head_vars['bank'], feats)
+      return with_patches(patch_fn, images)
     return predict_knn
 
   @jax.jit
   def predict(backbone_vars, fused, images):
-    return with_patches(_folded_scores(backbone_module, layers, model_cfg,
-                                       backbone_vars, fused, images))
+    return with_patches(functools.partial(
+        _folded_scores, backbone_module, layers, model_cfg, backbone_vars,
+        fused), images)
 
   last = {'leaves': (), 'fused': None}  # Strong refs: ids cannot be reused.
 

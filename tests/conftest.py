@@ -181,6 +181,9 @@ def tiny_args(workdir, weights_dir, root, passes=8, extra=()):
       # The pipeline's tests run the plain step; the demo config's synthesis
       # has its own (test_synthesis), and stacking needs the plain step.
       '--config.synthesis.gas=none',
+      # Released scoring too (the demo config flips and takes the map's
+      # peak); the flips have their own fixture (exported_knn) and tests.
+      '--config.eval.tta=none', '--config.eval.image_score=patch_max',
       *extra,
   ]
 
@@ -269,10 +272,12 @@ def exported_wrn50(tmp_path_factory, lite0_weights_dir, awkward_root,
 @pytest.fixture(scope='session')
 def exported_knn(tmp_path_factory, lite0_weights_dir, awkward_root,
                  jax_cache_dir):
-  """model.method=knn on Lite0 (real weights), 64 px: the memory bank
+  """model.method=knn on Lite0 (real weights), 64 px, scored under
+  eval.tta='flips' (four passes in the exported graph): the memory bank
   fitted, exported, predicted."""
   return _exported(tmp_path_factory, lite0_weights_dir, awkward_root,
-                   jax_cache_dir, 'knn', ('--config.model.method=knn',))
+                   jax_cache_dir, 'knn', ('--config.model.method=knn',
+                                          '--config.eval.tta=flips'))
 
 
 def import_blocker(*blocked: str, allow: tuple = ()) -> str:

@@ -284,6 +284,8 @@ def test_eval_or_predict_before_training(tmp_path, awkward_root,
      'of'),
     ('eval.image_score', 'mean', "config.eval.image_score: is 'mean'; must be "
      "one of ['patch_max', 'map_max']"),
+    ('eval.tta', 'rotations', "config.eval.tta: is 'rotations'; must be one "
+     "of ['none', 'flips']"),
     ('threshold.holdout_fraction', 1.0, 'config.threshold.holdout_fraction'),
     ('dataset.crop', 8, 'config.dataset.crop: is 8, smaller than the stride '
      '16 of wide_resnet50_2/layer3'),

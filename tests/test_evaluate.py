@@ -194,6 +194,16 @@ def test_threshold_from_the_feature_cache_equals_a_backbone_pass(method,
   np.testing.assert_allclose(cached['map_range'], passed['map_range'],
                              rtol=1e-5, atol=1e-6)
 
+  # Under eval.tta='flips' the cache (unflipped features only) is passed
+  # over: the threshold is that of the flip-averaged scores either way.
+  cfg.eval.tta = 'flips'
+  ctx = _tiny_category(cfg, tmp_path, mesh)
+  flips = evaluate.decision_threshold(ctx, state, cache)
+  assert flips['score_rule'] == {'image_score': 'patch_max', 'tta': 'flips'}
+  assert flips['threshold'] == pytest.approx(
+      evaluate.decision_threshold(ctx, state)['threshold'], rel=1e-6)
+  assert abs(flips['threshold'] - passed['threshold']) > 1e-4
+
 
 def test_threshold_from_validation_images(tmp_path):
   """A category with validation images trains on every training image (no

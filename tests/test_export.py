@@ -2,7 +2,8 @@
 dynamic batch, jax-only loading, the lowering's primitives, and bad input.
 
 Parity (both backbones: WRN50-2 with random weights, EfficientNet-Lite0 with
-its real weights; trained 2 passes at 64 px by main.py): ONNX Runtime and the
+its real weights; trained 2 passes at 64 px by main.py; kNN on Lite0 under
+eval.tta='flips'): ONNX Runtime and the
 reloaded jax.export artifact against predict's maths on the same images,
 image scores within 1e-4 relative, maps within 1e-4 of the map's range,
 identical decisions. The CLI-to-CLI comparison (serve vs --mode=predict) is
@@ -117,6 +118,8 @@ def _knn(exported_knn):
 @pytest.mark.parametrize('which', ['lite0', 'wrn50', 'knn'])
 def test_parity_onnx_and_jax_export(which, request):
   exported = request.getfixturevalue(which)
+  meta = json.loads((exported.folder / export.META_FILE).read_text())
+  assert meta['tta'] == ('flips' if which == 'knn' else 'none')
   paths = sorted(exported.predictions)
   images, ref_scores, ref_maps, threshold = reference(exported, paths)
   # The reference is what main.py --mode=predict printed.
@@ -188,6 +191,7 @@ def test_artifacts_and_metadata(lite0):
   assert meta['config_fingerprint'] == category_lib.fingerprint(config)
   assert {'jax', 'flax', 'onnx', 'numpy'} <= set(meta['versions'])
   assert meta['jax_export_platforms'] == ['cpu', 'cuda']
+  assert meta['tta'] == 'none'
 
   model = onnx.load(str(folder / export.ONNX_FILE))
   onnx.checker.check_model(model, full_check=True)
@@ -348,6 +352,16 @@ def test_lowering_gathers_einsums_and_reductions():
     maps = scoring.anomaly_maps(g.sum(-1), (10, 12), 1.5)
     return maps * jax.nn.leaky_relu(g, 0.2).reshape(x.shape[0], -1).max(-1)[
         :, None, None]
+
+  _lower_and_compare(fn, (5, 6, 4))
+
+
+def test_lowering_flips():
+  """eval.tta='flips' reverses spatial axes (lax.rev): one axis, two, and
+  a flip of a flip; ONNX Runtime must give JAX's values."""
+  def fn(x):
+    return (jnp.flip(x, (1,)) + 2 * jnp.flip(x, (1, 2))
+            + 3 * jnp.flip(jnp.flip(x, (2,)) * x, (2,)))
 
   _lower_and_compare(fn, (5, 6, 4))
 

@@ -33,6 +33,9 @@ def tiny_args(workdir, weights_dir, passes=4):
       f'--config.train.num_passes={passes}',
       '--config.train.checkpoint_every=2', '--config.train.eval_every=2',
       '--config.eval.visualize=top', '--config.eval.visualize_top_n=2',
+      # Released scoring (the demo config flips and takes the map's peak):
+      # the image-score check below switches to the peak itself.
+      '--config.eval.tta=none', '--config.eval.image_score=patch_max',
   ]
 
 

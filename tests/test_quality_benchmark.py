@@ -50,3 +50,22 @@ def test_decisions_summed_over_seeds(tmp_path):
   text = quality.table(str(path))
   assert ('spread, at the threshold (all seeds): grass 2/20 normal flagged, '
           '21/30 anomalous caught') in text
+
+
+def test_rows_score_as_released_unless_named(tmp_path):
+  """Rows start from the released scoring (one pass, the largest patch
+  score), though configs/demo.py flips and takes the map's peak; the
+  'gas_flips' row is configs/demo.py's head and scoring."""
+  import types  # pylint: disable=g-import-not-at-top
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  args = types.SimpleNamespace(workdir=str(tmp_path), passes=0,
+                               weights_dir='pretrained')
+  plain = quality.set_config('grass', 'gas_hypersphere', 0, args)
+  assert (plain.eval.tta, plain.eval.image_score) == ('none', 'patch_max')
+  shipped = demo.get_config()
+  assert (shipped.eval.tta, shipped.eval.image_score) == ('flips', 'map_max')
+  flips = quality.set_config('grass', 'gas_flips', 0, args)
+  for key in ('model.noise_mode', 'model.noise_rel', 'synthesis.gas',
+              'eval.tta', 'eval.image_score'):
+    section, leaf = key.split('.')
+    assert flips[section][leaf] == shipped[section][leaf], key

@@ -283,6 +283,13 @@ def test_run_section_names_the_method_and_its_noise():
   text = report_html._training_text(demo_config.get_config().to_dict())  # pylint: disable=protected-access
   assert text == ('40 passes, batch 4, noise spread: 0.4 x spread of the '
                   'adapted features; synthesis: GAS hypersphere')
+  text = report_html._scoring_text(demo_config.get_config().to_dict())  # pylint: disable=protected-access
+  assert text == ('the image and its three flips, patch scores averaged; '
+                  'image score: the peak of the anomaly map; maps smoothed '
+                  'with sigma 4.0')
+  text = report_html._scoring_text(default.get_config().to_dict())  # pylint: disable=protected-access
+  assert text == ('one pass; image score: the largest patch score; maps '
+                  'smoothed with sigma 4.0')
   from configs import glass  # pylint: disable=g-import-not-at-top
   text = report_html._training_text(glass.get_config().to_dict())  # pylint: disable=protected-access
   assert text == ('640 passes, batch 8, noise absolute: std 0.015; '

@@ -110,6 +110,18 @@ def test_score_rule_guards_a_stored_threshold():
   with pytest.raises(scoring.UserError, match=r'--config.eval.sigma=4.0'):
     scoring.check_score_rule(cfg.eval, meta, 'ckpt')
   scoring.check_score_rule(cfg.eval, {}, 'ckpt')  # No threshold yet.
+  cfg.eval.sigma = 4.0
+  cfg.eval.tta = 'flips'  # Averaged scores: another scale of image scores.
+  with pytest.raises(scoring.UserError, match=r"'tta': 'flips'.*"
+                     r"--config.eval.image_score=map_max --config.eval.sigma"):
+    scoring.check_score_rule(cfg.eval, meta, 'ckpt')
+  meta['score_rule'] = scoring.score_rule(cfg.eval)
+  assert meta['score_rule'] == {'image_score': 'map_max', 'sigma': 4.0,
+                                'tta': 'flips'}
+  scoring.check_score_rule(cfg.eval, meta, 'ckpt')
+  cfg.eval.tta = 'none'
+  with pytest.raises(scoring.UserError, match=r'--config.eval.tta=flips'):
+    scoring.check_score_rule(cfg.eval, meta, 'ckpt')
 
 
 class _TinyBackbone(nn.Module):
@@ -202,3 +214,51 @@ def test_every_scorer_takes_the_map_peak_when_asked():
   np.testing.assert_allclose(np.asarray(exported), peaks, atol=1e-5)
   np.testing.assert_allclose(np.asarray(maps).reshape(2, -1).max(1), peaks,
                              atol=1e-5)
+
+
+@pytest.mark.parametrize('method', ['simplenet', 'knn'])
+def test_flips_average_the_four_flipped_back_passes(method):
+  """eval.tta='flips': predict's and export's patch scores are the mean of
+  one-pass scores of the image and its three flips, each flipped back with
+  numpy here; the maps and image scores follow from that mean."""
+  cfg, module, backbone_vars, images = _setup()
+  cfg.model.method = method
+  layers = ('layer2', 'layer3')
+  feats = scoring.make_feature_fn(module, layers, cfg.model)(backbone_vars,
+                                                              images)
+  if method == 'knn':
+    rng = np.random.default_rng(3)
+    head = {'bank': jnp.asarray(rng.normal(size=(40, 16)), jnp.float32)}
+  else:
+    state = train.create_train_state(jax.random.key(1), cfg.model, cfg.optim,
+                                     16, 1, 1)
+    head = {'params': state.params, 'batch_stats': state.batch_stats}
+  one = scoring.make_predict_fn(module, layers, cfg.model, (32, 40), cfg.eval)
+  passes = []
+  for flip_back in (lambda a: a, lambda a: a[:, :, ::-1], lambda a: a[:, ::-1],
+                    lambda a: a[:, ::-1, ::-1]):
+    flipped = np.ascontiguousarray(flip_back(images))  # A flip is its inverse.
+    passes.append(flip_back(np.asarray(
+        one(backbone_vars, head, flipped)['patch_scores'])))
+  want = np.mean(passes, 0)
+  assert np.abs(passes[1] - passes[0]).max() > 1e-3  # The flips differ.
+  cfg.eval.tta = 'flips'
+  out = scoring.make_predict_fn(module, layers, cfg.model, (32, 40),
+                                cfg.eval)(backbone_vars, head, images)
+  np.testing.assert_allclose(np.asarray(out['patch_scores']), want,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(out['anomaly_maps']),
+      np.asarray(scoring.anomaly_maps(jnp.asarray(want), (32, 40),
+                                      cfg.eval.sigma)), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out['image_scores']),
+                             want.reshape(2, -1).max(1), atol=1e-5)
+  scores, maps = scoring.make_export_fn(module, layers, cfg.model,
+                                        backbone_vars, head, (32, 40),
+                                        cfg.eval)(images)
+  np.testing.assert_allclose(np.asarray(scores), want.reshape(2, -1).max(1),
+                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(maps), np.asarray(out['anomaly_maps']),
+                             atol=1e-5)
+  with pytest.raises(ValueError, match='tta'):  # The cache has no flips.
+    scoring.make_cached_features_fn(cfg.model, (32, 40), cfg.eval)
