@@ -224,8 +224,6 @@ def test_flips_average_the_four_flipped_back_passes(method):
   cfg, module, backbone_vars, images = _setup()
   cfg.model.method = method
   layers = ('layer2', 'layer3')
-  feats = scoring.make_feature_fn(module, layers, cfg.model)(backbone_vars,
-                                                              images)
   if method == 'knn':
     rng = np.random.default_rng(3)
     head = {'bank': jnp.asarray(rng.normal(size=(40, 16)), jnp.float32)}
