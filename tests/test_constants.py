@@ -31,6 +31,8 @@ RELEASED = {
     # simplenet.py _predict: image score = max over the patch scores (before
     # the maps are upsampled and smoothed).
     'eval.image_score': 'patch_max',
+    # simplenet.py _predict: one forward pass per image (no test-time views).
+    'eval.tta': 'none',
     # The MVTec AD AUPRO (Bergmann et al., IJCV 2021): the PRO curve
     # integrated up to FPR 0.3 and normalised (README, "Known limits").
     'eval.aupro_max_fpr': 0.3,
