@@ -179,15 +179,14 @@ def built_version(root) -> int | None:
     return None
 
 
-def check_runs_match(workdir) -> None:
-  """A workdir whose checkpoints were trained on another version of the demo
-  data is refused: `build` would replace that data under them, and the
-  runs would be evaluated (and their thresholds reported) on tiles they
-  were not made with."""
-  workdir = Path(workdir)
-  old = built_version(workdir / 'demo_data')
+def _refuse_replacing_under_runs(root: Path) -> None:
+  """Older demo data under `root` is not replaced while its workdir (root's
+  parent) holds checkpoints trained on it: those runs would be evaluated
+  (and their thresholds reported) on tiles they were not made with."""
+  old = built_version(root)
   if old is None or old == _VERSION:
     return
+  workdir = root.parent
   trained = sorted(p.parent.name for p in workdir.glob('*/checkpoints'))
   if trained:
     raise UserError(
@@ -220,6 +219,7 @@ def build(root, seed: int = 0, *, tile: int = 128, num_train: int = 20,
 
   if current():
     return root
+  _refuse_replacing_under_runs(root)
   if root.exists() and not (root / MANIFEST).is_file() and any(root.iterdir()):
     raise UserError(f'{root} exists and is not a demo data folder (no '
                     f'{MANIFEST}); move it away or use another --workdir.')
