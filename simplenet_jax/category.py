@@ -7,9 +7,10 @@ predict mode all read what they need from it or from the helpers here.
 """
 
 import dataclasses
+import functools
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 import zlib
 
 from absl import logging
@@ -62,6 +63,18 @@ def state_template(config, embed_dim: int, steps_per_pass: int, key=None,
   key = jax.random.PRNGKey(0) if key is None else key
   return train.create_train_state(key, config.model, config.optim, embed_dim,
                                   steps_per_pass, config.train.num_passes)
+
+
+def template_for(config, meta: dict):
+  """The state a checkpoint with metadata `meta` restores into, made
+  without its data (predict and export read no dataset)."""
+  return state_template(config, meta['embed_dim'], meta['steps_per_pass'],
+                        bank_rows=meta.get('bank_rows', 0))
+
+
+def _counts(record: dict) -> str:
+  return (f"{record['n_train']} training, {record['n_holdout']} held-out "
+          f"and {record['n_validation']} validation images")
 
 
 def fingerprint(config) -> str:
@@ -205,7 +218,35 @@ class CategoryContext:
                 bank_rows=self.bank_rows, method=c.model.method,
                 backbone=c.backbone.name, layers=list(c.backbone.layers),
                 num_passes=c.train.num_passes, seed=c.seed,
-                fingerprint=fingerprint(c), **extra)
+                fingerprint=fingerprint(c), data=self.data_record, **extra)
+
+  @functools.cached_property
+  def data_record(self) -> dict:
+    """Which images this run trains on and sets its threshold on: their
+    numbers and a digest of their `data.image_ids`, stored with every
+    checkpoint (`data_change` compares them)."""
+    val = ([] if self.val_set is None else
+           data.image_ids(self.val_set, range(len(self.val_set))))
+    ids = [data.image_ids(self.train_set, self.train_idx),
+           data.image_ids(self.train_set, self.holdout_idx), val]
+    return dict(n_train=len(self.train_idx), n_holdout=len(self.holdout_idx),
+                n_validation=len(val),
+                digest=hex(zlib.crc32(json.dumps(ids).encode())))
+
+  def data_change(self, meta: dict) -> Optional[str]:
+    """None if the checkpoint with metadata `meta` was trained on the images
+    the data gives now (or predates the record); else what differs, one
+    clause naming the checkpoint folder."""
+    then, now = meta.get('data'), self.data_record
+    if then is None or then['digest'] == now['digest']:
+      return None
+    if all(then[k] == now[k] for k in ('n_train', 'n_holdout',
+                                       'n_validation')):
+      what = f'as many images as then ({_counts(now)}), but other files'
+    else:
+      what = f'{_counts(then)} then, {_counts(now)} now'
+    return (f'{self.checkpoint_dir} was trained on other images than '
+            f'config.dataset gives now ({what})')
 
   def check_compatible(self, meta: dict) -> None:
     """A checkpoint of another config is the user's to resolve, not skipped."""
@@ -222,6 +263,11 @@ class CategoryContext:
     _, state, meta = checkpoint.require_latest(
         self.checkpoint_dir, self.new_state(),
         check_meta=self.check_compatible)
+    change = self.data_change(meta)
+    if change:
+      logging.warning('%s; evaluating the trained model as it is (to train '
+                      'on the current images, use another --workdir).',
+                      change)
     if int(meta['passes_done']) < self.config.train.num_passes:
       logging.warning('%s: the latest checkpoint is from pass %s of %d '
                       '(training did not finish); evaluating it anyway.',

@@ -216,11 +216,13 @@ def _save_record(ctx, state, meta, row, scores, labels, names, pro_curve,
   shown = sorted({i for idx in galleries.values() for i in idx})
   roc = metrics.image_roc(scores, labels)
   meta = meta or {}
+  # The images the model trained on (the checkpoint's record: the data may
+  # have changed since), or this run's during training.
+  counts = meta.get('data') or ctx.data_record
   record = dict(
       category=ctx.category, kind=ctx.kind, passes=meta.get('passes_done'),
-      image_hw=list(ctx.test_set.image_hw), n_train=len(ctx.train_idx),
-      n_holdout=len(ctx.holdout_idx),
-      n_validation=0 if ctx.val_set is None else len(ctx.val_set),
+      image_hw=list(ctx.test_set.image_hw), n_train=counts['n_train'],
+      n_holdout=counts['n_holdout'], n_validation=counts['n_validation'],
       threshold=meta.get('threshold'),
       threshold_source=meta.get('threshold_source'),
       map_range=list(map_range) if map_range else None,

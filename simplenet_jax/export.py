@@ -76,9 +76,7 @@ def _scorer(config, ckpt_dir: str, meta: dict) -> Callable:
   backbone variables) -> fn(images) -> (scores, maps), jittable with a
   symbolic batch. `build` is called with the backbone as predict runs it
   (for jax.export) and with `backbones.onnx_variant` of it."""
-  template = category_lib.state_template(config, meta['embed_dim'],
-                                         meta['steps_per_pass'],
-                                         bank_rows=meta.get('bank_rows', 0))
+  template = category_lib.template_for(config, meta)
   _, state, _ = checkpoint.require_latest(ckpt_dir, template,
                                           check_meta=_fingerprint_check(
                                               config, ckpt_dir))

@@ -75,7 +75,18 @@ class _CategoryRun:
       self.start = int(meta['passes_done'])
       logging.info('%s: continuing from pass %d (%s)', ctx.category,
                    self.start, self.ckpt.directory)
-      if self.start >= self.config.train.num_passes and 'threshold' in meta:
+      finished = (self.start >= self.config.train.num_passes and
+                  'threshold' in meta)
+      change = ctx.data_change(meta)
+      if change and not finished:
+        raise UserError(
+            f'{change}; resuming would train one model on both: put the '
+            'images back as they were, or train in another --workdir')
+      if finished:
+        if change:
+          logging.warning('%s; the trained model is kept and evaluated as '
+                          'it is (to train on the current images, use '
+                          'another --workdir).', change)
         return parallel.put_replicated(state, ctx.mesh), meta
     # Passes logged after the checkpoint (by a run that was killed) are
     # trained again: drop their records (all of them when starting afresh).

@@ -79,9 +79,7 @@ def run(config, workdir: str) -> list[dict]:
   mesh = parallel.make_mesh()
   module, backbone_vars = backbones.load_for_run(config.backbone)
   backbone_vars = parallel.put_replicated(backbone_vars, mesh)
-  template = category_lib.state_template(config, meta['embed_dim'],
-                                         meta['steps_per_pass'],
-                                         bank_rows=meta.get('bank_rows', 0))
+  template = category_lib.template_for(config, meta)
   _, state, meta = checkpoint.require_latest(ckpt_dir, template,
                                              check_meta=check)
   if 'threshold' not in meta:

@@ -20,6 +20,7 @@ import gc
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +42,7 @@ from conftest import ROOT
 from conftest import run_main
 from conftest import tiny_args
 from simplenet_jax import checkpoint
+from simplenet_jax import eval_record
 from simplenet_jax.errors import UserError
 
 PASSES = 8
@@ -317,6 +319,66 @@ def test_predict_on_a_size_never_seen_in_training(reference, tmp_path,
   assert not [p for p in out_dir.iterdir() if '.tmp' in p.name]
 
 
+def _with_one_more_training_image(src_root, dst_root):
+  """A copy of the dataset at src_root whose train/good has one image more."""
+  shutil.copytree(src_root, dst_root)
+  good = dst_root / CATEGORY / 'train' / 'good'
+  with PIL.Image.open(good / '009.png') as im:
+    im.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT).save(good / '010.png')
+
+
+def test_changed_training_images_keep_the_model_or_stop_a_resume(
+    reference, tmp_path, jax_cache_dir):
+  """Images added to train/good after training: the finished model is kept
+  and evaluated as trained, with a warning, and the report counts the images
+  it trained on; an unfinished run is not resumed on them (one error line,
+  its checkpoints kept)."""
+  root = tmp_path / 'data'
+  _with_one_more_training_image(reference.root, root)
+  env = main_env(jax_cache_dir)
+
+  finished = tmp_path / 'finished'
+  shutil.copytree(reference.workdir, finished)
+  args = tiny_args(finished, reference.weights, root, PASSES,
+                   extra=['--config.report.html=True'])
+  proc = run_main(args, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  ckpt_dir = finished / CATEGORY / 'checkpoints'
+  assert (f'{ckpt_dir} was trained on other images than config.dataset '
+          'gives now (9 training, 1 held-out and 0 validation images then, '
+          '10 training, 1 held-out and 0 validation images now)'
+          in proc.stderr), proc.stderr[-3000:]
+  assert 'could not be loaded' not in proc.stderr
+  # The same model, the same figures (the kNN yardstick is fitted on the
+  # images the data gives now, so its figures may differ).
+  head = ('image_auroc', 'pixel_auroc', 'aupro', 'decisions')
+  (row,), _ = _rows(finished)
+  (ref_row,), _ = _rows(reference.workdir)
+  assert {k: row[k] for k in head} == {k: ref_row[k] for k in head}
+  record = eval_record.load(str(finished / CATEGORY))
+  assert (record['n_train'], record['n_holdout']) == (9, 1)
+
+  unfinished = tmp_path / 'unfinished'
+  shutil.copytree(reference.workdir, unfinished)
+  ckpt_dir = unfinished / CATEGORY / 'checkpoints'
+  shutil.rmtree(ckpt_dir / str(PASSES))  # Killed before its last save.
+  kept = _step_dirs(ckpt_dir)
+  assert kept and max(kept) < PASSES
+  proc = run_main(tiny_args(unfinished, reference.weights, root, PASSES),
+                  env=env)
+  assert proc.returncode != 0
+  assert 'Traceback' not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f'error: {ckpt_dir} was trained on other images'), last
+  assert 'train in another --workdir' in last
+  assert _step_dirs(ckpt_dir) == kept
+  # With the images as they were, the same workdir resumes and finishes.
+  proc = run_main(tiny_args(unfinished, reference.weights, reference.root,
+                            PASSES), env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert _rows(unfinished) == _rows(reference.workdir)
+
+
 # ---- In process ------------------------------------------------------------
 
 
@@ -381,6 +443,7 @@ _RESTORE_DAMAGED = textwrap.dedent('''
   sys.path.insert(0, sys.argv[1])
   import numpy as np
   from simplenet_jax import checkpoint
+from simplenet_jax import eval_record
   root, n = pathlib.Path(sys.argv[2]), int(sys.argv[3])
   # About as many arrays as a train state (parameters, statistics, Adam's
   # moments), without compiling one.

@@ -3,7 +3,7 @@
 A dataset has __len__, load(i) -> dict(image (H,W,3) uint8, mask (H,W) uint8
 in {0,1}, label int 0 normal / 1 anomalous, path str, defect str) and the
 attributes name, has_masks (False: skip pixel metrics), image_hw (H, W).
-`loader.batches` turns one into batches.
+`loader.batches` turns one into batches; `image_ids` names its images.
 
 dataset.kind:
   mvtec       MVTec AD layout under dataset.root (also any category in it).
@@ -112,6 +112,17 @@ def build(dataset_cfg, category: str, split: str,
     from simplenet_jax.data import folder  # pylint: disable=g-import-not-at-top
     return folder.build(dataset_cfg, category, split, geometry)
   raise ValueError(f'unknown dataset kind {kind!r} (see KINDS)')
+
+
+def image_ids(dataset, indices) -> list[str]:
+  """What identifies dataset[i] for i in `indices`, to tell whether a run's
+  images are still the ones it trained on: a file's name and size in bytes
+  (cheap: no decoding), or for the tfds-backed kinds, fixed once prepared,
+  the position."""
+  if isinstance(dataset, images.FileDataset):
+    return [f'{s.image.name}:{s.image.stat().st_size}'
+            for s in (dataset.samples[int(i)] for i in indices)]
+  return [str(int(i)) for i in indices]
 
 
 def geometry(dataset_cfg, kind: str) -> images.Geometry:
