@@ -13,11 +13,12 @@ test-set selection). Rows are
 config overrides (ROWS); 'base+key=value+...' adds or changes keys, e.g.
 'spread+model.noise_rel=0.8'.
 
-Sets: cookies (../shared/datasets/cookies, 576x768 photos resized to
-256x256 as MVTec AD's textures are, so that no part of a cookie is cropped
-away; 'cookies_crop' is the object transform instead: shorter side 256,
-centre crop 224) and the offline demo's brick, grass, gravel (generated once
-under --workdir, 128 px). One JSON line
+Sets: cookies (../shared/datasets/cookies, 576x768 photos resized whole
+to 128x128, configs/demo.py's texture size, so that no part of a cookie is
+cropped away; 'cookies256' the same at 256x256, configs/folder.py's size
+for users' photos; 'cookies_crop' is the object transform instead: shorter
+side 256, centre crop 224) and the offline demo's brick, grass, gravel
+(generated once under --workdir, 128 px). One JSON line
 per run goes to --out: the three metrics, kNN's on the same features
 (eval.yardstick, on in configs/demo.py; not for the knn rows), the median
 seconds per pass (log.jsonl's pass_s, the first pass left out: it compiles),
@@ -45,7 +46,7 @@ from simplenet_jax import experiment
 from simplenet_jax import report
 from simplenet_jax.data import demo as demo_data
 
-SETS = ('cookies', 'cookies_crop', 'brick', 'grass', 'gravel')
+SETS = ('cookies', 'cookies256', 'cookies_crop', 'brick', 'grass', 'gravel')
 SHARED_DATASETS = os.path.join(os.path.dirname(ROOT), 'shared', 'datasets')
 METRICS = report.METRICS
 
@@ -99,11 +100,13 @@ def set_config(name: str, row: str, seed: int, args):
   c.dataset.num_workers = 2
   c.dataset.kind = 'mvtec'
   c.dataset.categories = (name,)
-  if name.startswith('cookies'):  # cookies | cookies_crop: one category.
+  if name.startswith('cookies'):  # One category, three geometries.
     c.dataset.root = SHARED_DATASETS
     c.dataset.categories = ('cookies',)
-    if name == 'cookies':
+    if name != 'cookies_crop':  # Whole photos, squared.
       c.dataset.textures = ('cookies',)
+    if name == 'cookies256':
+      c.dataset.texture_resize = 256
   else:  # The demo's categories, generated once, read as textures.
     c.dataset.root = str(demo_data.build(
         os.path.join(args.workdir, 'demo_data')))

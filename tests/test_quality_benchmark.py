@@ -69,3 +69,23 @@ def test_rows_score_as_released_unless_named(tmp_path):
               'eval.tta', 'eval.image_score'):
     section, leaf = key.split('.')
     assert flips[section][leaf] == shipped[section][leaf], key
+
+
+def test_cookies_sets_are_the_geometries_they_name(tmp_path):
+  """'cookies' is whole photos at the demo config's 128x128, 'cookies256'
+  at the folder config's 256x256, 'cookies_crop' the object transform."""
+  import types  # pylint: disable=g-import-not-at-top
+  from configs import folder  # pylint: disable=g-import-not-at-top
+  from simplenet_jax.data import images  # pylint: disable=g-import-not-at-top
+  args = types.SimpleNamespace(workdir=str(tmp_path), passes=0,
+                               weights_dir='pretrained')
+
+  def geometry(name):
+    c = quality.set_config(name, 'knn', 0, args)
+    kind = 'texture' if 'cookies' in c.dataset.textures else 'object'
+    return images.geometry_for(c.dataset, kind)
+
+  assert geometry('cookies') == images.Geometry(square=128)
+  assert geometry('cookies256') == images.Geometry(square=256)
+  assert folder.get_config().dataset.texture_resize == 256
+  assert geometry('cookies_crop') == images.Geometry(shorter=256, crop=224)
