@@ -248,6 +248,16 @@ class CategoryContext:
     return (f'{self.checkpoint_dir} was trained on other images than '
             f'config.dataset gives now ({what})')
 
+  def warn_if_data_changed(self, meta: dict) -> None:
+    """A finished model is kept when its images changed since: say so."""
+    change = self.data_change(meta)
+    if change:
+      logging.warning(
+          '%s; the trained model is kept and evaluated as it is%s (to train '
+          'on the current images, use another --workdir).', change,
+          ', the kNN yardstick fitted on the current images'
+          if self.config.eval.yardstick else '')
+
   def check_compatible(self, meta: dict) -> None:
     """A checkpoint of another config is the user's to resolve, not skipped."""
     if meta.get('fingerprint') != fingerprint(self.config):
@@ -263,11 +273,7 @@ class CategoryContext:
     _, state, meta = checkpoint.require_latest(
         self.checkpoint_dir, self.new_state(),
         check_meta=self.check_compatible)
-    change = self.data_change(meta)
-    if change:
-      logging.warning('%s; evaluating the trained model as it is (to train '
-                      'on the current images, use another --workdir).',
-                      change)
+    self.warn_if_data_changed(meta)
     if int(meta['passes_done']) < self.config.train.num_passes:
       logging.warning('%s: the latest checkpoint is from pass %s of %d '
                       '(training did not finish); evaluating it anyway.',

@@ -75,19 +75,14 @@ class _CategoryRun:
       self.start = int(meta['passes_done'])
       logging.info('%s: continuing from pass %d (%s)', ctx.category,
                    self.start, self.ckpt.directory)
-      finished = (self.start >= self.config.train.num_passes and
-                  'threshold' in meta)
+      if self.start >= self.config.train.num_passes and 'threshold' in meta:
+        ctx.warn_if_data_changed(meta)
+        return parallel.put_replicated(state, ctx.mesh), meta
       change = ctx.data_change(meta)
-      if change and not finished:
+      if change:
         raise UserError(
             f'{change}; resuming would train one model on both: put the '
             'images back as they were, or train in another --workdir')
-      if finished:
-        if change:
-          logging.warning('%s; the trained model is kept and evaluated as '
-                          'it is (to train on the current images, use '
-                          'another --workdir).', change)
-        return parallel.put_replicated(state, ctx.mesh), meta
     # Passes logged after the checkpoint (by a run that was killed) are
     # trained again: drop their records (all of them when starting afresh).
     _truncate_log(self.log_path, self.start)
