@@ -443,7 +443,6 @@ _RESTORE_DAMAGED = textwrap.dedent('''
   sys.path.insert(0, sys.argv[1])
   import numpy as np
   from simplenet_jax import checkpoint
-from simplenet_jax import eval_record
   root, n = pathlib.Path(sys.argv[2]), int(sys.argv[3])
   # About as many arrays as a train state (parameters, statistics, Adam's
   # moments), without compiling one.
