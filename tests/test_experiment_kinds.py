@@ -71,3 +71,40 @@ def test_mvtec_through_tfds_builder(tmp_path, weights_dir):
   for key in ('image_auroc', 'pixel_auroc', 'aupro'):
     assert 0.0 <= rows[0][key] <= 1.0
   assert (tmp_path / 'tfds').is_dir()
+  # The tree's 6 validation tiles became the builder's validation split and
+  # set the decision threshold, as the files path does.
+  from simplenet_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from simplenet_jax.data import mvtec_tfds  # pylint: disable=g-import-not-at-top
+  b = mvtec_tfds.builder('gravel', str(tmp_path / 'tfds'))
+  assert b.info.splits['validation'].num_examples == 6
+  _, meta = checkpoint.latest_meta(str(tmp_path / 'run' / 'gravel' /
+                                       'checkpoints'))
+  assert meta['threshold_source'].endswith(
+      'over 6 validation images (normal, not trained on)')
+  assert meta['data']['n_validation'] == 6
+
+
+def test_tfds_validation_split_absent_or_stale(tmp_path):
+  """Without validation/good the tfds kind has no validation split (None);
+  validation images added after the category was prepared are not silently
+  ignored: one error naming the folder to delete."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import data  # pylint: disable=g-import-not-at-top
+  from simplenet_jax.data import demo  # pylint: disable=g-import-not-at-top
+  from simplenet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  root = demo.build(tmp_path / 'tree', num_train=3, num_val=0,
+                    num_test_good=1, num_defect_each=1, tile=32)
+  config = demo_config.get_config()
+  config.dataset.kind = 'mvtec_tfds'
+  config.dataset.root = str(root)
+  config.dataset.textures = ('brick',)
+  config.dataset.texture_resize = 32
+  config.dataset.tfds_data_dir = str(tmp_path / 'tfds')
+  assert len(data.build(config.dataset, 'brick', 'train')) == 3
+  assert data.build(config.dataset, 'brick', 'validation') is None
+  val = root / 'brick' / 'validation' / 'good'
+  val.mkdir(parents=True)
+  shutil.copy(root / 'brick' / 'train' / 'good' / '000.png', val / '000.png')
+  with pytest.raises(UserError, match='prepared without them; delete that '
+                     'folder'):
+    data.build(config.dataset, 'brick', 'validation')

@@ -79,13 +79,13 @@ def build(dataset_cfg, category: str, split: str,
 
   'validation' (normal images kept out of training, for the decision
   threshold) is optional: None where the category has none (always for
-  cifar10 and mvtec_tfds).
+  cifar10).
   """
   if split not in ('train', 'test', 'validation'):
     raise ValueError(f"split must be 'train', 'test' or 'validation', got "
                      f'{split!r}')
   kind = dataset_cfg.kind
-  if split == 'validation' and kind in ('cifar10', 'mvtec_tfds'):
+  if split == 'validation' and kind == 'cifar10':
     return None
   if kind == 'cifar10':
     from simplenet_jax.data import cifar10  # pylint: disable=g-import-not-at-top

@@ -10,6 +10,9 @@ re-encoded as PNG with PIL: neither building nor reading imports TensorFlow.
 Features: image (H, W, 3) uint8, mask (H, W, 1) uint8 in {0, 255},
 label 0 normal / 1 anomalous, defect ('good' or the defect folder),
 filename (relative to the category folder, e.g. 'test/crack/000.png').
+Splits: train, test, and validation where the category has
+validation/good (normal images kept out of training, as in the files
+path; MVTec AD itself has none).
 The prepared data lands in <data_dir>/mvtec_ad/<category>/<version>/; delete
 that folder to rebuild after the source files change.
 """
@@ -67,9 +70,10 @@ class MvtecAd(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     root = Path(dl_manager.manual_dir)
     category = self.builder_config.name
-    return {split: self._generate_examples(
-        root / category, mvtec.list_samples(root, category, split))
-            for split in ('train', 'test')}
+    splits = {split: mvtec.list_samples(root, category, split)
+              for split in ('train', 'test', 'validation')}
+    return {split: self._generate_examples(root / category, samples)
+            for split, samples in splits.items() if samples}
 
   def _generate_examples(self, cat_dir, samples):
     for i, s in enumerate(samples):
@@ -148,9 +152,20 @@ class TfdsDataset:
 
 
 def build(root, category: str, split: str, geometry: images.Geometry,
-          data_dir: Optional[str] = None) -> TfdsDataset:
-  """Kind 'mvtec_tfds': prepares the category if needed, then reads it."""
-  if split not in ('train', 'test'):
-    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-  return TfdsDataset(prepare(root, category, data_dir), split, geometry,
-                     root=str(root))
+          data_dir: Optional[str] = None) -> Optional[TfdsDataset]:
+  """Kind 'mvtec_tfds': prepares the category if needed, then reads it.
+
+  split 'validation' is None where the prepared category has none.
+  """
+  if split not in ('train', 'test', 'validation'):
+    raise ValueError(f"split must be 'train', 'test' or 'validation', got "
+                     f'{split!r}')
+  b = prepare(root, category, data_dir)
+  if split == 'validation' and split not in b.info.splits:
+    if mvtec.list_samples(root, category, split):
+      raise UserError(
+          f'{Path(root) / category / split} holds validation images, but '
+          f'{b.data_path} was prepared without them; delete that folder to '
+          'rebuild it with them.')
+    return None
+  return TfdsDataset(b, split, geometry, root=str(root))
