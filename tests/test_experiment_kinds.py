@@ -108,3 +108,7 @@ def test_tfds_validation_split_absent_or_stale(tmp_path):
   with pytest.raises(UserError, match='prepared without them; delete that '
                      'folder'):
     data.build(config.dataset, 'brick', 'validation')
+  # Once prepared, the source tree is not needed (nor looked for).
+  shutil.rmtree(root)
+  assert len(data.build(config.dataset, 'brick', 'test')) == 4
+  assert data.build(config.dataset, 'brick', 'validation') is None

@@ -162,10 +162,11 @@ def build(root, category: str, split: str, geometry: images.Geometry,
                      f'{split!r}')
   b = prepare(root, category, data_dir)
   if split == 'validation' and split not in b.info.splits:
-    if mvtec.list_samples(root, category, split):
+    # The source tree may be gone once prepared: only look if it is there.
+    good = Path(root) / category / split / 'good'
+    if good.is_dir() and images.list_images(good):
       raise UserError(
-          f'{Path(root) / category / split} holds validation images, but '
-          f'{b.data_path} was prepared without them; delete that folder to '
-          'rebuild it with them.')
+          f'{good} holds validation images, but {b.data_path} was prepared '
+          'without them; delete that folder to rebuild it with them.')
     return None
   return TfdsDataset(b, split, geometry, root=str(root))
