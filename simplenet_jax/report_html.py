@@ -343,6 +343,11 @@ def _category_section(workdir: str, row: dict) -> str:
                'evaluated by an older version): run --mode=eval to make it.'
                '</p></section>')
     return '\n'.join(out)
+  if rec.get('data_change'):
+    knn = ('; the kNN columns are fitted on the images the data gives now'
+           if report.YARDSTICK[0] in row else '')
+    out.append(f'<p class="missing">{_e(rec["data_change"])}: the model is '
+               f'evaluated as trained{knn}.</p>')
   threshold = rec.get('threshold')
   if threshold is not None:
     d = metrics.decision_counts(scores, labels, threshold)

@@ -357,6 +357,9 @@ def test_changed_training_images_keep_the_model_or_stop_a_resume(
   assert {k: row[k] for k in head} == {k: ref_row[k] for k in head}
   record = eval_record.load(str(finished / CATEGORY))
   assert (record['n_train'], record['n_holdout']) == (9, 1)
+  assert record['data_change'].startswith(f'{ckpt_dir} was trained on other')
+  page = (finished / 'report.html').read_text(encoding='utf-8')
+  assert 'the model is evaluated as trained; the kNN columns are fitted' in page
 
   unfinished = tmp_path / 'unfinished'
   shutil.copytree(reference.workdir, unfinished)
