@@ -220,29 +220,40 @@ class CategoryContext:
                 num_passes=c.train.num_passes, seed=c.seed,
                 fingerprint=fingerprint(c), data=self.data_record, **extra)
 
+  def _data_digest(self, kind: str) -> str:
+    """CRC of the `data.image_ids` (of `kind`) of the training, held-out and
+    validation images."""
+    val = ([] if self.val_set is None else
+           data.image_ids(self.val_set, range(len(self.val_set)), kind))
+    ids = [data.image_ids(self.train_set, self.train_idx, kind),
+           data.image_ids(self.train_set, self.holdout_idx, kind), val]
+    return hex(zlib.crc32(json.dumps(ids).encode()))
+
   @functools.cached_property
   def data_record(self) -> dict:
     """Which images this run trains on and sets its threshold on: their
-    numbers and a digest of their `data.image_ids`, stored with every
+    numbers and a digest of their names and contents, stored with every
     checkpoint (`data_change` compares them)."""
-    val = ([] if self.val_set is None else
-           data.image_ids(self.val_set, range(len(self.val_set))))
-    ids = [data.image_ids(self.train_set, self.train_idx),
-           data.image_ids(self.train_set, self.holdout_idx), val]
     return dict(n_train=len(self.train_idx), n_holdout=len(self.holdout_idx),
-                n_validation=len(val),
-                digest=hex(zlib.crc32(json.dumps(ids).encode())))
+                n_validation=0 if self.val_set is None else len(self.val_set),
+                ids='crc32', digest=self._data_digest('crc32'))
 
   def data_change(self, meta: dict) -> Optional[str]:
     """None if the checkpoint with metadata `meta` was trained on the images
     the data gives now (or predates the record); else what differs, one
     clause naming the checkpoint folder."""
     then, now = meta.get('data'), self.data_record
-    if then is None or then['digest'] == now['digest']:
+    if then is None:
+      return None
+    # Records written before the contents were digested name files by size.
+    kind = then.get('ids', 'size')
+    digest = now['digest'] if kind == now['ids'] else self._data_digest(kind)
+    if then['digest'] == digest:
       return None
     if all(then[k] == now[k] for k in ('n_train', 'n_holdout',
                                        'n_validation')):
-      what = f'as many images as then ({_counts(now)}), but other files'
+      what = (f'as many images as then ({_counts(now)}), but other files or '
+              'edited ones')
     else:
       what = f'{_counts(then)} then, {_counts(now)} now'
     return (f'{self.checkpoint_dir} was trained on other images than '

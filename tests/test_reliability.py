@@ -27,6 +27,7 @@ import sys
 import textwrap
 import time
 import types
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -383,6 +384,58 @@ def test_changed_training_images_keep_the_model_or_stop_a_resume(
 
 
 # ---- In process ------------------------------------------------------------
+
+
+def _data_context(root, names):
+  """The parts of a CategoryContext its data record reads: the files
+  `names` under `root`, all trained on, none held out, no validation."""
+  from simplenet_jax import category  # pylint: disable=g-import-not-at-top
+  from simplenet_jax.data import images  # pylint: disable=g-import-not-at-top
+  samples = [images.Sample(root / n, None, 0, 'good') for n in names]
+  ctx = types.SimpleNamespace(
+      train_set=images.FileDataset('train', samples, images.Geometry(square=8),
+                                   has_masks=False),
+      train_idx=np.arange(len(names)), holdout_idx=np.arange(0), val_set=None,
+      checkpoint_dir='ckpt')
+  ctx._data_digest = lambda kind: category.CategoryContext._data_digest(
+      ctx, kind)
+  ctx.data_record = category.CategoryContext.data_record.func(ctx)
+  return ctx, lambda meta: category.CategoryContext.data_change(ctx, meta)
+
+
+def test_data_record_notices_edits_in_place_and_keeps_older_records(tmp_path):
+  """An image edited in place (same name, same byte size) counts as changed
+  data; a copied folder does not; a record from before the contents were
+  digested (names and sizes) still reads as the same images."""
+  root = tmp_path / 'good'
+  root.mkdir()
+  names = ['a.png', 'b.png', 'c.png']
+  for i, n in enumerate(names):
+    PIL.Image.new('RGB', (8, 8), (40 * i, 9, 9)).save(root / n)
+  ctx, change = _data_context(root, names)
+  meta = {'data': ctx.data_record}
+  assert meta['data']['n_train'] == 3 and meta['data']['ids'] == 'crc32'
+  assert change(meta) is None
+  # How checkpoints recorded their images before: name:size, no 'ids' key.
+  sizes = [f'{n}:{(root / n).stat().st_size}' for n in names]
+  older = {'data': dict(n_train=3, n_holdout=0, n_validation=0, digest=hex(
+      zlib.crc32(json.dumps([sizes, [], []]).encode())))}
+  assert change(older) is None
+
+  copy = tmp_path / 'copy'
+  shutil.copytree(root, copy)
+  assert _data_context(copy, names)[1](meta) is None
+
+  raw = bytearray((root / 'b.png').read_bytes())
+  raw[len(raw) // 2] ^= 0xFF  # Other content, the same number of bytes.
+  (root / 'b.png').write_bytes(bytes(raw))
+  _, change = _data_context(root, names)
+  assert change(meta) == (
+      'ckpt was trained on other images than config.dataset gives now (as '
+      'many images as then (3 training, 0 held-out and 0 validation images),'
+      ' but other files or edited ones)')
+  assert change(older) is None  # What an older record cannot tell.
+
 
 
 def _small_state(hidden=8, dim=16):

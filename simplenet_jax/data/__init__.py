@@ -15,6 +15,7 @@ dataset.kind:
 
 from pathlib import Path
 from typing import Optional
+import zlib
 
 from simplenet_jax.data import images
 from simplenet_jax.data import mvtec
@@ -114,14 +115,23 @@ def build(dataset_cfg, category: str, split: str,
   raise ValueError(f'unknown dataset kind {kind!r} (see KINDS)')
 
 
-def image_ids(dataset, indices) -> list[str]:
+ID_KINDS = ('crc32', 'size')
+
+
+def image_ids(dataset, indices, kind: str = 'crc32') -> list[str]:
   """What identifies dataset[i] for i in `indices`, to tell whether a run's
-  images are still the ones it trained on: a file's name and size in bytes
-  (cheap: no decoding), or for the tfds-backed kinds, fixed once prepared,
-  the position."""
+  images are still the ones it trained on: a file's name and, with kind
+  'crc32', a CRC-32 of its bytes (an image edited in place changes it, a
+  copied folder keeps it; no decoding), with 'size' its size in bytes (what
+  checkpoints recorded before the CRC). For the tfds-backed kinds, fixed
+  once prepared: the position."""
+  if kind not in ID_KINDS:
+    raise ValueError(f'unknown image id kind {kind!r} (see ID_KINDS)')
   if isinstance(dataset, images.FileDataset):
-    return [f'{s.image.name}:{s.image.stat().st_size}'
-            for s in (dataset.samples[int(i)] for i in indices)]
+    paths = (dataset.samples[int(i)].image for i in indices)
+    if kind == 'size':
+      return [f'{p.name}:{p.stat().st_size}' for p in paths]
+    return [f'{p.name}:{zlib.crc32(p.read_bytes()):08x}' for p in paths]
   return [str(int(i)) for i in indices]
 
 
