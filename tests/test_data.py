@@ -4,6 +4,7 @@ import logging
 from pathlib import Path
 import struct
 import sys
+import tempfile
 import zlib
 
 import ml_collections
@@ -547,7 +548,10 @@ def test_folder_bad_config(tmp_path):
 # --------------------------------------------------- tfds builder and cifar10
 
 
-def test_tfds_builder_matches_files_path(tmp_path):
+def test_tfds_builder_matches_files_path(tmp_path, monkeypatch):
+  temp = tmp_path / 'temp'  # Where tempfile puts folders during the test.
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(temp))
   squares = _mvtec_tree(tmp_path / 'src', 'widget')
   # A grayscale 16-bit image: converted the same way on both paths.
   _save(tmp_path / 'src/widget/train/good/003.png',
@@ -571,6 +575,8 @@ def test_tfds_builder_matches_files_path(tmp_path):
   assert data.build(cfg, 'widget', 'train').load(3)['image'][0, 0, 0] == 77
   assert sum(ds.load(i)['mask'].any() for i in range(5)) == len(squares)
   assert 'tensorflow' not in sys.modules
+  # tfds's lookup of a GCS copy (MVTec AD has none) left a folder per builder.
+  assert not list(temp.iterdir())
 
 
 def test_tfds_builder_reports_missing_root(tmp_path):

@@ -31,6 +31,15 @@ from simplenet_jax.data import mvtec
 from simplenet_jax.errors import UserError
 
 
+class _LocalInfo(tfds.core.DatasetInfo):
+  """MVTec AD's DatasetInfo. This dataset is never on tfds's GCS bucket;
+  tfds's lookup there, made for every builder not yet prepared, would leave
+  an empty /tmp/tmp*tfds folder behind each time."""
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class MvtecAd(tfds.core.GeneratorBasedBuilder):
   """MVTec AD (Bergmann et al., CVPR 2019), one config per category."""
 
@@ -53,7 +62,7 @@ class MvtecAd(tfds.core.GeneratorBasedBuilder):
     return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return _LocalInfo(
         builder=self,
         description='MVTec AD: industrial anomaly detection, pixel masks.',
         features=tfds.features.FeaturesDict({
