@@ -437,7 +437,6 @@ def test_data_record_notices_edits_in_place_and_keeps_older_records(tmp_path):
   assert change(older) is None  # What an older record cannot tell.
 
 
-
 def _small_state(hidden=8, dim=16):
   from configs import default  # pylint: disable=g-import-not-at-top
   from simplenet_jax import train  # pylint: disable=g-import-not-at-top
