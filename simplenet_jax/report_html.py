@@ -22,9 +22,11 @@ import math
 import os
 import sys
 
+import ml_collections
 import numpy as np
 from PIL import Image
 
+from simplenet_jax import data
 from simplenet_jax import eval_record
 from simplenet_jax import metrics
 from simplenet_jax import report
@@ -163,6 +165,22 @@ def results_table_html(rows: list[dict], table_id: str = 'results') -> str:
   return '\n'.join(lines)
 
 
+def _geometry_text(dataset: dict, kinds) -> str:
+  """'; textures resized whole to 128x128' for the kinds of categories the
+  run has (the config's geometry for each, `data.geometry`)."""
+  parts = []
+  for kind in dict.fromkeys(kinds):  # In order, once each.
+    try:
+      g = data.geometry(ml_collections.ConfigDict(dataset), kind)
+    except (KeyError, AttributeError, ValueError):  # An older results.json.
+      continue
+    # Object and texture are MVTec AD's classes; a folder or CIFAR-10 run
+    # has one geometry for all.
+    named = dataset.get('kind') in ('mvtec', 'mvtec_tfds', 'demo')
+    parts.append(f'{kind}s {g.describe()}' if named else g.describe())
+  return ''.join(f'; {p}' for p in parts)
+
+
 def _training_text(config: dict) -> str:
   """The method and its settings in words (results.json's config)."""
   m, t = config.get('model', {}), config.get('train', {})
@@ -216,8 +234,7 @@ def _run_section(workdir: str, doc: dict) -> str:
                  + (f" at {d['root']}" if d.get('kind') in ('mvtec', 'folder')
                     else '') +
                  f"; categories {', '.join(r['category'] for r in doc['rows'])}"
-                 f"; resize {d.get('resize')} crop {d.get('crop')}, textures "
-                 f"{d.get('texture_resize')}"),
+                 + _geometry_text(d, [r.get('kind') for r in doc['rows']])),
         ('Training', _training_text(config)),
         ('Scoring', _scoring_text(config)),
         ('Devices', f"{len(devices)}: {', '.join(devices)}")]

@@ -301,6 +301,25 @@ def test_run_section_names_the_method_and_its_noise():
       'kNN memory bank, coreset fraction 0.1')
 
 
+def test_run_section_says_how_each_kind_of_image_was_sized():
+  from configs import default, demo as demo_config, folder  # pylint: disable=g-import-not-at-top
+  geometry = report_html._geometry_text  # pylint: disable=protected-access
+  mvtec = default.get_config().dataset.to_dict()
+  assert geometry(mvtec, ['object', 'texture', 'object']) == (
+      '; objects shorter side 256, centre crop 224; textures resized whole '
+      'to 256x256')
+  mvtec['texture_resize'] = 0  # Textures take the object transform.
+  mvtec['crop'] = 0
+  assert geometry(mvtec, ['texture', 'object']) == (
+      '; textures shorter side 256, no crop; objects shorter side 256, no crop')
+  demo = demo_config.get_config().dataset.to_dict()
+  assert geometry(demo, ['texture'] * 3) == '; textures resized whole to 128x128'
+  # The user's photos are no MVTec class: one geometry, no kind named.
+  assert geometry(folder.get_config().dataset.to_dict(), ['texture']) == (
+      '; resized whole to 256x256')
+  assert geometry({}, ['texture']) == ''  # A results.json without a config.
+
+
 def test_record_round_trip_replaces_old_tiles(tmp_path):
   image = np.zeros((8, 8, 3), np.uint8)
   amap = np.arange(64, dtype=np.float32).reshape(8, 8)

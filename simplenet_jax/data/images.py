@@ -155,6 +155,13 @@ class Geometry:
   def output_hw(self, hw: tuple[int, int]) -> tuple[int, int]:
     return (self.crop, self.crop) if self.crop else self.resized_hw(hw)
 
+  def describe(self) -> str:
+    """In words, e.g. 'shorter side 256, centre crop 224'."""
+    if self.square:
+      return f'resized whole to {self.square}x{self.square}'
+    return (f'shorter side {self.shorter}, ' +
+            (f'centre crop {self.crop}' if self.crop else 'no crop'))
+
   def apply(self, im: PIL.Image.Image) -> PIL.Image.Image:
     h, w = self.resized_hw((im.height, im.width))
     if (h, w) != (im.height, im.width):
