@@ -107,7 +107,8 @@ def _cached_statistics(ctx, state, cache):
 
 
 def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
-                      tb=None, step: int | None = None) -> dict:
+                      tb=None, step: int | None = None,
+                      yardstick: bool = False) -> dict:
   """Image AUROC, pixel AUROC and AUPRO of `state` on the category's test set.
 
   Args:
@@ -117,6 +118,9 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
     visualize_maps: the final evaluation: heat maps (eval.visualize) and the
       report's record (report.html).
     tb: a `summaries.Writer`, or None; `step` is the pass it logs at.
+    yardstick: this is the kNN yardstick of a final evaluation
+      (`yardstick.evaluate_knn`): with report.html, its maps of the images
+      the report's galleries show join the category's record.
 
   Returns:
     A table row: category, kind, image_auroc, pixel_auroc, aupro (fractions,
@@ -171,6 +175,8 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
   if record:
     _save_record(ctx, state, meta, row, scores, labels, names, pro_curve,
                  map_range)
+  if yardstick and c.report.html:
+    _add_yardstick_maps(ctx, state, scores, map_range)
   return row
 
 
@@ -213,7 +219,7 @@ def _save_record(ctx, state, meta, row, scores, labels, names, pro_curve,
   c = ctx.config
   galleries = eval_record.select_galleries(scores, labels,
                                            c.report.gallery_size)
-  shown = sorted({i for idx in galleries.values() for i in idx})
+  shown = eval_record.shown(galleries)
   roc = metrics.image_roc(scores, labels)
   meta = meta or {}
   # The images the model trained on (the checkpoint's record: the data may
@@ -239,6 +245,25 @@ def _save_record(ctx, state, meta, row, scores, labels, names, pro_curve,
   if jax.process_index() == 0:
     eval_record.write(ctx.workdir, record, items,
                       scale=visualize.display_scale(ctx.test_set.image_hw))
+
+
+def _add_yardstick_maps(ctx, state, scores, map_range):
+  """kNN's maps of the images the record's galleries show, beside the head's
+  (eval_record.add_yardstick), on kNN's own colour range over the test set.
+
+  The galleries come from the record the final evaluation has just written.
+  Skipped in multi-process runs: the others cannot know that record's
+  galleries, and the batches are computed by every process together.
+  """
+  rec = eval_record.load(ctx.workdir)
+  if (jax.process_count() > 1 or rec is None or
+      len(rec.get('scores', ())) != len(scores)):
+    return
+  shown = eval_record.shown(rec.get('galleries', {}))
+  items = list(_test_images(ctx, state, shown))
+  eval_record.add_yardstick(
+      ctx.workdir, items, {i: scores[i] for i in shown}, map_range,
+      scale=visualize.display_scale(ctx.test_set.image_hw))
 
 
 def _save_heatmaps(ctx, state, scores, map_range):

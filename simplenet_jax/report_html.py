@@ -67,6 +67,11 @@ table.kv th{background:none;font-weight:600;color:#5b6575;width:170px}
 figure{margin:0;background:#fafbfc;border:1px solid #e5e9ef;padding:6px;
  border-radius:4px}
 figure img{display:block;max-width:100%}
+.gallery figure{display:table}
+.gallery figcaption{display:table-caption;caption-side:bottom;
+ background:#fafbfc;border:1px solid #e5e9ef;border-top:0;padding:0 6px 6px;
+ margin-top:0;border-radius:0 0 4px 4px}
+figure img.knn{margin:4px 0 0 auto}
 figcaption{font-size:12.5px;margin-top:4px;max-width:600px;
  overflow-wrap:anywhere}
 .flag{color:#b3261e;font-weight:600}.pass{color:#1e7b34;font-weight:600}
@@ -289,6 +294,13 @@ def _decision(score, threshold, label: int | None = None) -> str:
   return text
 
 
+def _tile(path: str | None, alt: str, cls: str = '') -> str:
+  if path and os.path.isfile(path):
+    with open(path, 'rb') as f:
+      return _img(f.read(), alt, 'image/jpeg', cls)
+  return '<p class="missing">tile missing</p>'
+
+
 def _galleries(cat_dir: str, rec: dict) -> str:
   threshold = rec.get('threshold')
   out = ['<h3>Heat maps</h3>']
@@ -299,6 +311,14 @@ def _galleries(cat_dir: str, rec: dict) -> str:
   if lo is not None:
     note += (f' Colours run from {lo:.4g} (blue) to {hi:.4g} (red), the '
              'same for every image of this category.')
+  knn = rec.get(eval_record.KNN)
+  if knn:
+    klo, khi = knn.get('map_range') or (None, None)
+    note += (' Under each, the map of kNN on the same features '
+             '(eval.yardstick) for the same image, on its own scale (kNN '
+             'scores are distances)')
+    note += (f': from {klo:.4g} (blue) to {khi:.4g} (red).'
+             if klo is not None else '.')
   out.append(f'<p class="note">{_e(note)}</p>')
   for key, heading, what in eval_record.GALLERIES:
     indices = rec.get('galleries', {}).get(key, [])
@@ -318,11 +338,13 @@ def _galleries(cat_dir: str, rec: dict) -> str:
       decision = _decision(score, threshold, rec['labels'][i])
       if decision:
         cap += f' &middot; decision: {decision}'
-      if path and os.path.isfile(path):
-        with open(path, 'rb') as f:
-          img = _img(f.read(), f'{heading}: {name}', 'image/jpeg')
-      else:
-        img = '<p class="missing">tile missing</p>'
+      img = _tile(path, f'{heading}: {name}')
+      if knn:
+        img += _tile(eval_record.tile_path(cat_dir, rec, i, yardstick=True),
+                     f'{heading}: {name}, kNN map', 'knn')
+        kscore = knn.get('scores', {}).get(str(i))
+        cap += (' &middot; kNN score '
+                f'{"n/a" if kscore is None else f"{kscore:.4g}"}')
       figs.append(f'<figure>{img}<figcaption>{cap}</figcaption></figure>')
     out.append(f'<div class="gallery" data-gallery="{key}">{"".join(figs)}'
                '</div>')

@@ -418,12 +418,18 @@ def feature_std_histogram(local_std, adapted_std, path: str,
 
 
 def gallery_tile(image, anomaly_map, mask, vmin: float, vmax: float,
-                 scale: int = 1, alpha: float = 0.5) -> bytes:
+                 scale: int = 1, alpha: float = 0.5,
+                 map_heading: str = 'anomaly map, GT outline',
+                 map_only: bool = False) -> bytes:
   """One test image for the report's galleries, as a JPEG: the image | the
   heat map over it with the ground-truth outline, pixel for pixel at the
   evaluated resolution (each pixel scale x scale), and a colour bar of the
-  anomaly score from vmin to vmax."""
-  panels = enlarge(overlay(image, anomaly_map, mask, vmin, vmax, alpha), scale)
+  anomaly score from vmin to vmax. map_only: the heat map panel alone (a
+  second scorer's map of an image the report already shows)."""
+  panels = overlay(image, anomaly_map, mask, vmin, vmax, alpha)
+  if map_only:
+    panels = panels[:, panels.shape[1] // 2:]
+  panels = enlarge(panels, scale)
   h, w = panels.shape[:2]
   dpi = 100
   top, right, pad = 18, 60, 4  # Pixels: headings, colour bar with ticks.
@@ -434,7 +440,9 @@ def gallery_tile(image, anomaly_map, mask, vmin: float, vmax: float,
   ax = fig.add_axes((pad / fig_w, pad / fig_h, w / fig_w, h / fig_h))
   ax.imshow(panels, interpolation='nearest', aspect='auto')
   ax.set_axis_off()
-  for x, text in ((0.25, 'image'), (0.75, 'anomaly map, GT outline')):
+  headings = (((0.5, map_heading),) if map_only else
+              ((0.25, 'image'), (0.75, map_heading)))
+  for x, text in headings:
     fig.text((pad + x * w) / fig_w, 1 - 3 / fig_h, text, ha='center',
              va='top', fontsize=8)
   cax = fig.add_axes(((pad + w + 6) / fig_w, pad / fig_h, 12 / fig_w,

@@ -55,7 +55,8 @@ def evaluate_knn(ctx) -> dict:
       predict_fn=scoring.make_predict_fn(ctx.module, tuple(c.backbone.layers),
                                          cfg.model, ctx.test_set.image_hw,
                                          c.eval))
-  row = evaluate.evaluate_category(knn_ctx, state, None, visualize_maps=False)
+  row = evaluate.evaluate_category(knn_ctx, state, None, visualize_maps=False,
+                                   yardstick=True)
   logging.info('%s: kNN yardstick (%d bank rows) in %.1f s', ctx.category,
                bank.shape[0], time.perf_counter() - t0)
   return {k: row[m] for k, m in zip(report.YARDSTICK, report.METRICS)}

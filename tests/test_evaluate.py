@@ -3,6 +3,7 @@ computes, with the config's AUPRO limit (checked against references computed
 here: sklearn's AUROC, a threshold-loop AUPRO, on the same maps); and the
 report hooks, with a stand-in model (no backbone)."""
 
+import os
 import types
 
 import jax
@@ -327,17 +328,38 @@ def test_yardstick_equals_a_knn_run(tmp_path):
   cfg.eval.batch_size = 3
   cfg.knn.coreset_fraction = 0.3
   cfg.train.num_passes = 1
+  cfg.eval.visualize = 'none'
+  cfg.report.gallery_size = 2
   mesh = parallel.make_mesh(jax.devices()[:1])
-  got = yardstick.evaluate_knn(
-      _tiny_category(cfg, tmp_path / 'simplenet', mesh, n_train=9, n_test=8))
+  head = _tiny_category(cfg, tmp_path / 'simplenet', mesh, n_train=9,
+                        n_test=8)
+  # The head's final evaluation writes the report's record first.
+  evaluate.evaluate_category(head, head.new_state(), None)
+  got = yardstick.evaluate_knn(head)
   knn_cfg = cfg.copy_and_resolve_references()
   knn_cfg.model.method = 'knn'
   ctx = _tiny_category(knn_cfg, tmp_path / 'knn', mesh, n_train=9, n_test=8)
   state, meta = loop.train_category(ctx, None)
-  row = evaluate.evaluate_category(ctx, state, meta, visualize_maps=False)
+  row = evaluate.evaluate_category(ctx, state, meta)
   want = {k: row[m] for k, m in zip(report.YARDSTICK, report.METRICS)}
   assert got == want
   assert 0.5 < want['knn_pixel_auroc'] < 1.0  # Not a degenerate case.
+
+  # The report's record holds kNN's maps of the head's gallery images: the
+  # image scores and colour range of the kNN run's own record.
+  from simplenet_jax import eval_record  # pylint: disable=g-import-not-at-top
+  rec = eval_record.load(head.workdir)
+  knn_rec = eval_record.load(ctx.workdir)
+  shown = eval_record.shown(rec['galleries'])
+  assert len(shown) >= 3
+  assert sorted(map(int, rec['knn']['scores'])) == shown
+  for i in shown:
+    assert rec['knn']['scores'][str(i)] == pytest.approx(
+        knn_rec['scores'][i], rel=1e-5)
+    tile = eval_record.tile_path(head.workdir, rec, i, yardstick=True)
+    assert os.path.getsize(tile) > 0
+  np.testing.assert_allclose(rec['knn']['map_range'], knn_rec['map_range'],
+                             rtol=1e-5)
 
 
 def test_yardstick_over_the_cache_cap_is_skipped(tmp_path):

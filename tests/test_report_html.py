@@ -182,7 +182,7 @@ DEMO = (('brick', 'texture'), ('grass', 'texture'), ('gravel', 'texture'))
 
 
 def _write_category(workdir, category, kind, rng, hw=128, n_good=10,
-                    n_bad=15, masks=True, gallery=4):
+                    n_bad=15, masks=True, gallery=4, yardstick=False):
   cat_dir = workdir / category
   labels = np.array([0] * n_good + [1] * n_bad)
   scores = rng.normal(labels * 1.5, 1.0)
@@ -209,6 +209,10 @@ def _write_category(workdir, category, kind, rng, hw=128, n_good=10,
       pro_curve={'fpr': fpr.tolist(), 'pro': np.sqrt(fpr / 0.3).tolist()}
       if masks else None, galleries=galleries)
   eval_record.write(str(cat_dir), record, items, scale=2)
+  if yardstick:  # kNN's maps of the same images, on a scale of their own.
+    eval_record.add_yardstick(
+        str(cat_dir), [(i, im, 50 + 20 * m, k) for i, im, m, k in items],
+        {i: 50 + 20 * float(scores[i]) for i in shown}, None, scale=2)
   with open(cat_dir / 'log.jsonl', 'w', encoding='utf-8') as f:
     for p in range(1, 41):
       f.write(json.dumps({'pass': p, 'loss': 1.2 / p, 'p_true': 1 - 1 / p,
@@ -216,14 +220,16 @@ def _write_category(workdir, category, kind, rng, hw=128, n_good=10,
                           'lr_discriminator': 2e-4}) + '\n')
   visualize.feature_std_histogram(rng.gamma(2, 1, 384), rng.gamma(5, 1, 384),
                                   str(cat_dir / 'feature_std.png'))
-  return len(shown)
+  return len(shown) * (2 if yardstick else 1)  # The tiles the report shows.
 
 
 def _demo_workdir(workdir, rows_extra=()):
   rng = np.random.default_rng(0)
   rows, tiles = [], {}
   for category, kind in DEMO:
-    tiles[category] = _write_category(workdir, category, kind, rng)
+    # grass as with eval.yardstick: kNN's maps under the head's.
+    tiles[category] = _write_category(workdir, category, kind, rng,
+                                      yardstick=category == 'grass')
     rows.append({'category': category, 'kind': kind, 'n_test': 25,
                  'image_auroc': float(rng.uniform(0.7, 1)),
                  'pixel_auroc': float(rng.uniform(0.7, 1)),
@@ -335,6 +341,22 @@ def test_record_round_trip_replaces_old_tiles(tmp_path):
   assert back['map_range'] == [0.0, 63.0]  # From the shown maps.
   assert back['tiles'] == {'0': 'gallery/00000.jpg'}
   assert eval_record.load(str(tmp_path / 'nothing')) is None
+  # The yardstick's maps join the record, on their own range ...
+  eval_record.add_yardstick(str(tmp_path), [(0, image, amap + 100, None)],
+                            {0: 7.5}, None)
+  back = eval_record.load(str(tmp_path))
+  assert back['knn'] == {'map_range': [100.0, 163.0],
+                         'tiles': {'0': 'gallery_knn/00000.jpg'},
+                         'scores': {'0': 7.5}}
+  assert back['map_range'] == [0.0, 63.0]  # The head's is untouched.
+  knn_tile = eval_record.tile_path(str(tmp_path), back, 0, yardstick=True)
+  with Image.open(knn_tile) as im, Image.open(eval_record.tile_path(
+      str(tmp_path), back, 0)) as head:
+    assert im.size[0] < head.size[0]  # The map panel alone.
+  # ... and go with the evaluation they belong to.
+  eval_record.write(str(tmp_path), record, [(0, image, amap, None)])
+  assert 'knn' not in eval_record.load(str(tmp_path))
+  assert not os.path.exists(knn_tile)
 
 
 @pytest.fixture(name='demo', scope='module')
@@ -402,6 +424,32 @@ def test_gallery_captions_say_what_the_threshold_decided(demo):
                  (False, 1): 'missed', (False, 0): 'correct'}[
                      (flagged, rec['labels'][i])]
       assert cap.endswith(f'({verdict})'), cap
+
+
+def test_yardstick_maps_sit_under_the_heads(demo):
+  """grass has kNN's maps (eval.yardstick): each gallery figure shows the
+  head's tile, then kNN's map of the same image, and both scores."""
+  workdir, path, _ = demo
+  text = open(path, encoding='utf-8').read()
+  sections = dict(re.findall(
+      r'<section class="category" id="cat-(\w+)">(.*?)</section>', text,
+      re.S))
+  assert 'class="knn"' not in sections['brick']
+  rec = eval_record.load(str(workdir / 'grass'))
+  lo, hi = rec['knn']['map_range']
+  assert f'from {lo:.4g} (blue) to {hi:.4g} (red).' in sections['grass']
+  galleries = re.findall(r'data-gallery="(\w+)">(.*?)</div>',
+                         sections['grass'], re.S)
+  assert len(galleries) == 3
+  for key, body in galleries:
+    figures = re.findall(r'<figure>(.*?)</figure>', body, re.S)
+    assert len(figures) == len(rec['galleries'][key])
+    for i, fig in zip(rec['galleries'][key], figures):
+      imgs = _Page(fig).imgs
+      assert [im.get('class') for im in imgs] == [None, 'knn']
+      assert imgs[1]['alt'].endswith(f'{rec["names"][i]}, kNN map')
+      knn_score = rec['knn']['scores'][str(i)]
+      assert f'kNN score {knn_score:.4g}</figcaption>' in fig
 
 
 def test_demo_sized_report_in_a_browser(demo, tmp_path):
@@ -488,9 +536,12 @@ def test_report_of_the_run_in_a_browser(trained, tmp_path):
   page = workdir / 'report.html'
   rec = eval_record.load(str(workdir / 'brick'))
   shown = {i for v in rec['galleries'].values() for i in v}
-  n_images = 5 + sum(len(v) for v in rec['galleries'].values())
+  # Plots, then each gallery image's tile and, under it, kNN's map of it
+  # (the demo config's eval.yardstick).
+  n_images = 5 + 2 * sum(len(v) for v in rec['galleries'].values())
   assert len(_Page(page.read_text(encoding='utf-8')).imgs) == n_images
   assert len(shown) == len(rec['tiles']) >= 2
+  assert set(map(int, rec['knn']['tiles'])) == shown
   dom, images, pixels = browse(page, tmp_path)
   _assert_rendered(images, pixels, n_images)
   with open(workdir / 'results.json', encoding='utf-8') as f:

@@ -218,6 +218,14 @@ def test_gallery_tile_shows_the_panels_pixel_for_pixel_and_a_colour_bar():
   for row in range(4, 44, 4):
     level = 1 - (row + 0.5) / 48
     assert np.abs(column[row] - lut[round(level * 255)]).max() < 40, row
+  # map_only (kNN's map under the head's, eval.yardstick): the heat-map
+  # panel alone, then the same colour bar.
+  data = visualize.gallery_tile(image, amap, mask, 0.0, 1.0, scale=3,
+                                map_only=True)
+  with Image.open(io.BytesIO(data)) as im:
+    arr = np.asarray(im.convert('RGB')).astype(int)
+  assert arr.shape == (18 + 48 + 4, 4 + 60 + 60 + 4, 3)
+  assert np.abs(arr[18:18 + 48, 4:4 + 60] - want[:, 60:]).mean() < 4
 
 
 def test_score_histogram_roc_and_pro_plots_draw():
