@@ -48,6 +48,7 @@ def main(argv):
     what = ('no such file' if not os.path.isfile(path.split(':')[0]) else
             'it must define get_config() returning a ConfigDict')
     cli.fail(f'--config={path}: cannot load the config file ({what})')
+  cli.apply_free_form(config)  # E.g. --config.dataset.test_dirs.crack=DIR.
   # Imported here so that --help and flag errors do not pay for jax start-up.
   from simplenet_jax import console  # pylint: disable=g-import-not-at-top
   from simplenet_jax import experiment  # pylint: disable=g-import-not-at-top

@@ -6,6 +6,11 @@ must, so a key exists in every config and an unknown override is an error.
 
 import ml_collections
 
+# Groups whose keys are the user's names, not the schema's: config_checks
+# accepts any key in them, and main.py accepts --config.<group>.<name>=VALUE
+# for a name the config file does not have (cli.py).
+FREE_FORM = ('dataset.test_dirs',)
+
 
 def get_config():
   c = ml_collections.ConfigDict()
@@ -34,6 +39,9 @@ def get_config():
   c.dataset.prefetch = 2  # Batches decoded ahead.
   # folder datasets: see configs/folder.py.
   c.dataset.train_dir = ''
+  # Name -> folder of test images ('good' / 'normal': normal; any other
+  # name: anomalous, the defect's name). Free-form (FREE_FORM): any name can
+  # be given, e.g. --config.dataset.test_dirs.crack=DIR.
   c.dataset.test_dirs = ml_collections.ConfigDict()
   c.dataset.mask_dir = ''
   # Normal images kept out of training that set the decision threshold

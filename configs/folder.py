@@ -3,12 +3,17 @@
   python main.py --config configs/folder.py --workdir runs/mine \
     --config.dataset.train_dir=/data/parts/train \
     --config.dataset.test_dirs.good=/data/parts/test/good \
-    --config.dataset.test_dirs.defect=/data/parts/test/defect \
+    --config.dataset.test_dirs.crack=/data/parts/test/crack \
+    --config.dataset.test_dirs.scratch=/data/parts/test/scratch \
     --config.dataset.mask_dir=/data/parts/masks    # optional
     --config.dataset.val_dir=/data/parts/val       # optional, normal images
 
 Test folders named 'good' or 'normal' hold normal images; any other name holds
-anomalous ones. Without masks the pixel metrics are skipped (and said so).
+anomalous ones, one --config.dataset.test_dirs.<name>=DIR per folder under a
+name of your choice (the defect type, which the report's captions show;
+`defect` is offered for a single folder). Masks of an anomalous image are
+looked up in mask_dir/<name>/ (MVTec's ground_truth layout), then mask_dir/.
+Without masks the pixel metrics are skipped (and said so).
 Every image is resized whole to 256x256 (the transform MVTec AD's textures
 get), so no part of it is cropped away: the object transform (shorter side
 256, centre crop 224) drops a third of a 3:4 photo, with any defect there,

@@ -25,7 +25,65 @@ def run_app(main):
   app.run(main, flags_parser=_parse_flags)
 
 
+# --config.<group>.<name>=VALUE for a free-form group (configs/default.py
+# FREE_FORM, e.g. dataset.test_dirs): absl's config overrides only set keys
+# the config file has, so these leave the command line before absl parses it
+# and `apply_free_form` sets them on the loaded config.
+_FREE_FORM_ARGS = []
+
+
+def _free_form_groups() -> tuple[str, ...]:
+  try:
+    from configs import default  # pylint: disable=g-import-not-at-top
+  except ImportError:  # config_checks names the problem once the run starts.
+    return ()
+  return default.FREE_FORM
+
+
+def split_free_form(argv):
+  """(argv without free-form overrides, [(group, name, value), ...]).
+
+  Both --config.<group>.<name>=VALUE and --config.<group>.<name> VALUE.
+  """
+  groups = _free_form_groups()
+  keep, taken = [], []
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    m = re.fullmatch(r'--config\.(.+)\.([^.=]+)(?:=(.*))?', arg, re.S)
+    if m and m.group(1) in groups and (m.group(3) is not None or
+                                       i + 1 < len(argv)):
+      value = m.group(3)
+      if value is None:
+        i += 1
+        value = argv[i]
+      taken.append((m.group(1), m.group(2), value))
+    else:
+      keep.append(arg)
+    i += 1
+  return keep, taken
+
+
+def apply_free_form(config) -> None:
+  """Sets the free-form overrides taken off the command line on `config`
+  (later ones win, as for any flag)."""
+  for group, name, value in _FREE_FORM_ARGS:
+    node = config
+    try:
+      for part in group.split('.'):
+        node = node[part]
+    except KeyError:
+      fail(f'--config.{group}.{name}: the config has no group {group} '
+           '(start it from configs/default.py)')
+    with node.unlocked():
+      node[name] = value
+
+
 def _parse_flags(argv):
+  argv, taken = split_free_form(argv)
+  _FREE_FORM_ARGS[:] = taken
+  # config_flags reads its overrides from sys.argv too.
+  sys.argv[:] = argv
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except

@@ -22,10 +22,6 @@ from simplenet_jax import synthesis
 from simplenet_jax import train
 from simplenet_jax.errors import UserError
 
-# Free-form sub-configs: their keys are the user's names, not the schema's.
-_FREE_FORM = ('dataset.test_dirs',)
-
-
 def split_list(value) -> tuple[str, ...]:
   """('a,b',) or 'a,b' or ('a', 'b') -> ('a', 'b'): the command line's form."""
   if isinstance(value, str):
@@ -48,8 +44,7 @@ def _one_of(config, key: str, allowed) -> None:
   _check(value in allowed, key, f'is {value!r}; must be one of {list(allowed)}')
 
 
-def _schema():
-  """configs/default.py's config: every key and its type."""
+def _default_module():
   try:
     from configs import default  # pylint: disable=g-import-not-at-top
   except ImportError as e:
@@ -57,7 +52,17 @@ def _schema():
     raise UserError('configs/default.py cannot be imported (the schema of '
                     'every config key); run from the repository root or put '
                     f'it on PYTHONPATH ({e})') from None
-  return default.get_config()
+  return default
+
+
+def _schema():
+  """configs/default.py's config: every key and its type."""
+  return _default_module().get_config()
+
+
+def _free_form() -> tuple[str, ...]:
+  """Groups whose keys are the user's names (configs/default.py)."""
+  return _default_module().FREE_FORM
 
 
 def _type_ok(value, like) -> bool:
@@ -101,7 +106,7 @@ def check_keys(config, schema, prefix: str = '') -> None:
     if isinstance(like, ml_collections.ConfigDict):
       _check(isinstance(value, ml_collections.ConfigDict), name,
              'must be a group of keys')
-      if name not in _FREE_FORM:
+      if name not in _free_form():
         check_keys(value, like, name + '.')
       continue
     _check(_type_ok(value, like), name,

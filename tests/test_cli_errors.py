@@ -382,6 +382,34 @@ def test_category_names_are_checked_and_split_once():
     config_checks.validate(config)
 
 
+def test_free_form_overrides_leave_the_command_line_and_join_the_config():
+  """--config.dataset.test_dirs.<any name>: absl only sets keys a config file
+  has, so main.py takes these off the command line and sets them itself."""
+  from configs import folder  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import cli  # pylint: disable=g-import-not-at-top
+  argv = ['main.py', '--config', 'configs/folder.py',
+          '--config.dataset.test_dirs.crack=/d/crack',
+          '--config.dataset.test_dirs.dent', '/d/dent',
+          '--config.dataset.test_dirs.good=/d/ok',
+          '--config.train.num_passes=2', '--config.dataset.mask_dir=/m']
+  keep, taken = cli.split_free_form(argv)
+  assert keep == ['main.py', '--config', 'configs/folder.py',
+                  '--config.train.num_passes=2', '--config.dataset.mask_dir=/m']
+  assert taken == [('dataset.test_dirs', 'crack', '/d/crack'),
+                   ('dataset.test_dirs', 'dent', '/d/dent'),
+                   ('dataset.test_dirs', 'good', '/d/ok')]
+  config = folder.get_config()
+  config.lock()  # As main.py's config flag loads it.
+  cli._FREE_FORM_ARGS[:] = taken  # pylint: disable=protected-access
+  try:
+    cli.apply_free_form(config)
+  finally:
+    cli._FREE_FORM_ARGS[:] = []  # pylint: disable=protected-access
+  assert dict(config.dataset.test_dirs) == {
+      'good': '/d/ok', 'defect': '', 'crack': '/d/crack', 'dent': '/d/dent'}
+  config_checks.validate(config)
+
+
 def test_unknown_and_missing_keys_in_a_config_file():
   from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config()

@@ -545,6 +545,25 @@ def test_folder_bad_config(tmp_path):
     data.build(cfg, 'parts', 'test')
 
 
+def test_folder_test_dirs_need_normal_and_anomalous_and_skip_unset(tmp_path):
+  """Unset names ('', as configs/folder.py offers 'good' and 'defect') are
+  left out; without a normal or an anomalous folder there is nothing to
+  score, one error naming the flag to give."""
+  cfg = _folder(tmp_path, with_masks=False)
+  cfg.test_dirs.defect = ''  # Offered by the config file, not set.
+  test = data.build(cfg, 'parts', 'test')
+  assert sorted({test.load(i)['defect'] for i in range(len(test))}) == [
+      'dent', 'normal']
+  cfg.test_dirs.normal = ''
+  with pytest.raises(UserError, match=r'test_dirs has no folder of normal '
+                     r'.*--config\.dataset\.test_dirs\.good=DIR'):
+    data.build(cfg, 'parts', 'test')
+  cfg.test_dirs.normal, cfg.test_dirs.dent = str(tmp_path / 'ok'), ''
+  with pytest.raises(UserError, match=r'no folder of anomalous test images.*'
+                     r'test_dirs\.crack=DIR'):
+    data.build(cfg, 'parts', 'test')
+
+
 # --------------------------------------------------- tfds builder and cifar10
 
 

@@ -175,3 +175,47 @@ def _final_tree(category_dir):
     return step, out['state']
   finally:
     manager.close()
+
+
+def test_folder_config_with_a_folder_per_defect_type(tmp_path, weights_dir,
+                                                     env, awkward_root):
+  """configs/folder.py from main.py, each defect type in a folder of its own
+  named on the command line (--config.dataset.test_dirs.<name>=DIR, in both
+  flag forms), masks per name: trained, evaluated, and every test image
+  reported under its folder's name and label."""
+  root, _ = awkward_root
+  brick = root / conftest.CATEGORY
+  for name, stems in (('crack', ('000', '001')), ('dent', ('002',))):
+    (tmp_path / 'test' / name).mkdir(parents=True)
+    (tmp_path / 'masks' / name).mkdir(parents=True)
+    for stem in stems:
+      shutil.copy(brick / 'test' / 'hole' / f'{stem}.png',
+                  tmp_path / 'test' / name)
+      shutil.copy(brick / 'ground_truth' / 'hole' / f'{stem}_mask.png',
+                  tmp_path / 'masks' / name)
+  workdir = tmp_path / 'run'
+  main_py([
+      '--config', 'configs/folder.py', '--workdir', str(workdir),
+      '--config.backbone.name=efficientnet_lite0',
+      f'--config.backbone.weights_dir={weights_dir}',
+      f'--config.dataset.train_dir={brick / "train" / "good"}',
+      f'--config.dataset.test_dirs.good={brick / "test" / "good"}',
+      f'--config.dataset.test_dirs.crack={tmp_path / "test" / "crack"}',
+      '--config.dataset.test_dirs.dent', str(tmp_path / 'test' / 'dent'),
+      f'--config.dataset.mask_dir={tmp_path / "masks"}',
+      '--config.dataset.texture_resize=64', '--config.dataset.num_workers=2',
+      '--config.model.pretrain_embed_dim=64',
+      '--config.model.target_embed_dim=64', '--config.model.hidden=32',
+      '--config.train.num_passes=2', '--config.synthesis.gas=none',
+      '--config.eval.visualize=none', '--config.report.tensorboard=False',
+  ], env)
+  (row,) = json.loads((workdir / 'results.json').read_text())['rows']
+  assert row['category'] == 'folder' and row['n_test'] == 6
+  assert np.isfinite(row['pixel_auroc'])  # Every defect found its mask.
+  rec = json.loads((workdir / 'folder' / 'evaluation' /
+                    'record.json').read_text())
+  got = sorted((n.split('/')[0], l) for n, l in zip(rec['names'],
+                                                     rec['labels']))
+  assert got == [('crack', 1), ('crack', 1), ('dent', 1), ('good', 0),
+                 ('good', 0), ('good', 0)]
+

@@ -9,7 +9,10 @@ Normal images in val_dir are not trained on; they set the decision threshold
 (instead of a hold-out of the training images).
 
 A test folder named 'good' or 'normal' holds normal images (label 0); any
-other name holds anomalous ones (label 1) and is the `defect` string. With a
+other name holds anomalous ones (label 1) and is the `defect` string; names
+with no folder ('') are left out, and at least one normal and one anomalous
+folder must be set. On the command line any name can be given
+(--config.dataset.test_dirs.<name>=DIR; cli.py). With a
 mask_dir, the mask of an anomalous image <stem>.<ext> is looked up as
 <stem>_mask.<ext> or <stem>.<ext> in mask_dir/<name>/, then in mask_dir/.
 """
@@ -53,11 +56,16 @@ def list_samples(dataset_cfg, split: str) -> list[images.Sample]:
   if split != 'test':
     raise ValueError(f"split must be 'train', 'test' or 'validation', got "
                      f'{split!r}')
-  test_dirs = dict(dataset_cfg.test_dirs)
-  if not test_dirs:
-    raise UserError("config.dataset.test_dirs is empty; set e.g. "
-                    "--config.dataset.test_dirs.good=DIR and "
-                    "--config.dataset.test_dirs.<defect>=DIR.")
+  # '' is a name the config file offers but the user did not set
+  # (configs/folder.py has 'good' and 'defect'): left out.
+  test_dirs = {k: v for k, v in dict(dataset_cfg.test_dirs).items() if v}
+  normal = [k for k in test_dirs if k.lower() in NORMAL_NAMES]
+  if not normal or len(normal) == len(test_dirs):
+    missing = ('normal test images, as --config.dataset.test_dirs.good=DIR'
+               if not normal else 'anomalous test images, as '
+               '--config.dataset.test_dirs.<defect name>=DIR (one per defect '
+               'type, e.g. test_dirs.crack=DIR)')
+    raise UserError(f'config.dataset.test_dirs has no folder of {missing}.')
   mask_dir = (_dir(dataset_cfg.mask_dir, 'dataset.mask_dir')
               if dataset_cfg.mask_dir else None)
   samples = []
