@@ -22,6 +22,7 @@ from simplenet_jax import synthesis
 from simplenet_jax import train
 from simplenet_jax.errors import UserError
 
+
 def split_list(value) -> tuple[str, ...]:
   """('a,b',) or 'a,b' or ('a', 'b') -> ('a', 'b'): the command line's form."""
   if isinstance(value, str):
