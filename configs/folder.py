@@ -40,13 +40,15 @@ its three flips as well (docs/quality.md: it helped the head on every set,
 cookies included); it stays off here because a mirrored part can be a
 defect.
 
-Cost: the head keeps the released width (1536-d features) and 160 passes,
-sized for WRN50-2 on an accelerator. GAS's cost grows with that width: on
-the 2-core CPU development machine the cookies photos (28 trained on, 256x256,
-EfficientNet-Lite0) took 25 s per pass (160 passes: about 67 minutes)
-against 2.1 s per pass with the demo's head (384-d, 40 passes), which is
-what docs/quality.md's cookies256 figures were measured with. On a CPU add
---config.model.pretrain_embed_dim=384 --config.model.target_embed_dim=384
+Cost: the head keeps the released size (1536-d features, 1024 hidden
+units) and 160 passes, sized for WRN50-2 on an accelerator. GAS's cost grows
+with that size: on the 2-core CPU development machine the cookies photos
+(28 trained on, 256x256, EfficientNet-Lite0) took 25 s per pass (160
+passes: about 67 minutes) against 2.0 s per pass with the demo's head
+(384-d features, 256 hidden units; 40 passes: 1 min 43 s for the whole
+run), which is what docs/quality.md's cookies256 figures were measured
+with. On a CPU add --config.model.pretrain_embed_dim=384
+--config.model.target_embed_dim=384 --config.model.hidden=256
 --config.train.num_passes=40.
 """
 
