@@ -10,11 +10,11 @@ r"""SimpleNet in JAX: train, evaluate, predict or export.
 
 Bad input (a flag, a config key, a data or weights file) ends the run with one
 line `error: ...` on stderr and exit status 2; see docs/bad_inputs.md.
-The console shows a progress bar per pass, a line per category, warnings and
-the results table; absl's INFO lines go to <workdir>/logs/simplenet.INFO
-(--alsologtostderr shows them too, --log_dir puts them elsewhere). A run
-that is interrupted (Ctrl-C, a kill, a crash) continues from its last
-checkpoint when the same command is run again.
+The console shows progress bars (per pass and per long stage), a line per
+category, warnings and the results table; absl's INFO lines go to
+<workdir>/logs/simplenet.INFO (--alsologtostderr shows them too, --log_dir
+puts them elsewhere). A run that is interrupted (Ctrl-C, a kill, a crash)
+continues from its last checkpoint when the same command is run again.
 """
 
 import os

@@ -171,8 +171,10 @@ def log_path() -> str | None:
   return _state['log_path']
 
 
-def progress(total: int, desc: str) -> tqdm.tqdm:
+def progress(total: int, desc: str | None,
+             enabled: bool = True) -> tqdm.tqdm:
   """A transient progress bar on a terminal (none when stderr is not one:
-  redirected output keeps the summary lines, the log file the details)."""
+  redirected output keeps the summary lines, the log file the details; none
+  either when not `enabled`). Also a context manager that closes it."""
   return tqdm.tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
-                   disable=None)
+                   disable=None if enabled else True)

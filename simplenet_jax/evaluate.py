@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simplenet_jax import console
 from simplenet_jax import eval_record
 from simplenet_jax import metrics
 from simplenet_jax import parallel
@@ -26,25 +27,31 @@ from simplenet_jax.data import loader
 VISUALIZE = ('none', 'top', 'all')
 
 
-def _predict_batches(ctx, state, dataset, indices=None, batch_size=None):
-  """Yields (batch, outputs) with outputs as numpy, padding removed."""
+def _predict_batches(ctx, state, dataset, indices=None, batch_size=None,
+                     desc=None):
+  """Yields (batch, outputs) with outputs as numpy, padding removed; with
+  `desc`, a progress bar of the images on a terminal."""
   c = ctx.config
   hv = state.head_vars()
   batch_size = batch_size or c.eval.batch_size
-  for batch in loader.batches(dataset, batch_size, indices=indices,
-                              num_workers=c.dataset.num_workers,
-                              prefetch=c.dataset.prefetch):
-    # One shape for every batch (the last one padded): one compilation.
-    images, n = parallel.put_batch(batch['image'], ctx.mesh,
-                                   min_rows=batch_size)
-    out = ctx.predict_fn(ctx.backbone_vars, hv, images)
-    yield batch, {k: parallel.to_host(v)[:n] for k, v in out.items()}
+  total = len(dataset) if indices is None else len(indices)
+  with console.progress(total, desc, enabled=desc is not None) as bar:
+    for batch in loader.batches(dataset, batch_size, indices=indices,
+                                num_workers=c.dataset.num_workers,
+                                prefetch=c.dataset.prefetch):
+      # One shape for every batch (the last one padded): one compilation.
+      images, n = parallel.put_batch(batch['image'], ctx.mesh,
+                                     min_rows=batch_size)
+      out = ctx.predict_fn(ctx.backbone_vars, hv, images)
+      yield batch, {k: parallel.to_host(v)[:n] for k, v in out.items()}
+      bar.update(n)
 
 
 def normal_statistics(ctx, state, dataset, indices):
   """Image scores (N,) of dataset[indices] and [min, max] of their maps."""
   scores, lo, hi = [], np.inf, -np.inf
-  for _, out in _predict_batches(ctx, state, dataset, indices):
+  for _, out in _predict_batches(ctx, state, dataset, indices,
+                                desc=f'{ctx.category} threshold images'):
     scores.append(out['image_scores'])
     lo = min(lo, float(out['anomaly_maps'].min()))
     hi = max(hi, float(out['anomaly_maps'].max()))
@@ -133,7 +140,9 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
                                 max_fpr=c.eval.aupro_max_fpr)
            if test.has_masks else None)
   scores, labels, names = [], [], []
-  for batch, out in _predict_batches(ctx, state, test):
+  for batch, out in _predict_batches(
+      ctx, state, test, desc=f'{ctx.category} '
+      + ('kNN test images' if yardstick else 'test images')):
     scores.append(out['image_scores'])
     labels.append(batch['label'])
     names.extend(f'{d}/{os.path.basename(p)}'
@@ -276,7 +285,8 @@ def _save_heatmaps(ctx, state, scores, map_range):
     return
   out_dir = os.path.join(ctx.workdir, 'heatmaps')
   for batch, out in _predict_batches(ctx, state, ctx.test_set,
-                                     np.sort(order)):
+                                     np.sort(order),
+                                     desc=f'{ctx.category} heat maps'):
     maps = out['anomaly_maps']
     vmin, vmax = map_range if map_range else (float(maps.min()),
                                               float(maps.max()))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simplenet_jax import console
 from simplenet_jax import parallel
 from simplenet_jax.errors import UserError
 
@@ -70,7 +71,7 @@ def _ops(mesh, shape, dtype):
 
 
 def build(feature_fn, backbone_vars, dataset, indices, batch_size: int,
-          train_cfg, data_cfg, mesh, grid_hw=None, dim=None):
+          train_cfg, data_cfg, mesh, grid_hw=None, dim=None, desc=None):
   """Features of `dataset[indices]` -> replicated device array (N, h*w, D).
 
   Written batch by batch into one preallocated device array (no host copy,
@@ -89,6 +90,7 @@ def build(feature_fn, backbone_vars, dataset, indices, batch_size: int,
     mesh: the device mesh.
     grid_hw, dim: the feature grid and dimension; from one traced call of
       feature_fn when not given.
+    desc: with it, a progress bar of the images on a terminal.
   """
   dtype = DTYPES[train_cfg.cache_dtype]
   indices = np.asarray(indices).reshape(-1)
@@ -102,15 +104,17 @@ def build(feature_fn, backbone_vars, dataset, indices, batch_size: int,
   try:
     cache = zeros()
     start = 0
-    for batch in parallel.host_batches(dataset, batch_size, mesh,
-                                       indices=indices,
-                                       num_workers=data_cfg.num_workers,
-                                       prefetch=data_cfg.prefetch):
-      images, n = parallel.put_batch(batch['image'], mesh, batch['n_global'],
-                                     min_rows=batch_size)
-      (offset,) = parallel.global_inputs(mesh, np.int32(start))
-      cache = write(cache, feature_fn(backbone_vars, images), offset, n)
-      start += n
+    with console.progress(len(indices), desc, enabled=desc is not None) as bar:
+      for batch in parallel.host_batches(dataset, batch_size, mesh,
+                                         indices=indices,
+                                         num_workers=data_cfg.num_workers,
+                                         prefetch=data_cfg.prefetch):
+        images, n = parallel.put_batch(batch['image'], mesh,
+                                       batch['n_global'], min_rows=batch_size)
+        (offset,) = parallel.global_inputs(mesh, np.int32(start))
+        cache = write(cache, feature_fn(backbone_vars, images), offset, n)
+        start += n
+        bar.update(n)
     return jax.block_until_ready(cache)
   except (MemoryError, jax.errors.JaxRuntimeError) as e:
     if isinstance(e, jax.errors.JaxRuntimeError) and (

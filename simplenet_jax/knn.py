@@ -16,11 +16,12 @@ and many queries never build the full (M, N) distance matrix.
 
 import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -148,10 +149,59 @@ def coreset_starts(key: jax.Array, n: int,
                            replace=False).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=('num', 'chunk'))
+# The greedy selection runs as this many jitted segments (fewer when there
+# are fewer rows to select), so a caller can show its progress: on a CPU a
+# bank of a few hundred thousand rows takes minutes.
+SEGMENTS = 100
+
+
+@functools.partial(jax.jit, static_argnames=('chunk',))
+def _coreset_start(bank, projection, starts, chunk):
+  """Projected, centred rows z (N, P), their squared norms (N,) and the
+  initial scores (N,): each row's mean distance to the `starts` rows."""
+  n, d = bank.shape
+  if projection is not None:
+    w = jnp.asarray(projection, jnp.float32)
+    p = w.shape[0]
+    rows, _ = _pad_rows(bank, min(chunk, n))
+    z = jax.lax.map(
+        lambda b: jnp.matmul(b.astype(jnp.float32), w.T, precision=_HIGHEST),
+        rows.reshape(-1, min(chunk, n), d)).reshape(-1, p)[:n]
+  else:
+    z = bank.astype(jnp.float32)
+  z = z - z.mean(0)  # Centred: see nearest_neighbours.
+  z_sq = jnp.sum(jnp.square(z), -1)
+  score = jnp.mean(_distances(z, z_sq, z[jnp.asarray(starts, jnp.int32)]), -1)
+  return z, z_sq, score
+
+
+def _distances(z, z_sq, cols):
+  """(N, k) Euclidean distances of every row of z to the rows `cols` (k, P)."""
+  d2 = (z_sq[:, None] - 2.0 * jnp.matmul(z, cols.T, precision=_HIGHEST) +
+        jnp.sum(jnp.square(cols), -1)[None])
+  return jnp.sqrt(jnp.maximum(d2, 0.0))
+
+
+@functools.partial(jax.jit, donate_argnums=(2, 3))
+def _coreset_steps(z, z_sq, selected, score, first, stop):
+  """Greedy steps first .. stop-1 (traced bounds: one compilation for every
+  segment): selected[t] = the row of highest score, then every score becomes
+  min(score, distance to that row)."""
+
+  def body(t, carry):
+    selected, score = carry
+    i = jnp.argmax(score).astype(jnp.int32)
+    # -1: a selected row is never picked again, even among duplicates.
+    score = jnp.minimum(score, _distances(z, z_sq, z[i][None])[:, 0])
+    return selected.at[t].set(i), score.at[i].set(-1.0)
+
+  return jax.lax.fori_loop(first, stop, body, (selected, score))
+
+
 def greedy_coreset(bank: jax.Array, projection: Optional[jax.Array],
-                   starts: jax.Array, num: int,
-                   chunk: int = 16384) -> jax.Array:
+                   starts: jax.Array, num: int, chunk: int = 16384,
+                   progress: Optional[Callable[[int], None]] = None,
+                   segments: int = SEGMENTS) -> jax.Array:
   """Approximate greedy coreset with a given projection and starting rows.
 
   The selection rule of PatchCore's ApproximateGreedyCoresetSampler
@@ -170,59 +220,48 @@ def greedy_coreset(bank: jax.Array, projection: Optional[jax.Array],
   repeat a row).
 
   Memory: the projected bank (N, P) and O(N * len(starts)); never (N, N).
+  Time: num steps that each read the whole projected bank (N x P floats),
+  so it grows as N^2 at a fixed fraction (docs/scaling.md).
 
   Args:
     bank: (N, D) float.
     projection: (P, D) float32 (rows map as x @ projection.T), or None to
       select in the bank's own space.
     starts: (S,) int row indices, S >= 1.
-    num: rows to select, 1 <= num <= N (static).
-    chunk: rows per block of the projection (static); bounds the temporary
+    num: rows to select, 1 <= num <= N.
+    chunk: rows per block of the projection; bounds the temporary
       (chunk, D) float32 copy.
+    progress: called with the number of rows just selected after each of
+      the `segments` jitted segments (each waited for), e.g. a progress
+      bar's update; None runs them without waiting.
+    segments: how many segments the selection is cut into (the result does
+      not depend on it).
 
   Returns:
     (num,) int32 indices into bank, in the order they were selected.
   """
-  n, d = bank.shape
+  n = bank.shape[0]
   if not 1 <= num <= n:
     raise ValueError(f'coreset of {num} rows from a bank of {n}')
-  if projection is not None:
-    w = jnp.asarray(projection, jnp.float32)
-    p = w.shape[0]
-    rows, _ = _pad_rows(bank, min(chunk, n))
-    z = jax.lax.map(
-        lambda b: jnp.matmul(b.astype(jnp.float32), w.T, precision=_HIGHEST),
-        rows.reshape(-1, min(chunk, n), d)).reshape(-1, p)[:n]
-  else:
-    z = bank.astype(jnp.float32)
-  z = z - z.mean(0)  # Centred: see nearest_neighbours.
-  z_sq = jnp.sum(jnp.square(z), -1)
-
-  def distances(cols):
-    """(N, k) Euclidean distances of every row to the rows `cols` (k, P)."""
-    d2 = (z_sq[:, None] - 2.0 * jnp.matmul(z, cols.T, precision=_HIGHEST) +
-          jnp.sum(jnp.square(cols), -1)[None])
-    return jnp.sqrt(jnp.maximum(d2, 0.0))
-
-  score = jnp.mean(distances(z[jnp.asarray(starts, jnp.int32)]), -1)
-
-  def body(t, carry):
-    selected, score = carry
-    i = jnp.argmax(score).astype(jnp.int32)
-    # -1: a selected row is never picked again, even among duplicates.
-    score = jnp.minimum(score, distances(z[i][None])[:, 0]).at[i].set(-1.0)
-    return selected.at[t].set(i), score
-
-  selected, _ = jax.lax.fori_loop(
-      0, num, body, (jnp.zeros((num,), jnp.int32), score))
+  z, z_sq, score = _coreset_start(jnp.asarray(bank), projection,
+                                  jnp.asarray(starts), chunk)
+  selected = jnp.zeros((num,), jnp.int32)
+  step = -(-num // max(1, min(segments, num)))
+  for first in range(0, num, step):
+    stop = min(num, first + step)
+    selected, score = _coreset_steps(z, z_sq, selected, score,
+                                     np.int32(first), np.int32(stop))
+    if progress is not None:
+      jax.block_until_ready(selected)
+      progress(stop - first)
   return selected
 
 
-@functools.partial(jax.jit,
-                   static_argnames=('num', 'proj_dim', 'num_starts', 'chunk'))
 def coreset_indices(bank: jax.Array, key: jax.Array, num: int,
                     proj_dim: int = 128, num_starts: int = NUM_STARTS,
-                    chunk: int = 16384) -> jax.Array:
+                    chunk: int = 16384,
+                    progress: Optional[Callable[[int], None]] = None
+                    ) -> jax.Array:
   """PatchCore's approximate greedy coreset: `num` distinct row indices.
 
   Draws the projection (`coreset_projection`, skipped when D == proj_dim)
@@ -233,10 +272,11 @@ def coreset_indices(bank: jax.Array, key: jax.Array, num: int,
   Args:
     bank: (N, D) float.
     key: PRNG key (projection matrix and starting rows).
-    num: rows to select, 1 <= num <= N (static).
-    proj_dim: dimension of the random projection (static).
-    num_starts: starting rows of the initial scores (static).
-    chunk: rows per block of the projection (static).
+    num: rows to select, 1 <= num <= N.
+    proj_dim: dimension of the random projection.
+    num_starts: starting rows of the initial scores.
+    chunk: rows per block of the projection.
+    progress: see `greedy_coreset`.
 
   Returns:
     (num,) int32 indices into bank, in the order they were selected.
@@ -244,11 +284,13 @@ def coreset_indices(bank: jax.Array, key: jax.Array, num: int,
   n, d = bank.shape
   k_proj, k_start = jax.random.split(key)
   return greedy_coreset(bank, coreset_projection(k_proj, d, proj_dim),
-                        coreset_starts(k_start, n, num_starts), num, chunk)
+                        coreset_starts(k_start, n, num_starts), num, chunk,
+                        progress=progress)
 
 
 def memory_bank(features: jax.Array, key: jax.Array, fraction: float = 0.1,
-                proj_dim: int = 128) -> jax.Array:
+                proj_dim: int = 128,
+                progress: Optional[Callable[[int], None]] = None) -> jax.Array:
   """The training features' memory bank, coreset-reduced.
 
   Args:
@@ -257,6 +299,7 @@ def memory_bank(features: jax.Array, key: jax.Array, fraction: float = 0.1,
     key: PRNG key for the coreset (unused when fraction == 1).
     fraction: share of rows kept, in (0, 1]; 1.0 keeps every row.
     proj_dim: random projection dimension of the coreset selection.
+    progress: see `greedy_coreset` (not called when fraction == 1).
 
   Returns:
     (M, D) float32 bank rows, M = coreset_size(N, fraction).
@@ -266,7 +309,7 @@ def memory_bank(features: jax.Array, key: jax.Array, fraction: float = 0.1,
   num = coreset_size(rows.shape[0], fraction)
   if num == rows.shape[0]:
     return rows
-  return rows[coreset_indices(rows, key, num, proj_dim)]
+  return rows[coreset_indices(rows, key, num, proj_dim, progress=progress)]
 
 
 def patch_scores(bank: jax.Array, features: jax.Array,

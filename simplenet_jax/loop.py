@@ -114,7 +114,8 @@ class _CategoryRun:
       self.cache = feature_cache.build(ctx.feature_fn, ctx.backbone_vars,
                                        ctx.train_set, ctx.train_idx,
                                        c.eval.batch_size, c.train, c.dataset,
-                                       ctx.mesh)
+                                       ctx.mesh,
+                                       desc=f'{ctx.category} features')
     if c.model.method != 'simplenet':
       return
     if self.start == 0 and c.model.noise_mode in ('relative', 'spread'):
@@ -220,6 +221,20 @@ def train_category(ctx: category.CategoryContext, tb=None):
     run.close()
 
 
+def memory_bank(ctx, features) -> jax.Array:
+  """The kNN memory bank (M, D) of a category's training features (N, h*w,
+  D), with the coreset's progress bar: what model.method=knn fits and what
+  the yardstick (eval.yardstick) fits alike, from the same key."""
+  c = ctx.config.knn
+  rows = features.shape[0] * features.shape[1]
+  with console.progress(knn.coreset_size(rows, c.coreset_fraction),
+                        f'{ctx.category} kNN coreset',
+                        enabled=c.coreset_fraction < 1.0) as bar:
+    return knn.memory_bank(features, jax.random.fold_in(ctx.key, 2),
+                           c.coreset_fraction, c.projection_dim,
+                           progress=bar.update)
+
+
 def _fit_memory_bank(run: _CategoryRun):
   """model.method='knn': the coreset of every training feature is the
   model; no passes (the log gets one record of the fit)."""
@@ -231,9 +246,7 @@ def _fit_memory_bank(run: _CategoryRun):
         'train.cache_max_gb; raise it or set train.cache_dtype=bfloat16')
   t0 = time.perf_counter()
   run.prepare(use_cache=True)
-  key = jax.random.fold_in(ctx.key, 2)
-  bank = knn.memory_bank(run.cache, key, c.knn.coreset_fraction,
-                         c.knn.projection_dim)
+  bank = memory_bank(ctx, run.cache)
   state = parallel.put_replicated(knn.MemoryBank(bank=bank), ctx.mesh)
   jax.block_until_ready(state)
   _append_jsonl(run.log_path, {
@@ -447,7 +460,8 @@ def _las_cache(run: _CategoryRun):
     feats.append(feature_cache.build(
         ctx.feature_fn, ctx.backbone_vars, images, ctx.train_idx,
         c.eval.batch_size, c.train, c.dataset, ctx.mesh,
-        grid_hw=ctx.grid_hw, dim=ctx.embed_dim))
+        grid_hw=ctx.grid_hw, dim=ctx.embed_dim,
+        desc=f'{ctx.category} LAS images {v + 1}/{syn.las_variants}'))
     labels.append(synthesis.las_labels(vkey, ctx.train_idx,
                                        ctx.train_set.image_hw, ctx.grid_hw))
   feats = parallel.put_replicated(jnp.stack(feats), ctx.mesh)

@@ -12,18 +12,14 @@ import dataclasses
 import time
 
 from absl import logging
-import jax
 
 from simplenet_jax import evaluate
 from simplenet_jax import feature_cache
 from simplenet_jax import knn
+from simplenet_jax import loop
 from simplenet_jax import parallel
 from simplenet_jax import report
 from simplenet_jax import scoring
-
-# The coreset key of a kNN run (loop._fit_memory_bank): fold_in(ctx.key, 2).
-_BANK_KEY = 2
-
 
 def evaluate_knn(ctx) -> dict:
   """{'knn_image_auroc', 'knn_pixel_auroc', 'knn_aupro'} (report.YARDSTICK) of a
@@ -45,9 +41,9 @@ def evaluate_knn(ctx) -> dict:
                                  ctx.train_set, ctx.train_idx,
                                  c.eval.batch_size, c.train, c.dataset,
                                  ctx.mesh, grid_hw=ctx.grid_hw,
-                                 dim=ctx.embed_dim)
-  bank = knn.memory_bank(features, jax.random.fold_in(ctx.key, _BANK_KEY),
-                         c.knn.coreset_fraction, c.knn.projection_dim)
+                                 dim=ctx.embed_dim,
+                                 desc=f'{ctx.category} kNN features')
+  bank = loop.memory_bank(ctx, features)
   del features
   state = parallel.put_replicated(knn.MemoryBank(bank=bank), ctx.mesh)
   knn_ctx = dataclasses.replace(

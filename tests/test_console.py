@@ -2,6 +2,7 @@
 in test_report_html and test_main)."""
 
 import io
+import os
 import logging
 
 from simplenet_jax import console
@@ -52,3 +53,69 @@ def test_log_filter_decides_once_per_record():
   chatter = logging.LogRecord('x', logging.INFO, '/y/orbax/z.py', 1, 'saved',
                               None, None)
   assert not f.filter(chatter)
+
+
+def test_main_shows_a_progress_bar_for_every_long_stage_on_a_terminal(
+    tmp_path, lite0_weights_dir, awkward_root, jax_cache_dir):
+  """main.py on a (pseudo-)terminal: besides the passes, the stages that take
+  minutes on a CPU at a few hundred images (the feature cache, the test set,
+  the kNN yardstick's features and coreset) each draw a bar counting to the
+  right total; redirected output (every other main.py test) has none."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import pty  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  import struct  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import termios  # pylint: disable=g-import-not-at-top
+  import conftest  # pylint: disable=g-import-not-at-top
+  root, _ = awkward_root
+  args = conftest.tiny_args(tmp_path / 'run', lite0_weights_dir, root,
+                            passes=2, extra=['--config.eval.yardstick=True'])
+  leader, follower = pty.openpty()
+  fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack('HHHH', 40, 160, 0, 0))
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(conftest.ROOT, 'main.py'), *args],
+      cwd=conftest.ROOT, env=conftest.main_env(jax_cache_dir),
+      stdout=subprocess.DEVNULL, stderr=follower, stdin=subprocess.DEVNULL)
+  os.close(follower)
+  out = b''
+  while True:
+    try:
+      chunk = os.read(leader, 65536)
+    except OSError:  # The terminal closed with the process.
+      break
+    if not chunk:
+      break
+    out += chunk
+  os.close(leader)
+  assert proc.wait(timeout=600) == 0, out.decode(errors='replace')[-2000:]
+  text = out.decode(errors='replace')
+  # Each bar's drawn states 'desc:  NN%|...| n/total' (the last one drawn
+  # may be short of the total: a bar is redrawn at most every 0.1 s and
+  # cleared when its stage ends).
+  drawn = {}
+  for m in re.finditer(
+      r'(brick [A-Za-z ]+?|brick pass \d+/\d+): +\d+%\|[^|]*\| (\d+)/(\d+)',
+      text):
+    drawn.setdefault(m.group(1), set()).add(int(m.group(3)))
+  for desc in ('brick features', 'brick pass 2/2', 'brick test images',
+               'brick kNN features', 'brick kNN coreset',
+               'brick kNN test images'):
+    assert desc in drawn, (desc, sorted(drawn))
+    assert len(drawn[desc]) == 1, (desc, drawn[desc])
+  # The totals: the training images (cache and yardstick alike), the test
+  # images, the bank's rows.
+  train = drawn['brick features']
+  assert train == drawn['brick kNN features'] and min(train) > 1
+  assert drawn['brick test images'] == drawn['brick kNN test images'] == {
+      len(os.listdir(os.path.join(root, 'brick', 'test', 'good')))
+      + len(os.listdir(os.path.join(root, 'brick', 'test', 'hole')))}
+  assert drawn['brick kNN coreset'] == {knn_rows(tmp_path / 'run')}
+
+
+def knn_rows(workdir):
+  """Rows the yardstick's coreset kept, from the run's log file."""
+  import re  # pylint: disable=g-import-not-at-top
+  log = open(os.path.join(workdir, 'logs', 'simplenet.INFO')).read()
+  return int(re.search(r'kNN yardstick \((\d+) bank rows\)', log).group(1))

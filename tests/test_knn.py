@@ -148,6 +148,37 @@ def test_coreset_projection_and_starts():
           knn.coreset_starts(k_start, 120), 12)))
 
 
+def test_coreset_segments_select_the_same_rows_and_report_progress():
+  """The selection cut into jitted segments (for a progress bar) is the
+  selection in one piece, whatever the cut; progress hears every row once."""
+  rng = np.random.default_rng(6)
+  bank = rng.normal(size=(150, 20)).astype(np.float32) + 3
+  w = knn.coreset_projection(jax.random.PRNGKey(1), 20, 8)
+  starts = knn.coreset_starts(jax.random.PRNGKey(2), 150)
+  whole = np.asarray(knn.greedy_coreset(bank, w, starts, 40, segments=1))
+  # Reference: the greedy rule in float64 numpy on the same projected rows.
+  z = bank.astype(np.float64) @ np.asarray(w, np.float64).T
+  score = np.sqrt(((z[:, None] - z[np.asarray(starts)][None])**2).sum(-1)).mean(1)
+  ref = []
+  for _ in range(40):
+    i = int(score.argmax())
+    ref.append(i)
+    score = np.minimum(score, np.sqrt(((z - z[i])**2).sum(-1)))
+    score[i] = -1.0
+  np.testing.assert_array_equal(whole, ref)
+  for segments in (3, 7, 40, 100):
+    calls = []
+    idx = knn.greedy_coreset(bank, w, starts, 40, progress=calls.append,
+                             segments=segments)
+    np.testing.assert_array_equal(np.asarray(idx), whole)
+    assert sum(calls) == 40 and len(calls) == min(segments, 40)
+    assert all(c > 0 for c in calls)
+  calls = []
+  mb = knn.memory_bank(bank.reshape(10, 15, 20), jax.random.PRNGKey(0), 0.2,
+                       proj_dim=8, progress=calls.append)
+  assert mb.shape == (30, 20) and sum(calls) == 30
+
+
 def test_memory_bank_fraction():
   rng = np.random.default_rng(4)
   feats = rng.normal(size=(5, 10, 12)).astype(np.float32)
