@@ -21,7 +21,6 @@ from typing import Callable, Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -155,10 +154,13 @@ def coreset_starts(key: jax.Array, n: int,
 SEGMENTS = 100
 
 
-@functools.partial(jax.jit, static_argnames=('chunk',))
-def _coreset_start(bank, projection, starts, chunk):
-  """Projected, centred rows z (N, P), their squared norms (N,) and the
-  initial scores (N,): each row's mean distance to the `starts` rows."""
+@functools.partial(jax.jit, static_argnames=('chunk', 'num'))
+def _coreset_start(bank, projection, starts, chunk, num):
+  """The greedy selection's state before its first step: projected, centred
+  rows z (N, P), their squared norms (N,), the initial scores (N,) (each
+  row's mean distance to the `starts` rows), the (num,) selection and the
+  step counter (made here, on the bank's devices, like everything the steps
+  carry)."""
   n, d = bank.shape
   if projection is not None:
     w = jnp.asarray(projection, jnp.float32)
@@ -172,7 +174,7 @@ def _coreset_start(bank, projection, starts, chunk):
   z = z - z.mean(0)  # Centred: see nearest_neighbours.
   z_sq = jnp.sum(jnp.square(z), -1)
   score = jnp.mean(_distances(z, z_sq, z[jnp.asarray(starts, jnp.int32)]), -1)
-  return z, z_sq, score
+  return z, z_sq, score, jnp.zeros((num,), jnp.int32), jnp.int32(0)
 
 
 def _distances(z, z_sq, cols):
@@ -182,20 +184,22 @@ def _distances(z, z_sq, cols):
   return jnp.sqrt(jnp.maximum(d2, 0.0))
 
 
-@functools.partial(jax.jit, donate_argnums=(2, 3))
-def _coreset_steps(z, z_sq, selected, score, first, stop):
-  """Greedy steps first .. stop-1 (traced bounds: one compilation for every
-  segment): selected[t] = the row of highest score, then every score becomes
-  min(score, distance to that row)."""
+@functools.partial(jax.jit, static_argnames=('length',),
+                   donate_argnums=(2, 3))
+def _coreset_steps(z, z_sq, selected, score, t, length):
+  """`length` greedy steps from step t: selected[t + j] = the row of highest
+  score, then every score becomes min(score, distance to that row).
+  Returns the new selection, scores and step counter."""
 
-  def body(t, carry):
+  def body(j, carry):
     selected, score = carry
     i = jnp.argmax(score).astype(jnp.int32)
     # -1: a selected row is never picked again, even among duplicates.
     score = jnp.minimum(score, _distances(z, z_sq, z[i][None])[:, 0])
-    return selected.at[t].set(i), score.at[i].set(-1.0)
+    return selected.at[t + j].set(i), score.at[i].set(-1.0)
 
-  return jax.lax.fori_loop(first, stop, body, (selected, score))
+  selected, score = jax.lax.fori_loop(0, length, body, (selected, score))
+  return selected, score, t + length
 
 
 def greedy_coreset(bank: jax.Array, projection: Optional[jax.Array],
@@ -231,11 +235,11 @@ def greedy_coreset(bank: jax.Array, projection: Optional[jax.Array],
     num: rows to select, 1 <= num <= N.
     chunk: rows per block of the projection; bounds the temporary
       (chunk, D) float32 copy.
-    progress: called with the number of rows just selected after each of
-      the `segments` jitted segments (each waited for), e.g. a progress
-      bar's update; None runs them without waiting.
-    segments: how many segments the selection is cut into (the result does
-      not depend on it).
+    progress: called with the number of rows just selected after each
+      jitted segment (each then waited for), e.g. a progress bar's update;
+      None runs them without waiting.
+    segments: into how many segments (at most) the selection is cut; the
+      result does not depend on it.
 
   Returns:
     (num,) int32 indices into bank, in the order they were selected.
@@ -243,17 +247,16 @@ def greedy_coreset(bank: jax.Array, projection: Optional[jax.Array],
   n = bank.shape[0]
   if not 1 <= num <= n:
     raise ValueError(f'coreset of {num} rows from a bank of {n}')
-  z, z_sq, score = _coreset_start(jnp.asarray(bank), projection,
-                                  jnp.asarray(starts), chunk)
-  selected = jnp.zeros((num,), jnp.int32)
+  z, z_sq, score, selected, t = _coreset_start(bank, projection, starts,
+                                               chunk, num)
+  # Equal segments and a shorter last one: at most two compilations.
   step = -(-num // max(1, min(segments, num)))
   for first in range(0, num, step):
-    stop = min(num, first + step)
-    selected, score = _coreset_steps(z, z_sq, selected, score,
-                                     np.int32(first), np.int32(stop))
+    length = min(step, num - first)
+    selected, score, t = _coreset_steps(z, z_sq, selected, score, t, length)
     if progress is not None:
       jax.block_until_ready(selected)
-      progress(stop - first)
+      progress(length)
   return selected
 
 
