@@ -21,6 +21,7 @@ from simplenet_jax import parallel
 from simplenet_jax import report
 from simplenet_jax import scoring
 
+
 def evaluate_knn(ctx) -> dict:
   """{'knn_image_auroc', 'knn_pixel_auroc', 'knn_aupro'} (report.YARDSTICK) of a
   memory bank of ctx's training features on ctx's test set; {} (with a
