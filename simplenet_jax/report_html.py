@@ -186,6 +186,23 @@ def _geometry_text(dataset: dict, kinds) -> str:
   return ''.join(f'; {p}' for p in parts)
 
 
+def _data_text(dataset: dict, rows) -> str:
+  """Where the images came from, the categories and how they were sized
+  (results.json's config dataset section and table rows)."""
+  kind = dataset.get('kind', '?')
+  if kind == 'mvtec':
+    where = f" at {dataset.get('root')}"
+  elif kind == 'folder':  # Its own directories; dataset.root is unused.
+    tests = [n for n, v in (dataset.get('test_dirs') or {}).items() if v]
+    where = (f" (training images in {dataset.get('train_dir')}; test "
+             f"folders {', '.join(tests)})")
+  else:
+    where = ''
+  return (f"{kind}{where}; categories "
+          f"{', '.join(r['category'] for r in rows)}"
+          + _geometry_text(dataset, [r.get('kind') for r in rows]))
+
+
 def _training_text(config: dict) -> str:
   """The method and its settings in words (results.json's config)."""
   m, t = config.get('model', {}), config.get('train', {})
@@ -235,11 +252,7 @@ def _run_section(workdir: str, doc: dict) -> str:
         ('Backbone', f"{b.get('name', '?')}, layers "
                      f"{', '.join(b.get('layers', []))}, {b.get('dtype', '')}"
                      + (' (random weights)' if b.get('random_init') else '')),
-        ('Data', f"{d.get('kind', '?')}"
-                 + (f" at {d['root']}" if d.get('kind') in ('mvtec', 'folder')
-                    else '') +
-                 f"; categories {', '.join(r['category'] for r in doc['rows'])}"
-                 + _geometry_text(d, [r.get('kind') for r in doc['rows']])),
+        ('Data', _data_text(d, doc['rows'])),
         ('Training', _training_text(config)),
         ('Scoring', _scoring_text(config)),
         ('Devices', f"{len(devices)}: {', '.join(devices)}")]

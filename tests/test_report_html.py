@@ -326,6 +326,26 @@ def test_run_section_says_how_each_kind_of_image_was_sized():
   assert geometry({}, ['texture']) == ''  # A results.json without a config.
 
 
+def test_run_section_says_where_the_images_came_from():
+  from configs import default, demo as demo_config, folder  # pylint: disable=g-import-not-at-top
+  data = report_html._data_text  # pylint: disable=protected-access
+  rows = [{'category': 'bottle', 'kind': 'object'}]
+  mvtec = default.get_config().dataset.to_dict()
+  mvtec['root'] = '/data/mvtec'
+  assert data(mvtec, rows) == ('mvtec at /data/mvtec; categories bottle; '
+                               'objects shorter side 256, centre crop 224')
+  # A folder run names its own directories, not the unused dataset.root.
+  mine = folder.get_config().dataset.to_dict()
+  mine['train_dir'] = '/parts/train'
+  mine['test_dirs'] = {'good': '/parts/ok', 'defect': '', 'crack': '/parts/c'}
+  assert data(mine, [{'category': 'folder', 'kind': 'texture'}]) == (
+      'folder (training images in /parts/train; test folders good, crack); '
+      'categories folder; resized whole to 256x256')
+  demo = demo_config.get_config().dataset.to_dict()
+  assert data(demo, [{'category': 'brick', 'kind': 'texture'}]) == (
+      'demo; categories brick; textures resized whole to 128x128')
+
+
 def test_record_round_trip_replaces_old_tiles(tmp_path):
   image = np.zeros((8, 8, 3), np.uint8)
   amap = np.arange(64, dtype=np.float32).reshape(8, 8)
