@@ -49,7 +49,10 @@ passes: about 67 minutes) against 2.0 s per pass with the demo's head
 run), which is what docs/quality.md's cookies256 figures were measured
 with. On a CPU add --config.model.pretrain_embed_dim=384
 --config.model.target_embed_dim=384 --config.model.hidden=256
---config.train.num_passes=40.
+--config.train.num_passes=40. The kNN yardstick adds its coreset selection,
+which grows as the square of the number of training images (279 photos at
+256x256 with that head: about 4 minutes on that CPU, 20 s per pass;
+docs/scaling.md); --config.eval.yardstick=False skips it.
 """
 
 import ml_collections
