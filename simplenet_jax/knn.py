@@ -148,10 +148,13 @@ def coreset_starts(key: jax.Array, n: int,
                            replace=False).astype(jnp.int32)
 
 
-# The greedy selection runs as this many jitted segments (fewer when there
-# are fewer rows to select), so a caller can show its progress: on a CPU a
+# The greedy selection runs as up to this many jitted segments, so a caller
+# can show its progress (and Ctrl-C gets through between them): on a CPU a
 # bank of a few hundred thousand rows takes minutes.
 SEGMENTS = 100
+# ... each of at least this many row distances (about 0.5 s on the 2-core
+# CPU), so that a small selection runs as one loop.
+MIN_SEGMENT_DISTANCES = 2**24
 
 
 @functools.partial(jax.jit, static_argnames=('chunk', 'num'))
@@ -238,8 +241,9 @@ def greedy_coreset(bank: jax.Array, projection: Optional[jax.Array],
     progress: called with the number of rows just selected after each
       jitted segment (each then waited for), e.g. a progress bar's update;
       None runs them without waiting.
-    segments: into how many segments (at most) the selection is cut; the
-      result does not depend on it.
+    segments: into how many segments (at most) the selection is cut, each
+      of at least MIN_SEGMENT_DISTANCES row distances; the result does not
+      depend on it.
 
   Returns:
     (num,) int32 indices into bank, in the order they were selected.
@@ -250,7 +254,8 @@ def greedy_coreset(bank: jax.Array, projection: Optional[jax.Array],
   z, z_sq, score, selected, t = _coreset_start(bank, projection, starts,
                                                chunk, num)
   # Equal segments and a shorter last one: at most two compilations.
-  step = -(-num // max(1, min(segments, num)))
+  step = min(num, max(-(-num // max(1, segments)),
+                      -(-MIN_SEGMENT_DISTANCES // n)))
   for first in range(0, num, step):
     length = min(step, num - first)
     selected, score, t = _coreset_steps(z, z_sq, selected, score, t, length)

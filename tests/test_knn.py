@@ -148,9 +148,11 @@ def test_coreset_projection_and_starts():
           knn.coreset_starts(k_start, 120), 12)))
 
 
-def test_coreset_segments_select_the_same_rows_and_report_progress():
+def test_coreset_segments_select_the_same_rows_and_report_progress(
+    monkeypatch):
   """The selection cut into jitted segments (for a progress bar) is the
-  selection in one piece, whatever the cut; progress hears every row once."""
+  selection in one piece, whatever the cut; progress hears every row once;
+  a small selection is one segment."""
   rng = np.random.default_rng(6)
   bank = rng.normal(size=(150, 20)).astype(np.float32) + 3
   w = knn.coreset_projection(jax.random.PRNGKey(1), 20, 8)
@@ -166,6 +168,10 @@ def test_coreset_segments_select_the_same_rows_and_report_progress():
     score = np.minimum(score, np.sqrt(((z - z[i])**2).sum(-1)))
     score[i] = -1.0
   np.testing.assert_array_equal(whole, ref)
+  calls = []
+  knn.greedy_coreset(bank, w, starts, 40, progress=calls.append)
+  assert calls == [40]  # 150 x 40 distances: far under one segment's floor.
+  monkeypatch.setattr(knn, 'MIN_SEGMENT_DISTANCES', 1)
   for segments in (3, 7, 40, 100):
     calls = []
     idx = knn.greedy_coreset(bank, w, starts, 40, progress=calls.append,
@@ -176,7 +182,7 @@ def test_coreset_segments_select_the_same_rows_and_report_progress():
   calls = []
   mb = knn.memory_bank(bank.reshape(10, 15, 20), jax.random.PRNGKey(0), 0.2,
                        proj_dim=8, progress=calls.append)
-  assert mb.shape == (30, 20) and sum(calls) == 30
+  assert mb.shape == (30, 20) and calls == [1] * 30
 
 
 def test_memory_bank_fraction():
