@@ -175,6 +175,7 @@ def progress(total: int, desc: str | None,
              enabled: bool = True) -> tqdm.tqdm:
   """A transient progress bar on a terminal (none when stderr is not one:
   redirected output keeps the summary lines, the log file the details; none
-  either when not `enabled`). Also a context manager that closes it."""
+  either without a `desc` or when not `enabled`). Also a context manager
+  that closes it."""
   return tqdm.tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
-                   disable=None if enabled else True)
+                   disable=None if enabled and desc is not None else True)

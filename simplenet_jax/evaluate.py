@@ -35,7 +35,7 @@ def _predict_batches(ctx, state, dataset, indices=None, batch_size=None,
   hv = state.head_vars()
   batch_size = batch_size or c.eval.batch_size
   total = len(dataset) if indices is None else len(indices)
-  with console.progress(total, desc, enabled=desc is not None) as bar:
+  with console.progress(total, desc) as bar:
     for batch in loader.batches(dataset, batch_size, indices=indices,
                                 num_workers=c.dataset.num_workers,
                                 prefetch=c.dataset.prefetch):

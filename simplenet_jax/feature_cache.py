@@ -104,7 +104,7 @@ def build(feature_fn, backbone_vars, dataset, indices, batch_size: int,
   try:
     cache = zeros()
     start = 0
-    with console.progress(len(indices), desc, enabled=desc is not None) as bar:
+    with console.progress(len(indices), desc) as bar:
       for batch in parallel.host_batches(dataset, batch_size, mesh,
                                          indices=indices,
                                          num_workers=data_cfg.num_workers,
