@@ -18,7 +18,9 @@ to 128x128, configs/demo.py's texture size, so that no part of a cookie is
 cropped away; 'cookies256' the same at 256x256, configs/folder.py's size
 for users' photos; 'cookies_crop' is the object transform instead: shorter
 side 256, centre crop 224) and the offline demo's brick, grass, gravel
-(generated once under --workdir, 128 px). One JSON line
+(generated once under --workdir, 128 px; --train-tiles N builds them with
+N training tiles instead of 20, the same band cut more often, recorded as
+'gravel@N': docs/quality.md's twelfth round). One JSON line
 per run goes to --out: the three metrics, kNN's on the same features
 (eval.yardstick, on in configs/demo.py; not for the knn rows), the median
 seconds per pass (log.jsonl's pass_s, the first pass left out: it compiles),
@@ -108,8 +110,11 @@ def set_config(name: str, row: str, seed: int, args):
     if name == 'cookies256':
       c.dataset.texture_resize = 256
   else:  # The demo's categories, generated once, read as textures.
+    tiles = getattr(args, 'train_tiles', 0)
     c.dataset.root = str(demo_data.build(
-        os.path.join(args.workdir, 'demo_data')))
+        os.path.join(args.workdir, f'demo_data_{tiles}' if tiles
+                     else 'demo_data'),
+        **({'num_train': tiles} if tiles else {})))
     c.dataset.textures = (name,)
   if args.passes:
     c.train.num_passes = args.passes
@@ -121,6 +126,12 @@ def set_config(name: str, row: str, seed: int, args):
     section, leaf = key.split('.')
     c[section][leaf] = value
   return config_checks.validate(c)
+
+
+def set_label(name: str, args) -> str:
+  """The set's name in --out: 'gravel@80' with --train-tiles 80."""
+  tiles = getattr(args, 'train_tiles', 0)
+  return f'{name}@{tiles}' if tiles else name
 
 
 def run_one(name: str, row: str, seed: int, args) -> dict:
@@ -141,7 +152,8 @@ def run_one(name: str, row: str, seed: int, args) -> dict:
   # METRICS, and kNN on the same features (eval.yardstick) where present.
   out = {k: v for k, v in doc['rows'][0].items()
          if k in METRICS + report.YARDSTICK + ('decisions',)}
-  out.update(set=name, row=row, seed=seed, passes=config.train.num_passes,
+  out.update(set=set_label(name, args), row=row, seed=seed,
+             passes=config.train.num_passes,
              sec_per_pass=float(np.median(pass_s)) if pass_s else None,
              train_s=timings['train'], wall_s=wall,
              load=os.getloadavg()[0], last=log[-1])
@@ -170,7 +182,10 @@ def table(path: str) -> str:
   yard = 'kNN yardstick (same runs)'
   for (s, _), r in runs.items():
     groups.setdefault((yard, s), []).append(r)
-  sets = [s for s in SETS if any(k[1] == s for k in groups)]
+  # SETS' order; a set built with --train-tiles right after its base set.
+  order = {s: i for i, s in enumerate(SETS)}
+  sets = sorted({k[1] for k in groups},
+                key=lambda s: (order.get(s.split('@')[0], len(SETS)), s))
   rows = list(dict.fromkeys(k[0] for k in groups))
 
   lines = ['| row | ' + ' | '.join(f'{s} I / P / PRO' for s in sets) +
@@ -185,7 +200,7 @@ def table(path: str) -> str:
         continue
       cells.append(' / '.join(cell(rs, k) for k in METRICS) +
                    f' (n={len(rs)})')
-      if not s.startswith('cookies'):
+      if s in ('brick', 'grass', 'gravel'):  # The demo's own tiles.
         demo.append([np.mean([r[k] for r in rs]) for k in METRICS])
       tpp += [r['sec_per_pass'] for r in rs if r.get('sec_per_pass')]
     dm = (' / '.join(f'{100 * v:.1f}' for v in np.mean(demo, 0))
@@ -214,6 +229,9 @@ def main(argv=None):
   p.add_argument('--seeds', default='0,1,2')
   p.add_argument('--passes', type=int, default=0,
                  help="train.num_passes (0: the demo config's, 40)")
+  p.add_argument('--train-tiles', type=int, default=0,
+                 help="training tiles per demo set (0: the demo's 20); "
+                 "recorded as e.g. 'gravel@80', its data under --workdir")
   p.add_argument('--workdir', default='runs/quality')
   p.add_argument('--weights-dir', default='pretrained')
   p.add_argument('--out', default='runs/quality.jsonl')
@@ -227,6 +245,10 @@ def main(argv=None):
     if unknown:
       raise SystemExit(f'--sets: unknown {", ".join(unknown)}; sets: '
                        f'{", ".join(SETS)}')
+    if a.train_tiles and any(s.startswith('cookies')
+                             for s in a.sets.split(',')):
+      raise SystemExit('--train-tiles: only for the demo sets (brick, '
+                       'grass, gravel); the cookies photos are fixed')
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     for name in a.sets.split(','):
       for row in a.rows.split(','):

@@ -89,3 +89,36 @@ def test_cookies_sets_are_the_geometries_they_name(tmp_path):
   assert geometry('cookies256') == images.Geometry(square=256)
   assert folder.get_config().dataset.texture_resize == 256
   assert geometry('cookies_crop') == images.Geometry(shorter=256, crop=224)
+
+
+def test_train_tiles_build_their_own_data_and_label(tmp_path):
+  """--train-tiles N: the demo data with N training tiles in a folder of its
+  own (the 20-tile data stays), the runs recorded as 'gravel@N' and tabled
+  apart from the 20-tile runs and out of the demo mean."""
+  import types  # pylint: disable=g-import-not-at-top
+  args = types.SimpleNamespace(workdir=str(tmp_path), passes=0,
+                               weights_dir='pretrained', train_tiles=24)
+  c = quality.set_config('gravel', 'spread', 0, args)
+  train = os.path.join(c.dataset.root, 'gravel', 'train', 'good')
+  assert c.dataset.root == os.path.join(str(tmp_path), 'demo_data_24')
+  assert len(os.listdir(train)) == 24
+  assert quality.set_label('gravel', args) == 'gravel@24'
+  args.train_tiles = 0
+  assert quality.set_label('gravel', args) == 'gravel'
+
+  path = tmp_path / 'q.jsonl'
+  recs = [_rec('spread', 0, (0.6, 0.8, 0.5), None),
+          _rec('spread', 0, (0.9, 0.9, 0.9), None)]
+  recs[1]['set'] = 'grass@24'
+  path.write_text(''.join(json.dumps(r) + '\n' for r in recs))
+  header, _, row = quality.table(str(path)).splitlines()[:3]
+  assert header.startswith('| row | grass I / P / PRO | grass@24 I / P / PRO')
+  assert ('60.0 ± 0.0 / 80.0 ± 0.0 / 50.0 ± 0.0 (n=1) | '
+          '90.0 ± 0.0 / 90.0 ± 0.0 / 90.0 ± 0.0 (n=1)') in row
+
+
+def test_train_tiles_refused_for_cookies():
+  import pytest  # pylint: disable=g-import-not-at-top
+  with pytest.raises(SystemExit, match='only for the demo sets'):
+    quality.main(['--sets', 'cookies,gravel', '--train-tiles', '80',
+                  '--out', '/nonexistent/q.jsonl'])
