@@ -136,7 +136,8 @@ def set_label(name: str, args) -> str:
 
 def run_one(name: str, row: str, seed: int, args) -> dict:
   config = set_config(name, row, seed, args)
-  workdir = os.path.join(args.workdir, 'runs', f'{name}-{row}-{seed}')
+  workdir = os.path.join(args.workdir, 'runs',
+                         f'{set_label(name, args)}-{row}-{seed}')
   shutil.rmtree(workdir, ignore_errors=True)
   t0 = time.time()
   experiment.run(config, workdir, 'train')
