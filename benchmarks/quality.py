@@ -26,7 +26,9 @@ per run goes to --out: the three metrics, kNN's on the same features
 seconds per pass (log.jsonl's pass_s, the first pass left out: it compiles),
 the training stage's wall time and the load average. --table prints mean +-
 spread (half the max - min range over seeds), with a 'kNN yardstick (same
-runs)' row: each (set, seed)'s kNN figures once.
+runs)' row: each (set, seed)'s kNN figures once; where head rows' yardsticks
+differ (a row that changes the features or the scoring), a 'kNN yardstick
+(<row> runs)' row for each head row.
 """
 
 import argparse
@@ -175,14 +177,22 @@ def table(path: str) -> str:
 
   # The yardstick of a (set, seed) is the same whatever the head row (the
   # same training images and coreset key): one row of its own, each run once.
+  # A row that changes the features or the scoring (model.patch_size,
+  # backbone.name, eval.tta, ...) changes kNN's figures too; then each head
+  # row gets a yardstick row of its own runs.
   runs = {}
   for r in recs:
     if all(k in r for k in report.YARDSTICK):
-      runs.setdefault((r['set'], r['seed']),
-                      {m: r[y] for m, y in zip(METRICS, report.YARDSTICK)})
-  yard = 'kNN yardstick (same runs)'
-  for (s, _), r in runs.items():
-    groups.setdefault((yard, s), []).append(r)
+      runs.setdefault((r['set'], r['seed']), {}).setdefault(r['row'], {
+          m: r[y] for m, y in zip(METRICS, report.YARDSTICK)})
+  same = all(len({tuple(round(v[m], 9) for m in METRICS)
+                  for v in by_row.values()}) == 1 for by_row in runs.values())
+  for (s, _), by_row in runs.items():
+    for row, r in by_row.items():
+      if same:
+        groups.setdefault(('kNN yardstick (same runs)', s), []).append(r)
+        break
+      groups.setdefault((f'kNN yardstick ({row} runs)', s), []).append(r)
   # SETS' order; a set built with --train-tiles right after its base set.
   order = {s: i for i, s in enumerate(SETS)}
   sets = sorted({k[1] for k in groups},

@@ -40,6 +40,32 @@ def test_yardstick_row_once_per_run(tmp_path):
   assert '61.0 ± 1.0 / 81.0 ± 1.0 / 51.0 ± 1.0 (n=2)' in by_row['spread']
 
 
+
+def test_yardstick_row_per_head_row_when_the_features_differ(tmp_path):
+  # A row that changes the features (here a wider patch) changes kNN's
+  # figures on the same (set, seed): one yardstick row each, not the first
+  # row's figures passed off as the other's.
+  path = tmp_path / 'q.jsonl'
+  recs = [
+      _rec('gas_flips', 0, (0.60, 0.80, 0.50), (0.70, 0.90, 0.60)),
+      _rec('gas_flips', 1, (0.62, 0.82, 0.52), (0.80, 0.94, 0.64)),
+      _rec('gas_flips+model.patch_size=5', 0, (0.64, 0.84, 0.54),
+           (0.50, 0.70, 0.40)),
+      _rec('gas_flips+model.patch_size=5', 1, (0.66, 0.86, 0.56),
+           (0.60, 0.74, 0.44)),
+  ]
+  path.write_text(''.join(json.dumps(r) + '\n' for r in recs))
+  lines = quality.table(str(path)).splitlines()
+  by_row = {l.split(' | ')[0].lstrip('| '): l for l in lines[2:]
+            if l.startswith('|')}
+  assert list(by_row) == ['gas_flips', 'gas_flips+model.patch_size=5',
+                          'kNN yardstick (gas_flips runs)',
+                          'kNN yardstick (gas_flips+model.patch_size=5 runs)']
+  assert ('75.0 ± 5.0 / 92.0 ± 2.0 / 62.0 ± 2.0 (n=2)'
+          in by_row['kNN yardstick (gas_flips runs)'])
+  assert ('55.0 ± 5.0 / 72.0 ± 2.0 / 42.0 ± 2.0 (n=2)'
+          in by_row['kNN yardstick (gas_flips+model.patch_size=5 runs)'])
+
 def test_decisions_summed_over_seeds(tmp_path):
   path = tmp_path / 'q.jsonl'
   recs = [_rec('spread', seed, (0.6, 0.8, 0.5), None) for seed in (0, 1, 2)]
