@@ -43,7 +43,7 @@ noise_rel 0.4 (log.jsonl's last p_fake near 1.0); on the generated gravel
 0.1-0.2 then localised far better, on the cookies photos at 279 images 0.1
 scored lower. If the head also trails the kNN yardstick, a second run with
 --config.model.noise_rel=0.1 is worth its time (README, 'More training
-images').
+images'); the run then prints a 'hint:' line saying so.
 
 Cost: the head keeps the released size (1536-d features, 1024 hidden
 units) and 160 passes, sized for WRN50-2 on an accelerator. GAS's cost grows

@@ -115,11 +115,17 @@ def run(config, workdir: str, mode: str) -> list[dict]:
           row.update(yardstick.evaluate_knn(ctx))
           clock.lap('kNN yardstick')
           laps['kNN yardstick'] = clock.laps['kNN yardstick']
+          log = report_html.read_log(ctx.workdir)
+          hint = yardstick.advice(row, log[-1] if log else {}, config.model)
+          if hint:
+            row['advice'] = hint
         if len(ctxs) > 1:
           laps['trained_with'] = [c.category for c in ctxs]
         timings['categories'][ctx.category] = laps
         rows.append(row)
         _print_category(row, laps)
+        if row.get('advice'):
+          print(f"hint: {row['advice']}", flush=True)
   table = report.results_table(rows)
   print(table)
   timings['total'] = time.perf_counter() - started

@@ -128,7 +128,9 @@ def _seconds(s) -> str:
   return f'{int(s // 60)} min {s % 60:02.0f} s'
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def read_log(cat_dir: str) -> list[dict]:
+  """The per-pass records of <cat_dir>/log.jsonl ([] without one)."""
+  path = os.path.join(cat_dir, 'log.jsonl')
   if not os.path.isfile(path):
     return []
   out = []
@@ -389,6 +391,8 @@ def _category_section(workdir: str, row: dict) -> str:
                     'threshold' if rec.get('n_validation') else ''))
     facts.append(f'model after pass {rec.get("passes")}')
   out.append(f'<p class="facts">{" &middot; ".join(_e(x) for x in facts)}</p>')
+  if row.get('advice'):  # yardstick.advice: the head trails kNN, saturated.
+    out.append(f'<p class="note">{_e(row["advice"])}</p>')
   if rec is None:
     out.append('<p class="missing">No evaluation record in '
                f'{_e(eval_record.directory(cat_dir))} (report.html=False, or '
@@ -429,7 +433,7 @@ def _category_section(workdir: str, row: dict) -> str:
                   'images. ' if not roc else '')
                + ('No PRO curve: the test set has no usable masks.'
                   if not pro else '') + '</p>')
-  log = _read_jsonl(os.path.join(cat_dir, 'log.jsonl'))
+  log = read_log(cat_dir)
   final = {'pass': rec.get('passes'),
            **{k: row.get(k) for k in report.METRICS}}
   curves = visualize.training_curves(log, final)

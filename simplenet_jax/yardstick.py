@@ -57,3 +57,44 @@ def evaluate_knn(ctx) -> dict:
   logging.info('%s: kNN yardstick (%d bank rows) in %.1f s', ctx.category,
                bank.shape[0], time.perf_counter() - t0)
   return {k: row[m] for k, m in zip(report.YARDSTICK, report.METRICS)}
+
+
+# The last pass's share of fakes past the loss's margin at or above which the
+# head's loss is saturated: the truncated L1 loss (or GLASS's) then gives the
+# fakes all but no gradient, so the head has stopped learning from them.
+SATURATED_P_FAKE = 0.98
+
+
+def advice(row: dict, last_pass: dict, model_cfg) -> str | None:
+  """One line for the user when the head's loss saturated and it trails kNN
+  on the same features (image or pixel AUROC), else None.
+
+  Twelfth round of docs/quality.md: with many training images the loss
+  saturates at noise_rel 0.4; where the head then also trailed its
+  yardstick (generated gravel, 80 and 200 tiles), a quarter of the noise
+  scored far better; where it led (the cookies photos at 279 images),
+  smaller noise scored lower. Only for the noise modes sized to the features
+  (relative, spread): the absolute std is the released WRN50-2 constant.
+
+  Args:
+    row: the category's results row, with report.YARDSTICK's figures.
+    last_pass: the last record of its log.jsonl ('p_fake', 'loss').
+    model_cfg: config.model.
+  """
+  if (model_cfg.method != 'simplenet' or
+      model_cfg.noise_mode not in ('relative', 'spread') or
+      report.YARDSTICK[0] not in row or
+      last_pass.get('p_fake', 0.0) < SATURATED_P_FAKE):
+    return None
+  trails = [name for name, m, k in zip(('image', 'pixel'), report.METRICS,
+                                       report.YARDSTICK)
+            if row.get(m) is not None and row.get(k) is not None and
+            row[m] < row[k]]  # NaN (no masks) compares False: not trailing.
+  if not trails:
+    return None
+  return (f"{row['category']}: the head's loss saturated (last pass: p_fake "
+          f"{last_pass['p_fake']:.3f}) and it trails kNN on the same features "
+          f"in {' and '.join(trails)} AUROC; with many training images a "
+          f"smaller noise often does better: try "
+          f"--config.model.noise_rel={model_cfg.noise_rel / 4:g} (README, "
+          "'More training images').")

@@ -219,3 +219,27 @@ def test_folder_config_with_a_folder_per_defect_type(tmp_path, weights_dir,
   assert got == [('crack', 1), ('crack', 1), ('dent', 1), ('good', 0),
                  ('good', 0), ('good', 0)]
 
+
+
+def test_saturated_head_that_trails_knn_gets_a_hint(tmp_path, weights_dir,
+                                                    env):
+  """yardstick.advice from main.py: noise 4x the features' spread without
+  GAS is told apart from normal features within a few steps (at a raised
+  discriminator rate), so the loss saturates while the head scores below its
+  kNN yardstick; the console, results.json and report.html all say so."""
+  workdir = tmp_path / 'run'
+  proc = main_py(tiny_args(workdir, weights_dir, passes=8) + [
+      '--config.model.noise_rel=4', '--config.synthesis.gas=none',
+      '--config.optim.disc_lr=0.05', '--config.eval.visualize=none',
+      '--config.train.eval_every=0'], env)
+  (row,) = json.loads((workdir / 'results.json').read_text())['rows']
+  log = [json.loads(l) for l in
+         (workdir / 'brick' / 'log.jsonl').read_text().splitlines()]
+  assert log[-1]['p_fake'] >= 0.98
+  assert row['image_auroc'] < row['knn_image_auroc']
+  hint = row['advice']
+  assert hint.startswith("brick: the head's loss saturated")
+  assert '--config.model.noise_rel=1 ' in hint
+  assert f'hint: {hint}\n' in proc.stdout
+  report_text = (workdir / 'report.html').read_text(encoding='utf-8')
+  assert "the head&#x27;s loss saturated" in report_text
