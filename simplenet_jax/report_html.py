@@ -392,7 +392,7 @@ def _category_section(workdir: str, row: dict) -> str:
     facts.append(f'model after pass {rec.get("passes")}')
   out.append(f'<p class="facts">{" &middot; ".join(_e(x) for x in facts)}</p>')
   if row.get('advice'):  # yardstick.advice: the head trails kNN, saturated.
-    out.append(f'<p class="note">{_e(row["advice"])}</p>')
+    out.append(f'<p class="note"><b>Hint:</b> {_e(row["advice"])}</p>')
   if rec is None:
     out.append('<p class="missing">No evaluation record in '
                f'{_e(eval_record.directory(cat_dir))} (report.html=False, or '

@@ -242,4 +242,4 @@ def test_saturated_head_that_trails_knn_gets_a_hint(tmp_path, weights_dir,
   assert '--config.model.noise_rel=1 ' in hint
   assert f'hint: {hint}\n' in proc.stdout
   report_text = (workdir / 'report.html').read_text(encoding='utf-8')
-  assert "the head&#x27;s loss saturated" in report_text
+  assert "<b>Hint:</b> brick: the head&#x27;s loss saturated" in report_text
