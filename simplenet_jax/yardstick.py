@@ -78,7 +78,7 @@ def advice(row: dict, last_pass: dict, model_cfg) -> str | None:
 
   Args:
     row: the category's results row, with report.YARDSTICK's figures.
-    last_pass: the last record of its log.jsonl ('p_fake', 'loss').
+    last_pass: the last record of its log.jsonl (its 'p_fake'), or {}.
     model_cfg: config.model.
   """
   if (model_cfg.method != 'simplenet' or
@@ -95,6 +95,6 @@ def advice(row: dict, last_pass: dict, model_cfg) -> str | None:
   return (f"{row['category']}: the head's loss saturated (last pass: p_fake "
           f"{last_pass['p_fake']:.3f}) and it trails kNN on the same features "
           f"in {' and '.join(trails)} AUROC; with many training images a "
-          f"smaller noise often does better: try "
+          f"smaller noise can do better: try "
           f"--config.model.noise_rel={model_cfg.noise_rel / 4:g} (README, "
           "'More training images').")
