@@ -5,7 +5,8 @@ SimpleNet evaluation can say what a nearest-neighbour scorer on the very
 same backbone features, training images and test set reaches. The figures
 are those a separate `model.method=knn` run of the same config gives: the
 same training images (the hold-out split), the same coreset key, the same
-maps and metrics.
+maps and metrics. `advice` reads the comparison back to the user when the
+head's loss saturated and it trails kNN.
 """
 
 import dataclasses
