@@ -74,8 +74,8 @@ def advice(row: dict, last_pass: dict, model_cfg) -> str | None:
   saturates at noise_rel 0.4; where the head then also trailed its
   yardstick (generated gravel, 80 and 200 tiles), a quarter of the noise
   scored far better; where it led (the cookies photos at 279 images),
-  smaller noise scored lower. Only for the noise modes sized to the features
-  (relative, spread): the absolute std is the released WRN50-2 constant.
+  smaller noise scored lower. Not for noise_mode='absolute': its std is the
+  released WRN50-2 constant, not a size relative to the features.
 
   Args:
     row: the category's results row, with report.YARDSTICK's figures.
@@ -83,7 +83,7 @@ def advice(row: dict, last_pass: dict, model_cfg) -> str | None:
     model_cfg: config.model.
   """
   if (model_cfg.method != 'simplenet' or
-      model_cfg.noise_mode not in ('relative', 'spread') or
+      model_cfg.noise_mode == 'absolute' or
       report.YARDSTICK[0] not in row or
       last_pass.get('p_fake', 0.0) < SATURATED_P_FAKE):
     return None
