@@ -112,7 +112,7 @@ def set_config(name: str, row: str, seed: int, args):
     if name == 'cookies256':
       c.dataset.texture_resize = 256
   else:  # The demo's categories, generated once, read as textures.
-    tiles = getattr(args, 'train_tiles', 0)
+    tiles = args.train_tiles
     c.dataset.root = str(demo_data.build(
         os.path.join(args.workdir, f'demo_data_{tiles}' if tiles
                      else 'demo_data'),
@@ -132,7 +132,7 @@ def set_config(name: str, row: str, seed: int, args):
 
 def set_label(name: str, args) -> str:
   """The set's name in --out: 'gravel@80' with --train-tiles 80."""
-  tiles = getattr(args, 'train_tiles', 0)
+  tiles = args.train_tiles
   return f'{name}@{tiles}' if tiles else name
 
 

@@ -85,7 +85,7 @@ def test_rows_score_as_released_unless_named(tmp_path):
   import types  # pylint: disable=g-import-not-at-top
   from configs import demo  # pylint: disable=g-import-not-at-top
   args = types.SimpleNamespace(workdir=str(tmp_path), passes=0,
-                               weights_dir='pretrained')
+                               weights_dir='pretrained', train_tiles=0)
   plain = quality.set_config('grass', 'gas_hypersphere', 0, args)
   assert (plain.eval.tta, plain.eval.image_score) == ('none', 'patch_max')
   shipped = demo.get_config()
@@ -104,7 +104,7 @@ def test_cookies_sets_are_the_geometries_they_name(tmp_path):
   from configs import folder  # pylint: disable=g-import-not-at-top
   from simplenet_jax.data import images  # pylint: disable=g-import-not-at-top
   args = types.SimpleNamespace(workdir=str(tmp_path), passes=0,
-                               weights_dir='pretrained')
+                               weights_dir='pretrained', train_tiles=0)
 
   def geometry(name):
     c = quality.set_config(name, 'knn', 0, args)
