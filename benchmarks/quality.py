@@ -56,6 +56,8 @@ SHARED_DATASETS = os.path.join(os.path.dirname(ROOT), 'shared', 'datasets')
 METRICS = report.METRICS
 
 _SPREAD = {'model.noise_mode': 'spread', 'model.noise_rel': 0.4}
+_GAS_FLIPS = {**_SPREAD, 'synthesis.gas': 'hypersphere', 'eval.tta': 'flips',
+              'eval.image_score': 'map_max'}
 ROWS = {
     # Released SimpleNet: the WRN50-2 noise std.
     'released': {'model.noise_mode': 'absolute', 'model.noise_std': 0.015},
@@ -66,13 +68,11 @@ ROWS = {
     'spread_0.2': {'model.noise_mode': 'spread', 'model.noise_rel': 0.2},
     'gas_manifold': {**_SPREAD, 'synthesis.gas': 'manifold'},
     'gas_hypersphere': {**_SPREAD, 'synthesis.gas': 'hypersphere'},
-    # configs/demo.py: the same head, scored with flips and the map's peak.
-    'gas_flips': {**_SPREAD, 'synthesis.gas': 'hypersphere',
-                  'eval.tta': 'flips', 'eval.image_score': 'map_max'},
+    # configs/demo.py up to the thirteenth round: the same head, scored
+    # with flips and the map's peak.
+    'gas_flips': _GAS_FLIPS,
     # configs/demo.py since the fourteenth round: the released head width.
-    'gas_flips_wide': {**_SPREAD, 'synthesis.gas': 'hypersphere',
-                       'eval.tta': 'flips', 'eval.image_score': 'map_max',
-                       'model.hidden': 1024},
+    'gas_flips_wide': {**_GAS_FLIPS, 'model.hidden': 1024},
     'las': {**_SPREAD, 'synthesis.las_weight': 1.0},
     'gas_las': {**_SPREAD, 'synthesis.gas': 'hypersphere',
                 'synthesis.las_weight': 1.0},
