@@ -8,8 +8,9 @@
 Each (set, row, seed) is one training run of the library's own pipeline
 (experiment.run, what main.py calls) in its own workdir under --workdir:
 configs/demo.py's settings (EfficientNet-Lite0, 40 passes, batch 4) with
-its synthesis off, 256 hidden units (the rows' width up to the thirteenth
-round; 'gas_flips_wide' is configs/demo.py as shipped) and the row's keys,
+its synthesis off, one head of 256 hidden units (the rows' head up to the
+thirteenth round; 'gas_flips_heads' is configs/demo.py as shipped) and the
+row's keys,
 the final model evaluated (no test-set selection). Rows are
 config overrides (ROWS); 'base+key=value+...' adds or changes keys, e.g.
 'spread+model.noise_rel=0.8'.
@@ -71,8 +72,10 @@ ROWS = {
     # configs/demo.py up to the thirteenth round: the same head, scored
     # with flips and the map's peak.
     'gas_flips': _GAS_FLIPS,
-    # configs/demo.py since the fourteenth round: the released head width.
+    # configs/demo.py in the fourteenth round: the released head width.
     'gas_flips_wide': {**_GAS_FLIPS, 'model.hidden': 1024},
+    # configs/demo.py since the fifteenth round: three such heads, averaged.
+    'gas_flips_heads': {**_GAS_FLIPS, 'model.hidden': 1024, 'model.heads': 3},
     'las': {**_SPREAD, 'synthesis.las_weight': 1.0},
     'gas_las': {**_SPREAD, 'synthesis.gas': 'hypersphere',
                 'synthesis.las_weight': 1.0},
@@ -86,13 +89,15 @@ def row_overrides(name: str) -> dict:
   """The row's keys, over the released scoring (no synthesis, one pass, the
   largest patch score: configs/demo.py has GAS, flips and the map's peak on,
   and a row turns on only what it names) and the discriminator width every
-  row was measured with up to the thirteenth round (256 hidden units;
-  configs/demo.py now has the released 1024, row 'gas_flips_wide')."""
+  row was measured with up to the thirteenth round (256 hidden units, one
+  head; configs/demo.py now has three heads of the released 1024, row
+  'gas_flips_heads')."""
   base, *extra = name.split('+')
   if base not in ROWS:
     raise SystemExit(f'unknown row {base!r}; rows: {", ".join(ROWS)}')
   out = {'synthesis.gas': 'none', 'eval.tta': 'none',
-         'eval.image_score': 'patch_max', 'model.hidden': 256, **ROWS[base]}
+         'eval.image_score': 'patch_max', 'model.hidden': 256,
+         'model.heads': 1, **ROWS[base]}
   for item in extra:
     key, value = item.split('=', 1)
     try:

@@ -58,6 +58,10 @@ def get_config():
   c.model.pretrain_embed_dim = 1536
   c.model.target_embed_dim = 1536
   c.model.hidden = 1024  # Discriminator hidden width (released: dsc_hidden).
+  # SimpleNet heads (adaptor + discriminator) trained side by side, each from
+  # its own initialisation and noise, their patch scores averaged; 1 =
+  # released. The average is one head of heads x hidden units at inference.
+  c.model.heads = 1
   c.model.margin = 0.5
   # 'absolute' (released): std = noise_std. 'relative': std = noise_rel x
   # RMS of the adapted features. 'spread': std = noise_rel x their centred

@@ -24,6 +24,14 @@ images approximates the distance to the normal features, and a narrower one
 set measured (docs/quality.md). It costs about 5x the time per pass, since
 GAS's 20 ascent steps run through the discriminator.
 
+Three such heads train side by side (model.heads=3), each from its own
+initialisation and noise, and their patch scores are averaged: a head's
+score is a noisy estimate of how far a feature lies from the normal ones,
+and heads trained apart err apart, so the average is closer to what each
+estimates (docs/quality.md, fifteenth round). At inference the three are
+one head of 3 x 1024 units, so scoring and export cost little more; training
+costs 3x. One head: --config.model.heads=1.
+
 Textures look normal mirrored, so each test image is scored with its three
 flips and the patch scores averaged (eval.tta='flips'; the head's errors
 depend on the feature's exact values, and four views average them out),
@@ -48,6 +56,7 @@ def get_config():
   c.model.pretrain_embed_dim = 384
   c.model.target_embed_dim = 384
   c.model.hidden = 1024  # The released dsc_hidden.
+  c.model.heads = 3  # Three heads side by side, their scores averaged.
   c.model.noise_mode = 'spread'
   c.model.noise_rel = 0.4
   c.synthesis.gas = 'hypersphere'

@@ -86,6 +86,8 @@ def fingerprint(config) -> str:
   keys = {k: config[k].to_dict() for k in groups}
   # Keys added after checkpoints existed are left out where the run trains
   # as the code before them did, so such runs still resume and export.
+  if keys['model'].get('heads') == 1:
+    keys['model'].pop('heads')
   syn = keys.get('synthesis', {})
   if syn.get('loss') == 'truncated_l1':
     syn.pop('loss')

@@ -161,7 +161,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   m = config.model
   _check(m.patch_size >= 1 and m.patch_size % 2 == 1, 'model.patch_size',
          f'is {m.patch_size}; must be an odd number >= 1')
-  for key in ('pretrain_embed_dim', 'target_embed_dim', 'hidden'):
+  for key in ('pretrain_embed_dim', 'target_embed_dim', 'hidden', 'heads'):
     _check(m[key] >= 1, f'model.{key}', f'is {m[key]}; must be >= 1')
   _check(m.margin > 0, 'model.margin', f'is {m.margin}; must be > 0')
   _one_of(config, 'model.noise_mode', train.NOISE_MODES)

@@ -425,14 +425,17 @@ def _calibrate(ctx, state, cache):
   if cache is not None:
     feats = cache
   else:
-    feats = (ctx.feature_fn(ctx.backbone_vars,
+    # A list (the spread reads every batch anyway): model.heads > 1 reads
+    # it once per head.
+    feats = [ctx.feature_fn(ctx.backbone_vars,
                             parallel.put_batch(b['image'], ctx.mesh)[0])
              [:len(b['image'])]
              for b in loader.batches(ctx.train_set, ctx.config.eval.batch_size,
-                                     indices=ctx.train_idx))
+                                     indices=ctx.train_idx)]
   state = train.calibrate_noise(state, ctx.config.model, feats)
-  logging.info('%s: noise std %.5f (%s mode)', ctx.category,
-               float(state.noise_std), ctx.config.model.noise_mode)
+  logging.info('%s: noise std %s (%s mode)', ctx.category,
+               ', '.join(f'{x:.5f}' for x in np.ravel(state.noise_std)),
+               ctx.config.model.noise_mode)
   return state
 
 
@@ -474,8 +477,12 @@ def _las_cache(run: _CategoryRun):
 
 
 def _feature_histogram(ctx, state, cache):
-  """The paper's Fig. 3: per-dimension std of local vs adapted features."""
-  local_std, adapted_std = _feature_stds(state.params['adaptor'], cache)
+  """The paper's Fig. 3: per-dimension std of local vs adapted features
+  (with model.heads > 1, the first head's adaptor)."""
+  adaptor = state.params['adaptor']
+  if model_lib.num_heads(state.params) > 1:
+    adaptor = jax.tree.map(lambda x: x[0], adaptor)
+  local_std, adapted_std = _feature_stds(adaptor, cache)
   path = os.path.join(ctx.workdir, 'feature_std.png')
   visualize.feature_std_histogram(np.asarray(local_std),
                                   np.asarray(adapted_std), path)

@@ -52,6 +52,13 @@ class Adaptor(nn.Module):
     return TorchDense(self.features, name='fc')(x)
 
 
+def num_heads(params) -> int:
+  """How many heads `params` ({'adaptor', 'discriminator'}) hold: 1, or K
+  with model.heads = K > 1, where every leaf has a leading K axis."""
+  kernel = params['adaptor']['fc']['kernel']
+  return 1 if kernel.ndim == 2 else int(kernel.shape[0])
+
+
 def _masked_mean(x, mask):
   """Mean over axis 0 of the rows where mask > 0; also returns their count."""
   if mask is None:

@@ -227,7 +227,8 @@ def _training_text(config: dict) -> str:
             if config.get('optim', {}).get('variant', 'released') !=
             'released' else '')]
   other = ''.join(f'; {o}' for o in other if o)
-  return (f"{t.get('num_passes')} passes, batch {t.get('batch_size')}, "
+  heads = (f"{m['heads']} heads averaged, " if m.get('heads', 1) > 1 else '')
+  return (heads + f"{t.get('num_passes')} passes, batch {t.get('batch_size')}, "
           f"noise {mode}: {noise}" + (f'; synthesis: {extras}' if extras
                                       else '') + other)
 

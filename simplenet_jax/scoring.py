@@ -188,7 +188,19 @@ def fused_head(head_vars) -> dict:
   -Discriminator(Adaptor(x)) in eval mode up to float rounding: adaptor fc,
   discriminator fc and BatchNorm with running statistics composed into one
   affine map (float32, highest precision).
+
+  Stacked heads (model.heads = K > 1) are averaged: since the hidden units
+  act independently, the mean of K heads' scores is one head of K x H units
+  (their kernels side by side, the tails divided by K), so everything that
+  applies the fused head serves an ensemble unchanged.
   """
+  heads = model_lib.num_heads(head_vars['params'])
+  if heads > 1:
+    f = jax.vmap(fused_head)(head_vars)  # (K, D, H), (K, H), (K, H).
+    d = f['kernel'].shape[1]
+    return {'kernel': jnp.transpose(f['kernel'], (1, 0, 2)).reshape(d, -1),
+            'bias': f['bias'].reshape(-1),
+            'tail': f['tail'].reshape(-1) / heads}
   p, stats = head_vars['params'], head_vars['batch_stats']['discriminator']
   adaptor, fc = p['adaptor']['fc'], p['discriminator']['fc']
   bn = p['discriminator']['bn']

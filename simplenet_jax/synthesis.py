@@ -859,7 +859,10 @@ def pass_centre(params, centre: jax.Array) -> jax.Array:
   adaptor of `params` (the state at a pass's start), float32 (h, w, D), as
   GLASS recomputes its centre once per epoch with the projection of that
   moment (the adaptor is affine: the adapted centre is the centre of the
-  adapted features)."""
+  adapted features). With model.heads = K > 1: (K, h, w, D), one per
+  head."""
+  if model_lib.num_heads(params) > 1:
+    return jax.vmap(_pass_centre, in_axes=(0, None))(params['adaptor'], centre)
   return _pass_centre(params['adaptor'], centre)
 
 
@@ -1051,8 +1054,19 @@ def train_step(state: train.TrainState, features: jax.Array, key: jax.Array,
   Args: as head_loss.
 
   Returns:
-    (new_state, metrics).
+    (new_state, metrics); with stacked heads (model.heads > 1) as
+    `train.for_each_head`.
   """
+  if model_lib.num_heads(state.params) > 1:
+    # gas_centre='pass' adapted the centre by each head's adaptor.
+    per_head = centre is not None and centre.ndim == 4
+
+    def one(s, k, *head_centre):
+      return train_step(s, features, k, syn,
+                        head_centre[0] if per_head else centre, las_features,
+                        las_labels, mask)
+    return train.for_each_head(one, state, key,
+                               *((centre,) if per_head else ()))
   grad_fn = jax.value_and_grad(head_loss, has_aux=True)
   (_, (metrics, batch_stats)), grads = grad_fn(
       state.params, state.batch_stats, features, key, state.noise_std,

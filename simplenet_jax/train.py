@@ -43,6 +43,8 @@ class TrainState(flax.struct.PyTreeNode):
     'spread').
   tx, margin, mix_noise: static, rebuilt from the config by
     `create_train_state`.
+  With model.heads = K > 1 every array leaf has a leading K axis, one slice
+  per head (`stack_states`; `model_lib.num_heads` reads K off the params).
   """
   step: jax.Array
   params: Any
@@ -163,8 +165,21 @@ def create_train_state(key: jax.Array, model_cfg, optim_cfg, embed_dim: int,
   """Freshly initialised head (released init) and optimiser.
 
   With model.noise_mode 'relative' or 'spread', noise_std is NaN until
-  `calibrate_noise` sets it; training before that gives NaN losses.
+  `calibrate_noise` sets it; training before that gives NaN losses. With
+  model.heads = K > 1: K heads, head k initialised from split(key, K)[k],
+  stacked (`stack_states`).
   """
+  heads = int(model_cfg.heads)
+  if heads > 1:
+    return stack_states([
+        _one_head_state(k, model_cfg, optim_cfg, embed_dim, steps_per_pass,
+                        num_passes) for k in jax.random.split(key, heads)])
+  return _one_head_state(key, model_cfg, optim_cfg, embed_dim, steps_per_pass,
+                         num_passes)
+
+
+def _one_head_state(key, model_cfg, optim_cfg, embed_dim, steps_per_pass,
+                    num_passes) -> TrainState:
   params, batch_stats = _init_head(key, int(embed_dim), int(model_cfg.hidden))
   tx = make_optimizer(optim_cfg, steps_per_pass, num_passes)
   std = (float(model_cfg.noise_std) if model_cfg.noise_mode == 'absolute'
@@ -260,13 +275,32 @@ def train_step(state: TrainState, features, key: jax.Array,
       parallelism) affect neither loss, gradients nor BatchNorm statistics.
 
   Returns:
-    (new_state, metrics): metrics {'loss', 'p_true', 'p_fake'} f32 scalars.
+    (new_state, metrics): metrics {'loss', 'p_true', 'p_fake'} f32 scalars
+    (with stacked heads, `for_each_head`: their means over the heads).
   """
+  if model_lib.num_heads(state.params) > 1:
+    return for_each_head(lambda s, k: train_step(s, features, k, mask),
+                         state, key)
   features, mask = _prepare(features, mask)
   dim = state.params['adaptor']['fc']['kernel'].shape[1]
   noise = model_lib.sample_noise(key, (features.shape[0], dim),
                                  state.noise_std, state.mix_noise)
   return train_step_with_noise(state, features, noise, mask)
+
+
+def for_each_head(step_fn, state: TrainState, key: jax.Array, *per_head):
+  """One training step of a state of K stacked heads (model.heads = K).
+
+  step_fn(state, key, *per_head) -> (state, metrics) is the step of one
+  head; it runs for every head at once (vmap), each with its own slice of
+  the state, its own key (split(key, K)[k]: its own noise) and its slice of
+  each `per_head` array (leading K axis); what step_fn closes over (the
+  batch) is shared. Returns (the stacked new state, the metrics averaged
+  over the heads).
+  """
+  keys = jax.random.split(key, model_lib.num_heads(state.params))
+  new, metrics = jax.vmap(step_fn)(state, keys, *per_head)
+  return new, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
 
 
 @jax.jit
@@ -341,8 +375,14 @@ def calibrate_noise(state: TrainState, model_cfg, features) -> TrainState:
   'absolute': noise_std (released). 'relative': noise_rel x the RMS of the
   adapted `features` (`feature_rms`). 'spread': noise_rel x their centred
   spread (`feature_spread`). Both with the current adaptor; call once
-  before training, the value then travels with the state.
+  before training, the value then travels with the state. Stacked heads
+  (model.heads > 1) are calibrated one by one, each by its own adaptor;
+  `features` is then read once per head (an array, or a list of them).
   """
+  heads = model_lib.num_heads(state.params)
+  if heads > 1:
+    return stack_states([calibrate_noise(unstack_state(state, k), model_cfg,
+                                         features) for k in range(heads)])
   if model_cfg.noise_mode == 'absolute':
     std = float(model_cfg.noise_std)
   elif model_cfg.noise_mode == 'spread':
@@ -466,10 +506,11 @@ def make_stacked_cached_step(mesh, batch_size: int):
 
 
 def stack_states(states: Sequence[TrainState]) -> TrainState:
-  """K TrainStates of one config -> one whose leaves have a leading K axis."""
+  """K TrainStates of one config -> one whose leaves have a leading K axis
+  (K categories' heads, or one category's model.heads)."""
   return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
 def unstack_state(stacked: TrainState, k: int) -> TrainState:
-  """Category k's TrainState out of a stacked one."""
+  """The k-th TrainState (category or head) out of a stacked one."""
   return jax.tree.map(lambda x: x[k], stacked)

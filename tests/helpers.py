@@ -175,7 +175,9 @@ def reference_patch_scores(state_or_vars, features) -> jax.Array:
   """-D(adaptor(x)) per row, eval-mode BatchNorm (running statistics).
 
   Args:
-    state_or_vars: a TrainState or {'params': ..., 'batch_stats': ...}.
+    state_or_vars: a TrainState or {'params': ..., 'batch_stats': ...}; with
+      stacked heads (model.heads > 1, a leading K axis on every leaf) the
+      mean of the K heads' scores, each head applied on its own.
     features: (..., D) local features.
 
   Returns:
@@ -183,7 +185,14 @@ def reference_patch_scores(state_or_vars, features) -> jax.Array:
     BatchNorm, LeakyReLU and tail applied one after the other.
   """
   params, batch_stats = _head_vars(state_or_vars)
-  return _reference_scores(params, batch_stats, jnp.asarray(features))
+  features = jnp.asarray(features)
+  kernel = params['adaptor']['fc']['kernel']
+  if kernel.ndim == 2:
+    return _reference_scores(params, batch_stats, features)
+  heads = [_reference_scores(*jax.tree.map(lambda x, k=k: x[k],
+                                           (params, batch_stats)), features)
+           for k in range(kernel.shape[0])]
+  return sum(heads) / len(heads)
 
 
 # ---- Metrics -----------------------------------------------------------------

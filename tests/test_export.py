@@ -31,6 +31,7 @@ from simplenet_jax import checkpoint
 from simplenet_jax import config_checks
 from simplenet_jax import data
 from simplenet_jax import export
+from simplenet_jax import model
 from simplenet_jax import onnx_lowering
 from simplenet_jax import scoring
 from simplenet_jax.data import inputs as data_inputs
@@ -72,6 +73,9 @@ def reference(exported, paths):
                                          meta['steps_per_pass'],
                                          bank_rows=meta['bank_rows'])
   _, state, meta = checkpoint.require_latest(ckpt_dir, template)
+  if config.model.method == 'simplenet':
+    # The wrn50 run trained two heads (model.heads=2), stacked in the state.
+    assert model.num_heads(state.params) == config.model.heads
   module, backbone_vars = backbones.load_for_run(config.backbone)
   predict_fn = scoring.make_predict_fn(module, config.backbone.layers,
                                        config.model, meta['image_hw'],

@@ -81,9 +81,9 @@ def test_decisions_summed_over_seeds(tmp_path):
 def test_rows_score_as_released_unless_named(tmp_path):
   """Rows start from the released scoring (one pass, the largest patch
   score), though configs/demo.py flips and takes the map's peak; the
-  'gas_flips_wide' row is configs/demo.py's head and scoring, 'gas_flips'
-  the same at the 256 hidden units every row had up to the thirteenth
-  round."""
+  'gas_flips_heads' row is configs/demo.py's heads and scoring,
+  'gas_flips_wide' the same with one head, 'gas_flips' with one head of
+  the 256 hidden units every row had up to the thirteenth round."""
   import types  # pylint: disable=g-import-not-at-top
   from configs import demo  # pylint: disable=g-import-not-at-top
   args = types.SimpleNamespace(workdir=str(tmp_path), passes=0,
@@ -92,13 +92,17 @@ def test_rows_score_as_released_unless_named(tmp_path):
   assert (plain.eval.tta, plain.eval.image_score) == ('none', 'patch_max')
   shipped = demo.get_config()
   assert (shipped.eval.tta, shipped.eval.image_score) == ('flips', 'map_max')
-  wide = quality.set_config('grass', 'gas_flips_wide', 0, args)
+  heads = quality.set_config('grass', 'gas_flips_heads', 0, args)
   for key in ('model.noise_mode', 'model.noise_rel', 'model.hidden',
-              'synthesis.gas', 'eval.tta', 'eval.image_score'):
+              'model.heads', 'synthesis.gas', 'eval.tta', 'eval.image_score'):
     section, leaf = key.split('.')
-    assert wide[section][leaf] == shipped[section][leaf], key
-  assert quality.set_config('grass', 'gas_flips', 0, args).model.hidden == 256
-  assert plain.model.hidden == 256 and shipped.model.hidden == 1024
+    assert heads[section][leaf] == shipped[section][leaf], key
+  wide = quality.set_config('grass', 'gas_flips_wide', 0, args)
+  assert (wide.model.hidden, wide.model.heads) == (1024, 1)
+  narrow = quality.set_config('grass', 'gas_flips', 0, args)
+  assert (narrow.model.hidden, narrow.model.heads) == (256, 1)
+  assert (plain.model.hidden, plain.model.heads) == (256, 1)
+  assert (shipped.model.hidden, shipped.model.heads) == (1024, 3)
 
 
 def test_cookies_sets_are_the_geometries_they_name(tmp_path):

@@ -287,8 +287,9 @@ def test_run_section_names_the_method_and_its_noise():
   text = report_html._training_text(default.get_config().to_dict())  # pylint: disable=protected-access
   assert text == '160 passes, batch 4, noise absolute: std 0.015'
   text = report_html._training_text(demo_config.get_config().to_dict())  # pylint: disable=protected-access
-  assert text == ('40 passes, batch 4, noise spread: 0.4 x spread of the '
-                  'adapted features; synthesis: GAS hypersphere')
+  assert text == ('3 heads averaged, 40 passes, batch 4, noise spread: 0.4 '
+                  'x spread of the adapted features; synthesis: GAS '
+                  'hypersphere')
   text = report_html._scoring_text(demo_config.get_config().to_dict())  # pylint: disable=protected-access
   assert text == ('the image and its three flips, patch scores averaged; '
                   'image score: the peak of the anomaly map; maps smoothed '

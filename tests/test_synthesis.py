@@ -590,7 +590,7 @@ def test_bce_loss_is_glass_bce_on_sigmoid_outputs():
 
 def _state(dim=32, hidden=16, std=0.3):
   c = demo_config.get_config()
-  c.model.hidden = hidden
+  c.model.hidden, c.model.heads = hidden, 1
   st = train.create_train_state(jax.random.PRNGKey(0), c.model, c.optim, dim,
                                 5, 10)
   return st.replace(noise_std=jnp.float32(std))
@@ -653,6 +653,43 @@ def test_train_step_variants(syn):
   _, m3 = synthesis.train_step(st, f3, jax.random.PRNGKey(2), syn,
                                mask=jnp.asarray([1.0, 1.0, 0.0]), **kw)
   np.testing.assert_allclose(float(m3['loss']), float(m['loss']), rtol=1e-4)
+
+
+@pytest.mark.parametrize('gas_centre', ['step', 'pass'])
+def test_heads_take_gas_steps_as_if_alone(gas_centre):
+  """model.heads=2 under GAS hypersphere + LAS: each head's step equals a
+  one-head step with its own key (split(key, 2)[k]) and, with
+  gas_centre='pass', the centre adapted by its own adaptor."""
+  c = demo_config.get_config()
+  c.model.hidden, c.model.heads = 16, 2
+  st = train.create_train_state(jax.random.PRNGKey(0), c.model, c.optim, 32,
+                                5, 10)
+  st = st.replace(noise_std=jnp.asarray([0.3, 0.5], jnp.float32))
+  syn = _syn(gas='hypersphere', gas_steps=4, gas_every=2, las_weight=1.0,
+             gas_centre=gas_centre)
+  f = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 32)) + 1.0
+  las = f + jax.random.normal(jax.random.PRNGKey(3), f.shape)
+  lab = (jax.random.uniform(jax.random.PRNGKey(4), (2, 4, 4)) > 0.7).astype(
+      jnp.float32)
+  raw = f.mean(0)
+  centre = synthesis.pass_centre(st.params, raw) if gas_centre == 'pass' else raw
+  assert centre.shape == ((2, 4, 4, 32) if gas_centre == 'pass' else (4, 4, 32))
+  key = jax.random.PRNGKey(2)
+  new, m = synthesis.train_step(st, f, key, syn, centre=centre,
+                                las_features=las, las_labels=lab)
+  losses = []
+  for k, head_key in enumerate(jax.random.split(key, 2)):
+    one = jax.tree.map(lambda x, k=k: x[k], st)
+    one_centre = (synthesis.pass_centre(one.params, raw)
+                  if gas_centre == 'pass' else raw)
+    want, mk = synthesis.train_step(one, f, head_key, syn, centre=one_centre,
+                                    las_features=las, las_labels=lab)
+    losses.append(float(mk['loss']))
+    got = jax.tree.map(lambda x, k=k: x[k], new)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                 atol=1e-5)
+  assert float(m['loss']) == pytest.approx(np.mean(losses), rel=1e-5)
 
 
 # ---- Through main.py ---------------------------------------------------------

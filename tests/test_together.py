@@ -18,6 +18,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import PIL.Image
 
 import conftest
@@ -139,15 +140,21 @@ def _together(mesh, cfg, caches, plans):
   return [train.unstack_state(states, k) for k in range(len(caches))]
 
 
-def test_stacked_step_equals_each_category_alone():
+@pytest.mark.parametrize('heads', [1, 2])
+def test_stacked_step_equals_each_category_alone(heads):
+  """Also with model.heads=2: each category's heads stacked inside."""
   cfg = _config()
+  cfg.model.heads = heads
   mesh = parallel.make_mesh()
   caches, plans = _caches(), _plans(2)
   together = _together(mesh, cfg, caches, plans)
   for k, cache in enumerate(caches):
     alone = _alone(mesh, cfg, cache, plans[k])
-    _assert_same_training(together[k], alone, steps=2 * (-(-SIZES[k][0] //
-                                                          BATCH)))
+    for h in range(heads):
+      head = (lambda state: state) if heads == 1 else (
+          lambda state, h=h: jax.tree.map(lambda x: x[h], state))
+      _assert_same_training(head(together[k]), head(alone),
+                            steps=2 * (-(-SIZES[k][0] // BATCH)))
 
 
 def test_stacked_step_sees_only_its_own_rows():

@@ -396,3 +396,90 @@ def test_eval_scores_fused_and_reference_match_the_layers():
   np.testing.assert_allclose(np.asarray(ref), want, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(
       np.asarray(helpers.reference_patch_scores(head, x)), np.asarray(ref))
+
+
+def _head(state, k):
+  return jax.tree.map(lambda x: x[k], state)
+
+
+def test_heads_are_initialised_and_trained_as_if_alone():
+  """model.heads=3: head k starts as a one-head state from split(key, 3)[k]
+  and each step moves it exactly as a one-head step with split(step key,
+  3)[k] would (its own noise), on the same batch."""
+  stacked, cfg = _small_state(seed=5, heads=3)
+  assert stacked.params['adaptor']['fc']['kernel'].shape == (3, 8, 8)
+  assert stacked.noise_std.shape == (3,)
+  one_cfg = get_config()
+  one_cfg.model.hidden = 6
+  alone = [train.create_train_state(k, one_cfg.model, one_cfg.optim, 8, 10, 2)
+           for k in jax.random.split(jax.random.key(5), 3)]
+  for k in range(3):
+    for x, y in zip(jax.tree.leaves(_head(stacked, k)),
+                    jax.tree.leaves(alone[k])):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  rng = np.random.default_rng(0)
+  losses = []
+  for i in range(3):
+    x = rng.normal(size=(12, 8)).astype(np.float32)
+    key = jax.random.fold_in(jax.random.key(9), i)
+    stacked, metrics = train.train_step(stacked, x, key)
+    step_losses = []
+    for k, head_key in enumerate(jax.random.split(key, 3)):
+      alone[k], m = train.train_step(alone[k], x, head_key)
+      step_losses.append(float(m['loss']))
+    losses.append(step_losses)
+    assert float(metrics['loss']) == pytest.approx(np.mean(step_losses),
+                                                   rel=1e-5)
+  assert len({round(l, 6) for l in losses[-1]}) == 3  # Heads differ.
+  for k in range(3):
+    for x, y in zip(jax.tree.leaves(_head(stacked, k)),
+                    jax.tree.leaves(alone[k])):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4,
+                                 atol=1e-6)
+
+
+def test_heads_calibrate_their_own_noise():
+  stacked, cfg = _small_state(seed=2, heads=2, noise_mode='spread',
+                              noise_rel=0.4)
+  x = np.random.default_rng(3).normal(1.0, 2.0, size=(50, 8)).astype(
+      np.float32)
+  calibrated = train.calibrate_noise(stacked, cfg.model, x)
+  want = [0.4 * train.feature_spread(_head(stacked, k), x) for k in range(2)]
+  np.testing.assert_allclose(np.asarray(calibrated.noise_std), want,
+                             rtol=1e-5)
+  assert abs(want[0] - want[1]) > 1e-4  # Two adaptors, two spreads.
+
+
+def test_fused_heads_score_the_mean_of_the_heads():
+  """Inference folds K heads into one of K x hidden units (scoring.
+  fused_head): its scores are the mean of the heads applied one by one
+  (tests' reference scorer, unfused layers)."""
+  stacked = _run(_small_state(seed=1, heads=3)[0], 4)
+  x = np.random.default_rng(4).normal(size=(2, 3, 4, 8)).astype(np.float32)
+  fused = scoring.fused_head(stacked.head_vars())
+  assert fused['kernel'].shape == (8, 18) and fused['tail'].shape == (18,)
+  g = x @ np.asarray(fused['kernel']) + np.asarray(fused['bias'])
+  got = -(np.where(g >= 0, g, 0.2 * g) @ np.asarray(fused['tail']))
+  each = [np.asarray(helpers.reference_patch_scores(_head(stacked, k), x))
+          for k in range(3)]
+  assert min(np.abs(each[0] - e).max() for e in each[1:]) > 1e-3
+  np.testing.assert_allclose(got, np.mean(each, axis=0), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_heads_are_validated_and_one_head_keeps_the_fingerprint():
+  from simplenet_jax import category  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from simplenet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  c = get_config()
+  # The default config's fingerprint as the code before model.heads printed
+  # it: released runs (one head) still resume and export.
+  assert category.fingerprint(c) == '0x8e95376f'
+  c.model.heads = 2
+  assert category.fingerprint(c) != '0x8e95376f'
+  config_checks.validate(c)
+  for bad in (0, -1):
+    c.model.heads = bad
+    with pytest.raises(UserError, match=r'^config\.model\.heads: is '
+                       f'{bad}; must be >= 1$'):
+      config_checks.validate(c)
