@@ -29,8 +29,10 @@ initialisation and noise, and their patch scores are averaged: a head's
 score is a noisy estimate of how far a feature lies from the normal ones,
 and heads trained apart err apart, so the average is closer to what each
 estimates (docs/quality.md, fifteenth round). At inference the three are
-one head of 3 x 1024 units, so scoring and export cost little more; training
-costs 3x. One head: --config.model.heads=1.
+one head of 3 x 1024 units, so scoring and export cost little more; a
+training pass costs about 2x one head's on a CPU (the heads' step is one
+vmap; the demo command 6 min against 3 min 53 s). One head:
+--config.model.heads=1.
 
 Textures look normal mirrored, so each test image is scored with its three
 flips and the patch scores averaged (eval.tta='flips'; the head's errors

@@ -788,10 +788,11 @@ def test_checkpoints_remember_the_switches():
   # synthesis.loss came later: at its default the fingerprints are the ones
   # the code before it gave (values printed by that code), so demo runs
   # started then still resume; 'bce' changes them.
-  # The demo config's head as it was then (256 hidden units; now 1024).
+  # The demo config's head as it was then (one head of 256 hidden units;
+  # now three of 1024).
   from configs import demo  # pylint: disable=g-import-not-at-top
   then = demo.get_config()
-  then.model.hidden = 256
+  then.model.hidden, then.model.heads = 256, 1
   assert category.fingerprint(then) == '0xcafcc261'
   manifold = default.get_config()
   manifold.synthesis.gas = 'manifold'
