@@ -679,13 +679,13 @@ def test_heads_take_gas_steps_as_if_alone(gas_centre):
                                 las_features=las, las_labels=lab)
   losses = []
   for k, head_key in enumerate(jax.random.split(key, 2)):
-    one = jax.tree.map(lambda x, k=k: x[k], st)
+    one = train.unstack_state(st, k)
     one_centre = (synthesis.pass_centre(one.params, raw)
                   if gas_centre == 'pass' else raw)
     want, mk = synthesis.train_step(one, f, head_key, syn, centre=one_centre,
                                     las_features=las, las_labels=lab)
     losses.append(float(mk['loss']))
-    got = jax.tree.map(lambda x, k=k: x[k], new)
+    got = train.unstack_state(new, k)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
                                  atol=1e-5)

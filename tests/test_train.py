@@ -398,10 +398,6 @@ def test_eval_scores_fused_and_reference_match_the_layers():
       np.asarray(helpers.reference_patch_scores(head, x)), np.asarray(ref))
 
 
-def _head(state, k):
-  return jax.tree.map(lambda x: x[k], state)
-
-
 def test_heads_are_initialised_and_trained_as_if_alone():
   """model.heads=3: head k starts as a one-head state from split(key, 3)[k]
   and each step moves it exactly as a one-head step with split(step key,
@@ -414,7 +410,7 @@ def test_heads_are_initialised_and_trained_as_if_alone():
   alone = [train.create_train_state(k, one_cfg.model, one_cfg.optim, 8, 10, 2)
            for k in jax.random.split(jax.random.key(5), 3)]
   for k in range(3):
-    for x, y in zip(jax.tree.leaves(_head(stacked, k)),
+    for x, y in zip(jax.tree.leaves(train.unstack_state(stacked, k)),
                     jax.tree.leaves(alone[k])):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   rng = np.random.default_rng(0)
@@ -432,7 +428,7 @@ def test_heads_are_initialised_and_trained_as_if_alone():
                                                    rel=1e-5)
   assert len({round(l, 6) for l in losses[-1]}) == 3  # Heads differ.
   for k in range(3):
-    for x, y in zip(jax.tree.leaves(_head(stacked, k)),
+    for x, y in zip(jax.tree.leaves(train.unstack_state(stacked, k)),
                     jax.tree.leaves(alone[k])):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4,
                                  atol=1e-6)
@@ -444,7 +440,8 @@ def test_heads_calibrate_their_own_noise():
   x = np.random.default_rng(3).normal(1.0, 2.0, size=(50, 8)).astype(
       np.float32)
   calibrated = train.calibrate_noise(stacked, cfg.model, x)
-  want = [0.4 * train.feature_spread(_head(stacked, k), x) for k in range(2)]
+  want = [0.4 * train.feature_spread(train.unstack_state(stacked, k), x)
+          for k in range(2)]
   np.testing.assert_allclose(np.asarray(calibrated.noise_std), want,
                              rtol=1e-5)
   assert abs(want[0] - want[1]) > 1e-4  # Two adaptors, two spreads.
@@ -460,8 +457,8 @@ def test_fused_heads_score_the_mean_of_the_heads():
   assert fused['kernel'].shape == (8, 18) and fused['tail'].shape == (18,)
   g = x @ np.asarray(fused['kernel']) + np.asarray(fused['bias'])
   got = -(np.where(g >= 0, g, 0.2 * g) @ np.asarray(fused['tail']))
-  each = [np.asarray(helpers.reference_patch_scores(_head(stacked, k), x))
-          for k in range(3)]
+  each = [np.asarray(helpers.reference_patch_scores(
+      train.unstack_state(stacked, k), x)) for k in range(3)]
   assert min(np.abs(each[0] - e).max() for e in each[1:]) > 1e-3
   np.testing.assert_allclose(got, np.mean(each, axis=0), rtol=1e-5,
                              atol=1e-5)
