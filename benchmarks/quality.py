@@ -10,8 +10,7 @@ Each (set, row, seed) is one training run of the library's own pipeline
 configs/demo.py's settings (EfficientNet-Lite0, 40 passes, batch 4) with
 its synthesis off, one head of 256 hidden units (the rows' head up to the
 thirteenth round; 'gas_flips_heads' is configs/demo.py as shipped) and the
-row's keys,
-the final model evaluated (no test-set selection). Rows are
+row's keys, the final model evaluated (no test-set selection). Rows are
 config overrides (ROWS); 'base+key=value+...' adds or changes keys, e.g.
 'spread+model.noise_rel=0.8'.
 
@@ -59,6 +58,7 @@ METRICS = report.METRICS
 _SPREAD = {'model.noise_mode': 'spread', 'model.noise_rel': 0.4}
 _GAS_FLIPS = {**_SPREAD, 'synthesis.gas': 'hypersphere', 'eval.tta': 'flips',
               'eval.image_score': 'map_max'}
+_GAS_FLIPS_WIDE = {**_GAS_FLIPS, 'model.hidden': 1024}
 ROWS = {
     # Released SimpleNet: the WRN50-2 noise std.
     'released': {'model.noise_mode': 'absolute', 'model.noise_std': 0.015},
@@ -73,9 +73,9 @@ ROWS = {
     # with flips and the map's peak.
     'gas_flips': _GAS_FLIPS,
     # configs/demo.py in the fourteenth round: the released head width.
-    'gas_flips_wide': {**_GAS_FLIPS, 'model.hidden': 1024},
+    'gas_flips_wide': _GAS_FLIPS_WIDE,
     # configs/demo.py since the fifteenth round: three such heads, averaged.
-    'gas_flips_heads': {**_GAS_FLIPS, 'model.hidden': 1024, 'model.heads': 3},
+    'gas_flips_heads': {**_GAS_FLIPS_WIDE, 'model.heads': 3},
     'las': {**_SPREAD, 'synthesis.las_weight': 1.0},
     'gas_las': {**_SPREAD, 'synthesis.gas': 'hypersphere',
                 'synthesis.las_weight': 1.0},
