@@ -90,10 +90,13 @@ def test_build_matches_feature_fn_in_index_order(setup, dtype):
   np.testing.assert_allclose(got, want, rtol=0, atol=tol)
 
 
-def test_cached_training_equals_recomputed(setup):
-  """The cap's fallback (features recomputed per step) trains the same."""
+@pytest.mark.parametrize('heads', [1, 2])
+def test_cached_training_equals_recomputed(setup, heads):
+  """The cap's fallback (features recomputed per step) trains the same, one
+  head or two (model.heads) on each batch."""
   cfg, bvars, fn, mesh = setup
   cfg.train.cache_dtype = 'float32'
+  cfg.model.heads = heads
   ds = Images(6)
   cache = feature_cache.build(fn, bvars, ds, np.arange(6), 4, cfg.train,
                               cfg.dataset, mesh)

@@ -283,6 +283,28 @@ def test_same_numbers_and_no_writes_outside_workdir(reference, tmp_path,
       ['home', 'tmp', 'cwd', 'site', 'net', 'second run'])
 
 
+def test_recomputed_features_train_as_the_cache(reference, tmp_path,
+                                                 jax_cache_dir):
+  """train.cache_features=False (features recomputed each step, the path of
+  training sets too large to cache) with the demo config's three heads:
+  the same passes as the cached reference run up to float rounding, and
+  the same results."""
+  workdir = tmp_path / 'recomputed'
+  proc = run_main(tiny_args(workdir, reference.weights, reference.root,
+                            PASSES, extra=['--config.train.cache_features=False']),
+                  env=main_env(jax_cache_dir))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got, want = _log(workdir), _log(reference.workdir)
+  assert len(got) == len(want) == PASSES
+  for g, w in zip(got, want):
+    for key in ('loss', 'p_true', 'p_fake'):
+      assert g[key] == pytest.approx(w[key], rel=1e-3, abs=1e-4), (g, w)
+  (row,), _ = _rows(workdir)
+  (ref,), _ = _rows(reference.workdir)
+  for key in ('image_auroc', 'pixel_auroc'):
+    assert row[key] == pytest.approx(ref[key], abs=1e-3), key
+
+
 def test_predict_on_a_size_never_seen_in_training(reference, tmp_path,
                                                   jax_cache_dir):
   """A 150x97 RGBA photo is resized as configured (shorter side to

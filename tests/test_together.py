@@ -207,14 +207,16 @@ _CHILD = textwrap.dedent('''
   import test_together as t
   from simplenet_jax import parallel
   assert jax.device_count() == 4, jax.devices()
-  cfg = t._config()
   caches, plans = t._caches(), t._plans(2)
   mesh4, mesh1 = parallel.make_mesh(), parallel.make_mesh(jax.devices()[:1])
-  together = t._together(mesh4, cfg, caches, plans)
-  for k, cache in enumerate(caches):
-    alone = jax.device_get(t._alone(mesh1, cfg, cache, plans[k]))
-    t._assert_same_training(jax.device_get(together[k]), alone,
-                            steps=2 * (-(-t.SIZES[k][0] // t.BATCH)))
+  for heads in (1, 2):  # model.heads=2: each category's two heads inside.
+    cfg = t._config()
+    cfg.model.heads = heads
+    together = t._together(mesh4, cfg, caches, plans)
+    for k, cache in enumerate(caches):
+      alone = jax.device_get(t._alone(mesh1, cfg, cache, plans[k]))
+      t._assert_same_training(jax.device_get(together[k]), alone,
+                              steps=2 * (-(-t.SIZES[k][0] // t.BATCH)))
   print('OK', len(together[0].params['adaptor']['fc']['kernel'].sharding
                   .device_set))
 ''')
