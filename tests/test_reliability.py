@@ -290,9 +290,9 @@ def test_recomputed_features_train_as_the_cache(reference, tmp_path,
   the same passes as the cached reference run up to float rounding, and
   the same results."""
   workdir = tmp_path / 'recomputed'
-  proc = run_main(tiny_args(workdir, reference.weights, reference.root,
-                            PASSES, extra=['--config.train.cache_features=False']),
-                  env=main_env(jax_cache_dir))
+  args = tiny_args(workdir, reference.weights, reference.root, PASSES,
+                   extra=['--config.train.cache_features=False'])
+  proc = run_main(args, env=main_env(jax_cache_dir))
   assert proc.returncode == 0, proc.stderr[-3000:]
   got, want = _log(workdir), _log(reference.workdir)
   assert len(got) == len(want) == PASSES
