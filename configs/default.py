@@ -71,6 +71,12 @@ def get_config():
   c.model.noise_std = 0.015
   c.model.noise_rel = 0.2
   c.model.mix_noise = 1
+  # 0 (released): the noise keeps its size. A factor in (0, 1): if a pass
+  # ends with its fakes nearly all past the loss's margin (p_fake >= 0.98:
+  # the truncated L1 then teaches the head nothing more about them), the head
+  # is trained again from its initial state with the noise std x the factor,
+  # once (docs/quality.md, seventeenth round).
+  c.model.shrink_on_saturation = 0.0
 
   # Anomaly synthesis of SimpleNet's successors (model.method='simplenet'),
   # all off = the released SimpleNet. Lengths are in units of the noise norm

@@ -168,6 +168,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(m.noise_std > 0, 'model.noise_std', f'is {m.noise_std}; must be > 0')
   _check(m.noise_rel > 0, 'model.noise_rel', f'is {m.noise_rel}; must be > 0')
   _check(m.mix_noise >= 1, 'model.mix_noise', f'is {m.mix_noise}; must be >= 1')
+  _check(0 <= m.shrink_on_saturation < 1, 'model.shrink_on_saturation',
+         f'is {m.shrink_on_saturation}; must be in [0, 1) (0 = off)')
 
   _one_of(config, 'model.method', scoring.METHODS)
   k = config.knn

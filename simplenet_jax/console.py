@@ -171,6 +171,12 @@ def log_path() -> str | None:
   return _state['log_path']
 
 
+def note(message: str) -> None:
+  """One line on stdout for something the user should know mid-run (not a
+  warning), printed through tqdm so a progress bar is redrawn below it."""
+  tqdm.tqdm.write(message, file=sys.stdout)
+
+
 def progress(total: int, desc: str | None,
              enabled: bool = True) -> tqdm.tqdm:
   """A transient progress bar on a terminal (none when stderr is not one:

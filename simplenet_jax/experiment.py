@@ -116,7 +116,8 @@ def run(config, workdir: str, mode: str) -> list[dict]:
           clock.lap('kNN yardstick')
           laps['kNN yardstick'] = clock.laps['kNN yardstick']
           log = report_html.read_log(ctx.workdir)
-          hint = yardstick.advice(row, log[-1] if log else {}, config.model)
+          hint = yardstick.advice(row, log[-1] if log else {}, config.model,
+                                  meta.get('saturated_at'))
           if hint:
             row['advice'] = hint
         if len(ctxs) > 1:

@@ -16,6 +16,7 @@ logs are those of training it alone.
 import functools
 import json
 import os
+import shutil
 import time
 
 from absl import logging
@@ -60,6 +61,10 @@ class _CategoryRun:
     self.state = None
     self.start = 0
     self.pass_t0 = 0.0  # When the current pass began (its log's pass_s).
+    # The pass at which model.shrink_on_saturation restarted training with
+    # a smaller noise (kept in each checkpoint's meta, so that a resumed run
+    # neither restarts again nor forgets it did).
+    self.saturated_at = None
 
   def resume(self):
     """Restores the latest checkpoint; returns (state, meta) if training had
@@ -73,6 +78,7 @@ class _CategoryRun:
     if restored is not None:
       _, state, meta = restored
       self.start = int(meta['passes_done'])
+      self.saturated_at = meta.get('saturated_at')
       logging.info('%s: continuing from pass %d (%s)', ctx.category,
                    self.start, self.ckpt.directory)
       if self.start >= self.config.train.num_passes and 'threshold' in meta:
@@ -143,6 +149,45 @@ class _CategoryRun:
                                               len(self.ctx.train_idx)))
     return order, noise_key
 
+  def restart_if_saturated(self, p: int, history):
+    """model.shrink_on_saturation: if pass p (0-based), whose steps' metrics
+    are `history`, is the run's first whose fakes were nearly all past the
+    loss's margin (mean p_fake >= train.SATURATED_P_FAKE), this attempt is
+    set aside (its log to log.saturated.jsonl, its checkpoints to
+    checkpoints.saturated/) and the fresh initial state with the noise std
+    scaled by the factor is returned, to train again from pass 0; else
+    None. Once per run."""
+    ctx, factor = self.ctx, self.config.model.shrink_on_saturation
+    if not factor or self.saturated_at is not None:
+      return None
+    p_fake = float(np.mean([float(m['p_fake']) for m in history]))
+    if p_fake < train.SATURATED_P_FAKE:
+      return None
+    message = (f'{ctx.category}: pass {p + 1} saturated the loss (p_fake '
+               f'{p_fake:.3f}); training again from the start with the noise '
+               f'x{factor:g} (model.shrink_on_saturation)')
+    logging.info('%s', message)
+    console.note(message)
+    self.saturated_at = p + 1
+    self.best = None
+    # Set aside, not deleted; a second restart (after a kill) replaces them.
+    self.ckpt.close()
+    aside = self.ckpt.directory + '.saturated'
+    shutil.rmtree(aside, ignore_errors=True)
+    if os.path.isdir(self.ckpt.directory):
+      os.replace(self.ckpt.directory, aside)
+    self.ckpt = ctx.checkpointer()
+    if os.path.exists(self.log_path):
+      os.replace(self.log_path,
+                 os.path.join(ctx.workdir, 'log.saturated.jsonl'))
+    state = _calibrate(ctx, ctx.new_state(), self.cache)
+    return state.replace(noise_std=state.noise_std * factor)
+
+  def meta_extra(self) -> dict:
+    """What a checkpoint's meta adds to `ctx.meta` for this run."""
+    return ({} if self.saturated_at is None else
+            {'saturated_at': self.saturated_at})
+
   def end_pass(self, p: int, history, state_fn) -> None:
     """Logs pass p (0-based) from its steps' metrics; checks, evaluates and
     checkpoints as configured. state_fn() gives the state after the pass."""
@@ -177,7 +222,7 @@ class _CategoryRun:
     _append_jsonl(self.log_path, record)
     summaries.write_pass(self.tb, record)
     if done % c.train.checkpoint_every == 0 and done < num_passes:
-      self.ckpt.save(done, state_fn(), ctx.meta(done))
+      self.ckpt.save(done, state_fn(), ctx.meta(done, **self.meta_extra()))
 
   def finish(self, state):
     """The decision threshold, the final checkpoint and the Fig. 3
@@ -186,7 +231,7 @@ class _CategoryRun:
     extra = evaluate.decision_threshold(ctx, state, self.cache)
     if self.best is not None:
       extra['best_on_test'] = self.best
-    meta = ctx.meta(c.train.num_passes, **extra)
+    meta = ctx.meta(c.train.num_passes, **extra, **self.meta_extra())
     self.ckpt.save(c.train.num_passes, state, meta)
     if (c.eval.feature_histogram and self.cache is not None and
         c.model.method == 'simplenet'):  # Adapted features: SimpleNet's.
@@ -273,7 +318,8 @@ def _train_alone(run: _CategoryRun, use_cache: bool):
     step_fn = train.make_cached_step(ctx.mesh, ctx.embed_dim)
   else:
     step_fn = train.make_features_step(ctx.mesh, ctx.embed_dim)
-  for p in range(run.start, num_passes):
+  p = run.start
+  while p < num_passes:
     order, noise_key = run.pass_plan(p)
     if run.syn.active:
       step_fn = functools.partial(syn_step, centre=run.pass_centre(state))
@@ -300,6 +346,11 @@ def _train_alone(run: _CategoryRun, use_cache: bool):
         bar.set_postfix({k: f'{float(v):.4f}' for k, v in metrics.items()})
     bar.close()
     run.end_pass(p, history, lambda: state)
+    restart = run.restart_if_saturated(p, history)
+    if restart is not None:
+      state, p = parallel.put_replicated(restart, ctx.mesh), 0
+    else:
+      p += 1
   return run.finish(state)
 
 
@@ -336,8 +387,10 @@ def train_categories(ctxs, tbs=None) -> list:
         results[k] = _fit_memory_bank(run)  # No steps to share.
         continue
       use_cache = run.uses_cache()
-      if not use_cache or run.syn.active:
-        # Recomputed features, or a step of another shape: alone.
+      if (not use_cache or run.syn.active or
+          run.config.model.shrink_on_saturation):
+        # Recomputed features, a step of another shape, or a run that may
+        # start over (model.shrink_on_saturation): alone.
         results[k] = _train_alone(run, use_cache)
         continue
       groups.setdefault(jax.tree.structure(run.state), []).append(k)

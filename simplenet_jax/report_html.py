@@ -216,6 +216,9 @@ def _training_text(config: dict) -> str:
            'relative': f"{m.get('noise_rel')} x RMS of the adapted features",
            'spread': f"{m.get('noise_rel')} x spread of the adapted features"
            }.get(mode, str(mode))
+  if m.get('shrink_on_saturation'):
+    noise += (f" (x{m['shrink_on_saturation']:g}, trained again, if the "
+              "loss saturates)")
   y = config.get('synthesis', {})
   extras = [f"GAS {y['gas']}" if y.get('gas', 'none') != 'none' else '',
             f"LAS (weight {y['las_weight']})" if y.get('las_weight') else '',

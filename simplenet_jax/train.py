@@ -30,6 +30,11 @@ NOISE_MODES = ('absolute', 'relative', 'spread')
 VARIANTS = ('released', 'paper', 'glass')
 # Released: CosineAnnealingLR(dsc_opt, T_max, eta_min=dsc_lr * .4).
 COS_LR_FLOOR = 0.4
+# A pass's share of fakes past the loss's margin (p_fake) at or above which
+# the head's loss is saturated: the truncated L1 loss (or GLASS's) then gives
+# the fakes all but no gradient, so the head has stopped learning from them
+# (model.shrink_on_saturation, yardstick.advice).
+SATURATED_P_FAKE = 0.98
 
 
 class TrainState(flax.struct.PyTreeNode):

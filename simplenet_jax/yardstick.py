@@ -21,6 +21,7 @@ from simplenet_jax import loop
 from simplenet_jax import parallel
 from simplenet_jax import report
 from simplenet_jax import scoring
+from simplenet_jax import train
 
 
 def evaluate_knn(ctx) -> dict:
@@ -60,13 +61,8 @@ def evaluate_knn(ctx) -> dict:
   return {k: row[m] for k, m in zip(report.YARDSTICK, report.METRICS)}
 
 
-# The last pass's share of fakes past the loss's margin at or above which the
-# head's loss is saturated: the truncated L1 loss (or GLASS's) then gives the
-# fakes all but no gradient, so the head has stopped learning from them.
-SATURATED_P_FAKE = 0.98
-
-
-def advice(row: dict, last_pass: dict, model_cfg) -> str | None:
+def advice(row: dict, last_pass: dict, model_cfg,
+           saturated_at: int | None = None) -> str | None:
   """One line for the user when the head's loss saturated and it trails kNN
   on the same features (image or pixel AUROC), else None.
 
@@ -81,11 +77,15 @@ def advice(row: dict, last_pass: dict, model_cfg) -> str | None:
     row: the category's results row, with report.YARDSTICK's figures.
     last_pass: the last record of its log.jsonl (its 'p_fake'), or {}.
     model_cfg: config.model.
+    saturated_at: the pass at which model.shrink_on_saturation started the
+      run over with a smaller noise (the run's meta 'saturated_at'), or
+      None. Then the run already took the smaller noise and saturated
+      again: the hint names kNN instead.
   """
   if (model_cfg.method != 'simplenet' or
       model_cfg.noise_mode == 'absolute' or
       report.YARDSTICK[0] not in row or
-      last_pass.get('p_fake', 0.0) < SATURATED_P_FAKE):
+      last_pass.get('p_fake', 0.0) < train.SATURATED_P_FAKE):
     return None
   trails = [name for name, m, k in zip(('image', 'pixel'), report.METRICS,
                                        report.YARDSTICK)
@@ -93,9 +93,15 @@ def advice(row: dict, last_pass: dict, model_cfg) -> str | None:
             row[m] < row[k]]  # NaN (no masks) compares False: not trailing.
   if not trails:
     return None
-  return (f"{row['category']}: the head's loss saturated (last pass: p_fake "
+  head = (f"{row['category']}: the head's loss saturated (last pass: p_fake "
           f"{last_pass['p_fake']:.3f}) and it trails kNN on the same features "
-          f"in {' and '.join(trails)} AUROC; with many training images a "
-          f"smaller noise can do better: try "
-          f"--config.model.noise_rel={model_cfg.noise_rel / 4:g} (README, "
-          "'More training images').")
+          f"in {' and '.join(trails)} AUROC")
+  if saturated_at is not None:
+    return (f"{head}, though it was already trained again with a smaller "
+            f"noise after pass {saturated_at} saturated "
+            "(model.shrink_on_saturation); kNN may suit this data better: "
+            "--config.model.method=knn --config.synthesis.gas=none (README, "
+            "'More training images').")
+  return (f"{head}; with many training images a smaller noise can do "
+          f"better: try --config.model.noise_rel={model_cfg.noise_rel / 4:g} "
+          "(README, 'More training images').")

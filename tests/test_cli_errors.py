@@ -295,6 +295,8 @@ def test_eval_or_predict_before_training(tmp_path, awkward_root,
     ('dataset.normal_class', 10, 'config.dataset.normal_class: is 10'),
     ('backbone.dtype', 'float16', "config.backbone.dtype: is 'float16'"),
     ('model.noise_mode', 'loud', "config.model.noise_mode: is 'loud'"),
+    ('model.shrink_on_saturation', 1.0,
+     'config.model.shrink_on_saturation: is 1.0; must be in [0, 1) (0 = off)'),
     ('optim.variant', 'mine', "config.optim.variant: is 'mine'"),
     ('train.cache_dtype', 'int8', "config.train.cache_dtype: is 'int8'"),
     ('model.method', 'patchcore', "config.model.method: is 'patchcore'; must "

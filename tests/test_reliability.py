@@ -136,8 +136,10 @@ def test_awkward_files_are_handled(reference):
              for k in ('image_auroc', 'pixel_auroc', 'aupro'))
 
 
-def _run_until_killed(args, env, workdir, at_pass, out_dir):
-  """Starts main.py and SIGKILLs it once log.jsonl holds `at_pass` passes."""
+def _run_until_killed(args, env, workdir, at_pass, out_dir,
+                      ready=lambda: True):
+  """Starts main.py and SIGKILLs it once log.jsonl holds `at_pass` passes
+  (and `ready()` is true)."""
   log_path = workdir / CATEGORY / 'log.jsonl'
   out_dir.mkdir(parents=True, exist_ok=True)
   with open(out_dir / 'stdout', 'w') as so, open(out_dir / 'stderr', 'w') as se:
@@ -145,7 +147,8 @@ def _run_until_killed(args, env, workdir, at_pass, out_dir):
                              *args], cwd=ROOT, env=env, stdout=so, stderr=se)
     deadline = time.monotonic() + 300
     try:
-      while proc.poll() is None and _passes_logged(log_path) < at_pass:
+      while proc.poll() is None and not (
+          ready() and _passes_logged(log_path) >= at_pass):
         if time.monotonic() > deadline:
           pytest.fail(f'pass {at_pass} not reached in 300 s')
         time.sleep(0.002)
@@ -303,6 +306,72 @@ def test_recomputed_features_train_as_the_cache(reference, tmp_path,
   (ref,), _ = _rows(reference.workdir)
   for key in ('image_auroc', 'pixel_auroc'):
     assert row[key] == pytest.approx(ref[key], abs=1e-3), key
+
+
+def test_saturation_restarts_with_less_noise_once_and_resumes(
+    reference, tmp_path, jax_cache_dir):
+  """model.shrink_on_saturation=0.9 with noise 10x the features' spread at a
+  raised discriminator rate, whose loss saturates within a few passes, and
+  at 9x too: the first pass with p_fake >= 0.98 sets that attempt aside
+  (its log and checkpoints kept beside) and the head trains again from its
+  initial state with the noise std x 0.9, as a run at 9x from the start
+  does; it saturates again and does not restart twice. Killed in the second
+  attempt and run again, it ends bit-identical to the uninterrupted run."""
+  extra = ['--config.model.noise_rel=10', '--config.optim.disc_lr=0.05']
+  switch = ['--config.model.shrink_on_saturation=0.9']
+  env = main_env(jax_cache_dir)
+  runs, procs = {}, {}
+  for name, more in (('plain', []), ('restarted', switch),
+                     ('at 9x', ['--config.model.noise_rel=9'])):
+    runs[name] = tmp_path / name
+    procs[name] = run_main(tiny_args(runs[name], reference.weights,
+                                     reference.root, PASSES, extra + more),
+                           env=env)
+    assert procs[name].returncode == 0, procs[name].stderr[-3000:]
+  plain = _log(runs['plain'])
+  first = next(i for i, r in enumerate(plain) if r['p_fake'] >= 0.98)
+  assert first + 1 < PASSES, [r['p_fake'] for r in plain]
+  assert (f'{CATEGORY}: pass {first + 1} saturated the loss' in
+          procs['restarted'].stdout)
+  set_aside = runs['restarted'] / CATEGORY / 'log.saturated.jsonl'
+  records = [json.loads(l) for l in set_aside.read_text().splitlines()]
+  for r in records:
+    r.pop('pass_s')
+  assert records == plain[:first + 1]
+  aside = _step_dirs(runs['restarted'] / CATEGORY / 'checkpoints.saturated')
+  assert aside and aside[-1] <= first + 1, aside
+
+  # The second attempt: the run at 9x from the start, up to float rounding
+  # (10 x 0.9 of the spread against 9 x it); once, though it saturates too.
+  got, want = _log(runs['restarted']), _log(runs['at 9x'])
+  assert len(got) == len(want) == PASSES
+  assert any(r['p_fake'] >= 0.98 for r in got), got
+  for g, w in zip(got, want):
+    for key in ('loss', 'p_true', 'p_fake'):
+      assert g[key] == pytest.approx(w[key], rel=1e-3, abs=1e-4), (g, w)
+  _, meta, tree = _final_tree(runs['restarted'])
+  _, plain_meta, plain_tree = _final_tree(runs['plain'])
+  assert meta['saturated_at'] == first + 1
+  assert 'saturated_at' not in plain_meta
+  assert np.shape(tree['noise_std']) == (3,)  # The demo config's heads.
+  np.testing.assert_allclose(tree['noise_std'],
+                             0.9 * plain_tree['noise_std'], rtol=1e-6)
+
+  killed = tmp_path / 'killed'
+  args = tiny_args(killed, reference.weights, reference.root, PASSES,
+                   extra + switch)
+  log_path = killed / CATEGORY / 'log.jsonl'
+  _run_until_killed(args, env, killed, 3, tmp_path / 'kill',
+                    ready=(killed / CATEGORY / 'log.saturated.jsonl').exists)
+  assert _step_dirs(killed / CATEGORY / 'checkpoints'), 'no second-attempt save'
+  assert _passes_logged(log_path) < PASSES
+  proc = run_main(args, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'saturated the loss' not in proc.stdout  # Not restarted again.
+  _, killed_meta, killed_tree = _final_tree(killed)
+  _assert_trees_equal(killed_tree, tree)
+  assert killed_meta['saturated_at'] == first + 1
+  assert _log(killed) == got
 
 
 def test_predict_on_a_size_never_seen_in_training(reference, tmp_path,

@@ -286,10 +286,15 @@ def test_run_section_names_the_method_and_its_noise():
   from configs import default, demo as demo_config  # pylint: disable=g-import-not-at-top
   text = report_html._training_text(default.get_config().to_dict())  # pylint: disable=protected-access
   assert text == '160 passes, batch 4, noise absolute: std 0.015'
+  shrink = default.get_config()
+  shrink.model.shrink_on_saturation = 0.25
+  assert report_html._training_text(shrink.to_dict()) == (  # pylint: disable=protected-access
+      '160 passes, batch 4, noise absolute: std 0.015 (x0.25, trained '
+      'again, if the loss saturates)')
   text = report_html._training_text(demo_config.get_config().to_dict())  # pylint: disable=protected-access
   assert text == ('3 heads averaged, 40 passes, batch 4, noise spread: 0.4 '
-                  'x spread of the adapted features; synthesis: GAS '
-                  'hypersphere')
+                  'x spread of the adapted features (x0.25, trained again, '
+                  'if the loss saturates); synthesis: GAS hypersphere')
   text = report_html._scoring_text(demo_config.get_config().to_dict())  # pylint: disable=protected-access
   assert text == ('the image and its three flips, patch scores averaged; '
                   'image score: the peak of the anomaly map; maps smoothed '

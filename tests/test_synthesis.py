@@ -793,6 +793,7 @@ def test_checkpoints_remember_the_switches():
   from configs import demo  # pylint: disable=g-import-not-at-top
   then = demo.get_config()
   then.model.hidden, then.model.heads = 256, 1
+  then.model.shrink_on_saturation = 0.0
   assert category.fingerprint(then) == '0xcafcc261'
   manifold = default.get_config()
   manifold.synthesis.gas = 'manifold'
@@ -813,3 +814,19 @@ def test_checkpoints_remember_the_switches():
   perlin = default.get_config()
   perlin.synthesis.perlin = True
   assert category.fingerprint(perlin) not in ('0xda949b63', base)
+
+
+def test_shrink_on_saturation_off_leaves_fingerprints():
+  """model.shrink_on_saturation came later: at 0 (off) the fingerprints are
+  those the code before it printed, so older runs resume; on, it changes
+  them (a run that may start over is another run)."""
+  from configs import default, folder  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import category  # pylint: disable=g-import-not-at-top
+  c = default.get_config()
+  assert c.model.shrink_on_saturation == 0
+  assert category.fingerprint(c) == '0x8e95376f'
+  f = folder.get_config()
+  f.model.shrink_on_saturation = 0.0
+  assert category.fingerprint(f) == '0x54e60c84'
+  c.model.shrink_on_saturation = 0.25
+  assert category.fingerprint(c) != '0x8e95376f'

@@ -55,3 +55,16 @@ def test_no_hint_when_leading_unsaturated_or_not_applicable():
   nan = float('nan')
   assert yardstick.advice(_row((0.95, nan, nan), (0.9, nan, nan)), SATURATED,
                           _model()) is None
+
+
+def test_after_an_automatic_shrink_the_hint_names_knn():
+  # model.shrink_on_saturation already trained again with a quarter of the
+  # noise after pass 12 saturated, and the loss saturated again: a quarter
+  # of noise_rel is not new advice.
+  hint = yardstick.advice(_row((0.8, 0.8, 0.6), (0.9, 0.9, 0.8)), SATURATED,
+                          _model(shrink_on_saturation=0.25), saturated_at=12)
+  assert ('already trained again with a smaller noise after pass 12 '
+          'saturated (model.shrink_on_saturation)') in hint
+  assert '--config.model.method=knn' in hint and 'noise_rel=' not in hint
+  leads = _row((0.982, 0.964, 0.874), (0.953, 0.961, 0.896))
+  assert yardstick.advice(leads, SATURATED, _model(), saturated_at=12) is None
