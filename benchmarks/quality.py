@@ -8,9 +8,9 @@
 Each (set, row, seed) is one training run of the library's own pipeline
 (experiment.run, what main.py calls) in its own workdir under --workdir:
 configs/demo.py's settings (EfficientNet-Lite0, 40 passes, batch 4) with
-its synthesis off, one head of 256 hidden units (the rows' head up to the
-thirteenth round; 'gas_flips_heads' is configs/demo.py as shipped) and the
-row's keys, the final model evaluated (no test-set selection). Rows are
+its synthesis and restart on saturation off, one head of 256 hidden units
+(the rows' head up to the thirteenth round; 'gas_flips_shrink' is
+configs/demo.py as shipped) and the row's keys, the final model evaluated (no test-set selection). Rows are
 config overrides (ROWS); 'base+key=value+...' adds or changes keys, e.g.
 'spread+model.noise_rel=0.8'.
 
@@ -74,8 +74,13 @@ ROWS = {
     'gas_flips': _GAS_FLIPS,
     # configs/demo.py in the fourteenth round: the released head width.
     'gas_flips_wide': _GAS_FLIPS_WIDE,
-    # configs/demo.py since the fifteenth round: three such heads, averaged.
+    # configs/demo.py in the fifteenth and sixteenth rounds: three such
+    # heads, averaged.
     'gas_flips_heads': {**_GAS_FLIPS_WIDE, 'model.heads': 3},
+    # configs/demo.py since the seventeenth round: the same, trained again
+    # with a quarter of the noise if the loss saturates.
+    'gas_flips_shrink': {**_GAS_FLIPS_WIDE, 'model.heads': 3,
+                         'model.shrink_on_saturation': 0.25},
     'las': {**_SPREAD, 'synthesis.las_weight': 1.0},
     'gas_las': {**_SPREAD, 'synthesis.gas': 'hypersphere',
                 'synthesis.las_weight': 1.0},
@@ -87,17 +92,18 @@ ROWS = {
 
 def row_overrides(name: str) -> dict:
   """The row's keys, over the released scoring (no synthesis, one pass, the
-  largest patch score: configs/demo.py has GAS, flips and the map's peak on,
-  and a row turns on only what it names) and the discriminator width every
-  row was measured with up to the thirteenth round (256 hidden units, one
-  head; configs/demo.py now has three heads of the released 1024, row
-  'gas_flips_heads')."""
+  largest patch score, no restart on saturation: configs/demo.py has GAS,
+  flips, the map's peak and model.shrink_on_saturation on, and a row turns
+  on only what it names) and the discriminator width every row was measured
+  with up to the thirteenth round (256 hidden units, one head;
+  configs/demo.py now has three heads of the released 1024, row
+  'gas_flips_shrink')."""
   base, *extra = name.split('+')
   if base not in ROWS:
     raise SystemExit(f'unknown row {base!r}; rows: {", ".join(ROWS)}')
   out = {'synthesis.gas': 'none', 'eval.tta': 'none',
          'eval.image_score': 'patch_max', 'model.hidden': 256,
-         'model.heads': 1, **ROWS[base]}
+         'model.heads': 1, 'model.shrink_on_saturation': 0.0, **ROWS[base]}
   for item in extra:
     key, value = item.split('=', 1)
     try:

@@ -80,10 +80,13 @@ def test_decisions_summed_over_seeds(tmp_path):
 
 def test_rows_score_as_released_unless_named(tmp_path):
   """Rows start from the released scoring (one pass, the largest patch
-  score), though configs/demo.py flips and takes the map's peak; the
-  'gas_flips_heads' row is configs/demo.py's heads and scoring,
-  'gas_flips_wide' the same with one head, 'gas_flips' with one head of
-  the 256 hidden units every row had up to the thirteenth round."""
+  score) and never train again on saturation, though configs/demo.py flips,
+  takes the map's peak and starts over with a quarter of the noise when
+  the loss saturates; the 'gas_flips_shrink' row is configs/demo.py as
+  shipped, 'gas_flips_heads' the same without the restart (the fifteenth
+  and sixteenth rounds'), 'gas_flips_wide' with one head, 'gas_flips' with
+  one head of the 256 hidden units every row had up to the thirteenth
+  round."""
   import types  # pylint: disable=g-import-not-at-top
   from configs import demo  # pylint: disable=g-import-not-at-top
   args = types.SimpleNamespace(workdir=str(tmp_path), passes=0,
@@ -92,11 +95,16 @@ def test_rows_score_as_released_unless_named(tmp_path):
   assert (plain.eval.tta, plain.eval.image_score) == ('none', 'patch_max')
   shipped = demo.get_config()
   assert (shipped.eval.tta, shipped.eval.image_score) == ('flips', 'map_max')
-  heads = quality.set_config('grass', 'gas_flips_heads', 0, args)
+  assert plain.model.shrink_on_saturation == 0
+  shipped_row = quality.set_config('grass', 'gas_flips_shrink', 0, args)
   for key in ('model.noise_mode', 'model.noise_rel', 'model.hidden',
-              'model.heads', 'synthesis.gas', 'eval.tta', 'eval.image_score'):
+              'model.heads', 'model.shrink_on_saturation', 'synthesis.gas',
+              'eval.tta', 'eval.image_score'):
     section, leaf = key.split('.')
-    assert heads[section][leaf] == shipped[section][leaf], key
+    assert shipped_row[section][leaf] == shipped[section][leaf], key
+  heads = quality.set_config('grass', 'gas_flips_heads', 0, args)
+  assert heads.model.shrink_on_saturation == 0
+  assert shipped.model.shrink_on_saturation == 0.25
   wide = quality.set_config('grass', 'gas_flips_wide', 0, args)
   assert (wide.model.hidden, wide.model.heads) == (1024, 1)
   narrow = quality.set_config('grass', 'gas_flips', 0, args)
