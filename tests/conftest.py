@@ -184,6 +184,9 @@ def tiny_args(workdir, weights_dir, root, passes=8, extra=()):
       # Released scoring too (the demo config flips and takes the map's
       # peak); the flips have their own fixture (exported_knn) and tests.
       '--config.eval.tta=none', '--config.eval.image_score=patch_max',
+      # Nor do they start over when the loss saturates (the demo config
+      # does; tests/test_reliability.py has that switch's own test).
+      '--config.model.shrink_on_saturation=0',
       *extra,
   ]
 

@@ -229,6 +229,7 @@ def test_saturated_head_that_trails_knn_gets_a_hint(tmp_path, weights_dir,
   kNN yardstick; the console, results.json and report.html all say so."""
   workdir = tmp_path / 'run'
   proc = main_py(tiny_args(workdir, weights_dir, passes=8) + [
+      '--config.model.shrink_on_saturation=0',  # The hint of a plain run.
       '--config.model.noise_rel=4', '--config.synthesis.gas=none',
       '--config.optim.disc_lr=0.05', '--config.eval.visualize=none',
       '--config.train.eval_every=0'], env)
