@@ -149,18 +149,17 @@ class _CategoryRun:
                                               len(self.ctx.train_idx)))
     return order, noise_key
 
-  def restart_if_saturated(self, p: int, history):
-    """model.shrink_on_saturation: if pass p (0-based), whose steps' metrics
-    are `history`, is the run's first whose fakes were nearly all past the
-    loss's margin (mean p_fake >= train.SATURATED_P_FAKE), this attempt is
-    set aside (its log to log.saturated.jsonl, its checkpoints to
+  def restart_if_saturated(self, p: int, p_fake: float):
+    """model.shrink_on_saturation: if pass p (0-based), whose steps' mean
+    share of fakes past the loss's margin was `p_fake` (its log record's),
+    is the run's first with that share >= train.SATURATED_P_FAKE, this
+    attempt is set aside (its log to log.saturated.jsonl, its checkpoints to
     checkpoints.saturated/) and the fresh initial state with the noise std
     scaled by the factor is returned, to train again from pass 0; else
     None. Once per run."""
     ctx, factor = self.ctx, self.config.model.shrink_on_saturation
     if not factor or self.saturated_at is not None:
       return None
-    p_fake = float(np.mean([float(m['p_fake']) for m in history]))
     if p_fake < train.SATURATED_P_FAKE:
       return None
     message = (f'{ctx.category}: pass {p + 1} saturated the loss (p_fake '
@@ -188,9 +187,10 @@ class _CategoryRun:
     return ({} if self.saturated_at is None else
             {'saturated_at': self.saturated_at})
 
-  def end_pass(self, p: int, history, state_fn) -> None:
+  def end_pass(self, p: int, history, state_fn) -> dict:
     """Logs pass p (0-based) from its steps' metrics; checks, evaluates and
-    checkpoints as configured. state_fn() gives the state after the pass."""
+    checkpoints as configured. state_fn() gives the state after the pass.
+    Returns the pass's log record."""
     ctx, c = self.ctx, self.config
     num_passes = c.train.num_passes
     means = {k: float(np.mean([float(m[k]) for m in history]))
@@ -223,6 +223,7 @@ class _CategoryRun:
     summaries.write_pass(self.tb, record)
     if done % c.train.checkpoint_every == 0 and done < num_passes:
       self.ckpt.save(done, state_fn(), ctx.meta(done, **self.meta_extra()))
+    return record
 
   def finish(self, state):
     """The decision threshold, the final checkpoint and the Fig. 3
@@ -345,8 +346,8 @@ def _train_alone(run: _CategoryRun, use_cache: bool):
       if s % 10 == 0 or s == steps - 1:
         bar.set_postfix({k: f'{float(v):.4f}' for k, v in metrics.items()})
     bar.close()
-    run.end_pass(p, history, lambda: state)
-    restart = run.restart_if_saturated(p, history)
+    record = run.end_pass(p, history, lambda: state)
+    restart = run.restart_if_saturated(p, record['p_fake'])
     if restart is not None:
       state, p = parallel.put_replicated(restart, ctx.mesh), 0
     else:
