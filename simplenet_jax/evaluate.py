@@ -168,6 +168,8 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
   if meta and meta.get('threshold') is not None:
     row['decisions'] = metrics.decision_counts(scores, labels,
                                                meta['threshold'])
+  if meta and meta.get('saturated_at'):  # model.shrink_on_saturation acted.
+    row['saturated_at'] = int(meta['saturated_at'])
   best = meta.get('best_on_test') if meta else None
   if best is not None:
     # The released protocol: the best evaluated pass, chosen on the test set.

@@ -394,6 +394,11 @@ def _category_section(workdir: str, row: dict) -> str:
                  + (f', {rec["n_validation"]} validation images for the '
                     'threshold' if rec.get('n_validation') else ''))
     facts.append(f'model after pass {rec.get("passes")}')
+  if row.get('saturated_at'):  # model.shrink_on_saturation restarted it.
+    facts.append(f'pass {row["saturated_at"]} saturated the loss: trained '
+                 'again from the start with a smaller noise '
+                 '(model.shrink_on_saturation; the first attempt in '
+                 'log.saturated.jsonl and checkpoints.saturated/)')
   out.append(f'<p class="facts">{" &middot; ".join(_e(x) for x in facts)}</p>')
   if row.get('advice'):  # yardstick.advice: the head trails kNN, saturated.
     out.append(f'<p class="note"><b>Hint:</b> {_e(row["advice"])}</p>')

@@ -353,6 +353,9 @@ def test_saturation_restarts_with_less_noise_once_and_resumes(
   _, plain_meta, plain_tree = _final_tree(runs['plain'])
   assert meta['saturated_at'] == first + 1
   assert 'saturated_at' not in plain_meta
+  # The results row says so too (the report shows it with the category).
+  assert _rows(runs['restarted'])[0][0]['saturated_at'] == first + 1
+  assert 'saturated_at' not in _rows(runs['plain'])[0][0]
   assert np.shape(tree['noise_std']) == (3,)  # The demo config's heads.
   np.testing.assert_allclose(tree['noise_std'],
                              0.9 * plain_tree['noise_std'], rtol=1e-6)

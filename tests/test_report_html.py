@@ -271,6 +271,21 @@ def test_yardstick_columns_and_facts(tmp_path):
       text)
 
 
+def test_restart_on_saturation_is_a_fact_of_its_category(tmp_path):
+  """A row whose training model.shrink_on_saturation restarted (results.json's
+  'saturated_at') says so in its own section, and no other section does."""
+  rows = [{'category': 'gravel', 'kind': 'texture', 'image_auroc': 0.97,
+           'pixel_auroc': 0.96, 'aupro': 0.84, 'saturated_at': 28},
+          {'category': 'brick', 'kind': 'texture', 'image_auroc': 1.0,
+           'pixel_auroc': 0.99, 'aupro': 0.96}]
+  report.write_results(str(tmp_path), rows, {'mode': 'train'})
+  text = open(report_html.write_report(str(tmp_path)), encoding='utf-8').read()
+  gravel = text[text.index('id="cat-gravel"'):text.index('id="cat-brick"')]
+  assert ('pass 28 saturated the loss: trained again from the start with a '
+          'smaller noise (model.shrink_on_saturation') in gravel
+  assert text.count('saturated the loss') == 1
+
+
 def test_select_galleries_by_hand():
   scores = [0.5, 3.0, 2.0, float('nan'), 1.0, 0.1]
   labels = [0, 1, 1, 0, 1, 0]
