@@ -395,8 +395,9 @@ def _category_section(workdir: str, row: dict) -> str:
                     'threshold' if rec.get('n_validation') else ''))
     facts.append(f'model after pass {rec.get("passes")}')
   if row.get('saturated_at'):  # model.shrink_on_saturation restarted it.
-    facts.append(f'pass {row["saturated_at"]} saturated the loss: trained '
-                 'again from the start with a smaller noise '
+    facts.append('a first attempt saturated the loss at pass '
+                 f'{row["saturated_at"]}: trained again from the start with '
+                 'a smaller noise '
                  '(model.shrink_on_saturation; the first attempt in '
                  'log.saturated.jsonl and checkpoints.saturated/)')
   out.append(f'<p class="facts">{" &middot; ".join(_e(x) for x in facts)}</p>')

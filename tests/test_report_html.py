@@ -281,8 +281,8 @@ def test_restart_on_saturation_is_a_fact_of_its_category(tmp_path):
   report.write_results(str(tmp_path), rows, {'mode': 'train'})
   text = open(report_html.write_report(str(tmp_path)), encoding='utf-8').read()
   gravel = text[text.index('id="cat-gravel"'):text.index('id="cat-brick"')]
-  assert ('pass 28 saturated the loss: trained again from the start with a '
-          'smaller noise (model.shrink_on_saturation') in gravel
+  assert ('a first attempt saturated the loss at pass 28: trained again from '
+          'the start with a smaller noise (model.shrink_on_saturation') in gravel
   assert text.count('saturated the loss') == 1
 
 
