@@ -139,6 +139,10 @@ def get_config():
   c.train.cache_features = True
   c.train.cache_max_gb = 8.0
   c.train.cache_dtype = 'float32'  # 'bfloat16' halves the cache.
+  # 'flips': the training images' three flips are normal training images
+  # too (4x the rows a pass covers); for data that looks normal mirrored,
+  # as eval.tta='flips' assumes. 'none': the released training set.
+  c.train.augment = 'none'
   c.train.select_best_on_test = False  # Released behaviour; labelled as such.
   # Categories whose heads train together, stepped in one jitted call (a
   # vmap over categories); each ends as if trained alone. 1 = one at a time.

@@ -111,6 +111,8 @@ def fingerprint(config) -> str:
     syn['perlin_masked_copies'] = 2
   keys['seed'] = config.seed
   keys['train'] = {k: config.train[k] for k in ('batch_size', 'num_passes')}
+  if config.train.augment != 'none':  # Added later: older runs had none.
+    keys['train']['augment'] = config.train.augment
   keys['holdout'] = config.threshold.holdout_fraction
   return hex(zlib.crc32(json.dumps(keys, sort_keys=True, default=str).encode()))
 
@@ -189,8 +191,14 @@ class CategoryContext:
                grid_hw=(shape[1], shape[2]), embed_dim=shape[3], key=key)
 
   @property
+  def train_rows(self) -> int:
+    """Images a training pass covers: every training image in each of its
+    views (feature_cache.views; 4x with train.augment='flips')."""
+    return len(self.train_idx) * len(feature_cache.views(self.config.train))
+
+  @property
   def steps_per_pass(self) -> int:
-    return feature_cache.steps_per_pass(len(self.train_idx),
+    return feature_cache.steps_per_pass(self.train_rows,
                                         self.config.train.batch_size)
 
   @property
@@ -201,7 +209,7 @@ class CategoryContext:
   def bank_rows(self) -> int:
     """kNN: the rows its memory bank keeps of the training features."""
     h, w = self.grid_hw
-    return knn.coreset_size(len(self.train_idx) * h * w,
+    return knn.coreset_size(self.train_rows * h * w,
                             self.config.knn.coreset_fraction)
 
   def new_state(self):

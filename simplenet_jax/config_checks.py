@@ -236,6 +236,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(t.keep_checkpoints >= 1, 'train.keep_checkpoints', 'must be >= 1')
   _check(t.cache_max_gb > 0, 'train.cache_max_gb', 'must be > 0')
   _one_of(config, 'train.cache_dtype', tuple(feature_cache.DTYPES))
+  _one_of(config, 'train.augment', feature_cache.AUGMENTS)
   _check(t.categories_per_step >= 1, 'train.categories_per_step',
          f'is {t.categories_per_step}; must be >= 1')
 

@@ -80,7 +80,9 @@ def decision_threshold(ctx, state, cache=None) -> dict:
     idx = ctx.train_idx
     source = f'{len(idx)} training images (in-sample: no hold-out)'
     if cache is not None and ctx.config.eval.tta == 'none':
-      scores, map_range = _cached_statistics(ctx, state, cache)
+      # The first len(idx) rows: the images as they are, without the other
+      # views train.augment adds.
+      scores, map_range = _cached_statistics(ctx, state, cache[:len(idx)])
     else:
       scores, map_range = normal_statistics(ctx, state, ctx.train_set, idx)
   q = ctx.config.threshold.quantile

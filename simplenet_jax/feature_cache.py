@@ -19,6 +19,7 @@ import numpy as np
 
 from simplenet_jax import console
 from simplenet_jax import parallel
+from simplenet_jax import scoring
 from simplenet_jax.errors import UserError
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}  # cache_dtype
@@ -70,9 +71,34 @@ def _ops(mesh, shape, dtype):
   return zeros, write
 
 
+AUGMENTS = ('none', 'flips')  # train.augment
+
+
+def views(train_cfg) -> tuple:
+  """The views of every training image that training covers, as flip axes
+  of (B, H, W, C) images: the image alone, or with train.augment='flips' the
+  image and its three flips (scoring.FLIP_AXES, the views eval.tta='flips'
+  scores). Row r of a pass (and of the cache) of N training images is view
+  r // N of image r % N."""
+  return scoring.FLIP_AXES if train_cfg.augment == 'flips' else ((),)
+
+
+def view_images(images: np.ndarray, view_ids, all_views) -> np.ndarray:
+  """(B, H, W, C) host images, row b flipped as view view_ids[b] of
+  `all_views` (`views`): the recomputed-features path's counterpart of the
+  cache's rows."""
+  view_ids = np.asarray(view_ids)
+  if not view_ids.any():
+    return images
+  return np.stack([np.flip(im, [a - 1 for a in all_views[v]])
+                   for im, v in zip(images, view_ids)])
+
+
 def build(feature_fn, backbone_vars, dataset, indices, batch_size: int,
-          train_cfg, data_cfg, mesh, grid_hw=None, dim=None, desc=None):
-  """Features of `dataset[indices]` -> replicated device array (N, h*w, D).
+          train_cfg, data_cfg, mesh, grid_hw=None, dim=None, desc=None,
+          image_views=((),)):
+  """Features of `dataset[indices]` -> replicated device array (V*N, h*w,
+  D), one block of N rows per view of `image_views` (flip axes, `views`).
 
   Written batch by batch into one preallocated device array (no host copy,
   no concatenation), so the peak is the cache plus one batch. In a
@@ -91,6 +117,8 @@ def build(feature_fn, backbone_vars, dataset, indices, batch_size: int,
     grid_hw, dim: the feature grid and dimension; from one traced call of
       feature_fn when not given.
     desc: with it, a progress bar of the images on a terminal.
+    image_views: flip axes of (B, H, W, C) images; row v*N + i of the cache
+      is dataset[indices[i]] flipped along image_views[v] (`views`).
   """
   dtype = DTYPES[train_cfg.cache_dtype]
   indices = np.asarray(indices).reshape(-1)
@@ -99,22 +127,26 @@ def build(feature_fn, backbone_vars, dataset, indices, batch_size: int,
     shape = jax.eval_shape(feature_fn, backbone_vars,
                            jax.ShapeDtypeStruct((1, h, w, 3), jnp.uint8)).shape
     grid_hw, dim = shape[1:3], shape[3]
-  zeros, write = _ops(mesh, (len(indices), grid_hw[0] * grid_hw[1], int(dim)),
-                      dtype)
+  rows = len(image_views) * len(indices)
+  zeros, write = _ops(mesh, (rows, grid_hw[0] * grid_hw[1], int(dim)), dtype)
   try:
     cache = zeros()
     start = 0
-    with console.progress(len(indices), desc) as bar:
-      for batch in parallel.host_batches(dataset, batch_size, mesh,
-                                         indices=indices,
-                                         num_workers=data_cfg.num_workers,
-                                         prefetch=data_cfg.prefetch):
-        images, n = parallel.put_batch(batch['image'], mesh,
-                                       batch['n_global'], min_rows=batch_size)
-        (offset,) = parallel.global_inputs(mesh, np.int32(start))
-        cache = write(cache, feature_fn(backbone_vars, images), offset, n)
-        start += n
-        bar.update(n)
+    with console.progress(rows, desc) as bar:
+      for axes in image_views:
+        for batch in parallel.host_batches(dataset, batch_size, mesh,
+                                           indices=indices,
+                                           num_workers=data_cfg.num_workers,
+                                           prefetch=data_cfg.prefetch):
+          images, n = parallel.put_batch(batch['image'], mesh,
+                                         batch['n_global'],
+                                         min_rows=batch_size)
+          if axes:
+            images = jnp.flip(images, axes)
+          (offset,) = parallel.global_inputs(mesh, np.int32(start))
+          cache = write(cache, feature_fn(backbone_vars, images), offset, n)
+          start += n
+          bar.update(n)
     return jax.block_until_ready(cache)
   except (MemoryError, jax.errors.JaxRuntimeError) as e:
     if isinstance(e, jax.errors.JaxRuntimeError) and (
@@ -122,7 +154,7 @@ def build(feature_fn, backbone_vars, dataset, indices, batch_size: int,
       raise
     raise UserError(
         'out of memory while building the feature cache of '
-        f'{len(indices)} images: lower train.cache_max_gb (the loop then '
+        f'{rows} images: lower train.cache_max_gb (the loop then '
         'recomputes features per batch), set train.cache_dtype=bfloat16, or '
         'lower eval.batch_size') from e
 

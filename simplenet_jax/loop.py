@@ -99,8 +99,8 @@ class _CategoryRun:
     """Whether the training features (and LAS images' features) are
     cached; synthesis needs them cached."""
     ctx, c = self.ctx, self.config
-    images = len(ctx.train_idx) * (1 + (self.syn.las_variants
-                                        if self.syn.las else 0))
+    images = ctx.train_rows + len(ctx.train_idx) * (
+        self.syn.las_variants if self.syn.las else 0)
     use = feature_cache.fits(images, ctx.grid_hw, ctx.embed_dim, c.train)
     if self.syn.active and not use and c.model.method == 'simplenet':
       raise UserError(
@@ -121,7 +121,8 @@ class _CategoryRun:
                                        ctx.train_set, ctx.train_idx,
                                        c.eval.batch_size, c.train, c.dataset,
                                        ctx.mesh,
-                                       desc=f'{ctx.category} features')
+                                       desc=f'{ctx.category} features',
+                                       image_views=feature_cache.views(c.train))
     if c.model.method != 'simplenet':
       return
     if self.start == 0 and c.model.noise_mode in ('relative', 'spread'):
@@ -140,13 +141,13 @@ class _CategoryRun:
     return synthesis.pass_centre(state.params, self.centre)
 
   def pass_plan(self, p: int):
-    """(order, noise_key) of pass p: the shuffled training images (cache
-    rows) and the key whose fold_in(., step) is each step's noise key."""
+    """(order, noise_key) of pass p: the shuffled rows of the pass (cache
+    rows: the training images, in each of their views) and the key whose
+    fold_in(., step) is each step's noise key."""
     self.pass_t0 = time.perf_counter()
     pass_key = jax.random.fold_in(jax.random.fold_in(self.ctx.key, 1), p)
     perm_key, noise_key = jax.random.split(pass_key)
-    order = np.asarray(jax.random.permutation(perm_key,
-                                              len(self.ctx.train_idx)))
+    order = np.asarray(jax.random.permutation(perm_key, self.ctx.train_rows))
     return order, noise_key
 
   def restart_if_saturated(self, p: int, p_fake: float):
@@ -311,6 +312,7 @@ def _train_alone(run: _CategoryRun, use_cache: bool):
   # the first step's inputs differ in placement and the step compiles twice.
   state = parallel.put_replicated(run.state, ctx.mesh)
   cache, steps = run.cache, ctx.steps_per_pass
+  views = feature_cache.views(c.train)
   if run.syn.active:
     syn_step = functools.partial(
         synthesis.make_cached_step(ctx.mesh, ctx.grid_hw, run.syn),
@@ -329,8 +331,9 @@ def _train_alone(run: _CategoryRun, use_cache: bool):
     if use_cache:
       batches = (order[s * bs:(s + 1) * bs] for s in range(steps))
     else:
+      n = len(ctx.train_idx)  # Row r: view r // n of image r % n.
       batches = loader.batches(ctx.train_set, bs,
-                               indices=ctx.train_idx[order],
+                               indices=ctx.train_idx[order % n],
                                num_workers=c.dataset.num_workers,
                                prefetch=c.dataset.prefetch)
     for s, batch in enumerate(batches):
@@ -338,7 +341,9 @@ def _train_alone(run: _CategoryRun, use_cache: bool):
       if use_cache:
         state, metrics = step_fn(state, cache, jnp.asarray(batch), key)
       else:
-        images, n_valid = parallel.put_batch(batch['image'], ctx.mesh)
+        images = feature_cache.view_images(
+            batch['image'], order[s * bs:(s + 1) * bs] // n, views)
+        images, n_valid = parallel.put_batch(images, ctx.mesh)
         state, metrics = step_fn(state, ctx.backbone_vars, images, key,
                                  ctx.feature_fn, n_valid)
       history.append(metrics)
@@ -480,10 +485,14 @@ def _calibrate(ctx, state, cache):
     feats = cache
   else:
     # A list (the spread reads every batch anyway): model.heads > 1 reads
-    # it once per head.
-    feats = [ctx.feature_fn(ctx.backbone_vars,
-                            parallel.put_batch(b['image'], ctx.mesh)[0])
+    # it once per head. Every view of every image, as the cache holds.
+    def viewed(batch, axes):
+      images = parallel.put_batch(batch['image'], ctx.mesh)[0]
+      return jnp.flip(images, axes) if axes else images
+
+    feats = [ctx.feature_fn(ctx.backbone_vars, viewed(b, axes))
              [:len(b['image'])]
+             for axes in feature_cache.views(ctx.config.train)
              for b in loader.batches(ctx.train_set, ctx.config.eval.batch_size,
                                      indices=ctx.train_idx)]
   state = train.calibrate_noise(state, ctx.config.model, feats)

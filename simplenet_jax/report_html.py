@@ -208,9 +208,11 @@ def _data_text(dataset: dict, rows) -> str:
 def _training_text(config: dict) -> str:
   """The method and its settings in words (results.json's config)."""
   m, t = config.get('model', {}), config.get('train', {})
+  flips = t.get('augment') == 'flips'
   if m.get('method') == 'knn':
     frac = config.get('knn', {}).get('coreset_fraction')
-    return f'kNN memory bank, coreset fraction {frac}'
+    return (f'kNN memory bank, coreset fraction {frac}'
+            + ('; of each image and its three flips' if flips else ''))
   mode = m.get('noise_mode')
   noise = {'absolute': f"std {m.get('noise_std')}",
            'relative': f"{m.get('noise_rel')} x RMS of the adapted features",
@@ -231,6 +233,8 @@ def _training_text(config: dict) -> str:
             'released' else '')]
   other = ''.join(f'; {o}' for o in other if o)
   heads = (f"{m['heads']} heads averaged, " if m.get('heads', 1) > 1 else '')
+  if flips:
+    heads += 'trained on each image and its three flips, '
   return (heads + f"{t.get('num_passes')} passes, batch {t.get('batch_size')}, "
           f"noise {mode}: {noise}" + (f'; synthesis: {extras}' if extras
                                       else '') + other)

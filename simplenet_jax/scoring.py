@@ -43,7 +43,7 @@ IMAGE_SCORES = ('patch_max', 'map_max')
 # eval.tta: one pass (released), or patch scores averaged over the image and
 # its horizontal, vertical and double flips (each flipped back).
 TTAS = ('none', 'flips')
-_FLIP_AXES = ((), (2,), (1,), (1, 2))  # Of (B, H, W, C) images / (B, h, w).
+FLIP_AXES = ((), (2,), (1,), (1, 2))  # Of (B, H, W, C) images / (B, h, w).
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,10 +102,10 @@ def with_tta(patch_fn, images: jax.Array, tta: str) -> jax.Array:
   if tta == 'none':
     return patch_fn(images)
   total = 0.0
-  for axes in _FLIP_AXES:
+  for axes in FLIP_AXES:
     scores = patch_fn(jnp.flip(images, axes) if axes else images)
     total = total + (jnp.flip(scores, axes) if axes else scores)
-  return total / len(_FLIP_AXES)
+  return total / len(FLIP_AXES)
 
 
 def map_args(eval_cfg) -> tuple[float, str, str]:

@@ -1081,7 +1081,8 @@ def make_cached_step(mesh, grid_hw: Sequence[int], syn: SynthesisConfig):
   Returns step(state, cache, idx, key, centre, las_cache, las_labels) ->
   (state, metrics):
     cache: (N, h*w, D) training features (feature_cache.build).
-    idx: (B,) int image indices into it.
+    idx: (B,) int row indices into it (row r of a cache with views is view
+      r // N of image r % N, `feature_cache.views`).
     key: the step's key (noise, Perlin masks, LAS variant choice).
     centre: (h, w, D) mean training feature per position, or None (needed
       by gas='hypersphere'); adapted with gas_centre='pass' (`head_loss`).
@@ -1120,8 +1121,10 @@ def _cached_step(mesh, grid_hw, syn: SynthesisConfig):
     if las_cache is not None:
       v = jax.random.randint(jax.random.fold_in(key, 1), (padded,), 0,
                              las_cache.shape[0])
-      las_f = images(las_cache[v, idx])
-      las_l = las_labels[v, idx].reshape(padded, h, w)
+      # A flipped view (train.augment) takes its image's LAS images.
+      img = idx % las_cache.shape[1]
+      las_f = images(las_cache[v, img])
+      las_l = las_labels[v, img].reshape(padded, h, w)
     return train_step(state, feats, key, syn, centre, las_f, las_l, mask)
 
   def run(state, cache, idx, key, centre=None, las_cache=None,

@@ -30,7 +30,7 @@ def evaluate_knn(ctx) -> dict:
   warning) when those features exceed train.cache_max_gb on the device."""
   c = ctx.config
   t0 = time.perf_counter()
-  need = feature_cache.estimate_bytes(len(ctx.train_idx), ctx.grid_hw,
+  need = feature_cache.estimate_bytes(ctx.train_rows, ctx.grid_hw,
                                       ctx.embed_dim, c.train.cache_dtype)
   if need / 2**30 > c.train.cache_max_gb:
     logging.warning(
@@ -45,7 +45,8 @@ def evaluate_knn(ctx) -> dict:
                                  c.eval.batch_size, c.train, c.dataset,
                                  ctx.mesh, grid_hw=ctx.grid_hw,
                                  dim=ctx.embed_dim,
-                                 desc=f'{ctx.category} kNN features')
+                                 desc=f'{ctx.category} kNN features',
+                                 image_views=feature_cache.views(c.train))
   bank = loop.memory_bank(ctx, features)
   del features
   state = parallel.put_replicated(knn.MemoryBank(bank=bank), ctx.mesh)

@@ -299,6 +299,8 @@ def test_eval_or_predict_before_training(tmp_path, awkward_root,
      'config.model.shrink_on_saturation: is 1.0; must be in [0, 1) (0 = off)'),
     ('optim.variant', 'mine', "config.optim.variant: is 'mine'"),
     ('train.cache_dtype', 'int8', "config.train.cache_dtype: is 'int8'"),
+    ('train.augment', 'mirror', "config.train.augment: is 'mirror'; must be "
+     "one of ['none', 'flips']"),
     ('model.method', 'patchcore', "config.model.method: is 'patchcore'; must "
      "be one of ['simplenet', 'knn']"),
     ('knn.coreset_fraction', 0.0, 'config.knn.coreset_fraction: is 0.0'),

@@ -3,6 +3,7 @@ computes, with the config's AUPRO limit (checked against references computed
 here: sklearn's AUROC, a threshold-loop AUPRO, on the same maps); and the
 report hooks, with a stand-in model (no backbone)."""
 
+import json
 import os
 import types
 
@@ -314,10 +315,12 @@ def test_categories_share_compilations(tmp_path):
               '_features' in c], handler.compiled[first:]
 
 
-def test_yardstick_equals_a_knn_run(tmp_path):
+@pytest.mark.parametrize('augment', ['none', 'flips'])
+def test_yardstick_equals_a_knn_run(tmp_path, augment):
   """eval.yardstick's figures are those of a model.method=knn run of the same
-  config: the same training images (hold-out split), coreset key, maps and
-  metrics."""
+  config: the same training images (hold-out split) in the same views
+  (train.augment='flips': each image and its three flips), coreset key,
+  maps and metrics."""
   from simplenet_jax import loop  # pylint: disable=g-import-not-at-top
   from simplenet_jax import report  # pylint: disable=g-import-not-at-top
   from simplenet_jax import yardstick  # pylint: disable=g-import-not-at-top
@@ -330,6 +333,7 @@ def test_yardstick_equals_a_knn_run(tmp_path):
   cfg.train.num_passes = 1
   cfg.eval.visualize = 'none'
   cfg.report.gallery_size = 2
+  cfg.train.augment = augment
   mesh = parallel.make_mesh(jax.devices()[:1])
   head = _tiny_category(cfg, tmp_path / 'simplenet', mesh, n_train=9,
                         n_test=8)
@@ -344,6 +348,12 @@ def test_yardstick_equals_a_knn_run(tmp_path):
   want = {k: row[m] for k, m in zip(report.YARDSTICK, report.METRICS)}
   assert got == want
   assert 0.5 < want['knn_pixel_auroc'] < 1.0  # Not a degenerate case.
+  # The bank was chosen from every view of every training image.
+  with open(os.path.join(ctx.workdir, 'log.jsonl'), encoding='utf-8') as f:
+    (fit,) = [json.loads(line) for line in f]
+  views = 4 if augment == 'flips' else 1
+  h, w = ctx.grid_hw
+  assert fit['feature_rows'] == views * len(ctx.train_idx) * h * w
 
   # The report's record holds kNN's maps of the head's gallery images: the
   # image scores and colour range of the kNN run's own record.

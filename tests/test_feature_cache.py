@@ -1,6 +1,8 @@
 """The training-feature cache: size estimate, cap, build, and cached training
 vs recomputing the features every step (the path taken over the cap)."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,6 +90,36 @@ def test_build_matches_feature_fn_in_index_order(setup, dtype):
   got = np.asarray(cache, np.float32).reshape(want.shape)
   tol = 1e-6 if dtype == 'float32' else 1e-2 * np.abs(want).max()
   np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+
+
+def test_build_with_views_holds_each_flip_in_its_block(setup):
+  """train.augment='flips': rows v*N..(v+1)*N-1 of the cache are the
+  features of the images flipped as view v (left-right, up-down, both),
+  against the features of images flipped on the host beforehand."""
+  cfg, bvars, fn, mesh = setup
+  train_cfg = copy.deepcopy(cfg.train)
+  train_cfg.cache_dtype = 'float32'
+  train_cfg.augment = 'flips'
+  views = feature_cache.views(train_cfg)
+  assert len(views) == 4
+  ds = Images(5)
+  idx = np.array([3, 0, 4])  # Batches of 2: the last one is short.
+  cache = feature_cache.build(fn, bvars, ds, idx, 2, train_cfg, cfg.dataset,
+                              mesh, image_views=views)
+  n = len(idx)
+  assert cache.shape[0] == 4 * n
+  for v, flipped in enumerate([ds.x[idx], ds.x[idx][:, :, ::-1],
+                               ds.x[idx][:, ::-1], ds.x[idx][:, ::-1, ::-1]]):
+    want = np.asarray(fn(bvars, np.ascontiguousarray(flipped)))
+    got = np.asarray(cache[v * n:(v + 1) * n]).reshape(want.shape)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  # The flips differ from the images (else the test could not fail).
+  assert np.abs(np.asarray(cache[n:2 * n] - cache[:n])).max() > 1e-3
+  # The host-side views of the recomputed path flip the same way.
+  rows = feature_cache.view_images(ds.x[idx], [1, 2, 3], views)
+  np.testing.assert_array_equal(rows[0], ds.x[idx[0]][:, ::-1])
+  np.testing.assert_array_equal(rows[1], ds.x[idx[1]][::-1])
+  np.testing.assert_array_equal(rows[2], ds.x[idx[2]][::-1, ::-1])
 
 
 @pytest.mark.parametrize('heads', [1, 2])

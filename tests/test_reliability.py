@@ -308,6 +308,40 @@ def test_recomputed_features_train_as_the_cache(reference, tmp_path,
     assert row[key] == pytest.approx(ref[key], abs=1e-3), key
 
 
+def test_flips_augment_trains_on_every_view_cached_or_recomputed(
+    reference, tmp_path, jax_cache_dir):
+  """train.augment=flips (the demo config's): a pass covers each training
+  image and its three flips, 4x the steps, and the features recomputed each
+  step (flipped on the host) train as the cache (flipped on the device)
+  does, up to float rounding, with the same results."""
+  runs = {}
+  for name, more in (('cached', []),
+                     ('recomputed', ['--config.train.cache_features=False'])):
+    runs[name] = tmp_path / name
+    proc = run_main(tiny_args(runs[name], reference.weights, reference.root, 2,
+                              ['--config.train.augment=flips'] + more),
+                    env=main_env(jax_cache_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  _, meta, _ = _final_tree(runs['cached'])
+  _, ref_meta, _ = _final_tree(reference.workdir)
+  n_train = ref_meta['data']['n_train']
+  assert meta['data']['n_train'] == n_train
+  # Batches of 2 (tiny_args).
+  assert ref_meta['steps_per_pass'] == -(-n_train // 2)
+  assert meta['steps_per_pass'] == -(-4 * n_train // 2)
+  got, want = _log(runs['recomputed']), _log(runs['cached'])
+  assert len(got) == len(want) == 2
+  for g, w in zip(got, want):
+    for key in ('loss', 'p_true', 'p_fake'):
+      assert g[key] == pytest.approx(w[key], rel=1e-3, abs=1e-4), (g, w)
+  # Not the reference's passes: other rows were trained on.
+  assert abs(want[0]['loss'] - _log(reference.workdir)[0]['loss']) > 1e-3
+  (row,), _ = _rows(runs['recomputed'])
+  (ref,), _ = _rows(runs['cached'])
+  for key in ('image_auroc', 'pixel_auroc'):
+    assert row[key] == pytest.approx(ref[key], abs=1e-3), key
+
+
 def test_saturation_restarts_with_less_noise_once_and_resumes(
     reference, tmp_path, jax_cache_dir):
   """model.shrink_on_saturation=0.9 with noise 10x the features' spread at a

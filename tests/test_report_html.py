@@ -326,6 +326,15 @@ def test_run_section_names_the_method_and_its_noise():
   knn.model.method = 'knn'
   assert report_html._training_text(knn.to_dict()) == (  # pylint: disable=protected-access
       'kNN memory bank, coreset fraction 0.1')
+  knn.train.augment = 'flips'
+  assert report_html._training_text(knn.to_dict()) == (  # pylint: disable=protected-access
+      'kNN memory bank, coreset fraction 0.1; of each image and its three '
+      'flips')
+  flips = demo_config.get_config()
+  flips.train.augment, flips.train.num_passes = 'flips', 10
+  assert report_html._training_text(flips.to_dict()).startswith(  # pylint: disable=protected-access
+      '3 heads averaged, trained on each image and its three flips, 10 '
+      'passes, batch 4, noise spread')
 
 
 def test_run_section_says_how_each_kind_of_image_was_sized():

@@ -655,6 +655,33 @@ def test_train_step_variants(syn):
   np.testing.assert_allclose(float(m3['loss']), float(m['loss']), rtol=1e-4)
 
 
+def test_cached_step_gives_a_flipped_view_its_images_las_images():
+  """train.augment='flips': cache row r is view r // N of image r % N, and
+  LAS images are made per image (K, N, ...), so a row of another view takes
+  the LAS images of its image. Rows N + 1 and 3N + 3 of a cache whose views
+  are copies of the images step exactly as rows 1 and 3."""
+  from simplenet_jax import parallel  # pylint: disable=g-import-not-at-top
+  n, h, w, d = 5, 4, 4, 32
+  syn = _syn(gas='hypersphere', gas_steps=4, gas_every=2, las_weight=1.0)
+  images = jax.random.normal(jax.random.PRNGKey(1), (n, h * w, d)) + 1.0
+  cache = jnp.concatenate([images] * 4)
+  las = (images[None] + jax.random.normal(jax.random.PRNGKey(3),
+                                          (2, n, h * w, d)))
+  labels = (jax.random.uniform(jax.random.PRNGKey(4), (2, n, h * w))
+            > 0.7).astype(jnp.float32)
+  step = synthesis.make_cached_step(parallel.make_mesh(jax.devices()[:1]),
+                                    (h, w), syn)
+  centre = images.mean(0).reshape(h, w, d)
+  out = []
+  for idx in ([1, 3], [n + 1, 3 * n + 3]):
+    new, m = step(_state(), cache, jnp.asarray(idx), jax.random.PRNGKey(2),
+                  centre, las, labels)
+    out.append((jax.tree.leaves(new.params), float(m['loss'])))
+  assert out[0][1] == out[1][1]
+  for a, b in zip(out[0][0], out[1][0]):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize('gas_centre', ['step', 'pass'])
 def test_heads_take_gas_steps_as_if_alone(gas_centre):
   """model.heads=2 under GAS hypersphere + LAS: each head's step equals a
@@ -795,6 +822,8 @@ def test_checkpoints_remember_the_switches():
   then.model.hidden, then.model.heads = 256, 1
   then.model.shrink_on_saturation = 0.0
   assert category.fingerprint(then) == '0xcafcc261'
+  then.train.augment = 'flips'  # Another training set: not resumed.
+  assert category.fingerprint(then) != '0xcafcc261'
   manifold = default.get_config()
   manifold.synthesis.gas = 'manifold'
   assert category.fingerprint(manifold) == '0xcef7037e'
