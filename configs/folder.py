@@ -38,7 +38,12 @@ trains and ships that scorer instead. If your images look normal mirrored
 (textures, most surfaces), --config.eval.tta=flips scores each image with
 its three flips as well (docs/quality.md: it helped the head on every set,
 cookies included); it stays off here because a mirrored part can be a
-defect. With hundreds of training images (or many passes) the head's
+defect. Likewise --config.train.augment=flips trains on each photo's
+three flips too (with a quarter of the passes, --config.train.num_passes=40,
+for the same number of steps): on the cookies photos, the demo's head,
+99.6 / 97.0 / 88.2 against 98.7 / 96.3 / 85.4, but the demo's textures
+lose with it (docs/quality.md, nineteenth round). With hundreds of
+training images (or many passes) the head's
 loss saturates at noise_rel 0.4: a pass ends with nearly all its fakes past
 the margin (p_fake >= 0.98), where the truncated L1 teaches it nothing
 more. Then training starts over with a quarter of the noise
