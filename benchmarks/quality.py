@@ -178,7 +178,8 @@ def run_one(name: str, row: str, seed: int, args) -> dict:
   timings = doc['extra']['timings']['categories'][category]
   # METRICS, and kNN on the same features (eval.yardstick) where present.
   out = {k: v for k, v in doc['rows'][0].items()
-         if k in METRICS + report.YARDSTICK + ('decisions',)}
+         if k in METRICS + report.YARDSTICK + ('decisions',
+                                                'synthetic_pixel_auroc')}
   out.update(set=set_label(name, args), row=row, seed=seed,
              passes=config.train.num_passes,
              sec_per_pass=float(np.median(pass_s)) if pass_s else None,

@@ -166,6 +166,10 @@ def get_config():
   # reaches on this data, at the cost of one backbone pass over the training
   # images and one over the test set.
   c.eval.yardstick = False
+  # > 0: after training, also the pixel AUROC on that many synthetic defect
+  # images (GLASS's LAS recipe) per normal image not trained on, a
+  # label-free figure for comparing runs of one method on the same data.
+  c.eval.synthetic_defects = 0
 
   c.report = ml_collections.ConfigDict()
   c.report.html = True  # <workdir>/report.html after train / eval (and predict).

@@ -42,7 +42,11 @@ defect. Likewise --config.train.augment=flips trains on each photo's
 three flips too (with a quarter of the passes, --config.train.num_passes=40,
 for the same number of steps): on the cookies photos, the demo's head,
 99.6 / 97.0 / 88.2 against 98.7 / 96.3 / 85.4, but the demo's textures
-lose with it (docs/quality.md, nineteenth round). With hundreds of
+lose with it (docs/quality.md, nineteenth round). Without defect images
+to tell which suits your parts, train both ways (two --workdir) with
+--config.eval.synthetic_defects=16 and keep the run whose synthetic-defect
+pixel AUROC is higher (twentieth round: it chose the better run in all
+seven pairs tried). With hundreds of
 training images (or many passes) the head's
 loss saturates at noise_rel 0.4: a pass ends with nearly all its fakes past
 the margin (p_fake >= 0.98), where the truncated L1 teaches it nothing

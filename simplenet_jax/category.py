@@ -201,6 +201,21 @@ class CategoryContext:
     return feature_cache.steps_per_pass(self.train_rows,
                                         self.config.train.batch_size)
 
+  def unseen_normal_images(self):
+    """(dataset, indices, description) of the normal images the model does
+    not train on: the validation images where the category has them, else
+    the held-out training images; None when there are neither. They set the
+    decision threshold (`evaluate.decision_threshold`) and carry the
+    synthetic defects of `evaluate.synthetic_check`."""
+    if self.val_set is not None:
+      return (self.val_set, np.arange(len(self.val_set)),
+              f'{len(self.val_set)} validation images (normal, not trained '
+              'on)')
+    if len(self.holdout_idx):
+      return (self.train_set, self.holdout_idx,
+              f'{len(self.holdout_idx)} held-out normal training images')
+    return None
+
   @property
   def checkpoint_dir(self) -> str:
     return os.path.join(self.workdir, 'checkpoints')

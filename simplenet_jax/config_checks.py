@@ -208,7 +208,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          'synthesis.texture_dir',
          f'{y.texture_dir!r} is not a folder; give a folder of texture '
          "images (e.g. DTD's images/) or '' for procedural textures")
-  _check(not (y.texture_dir and y.las_weight > 0) or
+  # LAS and eval.synthetic_defects (whose range is checked below) draw
+  # their textures from it.
+  _check(not (y.texture_dir and (y.las_weight > 0 or
+                                 config.eval.synthetic_defects > 0)) or
          synthesis.texture_files(y.texture_dir), 'synthesis.texture_dir',
          f'{y.texture_dir!r} holds no image files; give a folder of texture '
          "images (e.g. DTD's images/) or '' for procedural textures")
@@ -248,6 +251,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(0 < e.aupro_max_fpr <= 1, 'eval.aupro_max_fpr', 'must be in (0, 1]')
   _one_of(config, 'eval.visualize', evaluate.VISUALIZE)
   _check(e.visualize_top_n >= 0, 'eval.visualize_top_n', 'must be >= 0')
+  _check(e.synthetic_defects >= 0, 'eval.synthetic_defects',
+         f'is {e.synthetic_defects}; must be >= 0 (0 = off)')
 
   r = config.report
   _check(r.gallery_size >= 0, 'report.gallery_size', 'must be >= 0')

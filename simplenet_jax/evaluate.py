@@ -20,6 +20,7 @@ from simplenet_jax import metrics
 from simplenet_jax import parallel
 from simplenet_jax import scoring
 from simplenet_jax import summaries
+from simplenet_jax import synthesis
 from simplenet_jax import visualize
 from simplenet_jax.data import loader
 
@@ -68,14 +69,10 @@ def decision_threshold(ctx, state, cache=None) -> dict:
   are scored, from the feature cache when given (N, h*w, D) (no second
   backbone pass over them).
   """
-  if ctx.val_set is not None:
-    idx = np.arange(len(ctx.val_set))
-    source = f'{len(idx)} validation images (normal, not trained on)'
-    scores, map_range = normal_statistics(ctx, state, ctx.val_set, idx)
-  elif len(ctx.holdout_idx):
-    idx = ctx.holdout_idx
-    source = f'{len(idx)} held-out normal training images'
-    scores, map_range = normal_statistics(ctx, state, ctx.train_set, idx)
+  unseen = ctx.unseen_normal_images()
+  if unseen is not None:
+    dataset, idx, source = unseen
+    scores, map_range = normal_statistics(ctx, state, dataset, idx)
   else:
     idx = ctx.train_idx
     source = f'{len(idx)} training images (in-sample: no hold-out)'
@@ -91,6 +88,66 @@ def decision_threshold(ctx, state, cache=None) -> dict:
               score_rule=scoring.score_rule(ctx.config.eval),
               threshold_source=f'quantile {q} of image scores over {source}',
               map_range=map_range)
+
+
+class _Repeated:
+  """dataset[indices] `times` times over: item i is dataset[indices[i % n]]
+  (the data sets' interface: len, image_hw, load)."""
+
+  def __init__(self, dataset, indices, times: int):
+    self.dataset, self.indices = dataset, np.asarray(indices)
+    self.times = int(times)
+    self.image_hw = dataset.image_hw
+
+  def __len__(self) -> int:
+    return self.times * len(self.indices)
+
+  def load(self, i: int) -> dict:
+    return self.dataset.load(int(self.indices[i % len(self.indices)]))
+
+
+# The synthetic defects' key and texture seed: fixed, so that every run on
+# the same unseen normal images scores the same defects, whatever its seed.
+SYNTHETIC_KEY = 20231130
+
+
+def synthetic_check(ctx, state) -> dict:
+  """Pixel AUROC on synthetic defects (eval.synthetic_defects): LAS images
+  (`synthesis.LASImages`: a texture blended into a Perlin mask, GLASS's
+  recipe, the textures of synthesis.texture_dir or the procedural ones)
+  made from the normal images the model did not train on
+  (`ctx.unseen_normal_images`), eval.synthetic_defects per image, scored
+  like the test set against their masks.
+
+  A label-free figure for comparing runs of one method on the same data
+  (e.g. train.augment none against flips): the defects are not the real
+  ones, so its level says little and it does not rank the head against
+  kNN (docs/quality.md, twentieth round). Returns {'synthetic_pixel_auroc':
+  fraction} and the images' description, or {} (with a warning) when there
+  are no unseen normal images.
+  """
+  c = ctx.config
+  unseen = ctx.unseen_normal_images()
+  if unseen is None:
+    logging.warning('%s: eval.synthetic_defects needs normal images not '
+                    'trained on (validation images or '
+                    'threshold.holdout_fraction > 0); skipped.', ctx.category)
+    return {}
+  dataset, idx, source = unseen
+  textures = synthesis.texture_bank(synthesis.TEXTURES, dataset.image_hw,
+                                    seed=SYNTHETIC_KEY,
+                                    texture_dir=c.synthesis.texture_dir)
+  images = synthesis.LASImages(
+      _Repeated(dataset, idx, c.eval.synthetic_defects),
+      jax.random.PRNGKey(SYNTHETIC_KEY), textures, c.synthesis.recolour)
+  pixel = metrics.PixelMetrics(expected_images=len(images),
+                               max_fpr=c.eval.aupro_max_fpr)
+  for batch, out in _predict_batches(
+      ctx, state, images, desc=f'{ctx.category} synthetic defects'):
+    pixel.add(out['anomaly_maps'], batch['mask'])
+  return {'synthetic_pixel_auroc': pixel.compute()['pixel_auroc'],
+          'synthetic_source': f'{len(images)} synthetic defect images made '
+                              f'from {source}'}
 
 
 def _cached_statistics(ctx, state, cache):

@@ -120,6 +120,10 @@ def run(config, workdir: str, mode: str) -> list[dict]:
                                   meta.get('saturated_at'))
           if hint:
             row['advice'] = hint
+        if config.eval.synthetic_defects:
+          row.update(evaluate.synthetic_check(ctx, state))
+          clock.lap('synthetic defects')
+          laps['synthetic defects'] = clock.laps['synthetic defects']
         if len(ctxs) > 1:
           laps['trained_with'] = [c.category for c in ctxs]
         timings['categories'][ctx.category] = laps
@@ -184,16 +188,20 @@ def _print_category(row: dict, laps: dict) -> None:
   if laps.get('trained_with'):
     times += ' (trained with ' + ', '.join(
         c for c in laps['trained_with'] if c != row['category']) + ')'
-  knn = ''
+  extra = ''
   if report.YARDSTICK[0] in row:
-    knn = ('  [kNN on the same features: ' + ' / '.join(
+    extra = ('  [kNN on the same features: ' + ' / '.join(
         pct(row[k]) for k in report.YARDSTICK) + ']')
+  if 'synthetic_pixel_auroc' in row:  # eval.synthetic_defects.
+    extra += ('  [synthetic defects: P-AUROC '
+              f"{pct(row['synthetic_pixel_auroc'])}]")
   flagged = ''
   if 'decisions' in row:  # What the stored decision threshold does.
     d = row['decisions']
     flagged = (f", flagged at the threshold: {d['caught']}/{d['anomalous']} "
                f"anomalous, {d['false_alarms']}/{d['normal']} normal")
   print(f"{row['category']}: I-AUROC {pct(row['image_auroc'])}  "
-        f"P-AUROC {pct(row['pixel_auroc'])}  AUPRO {pct(row['aupro'])}{knn}  "
+        f"P-AUROC {pct(row['pixel_auroc'])}  AUPRO {pct(row['aupro'])}"
+        f"{extra}  "
         f"({row['kind']}, {row['n_test']} test images{flagged}; {times})",
         flush=True)

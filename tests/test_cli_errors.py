@@ -287,6 +287,8 @@ def test_eval_or_predict_before_training(tmp_path, awkward_root,
     ('eval.tta', 'rotations', "config.eval.tta: is 'rotations'; must be one "
      "of ['none', 'flips']"),
     ('threshold.holdout_fraction', 1.0, 'config.threshold.holdout_fraction'),
+    ('eval.synthetic_defects', -1, 'config.eval.synthetic_defects: is -1; '
+     'must be >= 0 (0 = off)'),
     ('dataset.crop', 8, 'config.dataset.crop: is 8, smaller than the stride '
      '16 of wide_resnet50_2/layer3'),
     ('dataset.categories', (), 'config.dataset.categories: is empty'),
@@ -361,14 +363,21 @@ def test_texture_folder_without_images_is_refused_before_any_work(tmp_path):
   from configs import default  # pylint: disable=g-import-not-at-top
   (tmp_path / 'readme.txt').write_text('no images here')
   config = default.get_config()
-  config.synthesis.las_weight = 1.0
   config.synthesis.texture_dir = str(tmp_path)
-  with pytest.raises(UserError) as e:
-    config_checks.validate(config)
-  assert str(e.value) == (
-      f"config.synthesis.texture_dir: {str(tmp_path)!r} holds no image "
-      "files; give a folder of texture images (e.g. DTD's images/) or '' for "
-      'procedural textures')
+  config_checks.validate(config)  # Nothing draws textures from it.
+  # LAS does, and so does eval.synthetic_defects.
+  for key, value in (('synthesis.las_weight', 1.0),
+                     ('eval.synthetic_defects', 4)):
+    config = default.get_config()
+    config.synthesis.texture_dir = str(tmp_path)
+    section, name = key.split('.')
+    config[section][name] = value
+    with pytest.raises(UserError) as e:
+      config_checks.validate(config)
+    assert str(e.value) == (
+        f"config.synthesis.texture_dir: {str(tmp_path)!r} holds no image "
+        "files; give a folder of texture images (e.g. DTD's images/) or '' "
+        'for procedural textures')
   (tmp_path / 'a.png').write_bytes(b'')  # Named like an image: accepted.
   config_checks.validate(config)
 

@@ -153,14 +153,24 @@ def test_test_images_in_order_in_full_batches_only():
   assert not list(images_of(ctx, state, []))
 
 
-def _tiny_category(cfg, tmp_path, mesh, name='tiny', n_train=7, n_test=4):
-  """A CategoryContext on the tiny backbone, random training images and
-  _DefectImages for test."""
+def _tiny_config():
+  """The default config with a head sized for the tiny backbone."""
+  cfg = get_config()
+  cfg.model.pretrain_embed_dim = cfg.model.target_embed_dim = D
+  cfg.model.hidden = 8
+  cfg.dataset.num_workers = 2
+  return cfg
+
+
+def _tiny_category(cfg, tmp_path, mesh, name='tiny', n_train=7, n_test=4,
+                   val=None):
+  """A CategoryContext on the tiny backbone, random training images,
+  _DefectImages for test and the validation images `val` (or none)."""
   from simplenet_jax import category as category_lib  # pylint: disable=g-import-not-at-top
   return category_lib.CategoryContext.from_datasets(
       cfg, str(tmp_path), name, 'object', helpers.TinyBackbone(),
       helpers.tiny_backbone_vars(), mesh, helpers.RandomImages(n_train, SIZE),
-      _DefectImages(n_test))
+      _DefectImages(n_test), val)
 
 
 @pytest.mark.parametrize('method', ['simplenet', 'knn'])
@@ -170,12 +180,9 @@ def test_threshold_from_the_feature_cache_equals_a_backbone_pass(method,
   their cached features (what training does) it must equal scoring them
   through the backbone again."""
   from simplenet_jax import feature_cache  # pylint: disable=g-import-not-at-top
-  cfg = get_config()
+  cfg = _tiny_config()
   cfg.model.method = method
-  cfg.model.pretrain_embed_dim = cfg.model.target_embed_dim = D
-  cfg.model.hidden = 8
   cfg.knn.coreset_fraction = 0.5
-  cfg.dataset.num_workers = 2
   cfg.eval.batch_size = 3  # Uneven batches over 7 images.
   cfg.threshold.holdout_fraction = 0.0
   cfg.threshold.quantile = 0.9
@@ -212,20 +219,13 @@ def test_threshold_from_validation_images(tmp_path):
   hold-out, whatever threshold.holdout_fraction says) and takes the
   threshold's quantile over the validation images' scores, each read here
   straight from the predict function."""
-  from simplenet_jax import category as category_lib  # pylint: disable=g-import-not-at-top
-  cfg = get_config()
-  cfg.model.pretrain_embed_dim = cfg.model.target_embed_dim = D
-  cfg.model.hidden = 8
-  cfg.dataset.num_workers = 2
+  cfg = _tiny_config()
   cfg.eval.batch_size = 2  # Uneven batches over 5 validation images.
   cfg.threshold.holdout_fraction = 0.3
   cfg.threshold.quantile = 0.75
   mesh = parallel.make_mesh(jax.devices()[:1])
   val = helpers.RandomImages(5, SIZE, seed=7)
-  ctx = category_lib.CategoryContext.from_datasets(
-      cfg, str(tmp_path), 'tiny', 'object', helpers.TinyBackbone(),
-      helpers.tiny_backbone_vars(), mesh, helpers.RandomImages(7, SIZE),
-      _DefectImages(4), val)
+  ctx = _tiny_category(cfg, tmp_path, mesh, val=val)
   assert list(ctx.train_idx) == list(range(7)) and not len(ctx.holdout_idx)
   state = ctx.new_state()
   got = evaluate.decision_threshold(ctx, state)
@@ -241,6 +241,53 @@ def test_threshold_from_validation_images(tmp_path):
   # Without them the same config holds out 30% of the training images.
   ctx = _tiny_category(cfg, tmp_path, mesh)
   assert (len(ctx.train_idx), len(ctx.holdout_idx)) == (5, 2)
+
+
+def test_synthetic_check_scores_las_defects_of_the_unseen_images(tmp_path):
+  """eval.synthetic_defects: K LAS images of each normal image not trained
+  on (validation images, else the held-out ones), image j*n+i made from
+  image i with fold_in(the fixed key, j*n+i), scored by the predict
+  function; the figure equals sklearn's AUROC of their maps against their
+  masks, made here image by image with synthesis.las_image."""
+  from simplenet_jax import synthesis  # pylint: disable=g-import-not-at-top
+  cfg = _tiny_config()
+  cfg.eval.batch_size = 5  # Uneven batches over 12 images.
+  cfg.eval.synthetic_defects = 4
+  cfg.threshold.holdout_fraction = 0.3
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  val = helpers.RandomImages(3, SIZE, seed=7)
+  ctx = _tiny_category(cfg, tmp_path, mesh, val=val)
+  state = ctx.new_state()
+  got = evaluate.synthetic_check(ctx, state)
+  assert got['synthetic_source'] == (
+      '12 synthetic defect images made from 3 validation images (normal, '
+      'not trained on)')
+  textures = synthesis.texture_bank(synthesis.TEXTURES, (SIZE, SIZE),
+                                    seed=evaluate.SYNTHETIC_KEY)
+  key = jax.random.PRNGKey(evaluate.SYNTHETIC_KEY)
+  images, masks = [], []
+  for i in range(12):
+    img, m = synthesis.las_image(jax.random.fold_in(key, i), val.x[i % 3],
+                                 textures, True)
+    images.append(np.round(np.asarray(img) * 255).astype(np.uint8))
+    masks.append(np.asarray(m) > 0)
+  maps = np.asarray(ctx.predict_fn(ctx.backbone_vars, state.head_vars(),
+                                   np.stack(images))['anomaly_maps'])
+  masks = np.stack(masks)
+  assert 0 < masks.mean() < 1
+  assert got['synthetic_pixel_auroc'] == pytest.approx(
+      roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-6)
+
+  # Without validation images: the held-out training images; without
+  # those either, nothing (and no error).
+  ctx = _tiny_category(cfg, tmp_path, mesh)
+  got = evaluate.synthetic_check(ctx, state)
+  assert got['synthetic_source'].endswith(
+      'made from 2 held-out normal training images')
+  assert 0 <= got['synthetic_pixel_auroc'] <= 1
+  cfg.threshold.holdout_fraction = 0.0
+  assert evaluate.synthetic_check(_tiny_category(cfg, tmp_path, mesh),
+                                  state) == {}
 
 
 def test_knn_bank_of_another_size_restores(tmp_path):

@@ -92,6 +92,19 @@ def test_train_eval_predict(tmp_path, weights_dir, env):
   assert _numbers(workdir / 'results.json') == trained
   assert 'eval run' in (workdir / 'report.html').read_text(encoding='utf-8')
   assert re.search(r'^I\d{4} .*eval on 1 categories', proc.stderr, re.M)
+  # The label-free check on synthetic defects of the 6 validation tiles
+  # (eval.synthetic_defects) rides along without changing the figures.
+  proc = main_py(tiny_args(workdir, weights_dir) + [
+      '--mode=eval', '--config.eval.synthetic_defects=2'], env)
+  assert _numbers(workdir / 'results.json') == trained
+  with open(workdir / 'results.json', encoding='utf-8') as f:
+    (row,) = json.load(f)['rows']
+  assert 0 <= row['synthetic_pixel_auroc'] <= 1
+  assert row['synthetic_source'] == (
+      '12 synthetic defect images made from 6 validation images (normal, not '
+      'trained on)')
+  assert (f"[synthetic defects: P-AUROC {100 * row['synthetic_pixel_auroc']:.2f}]"
+          in proc.stdout)
 
   # predict: a file of another size and aspect ratio, and a glob.
   tile = workdir / 'demo_data' / 'brick' / 'test'

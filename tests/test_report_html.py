@@ -286,6 +286,25 @@ def test_restart_on_saturation_is_a_fact_of_its_category(tmp_path):
   assert text.count('saturated the loss') == 1
 
 
+def test_synthetic_check_is_a_fact_of_its_category(tmp_path):
+  """eval.synthetic_defects' figure shows in its category's section, named
+  as a comparison between runs, not a measure of real defects."""
+  rows = [{'category': 'gravel', 'kind': 'texture', 'image_auroc': 0.97,
+           'pixel_auroc': 0.96, 'aupro': 0.84,
+           'synthetic_pixel_auroc': 0.5863,
+           'synthetic_source': '96 synthetic defect images made from 6 '
+                               'validation images (normal, not trained on)'},
+          {'category': 'brick', 'kind': 'texture', 'image_auroc': 1.0,
+           'pixel_auroc': 0.99, 'aupro': 0.96}]
+  report.write_results(str(tmp_path), rows, {'mode': 'eval'})
+  text = open(report_html.write_report(str(tmp_path)), encoding='utf-8').read()
+  gravel = text[text.index('id="cat-gravel"'):text.index('id="cat-brick"')]
+  assert ('P-AUROC on 96 synthetic defect images made from 6 validation '
+          'images (normal, not trained on) 58.6 % (for comparing runs on the '
+          'same data, not a measure of real defects)') in gravel
+  assert text.count('synthetic defect images') == 1
+
+
 def test_select_galleries_by_hand():
   scores = [0.5, 3.0, 2.0, float('nan'), 1.0, 0.1]
   labels = [0, 1, 1, 0, 1, 0]
