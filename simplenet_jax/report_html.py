@@ -388,9 +388,10 @@ def _category_section(workdir: str, row: dict) -> str:
                  + ' / '.join(_pct(row.get(k)) for k in report.YARDSTICK)
                  + ' %')
   if 'synthetic_pixel_auroc' in row:  # eval.synthetic_defects.
-    facts.append(f'P-AUROC on {row.get("synthetic_source", "synthetic defects")}'
-                 f' {_pct(row["synthetic_pixel_auroc"])} % (for comparing '
-                 'runs on the same data, not a measure of real defects)')
+    source = row.get('synthetic_source', 'synthetic defects')
+    facts.append(f'P-AUROC on {source} {_pct(row["synthetic_pixel_auroc"])} '
+                 '% (for comparing runs on the same data, not a measure of '
+                 'real defects)')
   if rec is not None:
     labels = np.asarray(rec['labels'], bool)
     scores = np.asarray([np.nan if s is None else s for s in rec['scores']])

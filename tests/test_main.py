@@ -103,8 +103,8 @@ def test_train_eval_predict(tmp_path, weights_dir, env):
   assert row['synthetic_source'] == (
       '12 synthetic defect images made from 6 validation images (normal, not '
       'trained on)')
-  assert (f"[synthetic defects: P-AUROC {100 * row['synthetic_pixel_auroc']:.2f}]"
-          in proc.stdout)
+  figure = 100 * row['synthetic_pixel_auroc']
+  assert f'[synthetic defects: P-AUROC {figure:.2f}]' in proc.stdout
 
   # predict: a file of another size and aspect ratio, and a glob.
   tile = workdir / 'demo_data' / 'brick' / 'test'
