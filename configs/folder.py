@@ -45,8 +45,10 @@ for the same number of steps): on the cookies photos, the demo's head,
 lose with it (docs/quality.md, nineteenth round). Without defect images
 to tell which suits your parts, train both ways (two --workdir) with
 --config.eval.synthetic_defects=16 and keep the run whose synthetic-defect
-pixel AUROC is higher (twentieth round: it chose the better run in all
-seven pairs tried). With hundreds of
+pixel AUROC is higher (twentieth round: it chose the better run wherever
+the two localised differently; at 256 px on the cookie photos they tie,
+and the flips' 1-2 points of image AUROC do not show in it). With
+hundreds of
 training images (or many passes) the head's
 loss saturates at noise_rel 0.4: a pass ends with nearly all its fakes past
 the margin (p_fake >= 0.98), where the truncated L1 teaches it nothing
