@@ -388,10 +388,11 @@ def _category_section(workdir: str, row: dict) -> str:
                  + ' / '.join(_pct(row.get(k)) for k in report.YARDSTICK)
                  + ' %')
   if 'synthetic_pixel_auroc' in row:  # eval.synthetic_defects.
-    source = row.get('synthetic_source', 'synthetic defects')
-    facts.append(f'P-AUROC on {source} {_pct(row["synthetic_pixel_auroc"])} '
-                 '% (for comparing runs on the same data, not a measure of '
-                 'real defects)')
+    facts.append('synthetic defects (eval.synthetic_defects): P-AUROC '
+                 f'{_pct(row["synthetic_pixel_auroc"])} % on '
+                 f'{row.get("synthetic_source", "synthetic defect images")}; '
+                 'for comparing runs on the same data, not a measure of real '
+                 'defects')
   if rec is not None:
     labels = np.asarray(rec['labels'], bool)
     scores = np.asarray([np.nan if s is None else s for s in rec['scores']])

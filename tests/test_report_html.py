@@ -299,9 +299,10 @@ def test_synthetic_check_is_a_fact_of_its_category(tmp_path):
   report.write_results(str(tmp_path), rows, {'mode': 'eval'})
   text = open(report_html.write_report(str(tmp_path)), encoding='utf-8').read()
   gravel = text[text.index('id="cat-gravel"'):text.index('id="cat-brick"')]
-  assert ('P-AUROC on 96 synthetic defect images made from 6 validation '
-          'images (normal, not trained on) 58.6 % (for comparing runs on the '
-          'same data, not a measure of real defects)') in gravel
+  assert ('synthetic defects (eval.synthetic_defects): P-AUROC 58.6 % on 96 '
+          'synthetic defect images made from 6 validation images (normal, '
+          'not trained on); for comparing runs on the same data, not a '
+          'measure of real defects') in gravel
   assert text.count('synthetic defect images') == 1
 
 
