@@ -168,7 +168,7 @@ def get_config():
   c.eval.yardstick = False
   # > 0: after training, also the pixel AUROC on that many synthetic defect
   # images (GLASS's LAS recipe) per normal image not trained on, a
-  # label-free figure for comparing runs of one method on the same data.
+  # label-free figure for comparing runs that differ in train.augment.
   c.eval.synthetic_defects = 0
 
   c.report = ml_collections.ConfigDict()

@@ -120,9 +120,9 @@ def synthetic_check(ctx, state) -> dict:
   like the test set against their masks.
 
   A label-free figure for comparing runs of one method on the same data
-  (e.g. train.augment none against flips): the defects are not the real
-  ones, so its level says little and it does not rank the head against
-  kNN (docs/quality.md, twentieth round). Returns {'synthetic_pixel_auroc':
+  that differ in train.augment: the defects are not the real ones, so its
+  level says little, and it ranked neither the noise size nor the head
+  against kNN as the real defects did (docs/quality.md, twentieth round). Returns {'synthetic_pixel_auroc':
   fraction} and the images' description, or {} (with a warning) when there
   are no unseen normal images.
   """

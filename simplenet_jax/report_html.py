@@ -391,8 +391,8 @@ def _category_section(workdir: str, row: dict) -> str:
     facts.append('synthetic defects (eval.synthetic_defects): P-AUROC '
                  f'{_pct(row["synthetic_pixel_auroc"])} % on '
                  f'{row.get("synthetic_source", "synthetic defect images")}; '
-                 'for comparing runs on the same data, not a measure of real '
-                 'defects')
+                 'for comparing runs that differ in train.augment, not a '
+                 'measure of real defects')
   if rec is not None:
     labels = np.asarray(rec['labels'], bool)
     scores = np.asarray([np.nan if s is None else s for s in rec['scores']])

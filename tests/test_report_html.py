@@ -301,8 +301,8 @@ def test_synthetic_check_is_a_fact_of_its_category(tmp_path):
   gravel = text[text.index('id="cat-gravel"'):text.index('id="cat-brick"')]
   assert ('synthetic defects (eval.synthetic_defects): P-AUROC 58.6 % on 96 '
           'synthetic defect images made from 6 validation images (normal, '
-          'not trained on); for comparing runs on the same data, not a '
-          'measure of real defects') in gravel
+          'not trained on); for comparing runs that differ in '
+          'train.augment, not a measure of real defects') in gravel
   assert text.count('synthetic defect images') == 1
 
 
