@@ -122,9 +122,10 @@ def synthetic_check(ctx, state) -> dict:
   A label-free figure for comparing runs of one method on the same data
   that differ in train.augment: the defects are not the real ones, so its
   level says little, and it ranked neither the noise size nor the head
-  against kNN as the real defects did (docs/quality.md, twentieth round). Returns {'synthetic_pixel_auroc':
-  fraction} and the images' description, or {} (with a warning) when there
-  are no unseen normal images.
+  against kNN as the real defects did (docs/quality.md, twentieth round).
+
+  Returns {'synthetic_pixel_auroc': fraction, 'synthetic_source': which
+  images}, or {} (with a warning) when there are no unseen normal images.
   """
   c = ctx.config
   unseen = ctx.unseen_normal_images()
