@@ -86,6 +86,17 @@ ROWS = {
     'gas_flips_augment': {**_GAS_FLIPS_WIDE, 'model.heads': 3,
                           'model.shrink_on_saturation': 0.25,
                           'train.augment': 'flips', 'train.num_passes': 10},
+    # configs/demo.py's head with each training feature moved toward its
+    # nearest feature in another image (train.neighbour_mix; twenty-first
+    # round), without and with the flips.
+    'gas_flips_mix': {**_GAS_FLIPS_WIDE, 'model.heads': 3,
+                      'model.shrink_on_saturation': 0.25,
+                      'train.neighbour_mix': 1.0},
+    'gas_flips_augment_mix': {**_GAS_FLIPS_WIDE, 'model.heads': 3,
+                              'model.shrink_on_saturation': 0.25,
+                              'train.augment': 'flips',
+                              'train.num_passes': 10,
+                              'train.neighbour_mix': 1.0},
     'las': {**_SPREAD, 'synthesis.las_weight': 1.0},
     'gas_las': {**_SPREAD, 'synthesis.gas': 'hypersphere',
                 'synthesis.las_weight': 1.0},

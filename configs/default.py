@@ -143,6 +143,10 @@ def get_config():
   # too (4x the rows a pass covers); for data that looks normal mirrored,
   # as eval.tta='flips' assumes. 'none': the released training set.
   c.train.augment = 'none'
+  # a > 0: each training feature is moved, at every step, a random part
+  # U(0, a) of the way toward its nearest feature in another training image
+  # (simplenet_jax/neighbour_mix.py). 0: the released training.
+  c.train.neighbour_mix = 0.0
   c.train.select_best_on_test = False  # Released behaviour; labelled as such.
   # Categories whose heads train together, stepped in one jitted call (a
   # vmap over categories); each ends as if trained alone. 1 = one at a time.

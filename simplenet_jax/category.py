@@ -113,6 +113,8 @@ def fingerprint(config) -> str:
   keys['train'] = {k: config.train[k] for k in ('batch_size', 'num_passes')}
   if config.train.augment != 'none':  # Added later: older runs had none.
     keys['train']['augment'] = config.train.augment
+  if config.train.neighbour_mix:  # Likewise.
+    keys['train']['neighbour_mix'] = config.train.neighbour_mix
   keys['holdout'] = config.threshold.holdout_fraction
   return hex(zlib.crc32(json.dumps(keys, sort_keys=True, default=str).encode()))
 

@@ -240,6 +240,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(t.cache_max_gb > 0, 'train.cache_max_gb', 'must be > 0')
   _one_of(config, 'train.cache_dtype', tuple(feature_cache.DTYPES))
   _one_of(config, 'train.augment', feature_cache.AUGMENTS)
+  _check(0 <= t.neighbour_mix <= 1, 'train.neighbour_mix',
+         f'is {t.neighbour_mix}; must be in [0, 1] (0 = off)')
+  _check(m.method == 'simplenet' or not t.neighbour_mix,
+         'train.neighbour_mix', f'applies to model.method=simplenet, not '
+         f'{m.method!r}; set it to 0')
   _check(t.categories_per_step >= 1, 'train.categories_per_step',
          f'is {t.categories_per_step}; must be >= 1')
 

@@ -46,7 +46,9 @@ def _pad_rows(x, multiple):
 
 @functools.partial(jax.jit, static_argnames=('query_chunk', 'bank_chunk'))
 def nearest_neighbours(queries: jax.Array, bank: jax.Array,
-                       query_chunk: int = 1024, bank_chunk: int = 8192):
+                       query_chunk: int = 1024, bank_chunk: int = 8192,
+                       query_groups: Optional[jax.Array] = None,
+                       bank_groups: Optional[jax.Array] = None):
   """Exact Euclidean nearest bank row of each query.
 
   The candidates are ranked with ||q||^2 - 2 q.b + ||b||^2 on data centred on
@@ -61,6 +63,10 @@ def nearest_neighbours(queries: jax.Array, bank: jax.Array,
     bank: (N, D) float, N >= 1.
     query_chunk, bank_chunk: rows per block; peak memory is about
       query_chunk x bank_chunk floats.
+    query_groups, bank_groups: optional (M,) and (N,) int group ids, both
+      or neither; a bank row of the query's own group is never chosen (e.g.
+      the other images' nearest feature: groups = image ids). Every query
+      needs a candidate outside its group.
 
   Returns:
     (distances (M,) float32, indices (M,) int32 into bank).
@@ -77,15 +83,28 @@ def nearest_neighbours(queries: jax.Array, bank: jax.Array,
   b_sq = jnp.sum(jnp.square(b_blocks), -1)
   b_valid = (jnp.arange(b_all.shape[0]) < n).reshape(-1, bc)
   b_start = jnp.arange(b_blocks.shape[0], dtype=jnp.int32) * bc
+  grouped = query_groups is not None
+  if grouped:
+    q_groups = _pad_rows(jnp.asarray(query_groups, jnp.int32), qc)[0]
+    b_groups = _pad_rows(jnp.asarray(bank_groups, jnp.int32), bc)[0]
+  else:  # Never equal: no row is left out.
+    q_groups = jnp.zeros((q_all.shape[0],), jnp.int32)
+    b_groups = jnp.ones((b_all.shape[0],), jnp.int32)
+  b_groups = b_groups.reshape(-1, bc)
 
-  def one_query_block(q):
+  def one_query_block(block):
+    q, qg = block
     q_sq = jnp.sum(jnp.square(q), -1)
 
     def body(carry, block):
       best, arg = carry
-      b, bsq, valid, start = block
+      b, bsq, valid, start, bg = block
       d2 = q_sq[:, None] - 2.0 * jnp.matmul(q, b.T, precision=_HIGHEST) + bsq
-      d2 = jnp.where(valid[None], d2, jnp.inf)
+      if grouped:
+        valid = valid[None] & (qg[:, None] != bg[None])
+      else:
+        valid = valid[None]
+      d2 = jnp.where(valid, d2, jnp.inf)
       j = jnp.argmin(d2, axis=1)
       v = jnp.take_along_axis(d2, j[:, None], 1)[:, 0]
       better = v < best
@@ -94,12 +113,14 @@ def nearest_neighbours(queries: jax.Array, bank: jax.Array,
 
     init = (jnp.full((q.shape[0],), jnp.inf, jnp.float32),
             jnp.zeros((q.shape[0],), jnp.int32))
-    (_, arg), _ = jax.lax.scan(body, init, (b_blocks, b_sq, b_valid, b_start))
+    (_, arg), _ = jax.lax.scan(
+        body, init, (b_blocks, b_sq, b_valid, b_start, b_groups))
     # The exact distance to the chosen row, without the expanded form.
     nearest = b_all[arg]
     return jnp.sqrt(jnp.sum(jnp.square(q - nearest), -1)), arg
 
-  dist, arg = jax.lax.map(one_query_block, q_all.reshape(-1, qc, d))
+  dist, arg = jax.lax.map(one_query_block,
+                          (q_all.reshape(-1, qc, d), q_groups.reshape(-1, qc)))
   return dist.reshape(-1)[:m], arg.reshape(-1)[:m]
 
 

@@ -30,6 +30,7 @@ from simplenet_jax import evaluate
 from simplenet_jax import feature_cache
 from simplenet_jax import knn
 from simplenet_jax import model as model_lib
+from simplenet_jax import neighbour_mix
 from simplenet_jax import parallel
 from simplenet_jax import summaries
 from simplenet_jax import synthesis
@@ -58,6 +59,8 @@ class _CategoryRun:
     self.cache = None
     # Synthesis inputs (`synthesis.make_cached_step`), set by `prepare`.
     self.centre = self.las_cache = self.las_labels = None
+    # train.neighbour_mix's (R, h*w) partner rows, set by `prepare`.
+    self.partners = None
     self.state = None
     self.start = 0
     self.pass_t0 = 0.0  # When the current pass began (its log's pass_s).
@@ -102,9 +105,11 @@ class _CategoryRun:
     images = ctx.train_rows + len(ctx.train_idx) * (
         self.syn.las_variants if self.syn.las else 0)
     use = feature_cache.fits(images, ctx.grid_hw, ctx.embed_dim, c.train)
-    if self.syn.active and not use and c.model.method == 'simplenet':
+    needs = ('the synthesis.* switches need' if self.syn.active else
+             'train.neighbour_mix needs' if c.train.neighbour_mix else None)
+    if needs and not use and c.model.method == 'simplenet':
       raise UserError(
-          f'{ctx.category}: the synthesis.* switches need the training '
+          f'{ctx.category}: {needs} the training '
           'features cached on the device, but they exceed '
           'train.cache_max_gb (or train.cache_features is off); raise it, '
           'set train.cache_dtype=bfloat16'
@@ -131,6 +136,8 @@ class _CategoryRun:
       self.centre = _centre(self.cache, ctx.grid_hw)
     if self.syn.las:
       self.las_cache, self.las_labels = _las_cache(self)
+    if c.train.neighbour_mix:
+      self.partners = _partners(ctx, self.cache)
 
   def pass_centre(self, state):
     """The centre the steps of a pass get: raw (the step adapts it), or
@@ -313,12 +320,16 @@ def _train_alone(run: _CategoryRun, use_cache: bool):
   state = parallel.put_replicated(run.state, ctx.mesh)
   cache, steps = run.cache, ctx.steps_per_pass
   views = feature_cache.views(c.train)
+  mix = c.train.neighbour_mix
   if run.syn.active:
     syn_step = functools.partial(
-        synthesis.make_cached_step(ctx.mesh, ctx.grid_hw, run.syn),
-        las_cache=run.las_cache, las_labels=run.las_labels)
+        synthesis.make_cached_step(ctx.mesh, ctx.grid_hw, run.syn, mix),
+        las_cache=run.las_cache, las_labels=run.las_labels,
+        partners=run.partners)
   elif use_cache:
-    step_fn = train.make_cached_step(ctx.mesh, ctx.embed_dim)
+    step_fn = functools.partial(
+        train.make_cached_step(ctx.mesh, ctx.embed_dim, mix),
+        partners=run.partners)
   else:
     step_fn = train.make_features_step(ctx.mesh, ctx.embed_dim)
   p = run.start
@@ -394,9 +405,11 @@ def train_categories(ctxs, tbs=None) -> list:
         continue
       use_cache = run.uses_cache()
       if (not use_cache or run.syn.active or
+          run.config.train.neighbour_mix or
           run.config.model.shrink_on_saturation):
-        # Recomputed features, a step of another shape, or a run that may
-        # start over (model.shrink_on_saturation): alone.
+        # Recomputed features, a step of another shape (synthesis,
+        # neighbour_mix), or a run that may start over
+        # (model.shrink_on_saturation): alone.
         results[k] = _train_alone(run, use_cache)
         continue
       groups.setdefault(jax.tree.structure(run.state), []).append(k)
@@ -500,6 +513,23 @@ def _calibrate(ctx, state, cache):
                ', '.join(f'{x:.5f}' for x in np.ravel(state.noise_std)),
                ctx.config.model.noise_mode)
   return state
+
+
+def _partners(ctx, cache):
+  """`neighbour_mix.partners` of the cached training features, timed."""
+  n = len(ctx.train_idx)
+  if n < 2:
+    raise UserError(
+        f'{ctx.category}: train.neighbour_mix moves each training feature '
+        f'toward another training image, but {n} image is trained on; add '
+        'training images or set train.neighbour_mix=0')
+  t0 = time.perf_counter()
+  rows = cache.shape[0] * cache.shape[1]
+  with console.progress(rows, f'{ctx.category} neighbour partners') as bar:
+    partners = neighbour_mix.partners(cache, n, progress=bar.update)
+  logging.info('%s: neighbour partners of %d features in %.1f s',
+               ctx.category, rows, time.perf_counter() - t0)
+  return partners
 
 
 @functools.partial(jax.jit, static_argnums=(1,))

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from simplenet_jax import model as model_lib
+from simplenet_jax import neighbour_mix
 from simplenet_jax import parallel
 from simplenet_jax import train
 
@@ -1075,11 +1076,12 @@ def train_step(state: train.TrainState, features: jax.Array, key: jax.Array,
   return train.apply_gradients(state, grads, batch_stats), metrics
 
 
-def make_cached_step(mesh, grid_hw: Sequence[int], syn: SynthesisConfig):
+def make_cached_step(mesh, grid_hw: Sequence[int], syn: SynthesisConfig,
+                     mix: float = 0.0):
   """`train_step` on images gathered from the device-resident caches.
 
-  Returns step(state, cache, idx, key, centre, las_cache, las_labels) ->
-  (state, metrics):
+  Returns step(state, cache, idx, key, centre, las_cache, las_labels,
+  partners) -> (state, metrics):
     cache: (N, h*w, D) training features (feature_cache.build).
     idx: (B,) int row indices into it (row r of a cache with views is view
       r // N of image r % N, `feature_cache.views`).
@@ -1089,21 +1091,25 @@ def make_cached_step(mesh, grid_hw: Sequence[int], syn: SynthesisConfig):
     las_cache, las_labels: (K, N, h*w, D) features of the K LAS images of
       every training image and their (K, N, h*w) defect labels, or None
       (needed by LAS); each image of the batch takes one of its K at random.
+    partners: (N, h*w) `neighbour_mix.partners`, needed when mix > 0
+      (train.neighbour_mix): the batch's features are moved toward them
+      first (the LAS images' features are not).
   The batch is split over the mesh by images (padded and masked when B
   does not divide); `state` is donated.
   """
-  return _cached_step(mesh, (int(grid_hw[0]), int(grid_hw[1])), syn)
+  return _cached_step(mesh, (int(grid_hw[0]), int(grid_hw[1])), syn,
+                      float(mix))
 
 
 # One jitted step (and its compilations) for every category of a run with
 # the same mesh, grid and synthesis.
 @functools.lru_cache(maxsize=32)
-def _cached_step(mesh, grid_hw, syn: SynthesisConfig):
+def _cached_step(mesh, grid_hw, syn: SynthesisConfig, mix: float):
   h, w = int(grid_hw[0]), int(grid_hw[1])
   sharded = parallel.batch_sharded(mesh)
 
   @functools.partial(jax.jit, donate_argnums=(0,))
-  def step(state, cache, idx, key, centre, las_cache, las_labels):
+  def step(state, cache, idx, key, centre, las_cache, las_labels, partners):
     b = idx.shape[0]
     padded = parallel.padded_size(b, mesh)
     mask = None
@@ -1116,7 +1122,8 @@ def _cached_step(mesh, grid_hw, syn: SynthesisConfig):
       return (jax.lax.with_sharding_constraint(x, sharded) if mesh.size > 1
               else x)
 
-    feats = images(cache[idx])
+    feats = images(neighbour_mix.mix(cache, partners, idx, key, mix)
+                   if mix > 0 else cache[idx])
     las_f = las_l = None
     if las_cache is not None:
       v = jax.random.randint(jax.random.fold_in(key, 1), (padded,), 0,
@@ -1128,8 +1135,9 @@ def _cached_step(mesh, grid_hw, syn: SynthesisConfig):
     return train_step(state, feats, key, syn, centre, las_f, las_l, mask)
 
   def run(state, cache, idx, key, centre=None, las_cache=None,
-          las_labels=None):
+          las_labels=None, partners=None):
     idx, key = parallel.global_inputs(mesh, idx, key)
-    return step(state, cache, idx, key, centre, las_cache, las_labels)
+    return step(state, cache, idx, key, centre, las_cache, las_labels,
+                partners)
 
   return run

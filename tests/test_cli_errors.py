@@ -259,6 +259,37 @@ def test_weights_of_wrong_shapes(tmp_path, awkward_root, lite0_weights_dir):
   assert not (tmp_path / 'run').exists()
 
 
+def test_neighbour_mix_needs_the_cache_and_two_images(tmp_path, awkward_root,
+                                                      lite0_weights_dir):
+  """train.neighbour_mix takes its partners from the cached features of the
+  other training images: without the cache, or with one training image, one
+  line names the key."""
+  root, _ = awkward_root
+  config = _config(lite0_weights_dir, root, train__neighbour_mix=1.0,
+                   train__cache_features=False, synthesis__gas='none',
+                   train__num_passes=1)
+  with pytest.raises(UserError) as e:
+    experiment.run(config, str(tmp_path / 'run'), 'train')
+  assert (f'{CATEGORY}: train.neighbour_mix needs the training features '
+          'cached on the device') in str(e.value)
+  assert '\n' not in str(e.value)
+  one = tmp_path / 'one'
+  shutil.copytree(root, one)
+  images = sorted(p for p in (one / CATEGORY / 'train' / 'good').iterdir()
+                  if p.suffix.lower() in ('.png', '.jpg', '.jpeg', '.bmp',
+                                          '.tif', '.tiff'))
+  for p in images[1:]:
+    p.unlink()
+  config = _config(lite0_weights_dir, one, train__neighbour_mix=1.0,
+                   synthesis__gas='none', train__num_passes=1)
+  config.threshold.holdout_fraction = 0.0
+  with pytest.raises(UserError) as e:
+    experiment.run(config, str(tmp_path / 'run1'), 'train')
+  assert (f'{CATEGORY}: train.neighbour_mix moves each training feature '
+          'toward another training image, but 1 image is trained on') in str(
+              e.value)
+
+
 @pytest.mark.parametrize('mode, expected', [
     ('eval', 'no checkpoint in'), ('predict', 'no trained model in')])
 def test_eval_or_predict_before_training(tmp_path, awkward_root,
@@ -303,6 +334,8 @@ def test_eval_or_predict_before_training(tmp_path, awkward_root,
     ('train.cache_dtype', 'int8', "config.train.cache_dtype: is 'int8'"),
     ('train.augment', 'mirror', "config.train.augment: is 'mirror'; must be "
      "one of ['none', 'flips']"),
+    ('train.neighbour_mix', 1.5, 'config.train.neighbour_mix: is 1.5; must '
+     'be in [0, 1] (0 = off)'),
     ('model.method', 'patchcore', "config.model.method: is 'patchcore'; must "
      "be one of ['simplenet', 'knn']"),
     ('knn.coreset_fraction', 0.0, 'config.knn.coreset_fraction: is 0.0'),
@@ -347,6 +380,9 @@ def test_impossible_config_values(key, value, expected):
     ({'synthesis.gas': 'manifold', 'synthesis.gas_centre': 'pass'},
      "config.synthesis.gas_centre: is 'pass'; only synthesis.gas="
      "'hypersphere' has a centre"),
+    ({'model.method': 'knn', 'train.neighbour_mix': 1.0},
+     "config.train.neighbour_mix: applies to model.method=simplenet, not "
+     "'knn'; set it to 0"),
 ])
 def test_synthesis_switches_that_do_not_combine(changes, expected):
   from configs import default  # pylint: disable=g-import-not-at-top

@@ -839,8 +839,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
   def poisoning(*args, **kwargs):
     step = make_step(*args, **kwargs)
 
-    def run(state, *rest):
-      state, metrics = step(state, *rest)
+    def run(state, *rest, **kw):
+      state, metrics = step(state, *rest, **kw)
       calls.append(1)
       if len(calls) == 12:  # Pass 3 (5 steps a pass): parameters turn NaN.
         state = state.replace(params=jax.tree.map(lambda p: p * jnp.nan,

@@ -1,0 +1,179 @@
+"""train.neighbour_mix: partners in other images, the mixing, and the steps
+that use it (released and synthesis), against numpy references."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import demo as demo_config
+from configs.default import get_config
+import helpers
+from simplenet_jax import knn
+from simplenet_jax import neighbour_mix
+from simplenet_jax import parallel
+from simplenet_jax import synthesis
+from simplenet_jax import train
+
+D = 8
+
+
+def _brute_other(rows, groups):
+  """Index of each row's nearest row of another group (float64)."""
+  r = np.asarray(rows, np.float64)
+  d = ((r[:, None] - r[None]) ** 2).sum(-1)
+  d[np.equal.outer(groups, groups)] = np.inf
+  return d.argmin(1)
+
+
+@pytest.mark.parametrize('chunks', [(1024, 8192), (5, 7)])
+def test_grouped_nearest_leaves_the_own_group_out(chunks):
+  rng = np.random.default_rng(0)
+  bank = rng.normal(size=(41, 6)).astype(np.float32) + 20.0
+  groups = rng.integers(0, 4, size=41)
+  dist, arg = knn.nearest_neighbours(bank, bank, *chunks,
+                                     query_groups=groups, bank_groups=groups)
+  arg = np.asarray(arg)
+  np.testing.assert_array_equal(arg, _brute_other(bank, groups))
+  assert (groups[arg] != groups).all()
+  np.testing.assert_allclose(
+      np.asarray(dist), np.linalg.norm(bank - bank[arg], axis=1), rtol=1e-5)
+  # Ungrouped, every row is its own nearest.
+  _, own = knn.nearest_neighbours(bank, bank, *chunks)
+  np.testing.assert_array_equal(np.asarray(own), np.arange(41))
+
+
+@pytest.mark.parametrize('block', [8192, 4])
+def test_partners_skip_every_view_of_the_same_image(block):
+  """Cache rows r = view r // N of image r % N (train.augment='flips'):
+  a feature's partner lies in another image, in any of its views; searched
+  in blocks (the last one padded), with progress reported."""
+  rng = np.random.default_rng(1)
+  n, views, p = 5, 2, 3
+  cache = rng.normal(size=(views * n, p, D)).astype(np.float32)
+  # View 1 of each image is view 0 plus a little: the nearest rows of all
+  # would be the other view of their own image.
+  cache[n:] = cache[:n] + 1e-3
+  done = []
+  got = np.asarray(neighbour_mix.partners(jnp.asarray(cache), n, block,
+                                          progress=done.append))
+  assert sum(done) == views * n * p and len(done) == -(-30 // min(block, 30))
+  assert got.shape == (views * n, p) and got.dtype == np.int32
+  image = (np.arange(views * n * p) // p) % n
+  np.testing.assert_array_equal(
+      got.reshape(-1), _brute_other(cache.reshape(-1, D), image))
+  assert (image[got.reshape(-1)] != image).all()
+
+
+def test_mix_moves_each_feature_along_its_segment():
+  rng = np.random.default_rng(2)
+  cache = jnp.asarray(rng.normal(size=(6, 4, D)).astype(np.float32))
+  partners = neighbour_mix.partners(cache, 6)
+  idx = jnp.asarray([4, 0, 4])
+  out = np.asarray(neighbour_mix.mix(cache, partners, idx,
+                                     jax.random.PRNGKey(3), 0.5))
+  x = np.asarray(cache)[np.asarray(idx)]
+  y = np.asarray(cache).reshape(-1, D)[np.asarray(partners)[np.asarray(idx)]]
+  # out = x + u (y - x): on the segment, at a fraction u in [0, 0.5] ...
+  u = ((out - x) * (y - x)).sum(-1) / ((y - x) ** 2).sum(-1)
+  np.testing.assert_allclose(out, x + u[..., None] * (y - x), atol=1e-5)
+  assert (u >= 0).all() and (u <= 0.5).all() and u.std() > 0.05
+  # ... drawn per feature, so the same image twice moves differently.
+  assert np.abs(out[0] - out[2]).max() > 1e-3
+  # And none of the noise's draws: the same key's fractions at another
+  # amount scale with it.
+  out1 = np.asarray(neighbour_mix.mix(cache, partners, idx,
+                                      jax.random.PRNGKey(3), 1.0))
+  u1 = ((out1 - x) * (y - x)).sum(-1) / ((y - x) ** 2).sum(-1)
+  np.testing.assert_allclose(u1, 2 * u, atol=1e-5)
+
+
+def _mixed_reference(cache, idx, key, amount):
+  """The mixed batch by numpy: brute-force partners, the step's fractions."""
+  c = np.asarray(cache, np.float64)
+  n, p, _ = c.shape
+  rows = c.reshape(-1, D)
+  part = _brute_other(rows, (np.arange(n * p) // p) % n).reshape(n, p)
+  u = np.asarray(jax.random.uniform(jax.random.fold_in(key, 2),
+                                    (len(idx), p, 1), maxval=amount))
+  x = c[idx]
+  return (x + u * (rows[part[idx]] - x)).astype(np.float32)
+
+
+def _mesh():
+  return parallel.make_mesh(jax.devices()[:1])
+
+
+def test_released_cached_step_trains_on_the_mixed_rows():
+  cfg = get_config()
+  cfg.model.pretrain_embed_dim = cfg.model.target_embed_dim = D
+  cfg.model.hidden = 8
+  rng = np.random.default_rng(4)
+  cache = jnp.asarray(rng.normal(size=(5, 4, D)).astype(np.float32))
+  idx, key = np.array([3, 1]), jax.random.PRNGKey(5)
+
+  def new_state():
+    return train.create_train_state(jax.random.PRNGKey(0), cfg.model,
+                                    cfg.optim, D, 2, 1)
+  step = train.make_cached_step(_mesh(), D, 0.75)
+  got, m = step(new_state(), cache, jnp.asarray(idx), key,
+                partners=neighbour_mix.partners(cache, 5))
+  rows = _mixed_reference(cache, idx, key, 0.75).reshape(-1, D)
+  want, m_ref = train.train_step(new_state(), jnp.asarray(rows), key)
+  assert np.isfinite(float(m['loss'])) and float(m['loss']) > 0.01
+  np.testing.assert_allclose(float(m['loss']), float(m_ref['loss']),
+                             rtol=1e-5)
+  # Without the zero-gradient biases, whose rounding noise Adam turns into
+  # steps of size lr.
+  np.testing.assert_allclose(helpers.flat_params(got.params),
+                             helpers.flat_params(want.params), atol=1e-5)
+  # Without the mix the step is the released one and differs.
+  plain, m0 = train.make_cached_step(_mesh(), D)(new_state(), cache,
+                                                  jnp.asarray(idx), key)
+  assert abs(float(m0['loss']) - float(m['loss'])) > 1e-4
+
+
+def test_synthesis_cached_step_trains_on_the_mixed_rows():
+  c = demo_config.get_config()
+  c.model.hidden, c.model.heads = 16, 1
+  # The demo's GAS hypersphere, with fewer ascent steps.
+  syn = dataclasses.replace(
+      synthesis.SynthesisConfig.from_config(c.synthesis), gas_steps=4,
+      gas_every=2)
+  assert syn.gas == 'hypersphere'
+  h = w = 2
+  rng = np.random.default_rng(6)
+  cache = jnp.asarray(rng.normal(size=(4, h * w, D)).astype(np.float32) + 1)
+  centre = cache.mean(0).reshape(h, w, D)
+  idx, key = np.array([2, 0]), jax.random.PRNGKey(7)
+
+  def new_state():  # The noise std that calibration would set.
+    return train.create_train_state(jax.random.PRNGKey(0), c.model, c.optim,
+                                    D, 2, 1).replace(
+                                        noise_std=jnp.float32(0.5))
+  step = synthesis.make_cached_step(_mesh(), (h, w), syn, 1.0)
+  got, m = step(new_state(), cache, jnp.asarray(idx), key, centre,
+                partners=neighbour_mix.partners(cache, 4))
+  feats = _mixed_reference(cache, idx, key, 1.0).reshape(2, h, w, D)
+  want, m_ref = synthesis.train_step(new_state(), jnp.asarray(feats), key,
+                                     syn, centre)
+  assert np.isfinite(float(m['loss'])) and float(m['loss']) > 0.01
+  np.testing.assert_allclose(float(m['loss']), float(m_ref['loss']),
+                             rtol=1e-5)
+  # Without the zero-gradient biases, whose rounding noise Adam turns into
+  # steps of size lr.
+  np.testing.assert_allclose(helpers.flat_params(got.params),
+                             helpers.flat_params(want.params), atol=1e-5)
+
+
+def test_fingerprint_only_changes_when_on():
+  """Off, the fingerprint is the one before the key existed (older runs
+  resume); on, it is another run."""
+  from simplenet_jax import category  # pylint: disable=g-import-not-at-top
+  c = get_config()
+  assert c.train.neighbour_mix == 0
+  assert category.fingerprint(c) == '0x8e95376f'
+  c.train.neighbour_mix = 1.0
+  assert category.fingerprint(c) != '0x8e95376f'
