@@ -84,13 +84,12 @@ def nearest_neighbours(queries: jax.Array, bank: jax.Array,
   b_valid = (jnp.arange(b_all.shape[0]) < n).reshape(-1, bc)
   b_start = jnp.arange(b_blocks.shape[0], dtype=jnp.int32) * bc
   grouped = query_groups is not None
+  q_groups = b_groups = None  # Ungrouped: nothing more rides the loops.
   if grouped:
-    q_groups = _pad_rows(jnp.asarray(query_groups, jnp.int32), qc)[0]
-    b_groups = _pad_rows(jnp.asarray(bank_groups, jnp.int32), bc)[0]
-  else:  # Never equal: no row is left out.
-    q_groups = jnp.zeros((q_all.shape[0],), jnp.int32)
-    b_groups = jnp.ones((b_all.shape[0],), jnp.int32)
-  b_groups = b_groups.reshape(-1, bc)
+    q_groups = _pad_rows(jnp.asarray(query_groups, jnp.int32),
+                         qc)[0].reshape(-1, qc)
+    b_groups = _pad_rows(jnp.asarray(bank_groups, jnp.int32),
+                         bc)[0].reshape(-1, bc)
 
   def one_query_block(block):
     q, qg = block
@@ -120,7 +119,7 @@ def nearest_neighbours(queries: jax.Array, bank: jax.Array,
     return jnp.sqrt(jnp.sum(jnp.square(q - nearest), -1)), arg
 
   dist, arg = jax.lax.map(one_query_block,
-                          (q_all.reshape(-1, qc, d), q_groups.reshape(-1, qc)))
+                          (q_all.reshape(-1, qc, d), q_groups))
   return dist.reshape(-1)[:m], arg.reshape(-1)[:m]
 
 
