@@ -147,6 +147,12 @@ def get_config():
   # U(0, a) of the way toward its nearest feature in another training image
   # (simplenet_jax/neighbour_mix.py). 0: the released training.
   c.train.neighbour_mix = 0.0
+  # Where train.neighbour_mix looks for the partner: k > 0 = among the
+  # features of k other training images drawn at random at every step for
+  # each image of the batch (a pass grows linearly with the images); 0 =
+  # every other training image, searched once per run (exact; grows as the
+  # square of the features). docs/quality.md, twenty-third round.
+  c.train.neighbour_images = 4
   c.train.select_best_on_test = False  # Released behaviour; labelled as such.
   # Categories whose heads train together, stepped in one jitted call (a
   # vmap over categories); each ends as if trained alone. 1 = one at a time.

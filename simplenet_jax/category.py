@@ -115,6 +115,10 @@ def fingerprint(config) -> str:
     keys['train']['augment'] = config.train.augment
   if config.train.neighbour_mix:  # Likewise.
     keys['train']['neighbour_mix'] = config.train.neighbour_mix
+    # Runs of the exact search (0, the only one before 2026-12-03) keep
+    # their fingerprint.
+    if config.train.neighbour_images:
+      keys['train']['neighbour_images'] = config.train.neighbour_images
   keys['holdout'] = config.threshold.holdout_fraction
   return hex(zlib.crc32(json.dumps(keys, sort_keys=True, default=str).encode()))
 

@@ -242,6 +242,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _one_of(config, 'train.augment', feature_cache.AUGMENTS)
   _check(0 <= t.neighbour_mix <= 1, 'train.neighbour_mix',
          f'is {t.neighbour_mix}; must be in [0, 1] (0 = off)')
+  _check(t.neighbour_images >= 0, 'train.neighbour_images',
+         f'is {t.neighbour_images}; must be >= 0 (0 = every other training '
+         'image)')
   _check(m.method == 'simplenet' or not t.neighbour_mix,
          'train.neighbour_mix', f'applies to model.method=simplenet, not '
          f'{m.method!r}; set it to 0')

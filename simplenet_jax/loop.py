@@ -137,7 +137,7 @@ class _CategoryRun:
     if self.syn.las:
       self.las_cache, self.las_labels = _las_cache(self)
     if c.train.neighbour_mix:
-      self.partners = _partners(ctx, self.cache)
+      self.partners = _partners(ctx, self.cache, c.train.neighbour_images)
 
   def pass_centre(self, state):
     """The centre the steps of a pass get: raw (the step adapts it), or
@@ -320,7 +320,7 @@ def _train_alone(run: _CategoryRun, use_cache: bool):
   state = parallel.put_replicated(run.state, ctx.mesh)
   cache, steps = run.cache, ctx.steps_per_pass
   views = feature_cache.views(c.train)
-  mix = c.train.neighbour_mix
+  mix = neighbour_mix.Mix.from_config(c.train, len(views))
   if run.syn.active:
     syn_step = functools.partial(
         synthesis.make_cached_step(ctx.mesh, ctx.grid_hw, run.syn, mix),
@@ -515,14 +515,17 @@ def _calibrate(ctx, state, cache):
   return state
 
 
-def _partners(ctx, cache):
-  """`neighbour_mix.partners` of the cached training features, timed."""
+def _partners(ctx, cache, images):
+  """`neighbour_mix.partners` of the cached training features, timed; None
+  when the steps draw them (train.neighbour_images > 0)."""
   n = len(ctx.train_idx)
   if n < 2:
     raise UserError(
         f'{ctx.category}: train.neighbour_mix moves each training feature '
         f'toward another training image, but {n} image is trained on; add '
         'training images or set train.neighbour_mix=0')
+  if images:
+    return None
   t0 = time.perf_counter()
   rows = cache.shape[0] * cache.shape[1]
   with console.progress(rows, f'{ctx.category} neighbour partners') as bar:

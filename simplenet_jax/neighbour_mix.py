@@ -3,7 +3,11 @@
 `train.neighbour_mix` = a > 0 (0, off, is the released training): at every
 step each training feature x of the batch becomes x + u (y - x), u ~ U(0, a)
 drawn per feature, where y is the nearest cached feature of another
-training image (`partners`, found once per run). The head's normal class
+training image: of every other image (`partners`, found once per run,
+exact), or with `train.neighbour_images` = k > 0 of k other images drawn
+at random at every step for each image of the batch (`sampled_partners`:
+no search over the whole set, and a set holding near-copies of one part
+mostly pairs a feature with another part's). The head's normal class
 then covers the segments between neighbouring normal features, i.e. the
 directions in which normal features vary from image to image, instead of
 the training features alone; the fakes are made from the moved features
@@ -12,6 +16,7 @@ random direction instead hurt (docs/quality.md, twenty-first round): the
 direction is what helps.
 """
 
+import dataclasses
 from typing import Callable, Optional
 
 import jax
@@ -19,8 +24,37 @@ import jax.numpy as jnp
 
 from simplenet_jax import knn
 
-# The step key's fold for the mixing fractions (fold 1 picks LAS variants).
+# The step key's folds for the mixing fractions and for the images a step
+# takes its partners from (fold 1 picks LAS variants).
 _FOLD = 2
+_FOLD_IMAGES = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Mix:
+  """What the cached steps' mixing does (hashable: the steps are cached on
+  it).
+
+  amount: train.neighbour_mix, the largest fraction (0 = off).
+  images: train.neighbour_images, 0 = partners from every other image
+    (`partners`, passed to the step), k > 0 = from k random other images
+    per batch image, drawn by the step (`sampled_partners`).
+  views: the cache's views per image (feature_cache.views), to tell an
+    image's rows apart.
+  """
+  amount: float = 0.0
+  images: int = 0
+  views: int = 1
+
+  @classmethod
+  def from_config(cls, train_cfg, views: int = 1) -> 'Mix':
+    return cls(float(train_cfg.neighbour_mix),
+               int(train_cfg.neighbour_images), int(views))
+
+  @property
+  def exact(self) -> bool:
+    """Whether the step needs `partners` (searched once per run)."""
+    return self.amount > 0 and not self.images
 
 
 def partners(cache: jax.Array, n_images: int, block: int = 8192,
@@ -60,24 +94,64 @@ def partners(cache: jax.Array, n_images: int, block: int = 8192,
   return jnp.concatenate(out).reshape(r, p)
 
 
-def mix(cache: jax.Array, partner_idx: jax.Array, idx: jax.Array,
-        key: jax.Array, amount: float) -> jax.Array:
+def sampled_partners(cache: jax.Array, idx: jax.Array, key: jax.Array,
+                     images: int, views: int = 1) -> jax.Array:
+  """Each feature of the batch's rows: its nearest feature among those of
+  `images` other training images drawn at random (with replacement, each
+  in a random view) for its row.
+
+  Exact within the drawn images (knn.nearest_neighbours): B x P x images*P
+  distances per step, whatever the size of the training set.
+
+  Args:
+    cache: (R, P, D) training features, R = views * N (row r is view
+      r // N of image r % N), N >= 2.
+    idx: (B,) int rows of the cache in the batch.
+    key: the step's key (folded here).
+    images: k >= 1 other images per row.
+    views: the cache's views per image.
+
+  Returns:
+    (B, P) int32 indices into cache.reshape(R * P, D).
+  """
+  r, p, _ = cache.shape
+  n = r // views
+  k_img, k_view = jax.random.split(jax.random.fold_in(key, _FOLD_IMAGES))
+  b = idx.shape[0]
+  # Another image: its own index plus 1..N-1, modulo N.
+  other = (idx[:, None] % n + jax.random.randint(k_img, (b, images), 1, n)) % n
+  rows = other + n * jax.random.randint(k_view, (b, images), 0, views)
+
+  def one(row, cand_rows):
+    cand = cache[cand_rows].reshape(images * p, -1)
+    _, j = knn.nearest_neighbours(cache[row], cand)
+    # Position j of the candidates is row cand_rows[j // P], feature j % P.
+    return cand_rows[j // p] * p + j % p
+  return jax.vmap(one)(idx, rows).astype(jnp.int32)
+
+
+def mix(cache: jax.Array, partner_idx: Optional[jax.Array], idx: jax.Array,
+        key: jax.Array, how: Mix) -> jax.Array:
   """The batch's features, each moved a random part of the way to its
   partner.
 
   Args:
-    cache: (R, P, D) training features; partner_idx: (R, P) `partners`.
+    cache: (R, P, D) training features.
+    partner_idx: (R, P) `partners` when how.exact, else None (the partners
+      are drawn here, `sampled_partners`).
     idx: (B,) int rows of the cache in the batch.
     key: the step's key (folded here, so the noise's draws stay as they
       are without mixing).
-    amount: the largest fraction, in (0, 1].
+    how: the mixing; how.amount in (0, 1].
 
   Returns:
     (B, P, D) float32.
   """
   d = cache.shape[-1]
   feats = cache[idx].astype(jnp.float32)
-  other = cache.reshape(-1, d)[partner_idx[idx]].astype(jnp.float32)
+  chosen = (partner_idx[idx] if how.exact else
+            sampled_partners(cache, idx, key, how.images, how.views))
+  other = cache.reshape(-1, d)[chosen].astype(jnp.float32)
   u = jax.random.uniform(jax.random.fold_in(key, _FOLD),
-                         feats.shape[:2] + (1,), maxval=amount)
+                         feats.shape[:2] + (1,), maxval=how.amount)
   return feats + u * (other - feats)

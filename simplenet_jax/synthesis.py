@@ -1077,7 +1077,7 @@ def train_step(state: train.TrainState, features: jax.Array, key: jax.Array,
 
 
 def make_cached_step(mesh, grid_hw: Sequence[int], syn: SynthesisConfig,
-                     mix: float = 0.0):
+                     mix: neighbour_mix.Mix = neighbour_mix.Mix()):
   """`train_step` on images gathered from the device-resident caches.
 
   Returns step(state, cache, idx, key, centre, las_cache, las_labels,
@@ -1091,20 +1091,21 @@ def make_cached_step(mesh, grid_hw: Sequence[int], syn: SynthesisConfig,
     las_cache, las_labels: (K, N, h*w, D) features of the K LAS images of
       every training image and their (K, N, h*w) defect labels, or None
       (needed by LAS); each image of the batch takes one of its K at random.
-    partners: (N, h*w) `neighbour_mix.partners`, needed when mix > 0
+    partners: (N, h*w) `neighbour_mix.partners`, needed when mix.exact
       (train.neighbour_mix): the batch's features are moved toward them
-      first (the LAS images' features are not).
+      first (the LAS images' features are not); with mix.images the step
+      draws the partners itself.
   The batch is split over the mesh by images (padded and masked when B
   does not divide); `state` is donated.
   """
-  return _cached_step(mesh, (int(grid_hw[0]), int(grid_hw[1])), syn,
-                      float(mix))
+  return _cached_step(mesh, (int(grid_hw[0]), int(grid_hw[1])), syn, mix)
 
 
 # One jitted step (and its compilations) for every category of a run with
 # the same mesh, grid and synthesis.
 @functools.lru_cache(maxsize=32)
-def _cached_step(mesh, grid_hw, syn: SynthesisConfig, mix: float):
+def _cached_step(mesh, grid_hw, syn: SynthesisConfig,
+                 mix: neighbour_mix.Mix):
   h, w = int(grid_hw[0]), int(grid_hw[1])
   sharded = parallel.batch_sharded(mesh)
 
@@ -1123,7 +1124,7 @@ def _cached_step(mesh, grid_hw, syn: SynthesisConfig, mix: float):
               else x)
 
     feats = images(neighbour_mix.mix(cache, partners, idx, key, mix)
-                   if mix > 0 else cache[idx])
+                   if mix.amount > 0 else cache[idx])
     las_f = las_l = None
     if las_cache is not None:
       v = jax.random.randint(jax.random.fold_in(key, 1), (padded,), 0,

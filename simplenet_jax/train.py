@@ -399,22 +399,24 @@ def calibrate_noise(state: TrainState, model_cfg, features) -> TrainState:
 
 
 @functools.lru_cache(maxsize=32)  # One jitted step (and its compilations)
-def make_cached_step(mesh, embed_dim, mix: float = 0.0):  # for every category.
+def make_cached_step(mesh, embed_dim,  # for every category.
+                     mix: neighbour_mix.Mix = neighbour_mix.Mix()):
   """train_step on rows gathered from the device-resident cache.
 
   Returns step(state, cache, idx, key, partners=None) -> (state, metrics):
   cache (N, h*w, D) replicated (see feature_cache.build), idx (B,) int image
-  indices into it, key the step's noise key; with mix > 0
+  indices into it, key the step's noise key; with mix.amount > 0
   (train.neighbour_mix) the rows are first moved toward their partners
-  ((N, h*w) `neighbour_mix.partners`). The B*h*w rows are split over the
+  ((N, h*w) `neighbour_mix.partners` when mix.exact, else drawn by the
+  step). The B*h*w rows are split over the
   mesh (padded and masked when they do not divide); `state` is donated.
   """
   sharded = parallel.batch_sharded(mesh)
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def step(state, cache, idx, key, partners):
-    feats = (neighbour_mix.mix(cache, partners, idx, key, mix) if mix > 0
-             else cache[idx])
+    feats = (neighbour_mix.mix(cache, partners, idx, key, mix)
+             if mix.amount > 0 else cache[idx])
     rows = feats.astype(jnp.float32).reshape(-1, embed_dim)
     rows, mask = _pad_rows_for(rows, mesh)
     if mesh.size > 1:

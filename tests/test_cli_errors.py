@@ -336,6 +336,8 @@ def test_eval_or_predict_before_training(tmp_path, awkward_root,
      "one of ['none', 'flips']"),
     ('train.neighbour_mix', 1.5, 'config.train.neighbour_mix: is 1.5; must '
      'be in [0, 1] (0 = off)'),
+    ('train.neighbour_images', -1, 'config.train.neighbour_images: is -1; '
+     'must be >= 0 (0 = every other training image)'),
     ('model.method', 'patchcore', "config.model.method: is 'patchcore'; must "
      "be one of ['simplenet', 'knn']"),
     ('knn.coreset_fraction', 0.0, 'config.knn.coreset_fraction: is 0.0'),

@@ -2,12 +2,17 @@
 that use it (released and synthesis), against numpy references."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import CATEGORY
+from conftest import main_env
+from conftest import run_main
+from conftest import tiny_args
 from configs import demo as demo_config
 from configs.default import get_config
 import helpers
@@ -73,7 +78,8 @@ def test_mix_moves_each_feature_along_its_segment():
   partners = neighbour_mix.partners(cache, 6)
   idx = jnp.asarray([4, 0, 4])
   out = np.asarray(neighbour_mix.mix(cache, partners, idx,
-                                     jax.random.PRNGKey(3), 0.5))
+                                     jax.random.PRNGKey(3),
+                                     neighbour_mix.Mix(0.5)))
   x = np.asarray(cache)[np.asarray(idx)]
   y = np.asarray(cache).reshape(-1, D)[np.asarray(partners)[np.asarray(idx)]]
   # out = x + u (y - x): on the segment, at a fraction u in [0, 0.5] ...
@@ -85,7 +91,8 @@ def test_mix_moves_each_feature_along_its_segment():
   # And none of the noise's draws: the same key's fractions at another
   # amount scale with it.
   out1 = np.asarray(neighbour_mix.mix(cache, partners, idx,
-                                      jax.random.PRNGKey(3), 1.0))
+                                      jax.random.PRNGKey(3),
+                                      neighbour_mix.Mix(1.0)))
   u1 = ((out1 - x) * (y - x)).sum(-1) / ((y - x) ** 2).sum(-1)
   np.testing.assert_allclose(u1, 2 * u, atol=1e-5)
 
@@ -106,22 +113,34 @@ def _mesh():
   return parallel.make_mesh(jax.devices()[:1])
 
 
-def test_released_cached_step_trains_on_the_mixed_rows():
+def _released_state():
+  """A fresh state of the released head on D-dim features (8 hidden)."""
   cfg = get_config()
   cfg.model.pretrain_embed_dim = cfg.model.target_embed_dim = D
   cfg.model.hidden = 8
+  return train.create_train_state(jax.random.PRNGKey(0), cfg.model,
+                                  cfg.optim, D, 2, 1)
+
+
+def _demo_state():
+  """A fresh state of the demo config's head (one, 16 hidden) on D-dim
+  features, with the noise std that calibration would set."""
+  c = demo_config.get_config()
+  c.model.hidden, c.model.heads = 16, 1
+  return train.create_train_state(jax.random.PRNGKey(0), c.model, c.optim,
+                                  D, 2, 1).replace(noise_std=jnp.float32(0.5))
+
+
+def test_released_cached_step_trains_on_the_mixed_rows():
   rng = np.random.default_rng(4)
   cache = jnp.asarray(rng.normal(size=(5, 4, D)).astype(np.float32))
   idx, key = np.array([3, 1]), jax.random.PRNGKey(5)
 
-  def new_state():
-    return train.create_train_state(jax.random.PRNGKey(0), cfg.model,
-                                    cfg.optim, D, 2, 1)
-  step = train.make_cached_step(_mesh(), D, 0.75)
-  got, m = step(new_state(), cache, jnp.asarray(idx), key,
+  step = train.make_cached_step(_mesh(), D, neighbour_mix.Mix(0.75))
+  got, m = step(_released_state(), cache, jnp.asarray(idx), key,
                 partners=neighbour_mix.partners(cache, 5))
   rows = _mixed_reference(cache, idx, key, 0.75).reshape(-1, D)
-  want, m_ref = train.train_step(new_state(), jnp.asarray(rows), key)
+  want, m_ref = train.train_step(_released_state(), jnp.asarray(rows), key)
   assert np.isfinite(float(m['loss'])) and float(m['loss']) > 0.01
   np.testing.assert_allclose(float(m['loss']), float(m_ref['loss']),
                              rtol=1e-5)
@@ -130,14 +149,13 @@ def test_released_cached_step_trains_on_the_mixed_rows():
   np.testing.assert_allclose(helpers.flat_params(got.params),
                              helpers.flat_params(want.params), atol=1e-5)
   # Without the mix the step is the released one and differs.
-  plain, m0 = train.make_cached_step(_mesh(), D)(new_state(), cache,
+  plain, m0 = train.make_cached_step(_mesh(), D)(_released_state(), cache,
                                                   jnp.asarray(idx), key)
   assert abs(float(m0['loss']) - float(m['loss'])) > 1e-4
 
 
 def test_synthesis_cached_step_trains_on_the_mixed_rows():
   c = demo_config.get_config()
-  c.model.hidden, c.model.heads = 16, 1
   # The demo's GAS hypersphere, with fewer ascent steps.
   syn = dataclasses.replace(
       synthesis.SynthesisConfig.from_config(c.synthesis), gas_steps=4,
@@ -149,15 +167,12 @@ def test_synthesis_cached_step_trains_on_the_mixed_rows():
   centre = cache.mean(0).reshape(h, w, D)
   idx, key = np.array([2, 0]), jax.random.PRNGKey(7)
 
-  def new_state():  # The noise std that calibration would set.
-    return train.create_train_state(jax.random.PRNGKey(0), c.model, c.optim,
-                                    D, 2, 1).replace(
-                                        noise_std=jnp.float32(0.5))
-  step = synthesis.make_cached_step(_mesh(), (h, w), syn, 1.0)
-  got, m = step(new_state(), cache, jnp.asarray(idx), key, centre,
+  step = synthesis.make_cached_step(_mesh(), (h, w), syn,
+                                    neighbour_mix.Mix(1.0))
+  got, m = step(_demo_state(), cache, jnp.asarray(idx), key, centre,
                 partners=neighbour_mix.partners(cache, 4))
   feats = _mixed_reference(cache, idx, key, 1.0).reshape(2, h, w, D)
-  want, m_ref = synthesis.train_step(new_state(), jnp.asarray(feats), key,
+  want, m_ref = synthesis.train_step(_demo_state(), jnp.asarray(feats), key,
                                      syn, centre)
   assert np.isfinite(float(m['loss'])) and float(m['loss']) > 0.01
   np.testing.assert_allclose(float(m['loss']), float(m_ref['loss']),
@@ -168,6 +183,93 @@ def test_synthesis_cached_step_trains_on_the_mixed_rows():
                              helpers.flat_params(want.params), atol=1e-5)
 
 
+def test_sampled_partners_with_one_other_image_are_its_nearest():
+  """Two training images: the one image drawn is the other one, so the
+  partner is the nearest feature of the other image (numpy, float64)."""
+  rng = np.random.default_rng(8)
+  cache = jnp.asarray(rng.normal(size=(2, 6, D)).astype(np.float32))
+  rows = np.asarray(cache).reshape(-1, D)
+  want = _brute_other(rows, np.arange(12) // 6).reshape(2, 6)
+  for seed in range(3):
+    got = np.asarray(neighbour_mix.sampled_partners(
+        cache, jnp.asarray([1, 0, 1]), jax.random.PRNGKey(seed), 1))
+    np.testing.assert_array_equal(got, want[[1, 0, 1]])
+
+
+def test_sampled_partners_within_the_drawn_images_and_views():
+  """Each row's partners lie in other images; with many draws every other
+  image and view is searched, so the partner is the exact one over all
+  views (`partners`); with one draw, the image drawn varies with the key
+  over all the other images, and each feature's partner is its nearest in
+  that image's view."""
+  rng = np.random.default_rng(9)
+  n, views, p = 3, 2, 5
+  cache = jnp.asarray(rng.normal(size=(views * n, p, D)).astype(np.float32))
+  rows = np.asarray(cache, np.float64).reshape(-1, D)
+  idx = jnp.asarray([0, 4, 2, 5])
+  got = np.asarray(neighbour_mix.sampled_partners(
+      cache, idx, jax.random.PRNGKey(1), 64, views))
+  exact = np.asarray(neighbour_mix.partners(cache, n))
+  np.testing.assert_array_equal(got, exact[np.asarray(idx)])
+  seen = set()
+  for seed in range(40):
+    one = np.asarray(neighbour_mix.sampled_partners(
+        cache, idx, jax.random.PRNGKey(seed), 1, views))
+    src = one // p  # The cache row each partner comes from.
+    assert (src == src[:, :1]).all()  # One drawn row per batch row.
+    for b, r in enumerate(np.asarray(idx)):
+      assert src[b, 0] % n != r % n
+      d = ((rows[r * p:(r + 1) * p, None] -
+            rows[None, src[b, 0] * p:(src[b, 0] + 1) * p]) ** 2).sum(-1)
+      np.testing.assert_array_equal(one[b] % p, d.argmin(1))
+      seen.add((int(r), int(src[b, 0])))
+  # Every other image in both views, for each row of the batch.
+  assert seen == {(r, s) for r in (0, 4, 2, 5) for s in range(views * n)
+                  if s % n != r % n}
+
+
+def test_sampled_mix_in_the_steps():
+  """train.neighbour_images=1 in the released and synthesis steps: with two
+  training images the drawn partner is the exact one, so the steps equal
+  the numpy reference's; with more, the step trains (a finite loss) and
+  differs from the exact partners' step."""
+  rng = np.random.default_rng(10)
+  cache = jnp.asarray(rng.normal(size=(2, 4, D)).astype(np.float32))
+  idx, key = np.array([1, 0]), jax.random.PRNGKey(11)
+
+  step = train.make_cached_step(_mesh(), D, neighbour_mix.Mix(0.75, 1))
+  _, m = step(_released_state(), cache, jnp.asarray(idx), key)
+  rows = _mixed_reference(cache, idx, key, 0.75).reshape(-1, D)
+  _, m_ref = train.train_step(_released_state(), jnp.asarray(rows), key)
+  np.testing.assert_allclose(float(m['loss']), float(m_ref['loss']),
+                             rtol=1e-5)
+  big = jnp.asarray(rng.normal(size=(7, 4, D)).astype(np.float32))
+  _, m_s = step(_released_state(), big, jnp.asarray(idx), key)
+  _, m_e = train.make_cached_step(_mesh(), D, neighbour_mix.Mix(0.75))(
+      _released_state(), big, jnp.asarray(idx), key,
+      partners=neighbour_mix.partners(big, 7))
+  assert np.isfinite(float(m_s['loss']))
+  assert abs(float(m_s['loss']) - float(m_e['loss'])) > 1e-6
+
+  c = demo_config.get_config()
+  syn = dataclasses.replace(
+      synthesis.SynthesisConfig.from_config(c.synthesis), gas_steps=4,
+      gas_every=2)
+  h = w = 2
+  cache = jnp.asarray(rng.normal(size=(2, h * w, D)).astype(np.float32) + 1)
+  centre = cache.mean(0).reshape(h, w, D)
+
+  _, m = synthesis.make_cached_step(_mesh(), (h, w), syn,
+                                    neighbour_mix.Mix(1.0, 1))(
+                                        _demo_state(), cache, jnp.asarray(idx),
+                                        key, centre)
+  feats = _mixed_reference(cache, idx, key, 1.0).reshape(2, h, w, D)
+  _, m_ref = synthesis.train_step(_demo_state(), jnp.asarray(feats), key, syn,
+                                  centre)
+  np.testing.assert_allclose(float(m['loss']), float(m_ref['loss']),
+                             rtol=1e-5)
+
+
 def test_fingerprint_only_changes_when_on():
   """Off, the fingerprint is the one before the key existed (older runs
   resume); on, it is another run."""
@@ -175,5 +277,31 @@ def test_fingerprint_only_changes_when_on():
   c = get_config()
   assert c.train.neighbour_mix == 0
   assert category.fingerprint(c) == '0x8e95376f'
+  c.train.neighbour_images = 1  # Without the mix, nothing to choose.
+  assert category.fingerprint(c) == '0x8e95376f'
   c.train.neighbour_mix = 1.0
-  assert category.fingerprint(c) != '0x8e95376f'
+  drawn = category.fingerprint(c)
+  c.train.neighbour_images = 0
+  exact = category.fingerprint(c)
+  assert len({drawn, exact, '0x8e95376f'}) == 3
+
+
+def test_main_trains_with_partners_from_random_images_by_default(
+    tmp_path, awkward_root, lite0_weights_dir, jax_cache_dir):
+  """main.py with train.neighbour_mix=1 (partners drawn from
+  train.neighbour_images=4 random images, the default) under the demo
+  config's GAS hypersphere: trains, evaluates and logs finite losses, with
+  no whole-set partner search."""
+  root, _ = awkward_root
+  workdir = tmp_path / 'run'
+  proc = run_main(tiny_args(workdir, lite0_weights_dir, root, passes=2, extra=[
+      '--config.synthesis.gas=hypersphere', '--config.model.heads=1',
+      '--config.train.neighbour_mix=1']),
+                  env=main_env(jax_cache_dir))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'neighbour partners' not in proc.stderr + proc.stdout
+  log = [json.loads(line) for line in
+         (workdir / CATEGORY / 'log.jsonl').read_text().splitlines()]
+  assert [r['pass'] for r in log] == [1, 2]
+  assert all(np.isfinite(r['loss']) and r['loss'] > 0 for r in log)
+  assert f'{CATEGORY}: I-AUROC' in proc.stdout
