@@ -48,6 +48,8 @@ class Mix:
 
   @classmethod
   def from_config(cls, train_cfg, views: int = 1) -> 'Mix':
+    if not train_cfg.neighbour_mix:  # Off: one step for every such run.
+      return cls()
     return cls(float(train_cfg.neighbour_mix),
                int(train_cfg.neighbour_images), int(views))
 

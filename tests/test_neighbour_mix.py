@@ -279,6 +279,8 @@ def test_fingerprint_only_changes_when_on():
   assert category.fingerprint(c) == '0x8e95376f'
   c.train.neighbour_images = 1  # Without the mix, nothing to choose.
   assert category.fingerprint(c) == '0x8e95376f'
+  # Nor in the step: off is one step (and one compilation) for every run.
+  assert neighbour_mix.Mix.from_config(c.train, 4) == neighbour_mix.Mix()
   c.train.neighbour_mix = 1.0
   drawn = category.fingerprint(c)
   c.train.neighbour_images = 0
