@@ -9,8 +9,9 @@ is the released one (`train.make_cached_step`, or `make_features_step` when
 the features are not cached), or `synthesis.make_cached_step` when a
 `synthesis` switch is on. `train_categories` does the same for several
 categories at once, stepping all their heads in one jitted call
-(`train.make_stacked_cached_step`); each category's numbers, checkpoints and
-logs are those of training it alone.
+(`train.make_stacked_cached_step` or `synthesis.make_stacked_cached_step`);
+each category's numbers, checkpoints and logs are those of training it
+alone.
 """
 
 import functools
@@ -374,15 +375,18 @@ def _train_alone(run: _CategoryRun, use_cache: bool):
 def train_categories(ctxs, tbs=None) -> list:
   """Trains several categories at once, continuing each from its latest
   checkpoint: one jitted step moves the heads of every category in a group
-  (`train.make_stacked_cached_step`, a vmap over categories).
+  (`train.make_stacked_cached_step`, or `synthesis.make_stacked_cached_step`
+  with a synthesis switch on: a vmap over categories).
 
   A group is the categories whose TrainStates share one static structure
   (all of them, unless `optim.cos_lr` makes the optimiser depend on each
-  category's steps per pass) and that cache their features; any other
-  category is trained alone. Each keeps its own batches, keys, checkpoints,
-  resume point and log; a category with fewer steps in a pass, or one that
-  resumes from a later checkpoint, is masked out of the steps it would not
-  take, so its result is that of `train_category` (up to float rounding).
+  category's steps per pass) and that cache their features; with synthesis
+  also one feature grid. A category without the feature cache or with
+  train.neighbour_mix is trained alone. Each keeps its own batches, keys,
+  checkpoints, resume point, log and restart on saturation
+  (model.shrink_on_saturation); a category with fewer steps in a pass, or
+  at another pass, is masked out of the steps it would not take, so its
+  result is that of `train_category` (up to float rounding).
 
   Args:
     ctxs: the categories.
@@ -404,15 +408,14 @@ def train_categories(ctxs, tbs=None) -> list:
         results[k] = _fit_memory_bank(run)  # No steps to share.
         continue
       use_cache = run.uses_cache()
-      if (not use_cache or run.syn.active or
-          run.config.train.neighbour_mix or
-          run.config.model.shrink_on_saturation):
-        # Recomputed features, a step of another shape (synthesis,
-        # neighbour_mix), or a run that may start over
-        # (model.shrink_on_saturation): alone.
+      if not use_cache or run.config.train.neighbour_mix:
+        # Recomputed features, or partners searched in each category's own
+        # cache: alone.
         results[k] = _train_alone(run, use_cache)
         continue
-      groups.setdefault(jax.tree.structure(run.state), []).append(k)
+      # Synthesis shapes the batch as images of one grid.
+      grid = run.ctx.grid_hw if run.syn.active else None
+      groups.setdefault((jax.tree.structure(run.state), grid), []).append(k)
     for members in groups.values():
       finished = _train_stacked([runs[k] for k in members])
       for k, result in zip(members, finished):
@@ -425,7 +428,13 @@ def train_categories(ctxs, tbs=None) -> list:
 
 def _train_stacked(live: list) -> list:
   """The passes of resumed categories of one static structure, stepped
-  together; returns [(state, meta)] in the order of `live`."""
+  together; returns [(state, meta)] in the order of `live`.
+
+  Each category is at its own pass (`at`): it starts at its checkpoint's,
+  and model.shrink_on_saturation may send it back to pass 0 while the others
+  go on. Every round of steps takes each unfinished category through its
+  next pass.
+  """
   c = live[0].config
   num_passes, bs = c.train.num_passes, c.train.batch_size
   mesh = live[0].ctx.mesh
@@ -434,51 +443,103 @@ def _train_stacked(live: list) -> list:
   # Committed to the mesh like the step's outputs (see _train_alone).
   states = parallel.put_replicated(
       train.stack_states([r.state for r in live]), mesh)
-  caches = _stack_caches([r.cache for r in live], mesh)
-  grid = np.asarray([r.cache.shape[1] for r in live], np.int32)
-  step_fn = train.make_stacked_cached_step(mesh, bs)
+  step_fn = _stacked_step_fn(live, mesh)
   names = ','.join(r.ctx.category for r in live)
-  for p in range(min(r.start for r in live), num_passes):
-    plans = [r.pass_plan(p) for r in live]
-    in_pass = [p >= r.start for r in live]
-    steps = [r.ctx.steps_per_pass if on else 0 for r, on in zip(live, in_pass)]
+  logging.info('%s: trained together, one stacked step', names)
+  at = [r.start for r in live]
+  while min(at) < num_passes:
+    on = [p < num_passes for p in at]
+    plans = [r.pass_plan(p) if o else None for r, p, o in zip(live, at, on)]
+    steps = [r.ctx.steps_per_pass if o else 0 for r, o in zip(live, on)]
+    centres = _stacked_centres(live, states, mesh)
     histories = [[] for _ in live]
-    bar = console.progress(max(steps), f'{names} pass {p + 1}/{num_passes}')
+    bar = console.progress(
+        max(steps), f'{names} pass {min(p for p, o in zip(at, on) if o) + 1}'
+        f'/{num_passes}')
     for s in range(max(steps)):
       idx = np.zeros((len(live), bs), np.int32)
       n_images = np.zeros((len(live),), np.int32)
       keys = []
-      for j, (order, noise_key) in enumerate(plans):
+      for j, plan in enumerate(plans):
+        if plan is None:  # Finished: any key of its type, masked out.
+          keys.append(live[j].ctx.key)
+          continue
+        order, noise_key = plan
         batch = order[s * bs:(s + 1) * bs] if s < steps[j] else order[:0]
         idx[j, :len(batch)] = batch
         n_images[j] = len(batch)
         keys.append(jax.random.fold_in(noise_key, s))
-      active = n_images > 0
-      inputs = parallel.global_inputs(mesh, idx, n_images, grid, active,
-                                      jnp.stack(keys))
-      states, metrics = step_fn(states, caches, *inputs)
-      for j in np.flatnonzero(active):
+      states, metrics = step_fn(states, idx, n_images, n_images > 0,
+                                jnp.stack(keys), centres)
+      for j in np.flatnonzero(n_images > 0):
         histories[j].append({k: v[j] for k, v in metrics.items()})
       bar.update(1)
     bar.close()
     for j, run in enumerate(live):
-      if in_pass[j]:
-        run.end_pass(p, histories[j],
-                     functools.partial(_unstacked, states, j, mesh))
+      if not on[j]:
+        continue
+      record = run.end_pass(at[j], histories[j],
+                            functools.partial(_unstacked, states, j, mesh))
+      restart = run.restart_if_saturated(at[j], record['p_fake'])
+      if restart is None:
+        at[j] += 1
+        continue
+      states = parallel.put_replicated(jax.tree.map(
+          lambda x, y, j=j: x.at[j].set(y), states, restart), mesh)
+      at[j] = 0
   return [run.finish(_unstacked(states, j, mesh))
           for j, run in enumerate(live)]
+
+
+def _stacked_step_fn(live: list, mesh):
+  """step(states, idx, n_images, active, keys, centres) -> (states,
+  metrics) of the group's stacked step, its caches (and the LAS caches)
+  bound."""
+  caches = _stack_padded([r.cache for r in live], mesh)
+  syn = live[0].syn
+  if not syn.active:
+    grid = np.asarray([r.cache.shape[1] for r in live], np.int32)
+    step = train.make_stacked_cached_step(mesh, live[0].config.train.batch_size)
+
+    def released(states, idx, n_images, active, keys, centres):
+      del centres  # None: no synthesis.
+      return step(states, caches, *parallel.global_inputs(
+          mesh, idx, n_images, grid, active, keys))
+    return released
+  step = synthesis.make_stacked_cached_step(mesh, live[0].ctx.grid_hw, syn)
+  las = las_labels = n_train = None
+  if syn.las:
+    # (V, N, h*w, ...) per category, zero-padded along N.
+    las = _stack_padded([r.las_cache for r in live], mesh, axis=1)
+    las_labels = _stack_padded([r.las_labels for r in live], mesh, axis=1)
+    n_train = np.asarray([len(r.ctx.train_idx) for r in live], np.int32)
+  return lambda states, idx, n_images, active, keys, centres: step(
+      states, caches, idx, n_images, active, keys, centres, las, las_labels,
+      n_train)
+
+
+def _stacked_centres(live: list, states, mesh):
+  """The centres of a round's passes stacked (None without GAS
+  'hypersphere'): each category's `pass_centre` of its state at the round's
+  start (a finished category's too, unused: one shape)."""
+  if live[0].centre is None:
+    return None
+  return parallel.put_replicated(jnp.stack([
+      run.pass_centre(_unstacked(states, j, mesh))
+      for j, run in enumerate(live)]), mesh)
 
 
 def _unstacked(states, j, mesh):
   return parallel.put_replicated(train.unstack_state(states, j), mesh)
 
 
-def _stack_caches(caches, mesh):
-  """K caches (N_k, P_k, D) -> one (K, N_max, P_max, D), zero-padded."""
-  n_max = max(x.shape[0] for x in caches)
-  p_max = max(x.shape[1] for x in caches)
-  padded = [jnp.pad(x, ((0, n_max - x.shape[0]), (0, p_max - x.shape[1]),
-                        (0, 0))) for x in caches]
+def _stack_padded(arrays, mesh, axis: int = 0):
+  """K arrays of one rank -> one (K, ...), each zero-padded to the largest
+  size along every axis from `axis` on (caches (N_k, P_k, D) -> (K, N_max,
+  P_max, D); LAS caches (V, N_k, P, D) with axis=1)."""
+  shape = np.max([x.shape for x in arrays], axis=0)
+  padded = [jnp.pad(x, [(0, 0) if a < axis else (0, int(shape[a]) - x.shape[a])
+                        for a in range(x.ndim)]) for x in arrays]
   return parallel.put_replicated(jnp.stack(padded), mesh)
 
 

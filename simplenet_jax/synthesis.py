@@ -1106,39 +1106,112 @@ def make_cached_step(mesh, grid_hw: Sequence[int], syn: SynthesisConfig,
 @functools.lru_cache(maxsize=32)
 def _cached_step(mesh, grid_hw, syn: SynthesisConfig,
                  mix: neighbour_mix.Mix):
-  h, w = int(grid_hw[0]), int(grid_hw[1])
-  sharded = parallel.batch_sharded(mesh)
+  one = functools.partial(_batch_step, mesh=mesh, grid_hw=grid_hw, syn=syn,
+                          mix=mix)
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def step(state, cache, idx, key, centre, las_cache, las_labels, partners):
-    b = idx.shape[0]
-    padded = parallel.padded_size(b, mesh)
-    mask = None
-    if padded != b:
-      idx = jnp.pad(idx, (0, padded - b))
-      mask = (jnp.arange(padded) < b).astype(jnp.float32)
-
-    def images(x):
-      x = x.reshape(padded, h, w, -1)
-      return (jax.lax.with_sharding_constraint(x, sharded) if mesh.size > 1
-              else x)
-
-    feats = images(neighbour_mix.mix(cache, partners, idx, key, mix)
-                   if mix.amount > 0 else cache[idx])
-    las_f = las_l = None
-    if las_cache is not None:
-      v = jax.random.randint(jax.random.fold_in(key, 1), (padded,), 0,
-                             las_cache.shape[0])
-      # A flipped view (train.augment) takes its image's LAS images.
-      img = idx % las_cache.shape[1]
-      las_f = images(las_cache[v, img])
-      las_l = las_labels[v, img].reshape(padded, h, w)
-    return train_step(state, feats, key, syn, centre, las_f, las_l, mask)
+    return one(state, cache, idx, key, centre, las_cache, las_labels,
+               partners)
 
   def run(state, cache, idx, key, centre=None, las_cache=None,
           las_labels=None, partners=None):
     idx, key = parallel.global_inputs(mesh, idx, key)
     return step(state, cache, idx, key, centre, las_cache, las_labels,
                 partners)
+
+  return run
+
+
+def _batch_step(state, cache, idx, key, centre, las_cache, las_labels,
+                partners, n=None, n_train=None, *, mesh, grid_hw,
+                syn: SynthesisConfig, mix: neighbour_mix.Mix):
+  """`make_cached_step`'s step, traced. n: None when every row of idx is in
+  the batch, else a traced count of the real ones (the first n; the
+  stacked step's short batches); n_train: None, or the training images
+  per view when the LAS cache is zero-padded past them."""
+  h, w = grid_hw
+  sharded = parallel.batch_sharded(mesh)
+  b = idx.shape[0]
+  padded = parallel.padded_size(b, mesh)
+  mask = None
+  if padded != b:
+    idx = jnp.pad(idx, (0, padded - b))
+    mask = (jnp.arange(padded) < b).astype(jnp.float32)
+  if n is not None:
+    mask = (jnp.arange(padded) < n).astype(jnp.float32)
+
+  def images(x):
+    x = x.reshape(padded, h, w, -1)
+    return (jax.lax.with_sharding_constraint(x, sharded) if mesh.size > 1
+            else x)
+
+  feats = images(neighbour_mix.mix(cache, partners, idx, key, mix)
+                 if mix.amount > 0 else cache[idx])
+  las_f = las_l = None
+  if las_cache is not None:
+    v = jax.random.randint(jax.random.fold_in(key, 1), (padded,), 0,
+                           las_cache.shape[0])
+    # A flipped view (train.augment) takes its image's LAS images.
+    img = idx % (las_cache.shape[1] if n_train is None else n_train)
+    las_f = images(las_cache[v, img])
+    las_l = las_labels[v, img].reshape(padded, h, w)
+  return train_step(state, feats, key, syn, centre, las_f, las_l, mask)
+
+
+def make_stacked_cached_step(mesh, grid_hw: Sequence[int],
+                             syn: SynthesisConfig):
+  """`make_cached_step` for K categories' heads at once (a vmap over K),
+  each getting exactly the training it gets alone (up to float rounding):
+  its own rows, key, centre and LAS images; a short batch is masked at its
+  end, where `sample_noise`, the Perlin masks and the LAS draws keep the
+  values they have for the real images alone. The categories share one
+  grid (h, w); no train.neighbour_mix.
+
+  Returns step(states, caches, idx, n_images, active, keys, centres,
+  las_caches, las_labels, n_train) -> (states, metrics):
+    states: K TrainStates stacked leaf-wise (`train.stack_states`); donated.
+    caches: (K, R_max, h*w, D) the categories' feature caches, zero-padded
+      to the largest R (rows: views x images).
+    idx: (K, B) int32 rows of each cache (any value past n_images).
+    n_images: (K,) int32 real rows in each category's batch this step.
+    active: (K,) bool; an inactive category's state is returned unchanged.
+    keys: (K,) the categories' step keys.
+    centres: (K, ...) `make_cached_step`'s centre per category, or None.
+    las_caches, las_labels: (K, V, N_max, h*w, D) and (K, V, N_max, h*w),
+      zero-padded to the largest training set N_max, or None.
+    n_train: (K,) int32 training images per category (per view).
+  Metrics are (K,) per category; those of inactive categories are garbage.
+  """
+  return _stacked_step(mesh, (int(grid_hw[0]), int(grid_hw[1])), syn)
+
+
+@functools.lru_cache(maxsize=32)  # As _cached_step.
+def _stacked_step(mesh, grid_hw, syn: SynthesisConfig):
+  batch_step = functools.partial(_batch_step, mesh=mesh, grid_hw=grid_hw,
+                                 syn=syn, mix=neighbour_mix.Mix())
+
+  def one(state, cache, idx, n, active, key, centre, las_cache, las_labels,
+          n_train):
+    # Rows past n read row 0 (masked): never an index past the cache.
+    idx = jnp.where(jnp.arange(idx.shape[0]) < n, idx, 0)
+    new, metrics = batch_step(state, cache, idx, key, centre, las_cache,
+                              las_labels, None, n,
+                              None if las_cache is None else n_train)
+    return train.where_active(active, new, state), metrics
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step(states, caches, idx, n_images, active, keys, centres, las_caches,
+           las_labels, n_train):
+    return jax.vmap(one)(states, caches, idx, n_images, active, keys,
+                         centres, las_caches, las_labels, n_train)
+
+  def run(states, caches, idx, n_images, active, keys, centres=None,
+          las_caches=None, las_labels=None, n_train=None):
+    idx, n_images, active, keys, n_train = parallel.global_inputs(
+        mesh, idx, n_images, active, keys,
+        np.zeros(len(n_images), np.int32) if n_train is None else n_train)
+    return step(states, caches, idx, n_images, active, keys, centres,
+                las_caches, las_labels, n_train)
 
   return run

@@ -507,14 +507,19 @@ def make_stacked_cached_step(mesh, batch_size: int):
       rows = jax.lax.with_sharding_constraint(rows, sharded)
     mask = (r < n * p).astype(jnp.float32)
     new, metrics = train_step(state, rows, key, mask)
-    keep = lambda a, b: jnp.where(active, a, b)
-    return jax.tree.map(keep, new, state), metrics
+    return where_active(active, new, state), metrics
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def step(states, caches, idx, n_images, grid, active, keys):
     return jax.vmap(one)(states, caches, idx, n_images, grid, active, keys)
 
   return step
+
+
+def where_active(active, new: TrainState, old: TrainState) -> TrainState:
+  """A stacked step's result for one category: `new` if it took the step
+  (active, a traced bool), else `old` unchanged."""
+  return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
 
 
 def stack_states(states: Sequence[TrainState]) -> TrainState:

@@ -179,7 +179,7 @@ def tiny_args(workdir, weights_dir, root, passes=8, extra=()):
       # The report and TensorBoard have their own tests (test_report_html).
       '--config.report.html=False', '--config.report.tensorboard=False',
       # The pipeline's tests run the plain step; the demo config's synthesis
-      # has its own (test_synthesis), and stacking needs the plain step.
+      # has its own (test_synthesis, and stacked in test_together).
       '--config.synthesis.gas=none',
       # Released scoring too (the demo config flips and takes the map's
       # peak); the flips have their own fixture (exported_knn) and tests.

@@ -19,6 +19,7 @@ after setting up their environment).
 
 import importlib
 import os
+import types
 
 import flax.linen as nn
 import jax
@@ -243,3 +244,41 @@ def slow_aupro(maps, masks, max_fpr: float) -> float:
       x1 = max_fpr
     area += 0.5 * (y0 + y1) * (x1 - x0)
   return area / max_fpr
+
+
+def assert_same_training(a, b, steps, lr=2e-4, tol=1e-5):
+  """a, b: TrainStates (or namespaces of params, batch_stats, step) after
+  `steps` steps of the same training, computed in different ways; with
+  stacked heads (model.heads > 1), head by head. Parameters agree within
+  `tol` (relative), but for the two biases of zero exact gradient and the
+  BatchNorm running mean that follows them, bounded by lr per step."""
+  from simplenet_jax import model  # pylint: disable=g-import-not-at-top
+  heads = model.num_heads(b.params)
+  assert model.num_heads(a.params) == heads
+  if heads > 1:
+    for h in range(heads):
+      pick = lambda tree, h=h: jax.tree.map(lambda x: np.asarray(x)[h], tree)
+      assert_same_training(*(types.SimpleNamespace(
+          params=pick(s.params), batch_stats=pick(s.batch_stats),
+          step=np.asarray(s.step)[h]) for s in (a, b)), steps, lr, tol)
+    return
+  fa, fb = flat_params(a.params), flat_params(b.params)
+  assert np.abs(fa - fb).max() <= tol * max(1.0, np.abs(fb).max())
+  # The two biases of zero exact gradient (ZERO_GRAD): Adam turns
+  # their rounding noise into steps of up to lr, in either run.
+  za = flat_params(a.params, skip=())
+  zb = flat_params(b.params, skip=())
+  assert np.abs(za - zb).max() <= 2 * lr * steps
+  # The running mean averages the batch means of x (A W) + (a W + w): with
+  # those biases a (adaptor) and w (first Linear) apart by up to 2 lr per
+  # step it may differ by up to 2 lr steps (1 + sum_i |W_ij|) per hidden
+  # unit j (a looser form of test_train's _running_mean_limit).
+  w = np.asarray(b.params['discriminator']['fc']['kernel'])
+  bound = 2 * lr * steps * (1.0 + np.abs(w).sum(axis=0))
+  ma = np.asarray(a.batch_stats['discriminator']['bn']['mean'])
+  mb = np.asarray(b.batch_stats['discriminator']['bn']['mean'])
+  assert (np.abs(ma - mb) <= bound + tol * max(1.0, np.abs(mb).max())).all()
+  va = np.asarray(a.batch_stats['discriminator']['bn']['var'])
+  vb = np.asarray(b.batch_stats['discriminator']['bn']['var'])
+  assert np.abs(va - vb).max() <= tol * max(1.0, np.abs(vb).max())
+  assert int(a.step) == int(b.step) == steps

@@ -25,47 +25,9 @@ import PIL.Image
 import conftest
 import helpers
 from configs.default import get_config
-from simplenet_jax import model
 from simplenet_jax import parallel
+from simplenet_jax import synthesis
 from simplenet_jax import train
-
-TOL = 1e-5
-
-
-def _assert_same_training(a, b, steps, lr=2e-4):
-  """a, b: TrainStates (or namespaces of params, batch_stats, step) after
-  `steps` steps of the same training, computed in different ways; with
-  stacked heads (model.heads > 1), head by head."""
-  heads = model.num_heads(b.params)
-  assert model.num_heads(a.params) == heads
-  if heads > 1:
-    for h in range(heads):
-      pick = lambda tree, h=h: jax.tree.map(lambda x: np.asarray(x)[h], tree)
-      _assert_same_training(*(types.SimpleNamespace(
-          params=pick(s.params), batch_stats=pick(s.batch_stats),
-          step=np.asarray(s.step)[h]) for s in (a, b)), steps, lr)
-    return
-  fa, fb = helpers.flat_params(a.params), helpers.flat_params(b.params)
-  assert np.abs(fa - fb).max() <= TOL * max(1.0, np.abs(fb).max())
-  # The two biases of zero exact gradient (helpers.ZERO_GRAD): Adam turns
-  # their rounding noise into steps of up to lr, in either run.
-  za = helpers.flat_params(a.params, skip=())
-  zb = helpers.flat_params(b.params, skip=())
-  assert np.abs(za - zb).max() <= 2 * lr * steps
-  # The running mean averages the batch means of x (A W) + (a W + w): with
-  # those biases a (adaptor) and w (first Linear) apart by up to 2 lr per
-  # step it may differ by up to 2 lr steps (1 + sum_i |W_ij|) per hidden
-  # unit j (a looser form of test_train's _running_mean_limit).
-  w = np.asarray(b.params['discriminator']['fc']['kernel'])
-  bound = 2 * lr * steps * (1.0 + np.abs(w).sum(axis=0))
-  ma = np.asarray(a.batch_stats['discriminator']['bn']['mean'])
-  mb = np.asarray(b.batch_stats['discriminator']['bn']['mean'])
-  assert (np.abs(ma - mb) <= bound + TOL * max(1.0, np.abs(mb).max())).all()
-  va = np.asarray(a.batch_stats['discriminator']['bn']['var'])
-  vb = np.asarray(b.batch_stats['discriminator']['bn']['var'])
-  assert np.abs(va - vb).max() <= TOL * max(1.0, np.abs(vb).max())
-  assert int(a.step) == int(b.step) == steps
-
 
 def _config():
   cfg = get_config()
@@ -162,7 +124,7 @@ def test_stacked_step_equals_each_category_alone(heads):
   together = _together(mesh, cfg, caches, plans)
   for k, cache in enumerate(caches):
     alone = _alone(mesh, cfg, cache, plans[k])
-    _assert_same_training(together[k], alone, steps=2 * (-(-SIZES[k][0] //
+    helpers.assert_same_training(together[k], alone, steps=2 * (-(-SIZES[k][0] //
                                                           BATCH)))
 
 
@@ -200,6 +162,129 @@ def test_inactive_category_is_left_unchanged():
   assert int(jax.device_get(train.unstack_state(out, 0)).step) == 1
 
 
+# Synthesis: one grid (4 x 4) for both categories, training sets of 5 and 3
+# images in two views each (train.augment: VIEWS cache rows per image) ->
+# 3 and 2 steps per pass at batch 4 (short last batches).
+SYN_N = (5, 3)
+SYN_BATCH = 4
+SYN_GRID = (4, 4)
+VIEWS = 2
+SYNTHESES = {
+    # The demo and folder configs' GAS, with LAS, the centre adapted once
+    # per pass by each head's adaptor, two heads and two views per image.
+    'gas_las_views': ({'gas': 'hypersphere', 'gas_steps': 4, 'gas_every': 2,
+                       'gas_centre': 'pass', 'las_weight': 1.0,
+                       'las_variants': 2}, 2),
+    # GLASS's released step (manifold GAS, BCE).
+    'glass_step': ({'gas': 'manifold', 'gas_steps': 4, 'gas_every': 2,
+                    'gas_bn': 'batch', 'loss': 'bce'}, 1),
+    'perlin': ({'perlin': True}, 1),
+}
+
+
+def _syn_inputs(syn):
+  """Per category: the cache (VIEWS x N, 16, D), its centre (4, 4, D) and,
+  with LAS, LAS features (V, N, 16, D) and 0/1 labels (V, N, 16)."""
+  rng = np.random.default_rng(1)
+  out = []
+  for n in SYN_N:
+    cache = rng.normal(1.0, 2.0, size=(VIEWS * n, 16, D)).astype(np.float32)
+    las_f = las_l = None
+    if syn.las:
+      shape = (syn.las_variants, n, 16)
+      las_f = rng.normal(1.0, 3.0, size=shape + (D,)).astype(np.float32)
+      las_l = (rng.random(shape) < 0.3).astype(np.float32)
+    out.append((cache, cache.mean(0).reshape(*SYN_GRID, D), las_f, las_l))
+  return out
+
+
+def _syn_state(cfg, cache, steps, seed):
+  state = train.create_train_state(jax.random.PRNGKey(seed), cfg.model,
+                                   cfg.optim, D, steps, 2)
+  return train.calibrate_noise(state, cfg.model, cache)  # Spread 0.4.
+
+
+def _pass_centre(syn, state, centre):
+  """The centre a pass's steps get (`loop._CategoryRun.pass_centre`)."""
+  if syn.gas != 'hypersphere':
+    return None
+  return (synthesis.pass_centre(state.params, centre)
+          if syn.gas_centre == 'pass' else centre)
+
+
+@pytest.mark.parametrize('name', SYNTHESES)
+def test_synthesis_stacked_step_equals_each_category_alone(name):
+  """`synthesis.make_stacked_cached_step` gives each category the steps
+  `synthesis.make_cached_step` gives it alone: two passes, short last
+  batches, categories of 3 and 2 steps a pass, LAS images found by image
+  (not by cache row) when the caches are padded."""
+  keys, heads = SYNTHESES[name]
+  cfg = _config()
+  cfg.model.heads = heads
+  cfg.model.noise_mode, cfg.model.noise_rel = 'spread', 0.4
+  for k, v in keys.items():
+    cfg.synthesis[k] = v
+  syn = synthesis.SynthesisConfig.from_config(cfg.synthesis)
+  mesh = parallel.make_mesh()
+  inputs = _syn_inputs(syn)
+  rows = [VIEWS * n for n in SYN_N]
+  steps = [-(-r // SYN_BATCH) for r in rows]
+  plans = [[(np.asarray(jax.random.permutation(
+      jax.random.PRNGKey(10 * k + p), r)), jax.random.PRNGKey(50 + 10 * k + p))
+             for p in range(2)] for k, r in enumerate(rows)]
+
+  pad = lambda xs, axis: np.stack([np.pad(x, [
+      (0, max(y.shape[axis] for y in xs) - x.shape[axis]) if a == axis else
+      (0, 0) for a in range(x.ndim)]) for x in xs])
+  caches = pad([inp[0] for inp in inputs], 0)
+  alone_step = synthesis.make_cached_step(mesh, SYN_GRID, syn)
+  alone = []
+  for k, (cache, centre, las_f, las_l) in enumerate(inputs):
+    state = _syn_state(cfg, cache, steps[k], k)
+    # Alone on its cache's rows; zero rows past them (never in a batch)
+    # only spare the test a compilation per cache size.
+    cache = caches[k]
+    for order, noise_key in plans[k]:
+      c = _pass_centre(syn, state, centre)
+      for s in range(steps[k]):
+        batch = jnp.asarray(order[s * SYN_BATCH:(s + 1) * SYN_BATCH])
+        state, _ = alone_step(state, cache, batch,
+                              jax.random.fold_in(noise_key, s), centre=c,
+                              las_cache=las_f, las_labels=las_l)
+    alone.append(state)
+
+  step = synthesis.make_stacked_cached_step(mesh, SYN_GRID, syn)
+  states = train.stack_states([_syn_state(cfg, inp[0], steps[k], k)
+                               for k, inp in enumerate(inputs)])
+  las = labels = None
+  if syn.las:
+    las, labels = (pad([inp[i] for inp in inputs], 1) for i in (2, 3))
+  for p in range(2):
+    centres = None
+    if syn.gas == 'hypersphere':
+      centres = jnp.stack([_pass_centre(syn, train.unstack_state(states, k),
+                                        inp[1])
+                           for k, inp in enumerate(inputs)])
+    for s in range(max(steps)):
+      idx = np.full((len(SYN_N), SYN_BATCH), 12345, np.int32)  # Junk.
+      n_images = np.zeros(len(SYN_N), np.int32)
+      for k in range(len(SYN_N)):
+        order = plans[k][p][0]
+        batch = (order[s * SYN_BATCH:(s + 1) * SYN_BATCH] if s < steps[k]
+                 else [])
+        idx[k, :len(batch)] = batch
+        n_images[k] = len(batch)
+      keys = jnp.stack([jax.random.fold_in(plans[k][p][1], s)
+                        for k in range(len(SYN_N))])
+      states, metrics = step(states, caches, idx, n_images, n_images > 0,
+                             keys, centres, las, labels,
+                             np.asarray(SYN_N, np.int32))
+      assert np.isfinite(np.asarray(metrics['loss'])[n_images > 0]).all()
+  for k in range(len(SYN_N)):
+    helpers.assert_same_training(train.unstack_state(states, k), alone[k],
+                          steps=2 * steps[k])
+
+
 _CHILD = textwrap.dedent('''
   import sys
   sys.path[:0] = [{tests!r}, {repo!r}]
@@ -215,7 +300,7 @@ _CHILD = textwrap.dedent('''
     together = t._together(mesh4, cfg, caches, plans)
     for k, cache in enumerate(caches):
       alone = jax.device_get(t._alone(mesh1, cfg, cache, plans[k]))
-      t._assert_same_training(jax.device_get(together[k]), alone,
+      t.helpers.assert_same_training(jax.device_get(together[k]), alone,
                               steps=2 * (-(-t.SIZES[k][0] // t.BATCH)))
   print('OK', len(together[0].params['adaptor']['fc']['kernel'].sharding
                   .device_set))
@@ -262,7 +347,7 @@ def _write_categories(root):
                                      f'{i:03d}_mask.png')
 
 
-def _args(workdir, weights_dir, root, k):
+def _args(workdir, weights_dir, root, k, extra=()):
   args = conftest.tiny_args(workdir, weights_dir, root, passes=4, extra=(
       '--config.dataset.textures=beta', '--config.dataset.texture_resize=48',
       '--config.train.checkpoint_every=1', '--config.train.keep_checkpoints=4',
@@ -271,7 +356,7 @@ def _args(workdir, weights_dir, root, k):
       # nested vmap rounds differently, and Adam turns that into steps of up
       # to lr on near-zero gradients; the stacked step's two-head test
       # (test_stacked_step_equals_each_category_alone) checks heads.
-      '--config.model.heads=1'))
+      '--config.model.heads=1', *extra))
   return [a if not a.startswith('--config.dataset.categories=') else
           '--config.dataset.categories=alpha,beta,gamma' for a in args]
 
@@ -321,7 +406,7 @@ def test_main_trains_three_categories_together_as_if_alone(
   for name, per_pass in steps.items():
     (s1, a), (s3, b) = _final(alone / name), _final(together / name)
     assert s1 == s3 == 4
-    _assert_same_training(b, a, steps=4 * per_pass)
+    helpers.assert_same_training(b, a, steps=4 * per_pass)
     log = [json.loads(l) for l in (together / name / 'log.jsonl')
            .read_text().splitlines()]
     assert [r['pass'] for r in log] == [1, 2, 3, 4]
@@ -347,7 +432,72 @@ def test_main_trains_three_categories_together_as_if_alone(
   for name, per_pass in steps.items():
     _, again = _final(together / name)
     _, a = _final(alone / name)
-    _assert_same_training(again, a, steps=4 * per_pass)
+    helpers.assert_same_training(again, a, steps=4 * per_pass)
     log = [json.loads(l) for l in (together / name / 'log.jsonl')
            .read_text().splitlines()]
     assert [r['pass'] for r in log] == [1, 2, 3, 4]
+
+
+# main.py with the saturation threshold (train.SATURATED_P_FAKE) lowered, so
+# that tiny runs reach it.
+_MAIN_SATURATING_AT = textwrap.dedent('''
+  import runpy, sys
+  sys.path.insert(0, {repo!r})
+  from simplenet_jax import train
+  train.SATURATED_P_FAKE = {p_fake!r}
+  sys.argv = [{main!r}, *{args!r}]
+  runpy.run_path({main!r}, run_name='__main__')
+''')
+
+
+def test_main_trains_synthesis_categories_together_as_if_alone(
+    tmp_path, lite0_weights_dir, jax_cache_dir):
+  """The demo and folder configs' training (GAS hypersphere, restart on
+  saturation) stacked: the same checkpoints, logs, restarts and table as
+  one category at a time. With the saturation threshold at 0.49 for these
+  tiny runs, alpha and gamma train again (with 0.9 of the noise) at
+  different passes while the others go on; beta (another grid) is stepped
+  in a group of its own."""
+  root = tmp_path / 'data'
+  _write_categories(root)
+  extra = ('--config.synthesis.gas=hypersphere',
+           '--config.synthesis.gas_steps=4', '--config.synthesis.gas_every=2',
+           '--config.model.noise_rel=10', '--config.optim.disc_lr=0.05',
+           '--config.model.shrink_on_saturation=0.9')
+  env = conftest.main_env(jax_cache_dir)
+  alone, together = tmp_path / 'alone', tmp_path / 'together'
+  for workdir, k in ((alone, 1), (together, 3)):
+    code = _MAIN_SATURATING_AT.format(
+        repo=conftest.ROOT, p_fake=0.49,
+        main=os.path.join(conftest.ROOT, 'main.py'),
+        args=_args(workdir, lite0_weights_dir, root, k, extra))
+    proc = subprocess.run([sys.executable, '-c', code], cwd=conftest.ROOT,
+                          env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  log_file = (together / 'logs' / 'simplenet.INFO').read_text()
+  assert 'alpha,gamma: trained together' in log_file
+  assert 'beta: trained together' in log_file  # A group of one.
+  steps = {'alpha': 2, 'beta': 3, 'gamma': 1}
+  restarts = {}
+  for name, per_pass in steps.items():
+    (s1, a), (s3, b) = _final(alone / name), _final(together / name)
+    assert s1 == s3 == 4
+    helpers.assert_same_training(b, a, steps=4 * per_pass, lr=0.05)
+    for log in ('log.jsonl', 'log.saturated.jsonl'):
+      got, want = ((w / name / log) for w in (together, alone))
+      assert got.exists() == want.exists(), (name, log)
+      if not want.exists():
+        continue
+      got, want = ([json.loads(l) for l in f.read_text().splitlines()]
+                   for f in (got, want))
+      assert [r['pass'] for r in got] == [r['pass'] for r in want]
+      for g, w in zip(got, want):
+        assert g['p_fake'] == pytest.approx(w['p_fake'], abs=1e-4)
+      if log == 'log.saturated.jsonl':
+        restarts[name] = len(want)
+  assert len(restarts) >= 2 and len(set(restarts.values())) >= 2, restarts
+  rows_alone, rows_together = _rows(alone), _rows(together)
+  for name in rows_alone:
+    np.testing.assert_allclose(rows_together[name], rows_alone[name],
+                               atol=1e-3)

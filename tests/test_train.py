@@ -428,10 +428,11 @@ def test_heads_are_initialised_and_trained_as_if_alone():
                                                    rel=1e-5)
   assert len({round(l, 6) for l in losses[-1]}) == 3  # Heads differ.
   for k in range(3):
-    for x, y in zip(jax.tree.leaves(train.unstack_state(stacked, k)),
-                    jax.tree.leaves(alone[k])):
-      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4,
-                                 atol=1e-6)
+    # Within 1e-5, but the zero-gradient biases (and the BatchNorm mean
+    # that follows them), whose rounding noise Adam turns into steps of up
+    # to lr on any CPU.
+    helpers.assert_same_training(train.unstack_state(stacked, k), alone[k],
+                                 steps=3)
 
 
 def test_heads_calibrate_their_own_noise():
