@@ -447,11 +447,15 @@ def _train_stacked(live: list) -> list:
   names = ','.join(r.ctx.category for r in live)
   logging.info('%s: trained together, one stacked step', names)
   at = [r.start for r in live]
+  # With gas_centre='step' the centres never change: stacked once.
+  fixed = live[0].syn.gas_centre == 'step'
+  centres = _stacked_centres(live, states, mesh) if fixed else None
   while min(at) < num_passes:
     on = [p < num_passes for p in at]
     plans = [r.pass_plan(p) if o else None for r, p, o in zip(live, at, on)]
     steps = [r.ctx.steps_per_pass if o else 0 for r, o in zip(live, on)]
-    centres = _stacked_centres(live, states, mesh)
+    if not fixed:
+      centres = _stacked_centres(live, states, mesh)
     histories = [[] for _ in live]
     bar = console.progress(
         max(steps), f'{names} pass {min(p for p, o in zip(at, on) if o) + 1}'
@@ -519,11 +523,14 @@ def _stacked_step_fn(live: list, mesh):
 
 
 def _stacked_centres(live: list, states, mesh):
-  """The centres of a round's passes stacked (None without GAS
-  'hypersphere'): each category's `pass_centre` of its state at the round's
-  start (a finished category's too, unused: one shape)."""
+  """The centres stacked (None without GAS 'hypersphere'): each
+  category's raw centre with gas_centre='step', else its `pass_centre` of
+  its state at the round's start (a finished category's too, unused: one
+  shape)."""
   if live[0].centre is None:
     return None
+  if live[0].syn.gas_centre == 'step':
+    return parallel.put_replicated(jnp.stack([r.centre for r in live]), mesh)
   return parallel.put_replicated(jnp.stack([
       run.pass_centre(_unstacked(states, j, mesh))
       for j, run in enumerate(live)]), mesh)
