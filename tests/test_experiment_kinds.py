@@ -26,6 +26,15 @@ def _tiny(config, weights_dir):
   config.train.checkpoint_every = 2
   config.eval.visualize = 'none'
   config.dataset.num_workers = 2
+  # The plain step and scoring: these tests are about the data kinds; the
+  # demo config's heads, synthesis, flips and yardstick have tests of their
+  # own and would only add compilations.
+  config.model.heads = 1
+  config.model.shrink_on_saturation = 0
+  config.synthesis.gas = 'none'
+  config.eval.tta = 'none'
+  config.eval.image_score = 'patch_max'
+  config.eval.yardstick = False
   return config
 
 
