@@ -286,7 +286,7 @@ def _run_section(workdir: str, doc: dict) -> str:
                       for s in stages)
       name = cat
       if ct.get('trained_with'):  # One shared training lap for the group.
-        name += ' (train: together with ' + ', '.join(
+        name += ' (train time shared with ' + ', '.join(
             c for c in ct['trained_with'] if c != cat) + ')'
       lines.append(f'<tr><td>{_e(name)}</td>{cells}<td class="num">'
                    f'{_seconds(sum(ct.get(s, 0) for s in stages))}</td></tr>')

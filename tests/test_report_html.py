@@ -254,12 +254,15 @@ def test_yardstick_columns_and_facts(tmp_path):
           {'category': 'b', 'kind': 'texture', 'image_auroc': 0.7,
            'pixel_auroc': 0.6, 'aupro': 0.5, 'knn_image_auroc': 0.8,
            'knn_pixel_auroc': 0.97, 'knn_aupro': 0.85}]
-  laps = {'setup': 1.0, 'train': 2.0, 'evaluate': 3.0, 'kNN yardstick': 4.0}
+  laps = {'setup': 1.0, 'train': 2.0, 'evaluate': 3.0, 'kNN yardstick': 4.0,
+          'trained_with': ['a', 'b']}
   report.write_results(str(tmp_path), rows, {
       'mode': 'train', 'timings': {'categories': {'a': laps}}})
   text = open(report_html.write_report(str(tmp_path)), encoding='utf-8').read()
   assert _Page(text).tables['timings'][0][-2:] == ['kNN yardstick', 'total']
-  assert _Page(text).tables['timings'][1][-2:] == ['4.0 s', '10.0 s']
+  assert _Page(text).tables['timings'][1] == [
+      'a (train time shared with b)', '1.0 s', '2.0 s', '3.0 s', '4.0 s',
+      '10.0 s']
   table = _Page(text).tables['results']
   assert table[0][-3:] == ['kNN I-AUROC %', 'kNN P-AUROC %', 'kNN AUPRO %']
   assert table[1] == ['a', 'texture', '90.0', '80.0', '70.0', '100.0', '99.0',

@@ -11,6 +11,7 @@ categories resuming from different passes).
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -423,6 +424,9 @@ def test_main_trains_three_categories_together_as_if_alone(
   # The stacked step has one input shape, so it compiles once (its first
   # call's inputs are placed like its outputs, not compiled a second time).
   assert (proc.stdout + proc.stderr).count('Compiling jit(step)') == 1
+  # One training lap for the three: each line says whom it shares it with.
+  assert re.search(r'^beta: .*; train \d+ s, .*\(train time shared with '
+                   r'alpha, gamma\)\)$', proc.stdout, re.M), proc.stdout
   # Per pass, batch 2, after the demo config's 10% hold-out: 4, 6, 2 images.
   steps = {'alpha': 2, 'beta': 3, 'gamma': 1}
   for name, per_pass in steps.items():
