@@ -7,9 +7,9 @@ hypersphere) with one head and the released scoring, a short run: 7
 passes, nothing held out, which measured I-AUROC 0.92, P-AUROC 0.92, AUPRO
 0.77 (seed 0, this test, 101 s alone on a 2-core AMD EPYC VM; with the
 demo config's three heads, test-time flips and kNN yardstick it took 529 s
-in the suite). Longer runs: docs/quality.md (this test uses the centre-cropped geometry
-of its first table; whole photos score higher). A wrong sign, margin,
-noise scale or feature mapping falls to chance (0.5).
+in the suite). Longer runs: docs/quality.md (this test uses the
+centre-cropped geometry of its first table; whole photos score higher). A
+wrong sign, margin, noise scale or feature mapping falls to chance (0.5).
 """
 
 import os
@@ -34,8 +34,8 @@ def test_cookies_better_than_chance(tmp_path, lite0_weights_dir):
   config.dataset.num_workers = 2
   config.train.num_passes = 7  # See above: well clear of 0.8 / 0.6.
   # One head, released scoring, no kNN beside it: the pipeline's learning is
-  # what is tested here; the extras have tests of their own and would
-  # quadruple the time.
+  # what is tested here; the extras have tests of their own and would only
+  # add to its time.
   config.model.heads = 1
   config.eval.tta = 'none'
   config.eval.image_score = 'patch_max'
