@@ -185,9 +185,6 @@ def _print_category(row: dict, laps: dict) -> None:
     return 'n/a' if x is None or np.isnan(x) else f'{100 * x:.2f}'
   times = ', '.join(f'{k} {v:.0f} s' for k, v in laps.items()
                     if k != 'setup' and isinstance(v, float))
-  if laps.get('trained_with'):  # One lap for the group, stacked or not.
-    times += ' (train time shared with ' + ', '.join(
-        c for c in laps['trained_with'] if c != row['category']) + ')'
   extra = ''
   if report.YARDSTICK[0] in row:
     extra = ('  [kNN on the same features: ' + ' / '.join(
@@ -203,5 +200,6 @@ def _print_category(row: dict, laps: dict) -> None:
   print(f"{row['category']}: I-AUROC {pct(row['image_auroc'])}  "
         f"P-AUROC {pct(row['pixel_auroc'])}  AUPRO {pct(row['aupro'])}"
         f"{extra}  "
-        f"({row['kind']}, {row['n_test']} test images{flagged}; {times})",
+        f"({row['kind']}, {row['n_test']} test images{flagged}; {times}"
+        f"{report.shared_lap(row['category'], laps)})",
         flush=True)

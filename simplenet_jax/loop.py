@@ -140,11 +140,17 @@ class _CategoryRun:
     if c.train.neighbour_mix:
       self.partners = _partners(ctx, self.cache, c.train.neighbour_images)
 
+  @property
+  def centre_moves(self) -> bool:
+    """Whether `pass_centre` changes with the state: only a centre adapted
+    once per pass (synthesis.gas_centre='pass')."""
+    return self.centre is not None and self.syn.gas_centre != 'step'
+
   def pass_centre(self, state):
     """The centre the steps of a pass get: raw (the step adapts it), or
     with synthesis.gas_centre='pass' adapted once by the adaptor of `state`,
     the state at the pass's start (a resumed run gets the same)."""
-    if self.centre is None or self.syn.gas_centre == 'step':
+    if not self.centre_moves:
       return self.centre
     return synthesis.pass_centre(state.params, self.centre)
 
@@ -447,14 +453,12 @@ def _train_stacked(live: list) -> list:
   names = ','.join(r.ctx.category for r in live)
   logging.info('%s: trained together, one stacked step', names)
   at = [r.start for r in live]
-  # With gas_centre='step' the centres never change: stacked once.
-  fixed = live[0].syn.gas_centre == 'step'
-  centres = _stacked_centres(live, states, mesh) if fixed else None
+  centres = None
   while min(at) < num_passes:
     on = [p < num_passes for p in at]
     plans = [r.pass_plan(p) if o else None for r, p, o in zip(live, at, on)]
     steps = [r.ctx.steps_per_pass if o else 0 for r, o in zip(live, on)]
-    if not fixed:
+    if centres is None or live[0].centre_moves:  # Stacked once if fixed.
       centres = _stacked_centres(live, states, mesh)
     histories = [[] for _ in live]
     bar = console.progress(
@@ -524,13 +528,10 @@ def _stacked_step_fn(live: list, mesh):
 
 def _stacked_centres(live: list, states, mesh):
   """The centres stacked (None without GAS 'hypersphere'): each
-  category's raw centre with gas_centre='step', else its `pass_centre` of
-  its state at the round's start (a finished category's too, unused: one
-  shape)."""
+  category's `pass_centre` of its state at the round's start (a finished
+  category's too, unused: one shape)."""
   if live[0].centre is None:
     return None
-  if live[0].syn.gas_centre == 'step':
-    return parallel.put_replicated(jnp.stack([r.centre for r in live]), mesh)
   return parallel.put_replicated(jnp.stack([
       run.pass_centre(_unstacked(states, j, mesh))
       for j, run in enumerate(live)]), mesh)

@@ -29,6 +29,14 @@ MEAN_ROWS = (('texture', 'texture mean', ('texture',)),
              ('all', 'mean', None))
 
 
+def shared_lap(category: str, laps: dict) -> str:
+  """' (train time shared with a, b)' when the category trained in a
+  train.categories_per_step group (one training lap for the group, stacked
+  or not; `laps['trained_with']` lists its categories), else ''."""
+  others = [c for c in laps.get('trained_with') or () if c != category]
+  return f" (train time shared with {', '.join(others)})" if others else ''
+
+
 def _value(row: dict, key: str) -> float:
   v = row.get(key)
   v = float('nan') if v is None else float(v)

@@ -284,10 +284,7 @@ def _run_section(workdir: str, doc: dict) -> str:
     for cat, ct in timings.get('categories', {}).items():
       cells = ''.join(f'<td class="num">{_seconds(ct.get(s))}</td>'
                       for s in stages)
-      name = cat
-      if ct.get('trained_with'):  # One shared training lap for the group.
-        name += ' (train time shared with ' + ', '.join(
-            c for c in ct['trained_with'] if c != cat) + ')'
+      name = cat + report.shared_lap(cat, ct)
       lines.append(f'<tr><td>{_e(name)}</td>{cells}<td class="num">'
                    f'{_seconds(sum(ct.get(s, 0) for s in stages))}</td></tr>')
     if 'total' in timings:

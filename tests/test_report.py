@@ -83,6 +83,15 @@ def test_yardstick_columns_by_hand(tmp_path):
       '| Category | Kind | I-AUROC % | P-AUROC % | AUPRO % |')
 
 
+def test_shared_lap_names_the_rest_of_the_group():
+  """The console line and the report's timing row say with whom a
+  train.categories_per_step group shared its training lap."""
+  laps = {'train': 12.0, 'trained_with': ['a', 'b', 'c']}
+  assert report.shared_lap('b', laps) == ' (train time shared with a, c)'
+  assert report.shared_lap('a', {'train': 3.0}) == ''
+  assert report.shared_lap('a', {'trained_with': ['a']}) == ''
+
+
 def test_table_note_escaping_and_missing_groups():
   rows = [{'category': 'a|b', 'kind': 'object', 'image_auroc': 0.5,
            'pixel_auroc': None, 'aupro': np.float32(0.25)}]

@@ -357,18 +357,22 @@ def test_glass_two_steps_keep_the_epoch_centre(monkeypatch):
 
 
 def test_loop_gives_each_pass_the_centre_of_its_first_state():
-  import types  # pylint: disable=g-import-not-at-top
   from simplenet_jax import loop  # pylint: disable=g-import-not-at-top
   st = _state()
   raw = jax.random.normal(jax.random.PRNGKey(5), (4, 4, 32))
-  run = types.SimpleNamespace(centre=raw, syn=_syn(gas='hypersphere'))
-  assert loop._CategoryRun.pass_centre(run, st) is raw  # 'step': raw.
+  # Only the two attributes pass_centre reads (no data, no backbone).
+  run = object.__new__(loop._CategoryRun)  # pylint: disable=protected-access
+  run.centre, run.syn = raw, _syn(gas='hypersphere')
+  assert run.pass_centre(st) is raw and not run.centre_moves  # 'step': raw.
   run.syn = _syn(gas='hypersphere', gas_centre='pass')
+  assert run.centre_moves  # The stacked loop stacks it again every pass.
   adaptor, _ = train.head_modules(st.params)
   want = adaptor.apply({'params': st.params['adaptor']}, raw.reshape(16, 32))
   np.testing.assert_allclose(
-      np.asarray(loop._CategoryRun.pass_centre(run, st)),
+      np.asarray(run.pass_centre(st)),
       np.asarray(want).reshape(4, 4, 32), rtol=1e-6, atol=1e-6)
+  run.centre = None  # No GAS 'hypersphere': no centre.
+  assert run.pass_centre(st) is None and not run.centre_moves
 
 
 def test_glass_losses_keep_torch_clamps():

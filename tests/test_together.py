@@ -476,8 +476,12 @@ _MAIN_SATURATING_AT = textwrap.dedent('''
 ''')
 
 
+# 'step': the demo and folder configs' centre, stacked once per run; 'pass':
+# adapted at each pass's start by each category's own state, stacked again
+# every round (`loop._CategoryRun.centre_moves`).
+@pytest.mark.parametrize('gas_centre', ['step', 'pass'])
 def test_main_trains_synthesis_categories_together_as_if_alone(
-    tmp_path, lite0_weights_dir, jax_cache_dir):
+    tmp_path, lite0_weights_dir, jax_cache_dir, gas_centre):
   """The demo and folder configs' training (GAS hypersphere, restart on
   saturation) stacked: the same checkpoints, logs, restarts and table as
   one category at a time. With the saturation threshold at 0.49 for these
@@ -487,6 +491,7 @@ def test_main_trains_synthesis_categories_together_as_if_alone(
   root = tmp_path / 'data'
   _write_categories(root)
   extra = ('--config.synthesis.gas=hypersphere',
+           f'--config.synthesis.gas_centre={gas_centre}',
            '--config.synthesis.gas_steps=4', '--config.synthesis.gas_every=2',
            '--config.model.noise_rel=10', '--config.optim.disc_lr=0.05',
            '--config.model.shrink_on_saturation=0.9')
@@ -509,7 +514,10 @@ def test_main_trains_synthesis_categories_together_as_if_alone(
   for name, per_pass in steps.items():
     (s1, a), (s3, b) = _final(alone / name), _final(together / name)
     assert s1 == s3 == 4
-    helpers.assert_same_training(b, a, steps=4 * per_pass, lr=0.05)
+    # The adapted centre's rounding (vmapped over the group, or not) grows
+    # under Adam at this lr to 1.5e-5 of the largest weight ('pass').
+    helpers.assert_same_training(b, a, steps=4 * per_pass, lr=0.05,
+                                 tol=1e-5 if gas_centre == 'step' else 1e-4)
     for log in ('log.jsonl', 'log.saturated.jsonl'):
       got, want = ((w / name / log) for w in (together, alone))
       assert got.exists() == want.exists(), (name, log)
