@@ -187,6 +187,10 @@ def tiny_args(workdir, weights_dir, root, passes=8, extra=()):
       # Nor do they start over when the loss saturates (the demo config
       # does; tests/test_reliability.py has that switch's own test).
       '--config.model.shrink_on_saturation=0',
+      # Nor fit the kNN yardstick (its own compilations, about a third of a
+      # cold tiny run): tests/test_yardstick.py, test_main.py and
+      # test_console.py run it.
+      '--config.eval.yardstick=False',
       *extra,
   ]
 

@@ -286,7 +286,9 @@ def test_main_same_table_on_four_devices(tmp_path):
            '--config.model.target_embed_dim=32', '--config.model.hidden=16',
            '--config.train.num_passes=2', '--config.train.batch_size=3',
            '--config.eval.visualize=none',
-           '--config.eval.feature_histogram=False']
+           '--config.eval.feature_histogram=False',
+           # What a device count cannot change: the page and the events.
+           '--config.report.html=False', '--config.report.tensorboard=False']
   procs = {}
   for d in (1, 4):
     procs[d] = subprocess.Popen(
@@ -305,7 +307,10 @@ def test_main_same_table_on_four_devices(tmp_path):
   assert len(results[4]['extra']['devices']) == 4
   assert len(results[1]['extra']['devices']) == 1
   (row1,), (row4,) = results[1]['rows'], results[4]['rows']
-  for k in ('image_auroc', 'pixel_auroc', 'aupro'):
+  # The head's figures, and the kNN yardstick's (its training features
+  # computed and its test images scored over the 4 devices).
+  for k in ('image_auroc', 'pixel_auroc', 'aupro', 'knn_image_auroc',
+            'knn_pixel_auroc', 'knn_aupro'):
     assert abs(row4[k] - row1[k]) < 1e-4, (k, row4[k], row1[k])
   assert [r['pass'] for r in results[4]['log']] == [1, 2]
   for r1, r4 in zip(results[1]['log'], results[4]['log']):
