@@ -469,7 +469,8 @@ def test_changed_training_images_keep_the_model_or_stop_a_resume(
   finished = tmp_path / 'finished'
   shutil.copytree(reference.workdir, finished)
   args = tiny_args(finished, reference.weights, root, PASSES,
-                   extra=['--config.report.html=True'])
+                   extra=['--config.report.html=True',
+                          '--config.eval.yardstick=True'])
   proc = run_main(args, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   ckpt_dir = finished / CATEGORY / 'checkpoints'

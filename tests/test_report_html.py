@@ -540,7 +540,9 @@ def test_demo_sized_report_in_a_browser(demo, tmp_path):
 REPORT_FLAGS = ['--config.train.eval_every=2', '--config.report.html=True',
                 '--config.report.tensorboard=True',
                 '--config.report.gallery_size=2',
-                '--config.report.tensorboard_heatmaps=2']
+                '--config.report.tensorboard_heatmaps=2',
+                # The page shows kNN's columns and maps beside the head's.
+                '--config.eval.yardstick=True']
 
 
 @pytest.fixture(scope='module')
