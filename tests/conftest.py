@@ -188,8 +188,8 @@ def tiny_args(workdir, weights_dir, root, passes=8, extra=()):
       # does; tests/test_reliability.py has that switch's own test).
       '--config.model.shrink_on_saturation=0',
       # Nor fit the kNN yardstick (its own compilations, about a third of a
-      # cold tiny run): tests/test_yardstick.py, test_main.py and
-      # test_console.py run it.
+      # cold tiny run): the runs that show or test it pass
+      # --config.eval.yardstick=True in `extra`; test_main.py's runs keep it.
       '--config.eval.yardstick=False',
       *extra,
   ]
