@@ -86,6 +86,12 @@ ROWS = {
     'gas_flips_augment': {**_GAS_FLIPS_WIDE, 'model.heads': 3,
                           'model.shrink_on_saturation': 0.25,
                           'train.augment': 'flips', 'train.num_passes': 10},
+    # The same on each image and its three half-cell shifts (twenty-eighth
+    # round).
+    'gas_shifts_augment': {**_GAS_FLIPS_WIDE, 'model.heads': 3,
+                           'model.shrink_on_saturation': 0.25,
+                           'train.augment': 'shifts',
+                           'train.num_passes': 10},
     # configs/demo.py's head with each training feature moved toward its
     # nearest feature in another image (train.neighbour_mix; twenty-first
     # round), without and with the flips.

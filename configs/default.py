@@ -141,7 +141,9 @@ def get_config():
   c.train.cache_dtype = 'float32'  # 'bfloat16' halves the cache.
   # 'flips': the training images' three flips are normal training images
   # too (4x the rows a pass covers); for data that looks normal mirrored,
-  # as eval.tta='flips' assumes. 'none': the released training set.
+  # as eval.tta='flips' assumes. 'shifts': the images moved by half a
+  # feature cell (right, down, both) are training images too (4x the rows),
+  # for any data. 'none': the released training set.
   c.train.augment = 'none'
   # a > 0: each training feature is moved, at every step, a random part
   # U(0, a) of the way toward its nearest feature in another training image

@@ -42,7 +42,11 @@ defect. Likewise --config.train.augment=flips trains on each photo's
 three flips too (with a quarter of the passes, --config.train.num_passes=40,
 for the same number of steps): on the cookies photos, the demo's head,
 99.6 / 97.0 / 88.2 against 98.7 / 96.3 / 85.4, but the demo's textures
-lose with it (docs/quality.md, nineteenth round). Without defect images
+lose with it (docs/quality.md, nineteenth round). If a mirrored part can
+be a defect, --config.train.augment=shifts trains on each photo moved by
+half a feature cell instead (right, down, both; the same quarter of the
+passes): at 128 px on the cookie photos 99.0 / 96.8 / 87.1 against 98.7 /
+96.3 / 85.3 (twenty-eighth round; not measured at 256 px). Without defect images
 to tell which suits your parts, train both ways (two --workdir) with
 --config.eval.synthetic_defects=16 and keep the run whose synthetic-defect
 pixel AUROC is higher (twentieth round: it chose the better run wherever

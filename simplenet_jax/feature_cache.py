@@ -11,6 +11,7 @@ batch instead, with the same numbers up to float rounding (float32 cache).
 
 import functools
 import math
+from typing import NamedTuple
 
 from absl import logging
 import jax
@@ -71,34 +72,65 @@ def _ops(mesh, shape, dtype):
   return zeros, write
 
 
-AUGMENTS = ('none', 'flips')  # train.augment
+AUGMENTS = ('none', 'flips', 'shifts')  # train.augment
+
+
+class View(NamedTuple):
+  """One view of a training image: flipped along `flip` and moved by half
+  a feature cell along `shift` (axes of (B, H, W, C) images)."""
+  flip: tuple = ()
+  shift: tuple = ()
 
 
 def views(train_cfg) -> tuple:
-  """The views of every training image that training covers, as flip axes
-  of (B, H, W, C) images: the image alone, or with train.augment='flips' the
-  image and its three flips (scoring.FLIP_AXES, the views eval.tta='flips'
-  scores). Row r of a pass (and of the cache) of N training images is view
-  r // N of image r % N."""
-  return scoring.FLIP_AXES if train_cfg.augment == 'flips' else ((),)
+  """The views of every training image that training covers: the image
+  alone; with train.augment='flips' the image and its three flips
+  (scoring.FLIP_AXES, the views eval.tta='flips' scores); with 'shifts' the
+  image and its three shifts by half a feature cell (right, down, both):
+  the features a grid half a cell off would see, which every test image
+  that is not aligned with the training images does. Row r of a pass (and
+  of the cache) of N training images is view r // N of image r % N."""
+  if train_cfg.augment == 'flips':
+    return tuple(View(flip=a) for a in scoring.FLIP_AXES)
+  if train_cfg.augment == 'shifts':
+    return tuple(View(shift=a) for a in scoring.FLIP_AXES)
+  return (View(),)
 
 
-def view_images(images: np.ndarray, view_ids, all_views) -> np.ndarray:
-  """(B, H, W, C) host images, row b flipped as view view_ids[b] of
-  `all_views` (`views`): the recomputed-features path's counterpart of the
-  cache's rows."""
+def apply_view(images, view: View, grid_hw):
+  """(B, H, W, C) images (host or device) as `view`. A shift moves the
+  content by half the grid's stride, H // h // 2 rows (W // w // 2
+  columns), the edge it uncovers filled by reflection, so that the grid
+  samples the image between its usual cells."""
+  xp = np if isinstance(images, np.ndarray) else jnp
+  if view.flip:
+    images = xp.flip(images, view.flip)
+  if view.shift:
+    hw = images.shape[1:3]
+    pads = [(0, 0)] * images.ndim
+    for a in view.shift:
+      pads[a] = (max(hw[a - 1] // grid_hw[a - 1] // 2, 1), 0)
+    images = xp.pad(images, pads, mode='reflect')[:, :hw[0], :hw[1]]
+  return images
+
+
+def view_images(images: np.ndarray, view_ids, all_views,
+                grid_hw) -> np.ndarray:
+  """(B, H, W, C) host images, row b as view view_ids[b] of `all_views`
+  (`views`): the recomputed-features path's counterpart of the cache's
+  rows."""
   view_ids = np.asarray(view_ids)
   if not view_ids.any():
     return images
-  return np.stack([np.flip(im, [a - 1 for a in all_views[v]])
+  return np.stack([apply_view(im[None], all_views[v], grid_hw)[0]
                    for im, v in zip(images, view_ids)])
 
 
 def build(feature_fn, backbone_vars, dataset, indices, batch_size: int,
           train_cfg, data_cfg, mesh, grid_hw=None, dim=None, desc=None,
-          image_views=((),)):
+          image_views=(View(),)):
   """Features of `dataset[indices]` -> replicated device array (V*N, h*w,
-  D), one block of N rows per view of `image_views` (flip axes, `views`).
+  D), one block of N rows per view of `image_views` (`views`).
 
   Written batch by batch into one preallocated device array (no host copy,
   no concatenation), so the peak is the cache plus one batch. In a
@@ -117,8 +149,8 @@ def build(feature_fn, backbone_vars, dataset, indices, batch_size: int,
     grid_hw, dim: the feature grid and dimension; from one traced call of
       feature_fn when not given.
     desc: with it, a progress bar of the images on a terminal.
-    image_views: flip axes of (B, H, W, C) images; row v*N + i of the cache
-      is dataset[indices[i]] flipped along image_views[v] (`views`).
+    image_views: `views`; row v*N + i of the cache is dataset[indices[i]]
+      as view image_views[v].
   """
   dtype = DTYPES[train_cfg.cache_dtype]
   indices = np.asarray(indices).reshape(-1)
@@ -133,7 +165,7 @@ def build(feature_fn, backbone_vars, dataset, indices, batch_size: int,
     cache = zeros()
     start = 0
     with console.progress(rows, desc) as bar:
-      for axes in image_views:
+      for view in image_views:
         for batch in parallel.host_batches(dataset, batch_size, mesh,
                                            indices=indices,
                                            num_workers=data_cfg.num_workers,
@@ -141,8 +173,7 @@ def build(feature_fn, backbone_vars, dataset, indices, batch_size: int,
           images, n = parallel.put_batch(batch['image'], mesh,
                                          batch['n_global'],
                                          min_rows=batch_size)
-          if axes:
-            images = jnp.flip(images, axes)
+          images = apply_view(images, view, grid_hw)
           (offset,) = parallel.global_inputs(mesh, np.int32(start))
           cache = write(cache, feature_fn(backbone_vars, images), offset, n)
           start += n

@@ -360,7 +360,8 @@ def _train_alone(run: _CategoryRun, use_cache: bool):
         state, metrics = step_fn(state, cache, jnp.asarray(batch), key)
       else:
         images = feature_cache.view_images(
-            batch['image'], order[s * bs:(s + 1) * bs] // n, views)
+            batch['image'], order[s * bs:(s + 1) * bs] // n, views,
+            ctx.grid_hw)
         images, n_valid = parallel.put_batch(images, ctx.mesh)
         state, metrics = step_fn(state, ctx.backbone_vars, images, key,
                                  ctx.feature_fn, n_valid)
@@ -453,12 +454,13 @@ def _train_stacked(live: list) -> list:
   names = ','.join(r.ctx.category for r in live)
   logging.info('%s: trained together, one stacked step', names)
   at = [r.start for r in live]
-  centres = None
+  moves = live[0].centre_moves  # One synthesis config for the group.
+  centres = None if moves else _stacked_centres(live, states, mesh)
   while min(at) < num_passes:
     on = [p < num_passes for p in at]
     plans = [r.pass_plan(p) if o else None for r, p, o in zip(live, at, on)]
     steps = [r.ctx.steps_per_pass if o else 0 for r, o in zip(live, on)]
-    if centres is None or live[0].centre_moves:  # Stacked once if fixed.
+    if moves:  # Adapted anew by each state at its pass's start.
       centres = _stacked_centres(live, states, mesh)
     histories = [[] for _ in live]
     bar = console.progress(
@@ -528,13 +530,13 @@ def _stacked_step_fn(live: list, mesh):
 
 def _stacked_centres(live: list, states, mesh):
   """The centres stacked (None without GAS 'hypersphere'): each
-  category's `pass_centre` of its state at the round's start (a finished
-  category's too, unused: one shape)."""
+  category's `pass_centre`, of its state at the round's start where the
+  centre moves (a finished category's too, unused: one shape)."""
   if live[0].centre is None:
     return None
   return parallel.put_replicated(jnp.stack([
-      run.pass_centre(_unstacked(states, j, mesh))
-      for j, run in enumerate(live)]), mesh)
+      run.pass_centre(_unstacked(states, j, mesh)) if run.centre_moves
+      else run.centre for j, run in enumerate(live)]), mesh)
 
 
 def _unstacked(states, j, mesh):
@@ -568,13 +570,13 @@ def _calibrate(ctx, state, cache):
   else:
     # A list (the spread reads every batch anyway): model.heads > 1 reads
     # it once per head. Every view of every image, as the cache holds.
-    def viewed(batch, axes):
+    def viewed(batch, view):
       images = parallel.put_batch(batch['image'], ctx.mesh)[0]
-      return jnp.flip(images, axes) if axes else images
+      return feature_cache.apply_view(images, view, ctx.grid_hw)
 
-    feats = [ctx.feature_fn(ctx.backbone_vars, viewed(b, axes))
+    feats = [ctx.feature_fn(ctx.backbone_vars, viewed(b, view))
              [:len(b['image'])]
-             for axes in feature_cache.views(ctx.config.train)
+             for view in feature_cache.views(ctx.config.train)
              for b in loader.batches(ctx.train_set, ctx.config.eval.batch_size,
                                      indices=ctx.train_idx)]
   state = train.calibrate_noise(state, ctx.config.model, feats)

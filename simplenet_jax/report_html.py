@@ -208,11 +208,13 @@ def _data_text(dataset: dict, rows) -> str:
 def _training_text(config: dict) -> str:
   """The method and its settings in words (results.json's config)."""
   m, t = config.get('model', {}), config.get('train', {})
-  flips = t.get('augment') == 'flips'
+  views = {'flips': 'each image and its three flips',
+           'shifts': 'each image and its three half-cell shifts'
+           }.get(t.get('augment'))
   if m.get('method') == 'knn':
     frac = config.get('knn', {}).get('coreset_fraction')
     return (f'kNN memory bank, coreset fraction {frac}'
-            + ('; of each image and its three flips' if flips else ''))
+            + (f'; of {views}' if views else ''))
   mode = m.get('noise_mode')
   noise = {'absolute': f"std {m.get('noise_std')}",
            'relative': f"{m.get('noise_rel')} x RMS of the adapted features",
@@ -233,8 +235,8 @@ def _training_text(config: dict) -> str:
             'released' else '')]
   other = ''.join(f'; {o}' for o in other if o)
   heads = (f"{m['heads']} heads averaged, " if m.get('heads', 1) > 1 else '')
-  if flips:
-    heads += 'trained on each image and its three flips, '
+  if views:
+    heads += f'trained on {views}, '
   return (heads + f"{t.get('num_passes')} passes, batch {t.get('batch_size')}, "
           f"noise {mode}: {noise}" + (f'; synthesis: {extras}' if extras
                                       else '') + other)

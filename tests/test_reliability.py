@@ -308,18 +308,20 @@ def test_recomputed_features_train_as_the_cache(reference, tmp_path,
     assert row[key] == pytest.approx(ref[key], abs=1e-3), key
 
 
-def test_flips_augment_trains_on_every_view_cached_or_recomputed(
-    reference, tmp_path, jax_cache_dir):
-  """train.augment=flips (the demo config's): a pass covers each training
-  image and its three flips, 4x the steps, and the features recomputed each
-  step (flipped on the host) train as the cache (flipped on the device)
-  does, up to float rounding, with the same results."""
+@pytest.mark.parametrize('augment', ['flips', 'shifts'])
+def test_augment_trains_on_every_view_cached_or_recomputed(
+    reference, tmp_path, jax_cache_dir, augment):
+  """train.augment=flips / shifts: a pass covers each training image and
+  its three flips (half-cell shifts), 4x the steps, and the features
+  recomputed each step (the views made on the host) train as the cache
+  (views made on the device) does, up to float rounding, with the same
+  results."""
   runs = {}
   for name, more in (('cached', []),
                      ('recomputed', ['--config.train.cache_features=False'])):
     runs[name] = tmp_path / name
     proc = run_main(tiny_args(runs[name], reference.weights, reference.root, 2,
-                              ['--config.train.augment=flips'] + more),
+                              [f'--config.train.augment={augment}'] + more),
                     env=main_env(jax_cache_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
   _, meta, _ = _final_tree(runs['cached'])

@@ -358,6 +358,10 @@ def test_run_section_names_the_method_and_its_noise():
   assert report_html._training_text(flips.to_dict()).startswith(  # pylint: disable=protected-access
       '3 heads averaged, trained on each image and its three flips, 10 '
       'passes, batch 4, noise spread')
+  flips.train.augment = 'shifts'
+  assert report_html._training_text(flips.to_dict()).startswith(  # pylint: disable=protected-access
+      '3 heads averaged, trained on each image and its three half-cell '
+      'shifts, 10 passes')
 
 
 def test_run_section_says_how_each_kind_of_image_was_sized():
