@@ -101,7 +101,8 @@ def apply_view(images, view: View, grid_hw):
   """(B, H, W, C) images (host or device) as `view`. A shift moves the
   content by half the grid's stride, H // h // 2 rows (W // w // 2
   columns), the edge it uncovers filled by reflection, so that the grid
-  samples the image between its usual cells."""
+  samples the image between its usual cells. It is at least one pixel: on
+  a grid of stride 1 (no backbone here has one) that is a whole cell."""
   xp = np if isinstance(images, np.ndarray) else jnp
   if view.flip:
     images = xp.flip(images, view.flip)
@@ -122,8 +123,11 @@ def view_images(images: np.ndarray, view_ids, all_views,
   view_ids = np.asarray(view_ids)
   if not view_ids.any():
     return images
-  return np.stack([apply_view(im[None], all_views[v], grid_hw)[0]
-                   for im, v in zip(images, view_ids)])
+  out = np.empty_like(images)
+  for v in np.unique(view_ids):  # one call per view, not per image
+    rows = view_ids == v
+    out[rows] = apply_view(images[rows], all_views[v], grid_hw)
+  return out
 
 
 def build(feature_fn, backbone_vars, dataset, indices, batch_size: int,

@@ -4,12 +4,13 @@
 (../shared/datasets/cookies, MVTec layout), EfficientNet-Lite0 with its real
 ImageNet weights, the demo's head settings (spread-calibrated noise, GAS
 hypersphere) with one head and the released scoring, a short run: 7
-passes, nothing held out, which measured I-AUROC 0.92, P-AUROC 0.92, AUPRO
-0.77 (seed 0, this test, 101 s alone on a 2-core AMD EPYC VM; with the
-demo config's three heads, test-time flips and kNN yardstick it took 529 s
-in the suite). Longer runs: docs/quality.md (this test uses the
-centre-cropped geometry of its first table; whole photos score higher). A
-wrong sign, margin, noise scale or feature mapping falls to chance (0.5).
+passes over the whole photos squared to the demo's 128 px (the geometry of
+benchmarks/quality.py's 'cookies' set), nothing held out, which measured
+I-AUROC 0.980, P-AUROC 0.936, AUPRO 0.763 (seed 0, this test alone: 17 s
+on a 2-core AMD EPYC VM; until the twenty-ninth round it cropped the
+photos' centres at 224 px: 0.92 / 0.92 / 0.77 in 32 s on that VM, 101 s on
+a slower one). Longer runs: docs/quality.md. A wrong sign, margin, noise
+scale or feature mapping falls to chance (0.5).
 """
 
 import os
@@ -31,8 +32,9 @@ def test_cookies_better_than_chance(tmp_path, lite0_weights_dir):
   config.dataset.kind = 'mvtec'
   config.dataset.root = DATASETS
   config.dataset.categories = ('cookies',)
+  config.dataset.textures = ('cookies',)  # Whole photos, squared to 128 px.
   config.dataset.num_workers = 2
-  config.train.num_passes = 7  # See above: well clear of 0.8 / 0.6.
+  config.train.num_passes = 7  # See above: well clear of 0.9 / 0.8.
   # One head, released scoring, no kNN beside it: the pipeline's learning is
   # what is tested here; the extras have tests of their own and would only
   # add to its time.
@@ -45,5 +47,5 @@ def test_cookies_better_than_chance(tmp_path, lite0_weights_dir):
   config.threshold.holdout_fraction = 0.0
   (row,) = experiment.run(config, str(tmp_path / 'run'), 'train')
   assert row['n_test'] == 46
-  assert row['image_auroc'] > 0.8, row
-  assert row['pixel_auroc'] > 0.6, row
+  assert row['image_auroc'] > 0.9, row
+  assert row['pixel_auroc'] > 0.8, row

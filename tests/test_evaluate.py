@@ -362,11 +362,11 @@ def test_categories_share_compilations(tmp_path):
               '_features' in c], handler.compiled[first:]
 
 
-@pytest.mark.parametrize('augment', ['none', 'flips'])
+@pytest.mark.parametrize('augment', ['none', 'flips', 'shifts'])
 def test_yardstick_equals_a_knn_run(tmp_path, augment):
   """eval.yardstick's figures are those of a model.method=knn run of the same
   config: the same training images (hold-out split) in the same views
-  (train.augment='flips': each image and its three flips), coreset key,
+  (train.augment: each image and its three flips or shifts), coreset key,
   maps and metrics."""
   from simplenet_jax import loop  # pylint: disable=g-import-not-at-top
   from simplenet_jax import report  # pylint: disable=g-import-not-at-top
@@ -398,7 +398,7 @@ def test_yardstick_equals_a_knn_run(tmp_path, augment):
   # The bank was chosen from every view of every training image.
   with open(os.path.join(ctx.workdir, 'log.jsonl'), encoding='utf-8') as f:
     (fit,) = [json.loads(line) for line in f]
-  views = 4 if augment == 'flips' else 1
+  views = 1 if augment == 'none' else 4
   h, w = ctx.grid_hw
   assert fit['feature_rows'] == views * len(ctx.train_idx) * h * w
 

@@ -92,68 +92,56 @@ def test_build_matches_feature_fn_in_index_order(setup, dtype):
   np.testing.assert_allclose(got, want, rtol=0, atol=tol)
 
 
-def test_build_with_views_holds_each_flip_in_its_block(setup):
-  """train.augment='flips': rows v*N..(v+1)*N-1 of the cache are the
-  features of the images flipped as view v (left-right, up-down, both),
-  against the features of images flipped on the host beforehand."""
+def _flipped(x, size, grid):
+  """The images as the flips' views: left-right, up-down, both."""
+  del size, grid
+  return [x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1]]
+
+
+def _shifted(x, size, grid):
+  """The images as the shifts' views, by index arithmetic: output pixel j
+  shows input pixel j - s, s half a grid cell; the first s reflect (s - j).
+  Right, down, both."""
+  s = size // grid // 2
+  assert s >= 1
+  moved = np.abs(np.arange(size) - s)
+  return [x, x[:, :, moved], x[:, moved], x[:, moved][:, :, moved]]
+
+
+@pytest.mark.parametrize('augment,want_views', [('flips', _flipped),
+                                                ('shifts', _shifted)])
+def test_build_holds_each_view_in_its_block(setup, augment, want_views):
+  """train.augment: rows v*N..(v+1)*N-1 of the cache are the features of
+  the images as view v, against images made into the views on the host by
+  plain indexing; the recomputed path's host views (view_images) match the
+  same indexing."""
   cfg, bvars, fn, mesh = setup
   train_cfg = copy.deepcopy(cfg.train)
   train_cfg.cache_dtype = 'float32'
-  train_cfg.augment = 'flips'
+  train_cfg.augment = augment
   views = feature_cache.views(train_cfg)
   assert len(views) == 4
   ds = Images(5)
   idx = np.array([3, 0, 4])  # Batches of 2: the last one is short.
   cache = feature_cache.build(fn, bvars, ds, idx, 2, train_cfg, cfg.dataset,
                               mesh, image_views=views)
-  n = len(idx)
-  assert cache.shape[0] == 4 * n
-  for v, flipped in enumerate([ds.x[idx], ds.x[idx][:, :, ::-1],
-                               ds.x[idx][:, ::-1], ds.x[idx][:, ::-1, ::-1]]):
-    want = np.asarray(fn(bvars, np.ascontiguousarray(flipped)))
-    got = np.asarray(cache[v * n:(v + 1) * n]).reshape(want.shape)
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
-  # The flips differ from the images (else the test could not fail).
-  assert np.abs(np.asarray(cache[n:2 * n] - cache[:n])).max() > 1e-3
-  # The host-side views of the recomputed path flip the same way.
-  rows = feature_cache.view_images(ds.x[idx], [1, 2, 3], views, (6, 6))
-  np.testing.assert_array_equal(rows[0], ds.x[idx[0]][:, ::-1])
-  np.testing.assert_array_equal(rows[1], ds.x[idx[1]][::-1])
-  np.testing.assert_array_equal(rows[2], ds.x[idx[2]][::-1, ::-1])
-
-
-def test_build_with_shifts_holds_each_half_cell_shift_in_its_block(setup):
-  """train.augment='shifts': rows v*N..(v+1)*N-1 of the cache are the
-  features of the images moved by half a grid cell as view v (right, down,
-  both; the uncovered edge reflected), against images shifted by index
-  arithmetic on the host."""
-  cfg, bvars, fn, mesh = setup
-  train_cfg = copy.deepcopy(cfg.train)
-  train_cfg.cache_dtype = 'float32'
-  train_cfg.augment = 'shifts'
-  views = feature_cache.views(train_cfg)
-  assert len(views) == 4
-  ds = Images(5)
-  idx = np.array([3, 0, 4])
-  cache = feature_cache.build(fn, bvars, ds, idx, 2, train_cfg, cfg.dataset,
-                              mesh, image_views=views)
   n, size = len(idx), ds.x.shape[1]
   grid = int(round(cache.shape[1] ** 0.5))
-  s = size // grid // 2  # Half a cell, in pixels.
-  assert s >= 1
-  # Output pixel j shows input pixel j - s; the first s reflect: s - j.
-  moved = np.abs(np.arange(size) - s)
+  assert cache.shape[0] == 4 * n
   x = ds.x[idx]
-  for v, shifted in enumerate([x, x[:, :, moved], x[:, moved],
-                               x[:, moved][:, :, moved]]):
-    want = np.asarray(fn(bvars, np.ascontiguousarray(shifted)))
+  want_x = want_views(x, size, grid)
+  for v, viewed in enumerate(want_x):
+    want = np.asarray(fn(bvars, np.ascontiguousarray(viewed)))
     got = np.asarray(cache[v * n:(v + 1) * n]).reshape(want.shape)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  # The views differ from the images (else the test could not fail).
   assert np.abs(np.asarray(cache[n:2 * n] - cache[:n])).max() > 1e-3
-  rows = feature_cache.view_images(x, [1, 2, 3], views, (grid, grid))
-  np.testing.assert_array_equal(rows[0], x[0][:, moved])
-  np.testing.assert_array_equal(rows[1], x[1][moved])
-  np.testing.assert_array_equal(rows[2], x[2][moved][:, moved])
+  # Host views, every view id in one batch, one of them twice.
+  ids = [1, 0, 3, 2, 1]
+  rows = feature_cache.view_images(x[[0, 1, 2, 0, 2]], ids, views,
+                                   (grid, grid))
+  for b, (i, v) in enumerate(zip([0, 1, 2, 0, 2], ids)):
+    np.testing.assert_array_equal(rows[b], want_x[v][i])
 
 
 @pytest.mark.parametrize('heads', [1, 2])
