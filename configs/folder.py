@@ -46,7 +46,8 @@ lose with it (docs/quality.md, nineteenth round). If a mirrored part can
 be a defect, --config.train.augment=shifts trains on each photo moved by
 half a feature cell instead (right, down, both; the same quarter of the
 passes): at 128 px on the cookie photos 99.0 / 96.8 / 87.1 against 98.7 /
-96.3 / 85.3 (twenty-eighth round; not measured at 256 px). Without defect images
+96.3 / 85.3 (twenty-eighth round), but at this config's 256 px 97.7 / 96.1 /
+86.9 against 98.4 / 96.5 / 88.4 (twenty-ninth round). Without defect images
 to tell which suits your parts, train both ways (two --workdir) with
 --config.eval.synthetic_defects=16 and keep the run whose synthetic-defect
 pixel AUROC is higher (twentieth round: it chose the better run wherever
