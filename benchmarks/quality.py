@@ -81,6 +81,10 @@ ROWS = {
     # with a quarter of the noise if the loss saturates.
     'gas_flips_shrink': {**_GAS_FLIPS_WIDE, 'model.heads': 3,
                          'model.shrink_on_saturation': 0.25},
+    # The same without the adaptor (model.pre_proj=0, the released code's
+    # other setting; thirtieth round).
+    'gas_noproj': {**_GAS_FLIPS_WIDE, 'model.heads': 3,
+                   'model.shrink_on_saturation': 0.25, 'model.pre_proj': 0},
     # The same trained on each image and its three flips (train.augment),
     # 10 passes: the steps of 40 without them (nineteenth round).
     'gas_flips_augment': {**_GAS_FLIPS_WIDE, 'model.heads': 3,
@@ -126,7 +130,8 @@ def row_overrides(name: str) -> dict:
   out = {'synthesis.gas': 'none', 'eval.tta': 'none',
          'eval.image_score': 'patch_max', 'model.hidden': 256,
          'model.heads': 1, 'model.shrink_on_saturation': 0.0,
-         'train.augment': 'none', 'train.num_passes': 40, **ROWS[base]}
+         'model.pre_proj': 1, 'train.augment': 'none',
+         'train.num_passes': 40, **ROWS[base]}
   for item in extra:
     key, value = item.split('=', 1)
     try:

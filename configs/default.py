@@ -58,6 +58,10 @@ def get_config():
   c.model.pretrain_embed_dim = 1536
   c.model.target_embed_dim = 1536
   c.model.hidden = 1024  # Discriminator hidden width (released: dsc_hidden).
+  # 1 (released run scripts: --pre_proj 1): a trained Linear(D, D) adaptor
+  # before the discriminator. 0 (the released code's other setting): none,
+  # the discriminator reads the local features as they are.
+  c.model.pre_proj = 1
   # SimpleNet heads (adaptor + discriminator) trained side by side, each from
   # its own initialisation and noise, their patch scores averaged; 1 =
   # released. The average is one head of heads x hidden units at inference.

@@ -88,6 +88,8 @@ def fingerprint(config) -> str:
   # as the code before them did, so such runs still resume and export.
   if keys['model'].get('heads') == 1:
     keys['model'].pop('heads')
+  if keys['model'].get('pre_proj') == 1:
+    keys['model'].pop('pre_proj')
   if not keys['model'].get('shrink_on_saturation'):
     keys['model'].pop('shrink_on_saturation', None)
   syn = keys.get('synthesis', {})

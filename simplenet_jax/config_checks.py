@@ -163,6 +163,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          f'is {m.patch_size}; must be an odd number >= 1')
   for key in ('pretrain_embed_dim', 'target_embed_dim', 'hidden', 'heads'):
     _check(m[key] >= 1, f'model.{key}', f'is {m[key]}; must be >= 1')
+  _check(m.pre_proj in (0, 1), 'model.pre_proj',
+         f'is {m.pre_proj}; must be 0 (no adaptor) or 1 (the released '
+         'one-layer adaptor)')
   _check(m.margin > 0, 'model.margin', f'is {m.margin}; must be > 0')
   _one_of(config, 'model.noise_mode', train.NOISE_MODES)
   _check(m.noise_std > 0, 'model.noise_std', f'is {m.noise_std}; must be > 0')

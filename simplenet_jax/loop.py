@@ -555,11 +555,12 @@ def _stack_padded(arrays, mesh, axis: int = 0):
 
 def _learning_rates(c, steps_per_pass: int, p: int) -> dict:
   """The optimisers' learning rates during pass p (0-based): the adaptor's is
-  constant, the discriminator's follows train.disc_lr_schedule."""
+  constant (0 with model.pre_proj=0: it is never trained), the
+  discriminator's follows train.disc_lr_schedule."""
   disc = train.disc_lr_schedule(c.optim, steps_per_pass, c.train.num_passes)
   if callable(disc):
     disc = disc(jnp.asarray(p * steps_per_pass))
-  return {'lr_adaptor': float(c.optim.adaptor_lr),
+  return {'lr_adaptor': float(c.optim.adaptor_lr) if c.model.pre_proj else 0.0,
           'lr_discriminator': float(disc)}
 
 

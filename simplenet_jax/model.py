@@ -44,7 +44,8 @@ class TorchDense(nn.Module):
 
 
 class Adaptor(nn.Module):
-  """The feature adaptor: one Linear(D, D) with bias (released: pre_proj=1)."""
+  """The feature adaptor: one Linear(D, D) with bias (released: pre_proj=1;
+  model.pre_proj=0 holds it at the identity, `train._init_head`)."""
   features: int
 
   @nn.compact

@@ -465,7 +465,8 @@ def _category_section(workdir: str, row: dict) -> str:
   if os.path.isfile(fig3):
     with open(fig3, 'rb') as f:
       out.append('<p class="note">Per-dimension standard deviation of the '
-                 'training features before and after the adaptor.</p>'
+                 'training features before and after the adaptor (the '
+                 'same with model.pre_proj=0, which has none).</p>'
                  + _plot(f.read(), f'{cat}: feature std histogram'))
   else:
     out.append('<p class="note">Not drawn (eval.feature_histogram off, or the '

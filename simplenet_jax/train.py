@@ -97,8 +97,8 @@ def disc_lr_schedule(optim_cfg, steps_per_pass: int, num_passes: int):
   return schedule
 
 
-def make_optimizer(optim_cfg, steps_per_pass: int,
-                   num_passes: int) -> optax.GradientTransformation:
+def make_optimizer(optim_cfg, steps_per_pass: int, num_passes: int,
+                   train_adaptor: bool = True) -> optax.GradientTransformation:
   """One optax transform over params {'adaptor', 'discriminator'}.
 
   'released': adaptor AdamW(adaptor_lr, adaptor_wd); discriminator Adam
@@ -109,6 +109,7 @@ def make_optimizer(optim_cfg, steps_per_pass: int,
     Adam(adaptor_lr) with coupled L2 adaptor_wd; discriminator AdamW(disc_lr,
     decoupled disc_wd).
   `cos_lr` schedules the discriminator lr only, as released.
+  train_adaptor=False (model.pre_proj=0): the adaptor's updates are zero.
 
   Equal settings give the same (cached) object, so train states built from
   the same config share compiled steps.
@@ -118,27 +119,28 @@ def make_optimizer(optim_cfg, steps_per_pass: int,
       optim_cfg.variant, float(optim_cfg.adaptor_lr), float(optim_cfg.adaptor_wd),
       float(optim_cfg.disc_lr), float(optim_cfg.disc_wd), cos_lr,
       int(steps_per_pass) if cos_lr else 0, int(num_passes) if cos_lr else 0,
-      int(optim_cfg.cos_period_passes) if cos_lr else 0)
+      int(optim_cfg.cos_period_passes) if cos_lr else 0, bool(train_adaptor))
 
 
 @functools.lru_cache(maxsize=64)
 def _optimizer(variant, adaptor_lr, adaptor_wd, disc_lr, disc_wd, cos_lr,
-               steps_per_pass, num_passes, cos_period_passes):
+               steps_per_pass, num_passes, cos_period_passes, train_adaptor):
   disc_cfg = {'disc_lr': disc_lr, 'cos_lr': cos_lr,
               'cos_period_passes': cos_period_passes}
   disc_lr = disc_lr_schedule(disc_cfg, steps_per_pass, num_passes)
   if variant == 'glass':
-    return optax.multi_transform(
-        {'adaptor': _adam(adaptor_lr, l2=adaptor_wd),
-         'discriminator': optax.adamw(disc_lr, b1=0.9, b2=0.999, eps=1e-8,
-                                      weight_decay=disc_wd)},
-        _top_level_labels)
-  disc = _adam(disc_lr, l2=disc_wd)
-  if variant == 'released':
+    adaptor = _adam(adaptor_lr, l2=adaptor_wd)
+    disc = optax.adamw(disc_lr, b1=0.9, b2=0.999, eps=1e-8,
+                       weight_decay=disc_wd)
+  elif variant == 'released':
     adaptor = optax.adamw(adaptor_lr, b1=0.9, b2=0.999, eps=1e-8,
                           weight_decay=adaptor_wd)
+    disc = _adam(disc_lr, l2=disc_wd)
   else:
     adaptor = _adam(adaptor_lr, l2=disc_wd)
+    disc = _adam(disc_lr, l2=disc_wd)
+  if not train_adaptor:
+    adaptor = optax.set_to_zero()
   return optax.multi_transform(
       {'adaptor': adaptor, 'discriminator': disc}, _top_level_labels)
 
@@ -154,12 +156,24 @@ def head_modules(params):
   return model_lib.Adaptor(dim), model_lib.Discriminator(hidden)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _init_head(key, embed_dim, hidden):
-  """Released init of adaptor and discriminator: (params, batch_stats)."""
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _init_head(key, embed_dim, hidden, pre_proj=1):
+  """Released init of adaptor and discriminator: (params, batch_stats).
+
+  pre_proj=0 (the released code's no-adaptor switch): the adaptor is the
+  identity (kernel I, bias 0), which `make_optimizer(train_adaptor=False)`
+  never moves, so the discriminator reads the local features as they are
+  while every path that applies an adaptor stays one path. The
+  discriminator's init is the same for either value (same key split).
+  """
   k_adaptor, k_disc = jax.random.split(key)
   x = jnp.zeros((2, embed_dim), jnp.float32)
-  adaptor_vars = model_lib.Adaptor(embed_dim).init(k_adaptor, x)
+  if pre_proj:
+    adaptor_vars = model_lib.Adaptor(embed_dim).init(k_adaptor, x)
+  else:
+    adaptor_vars = {'params': {'fc': {
+        'kernel': jnp.eye(embed_dim, dtype=jnp.float32),
+        'bias': jnp.zeros((embed_dim,), jnp.float32)}}}
   disc_vars = model_lib.Discriminator(hidden).init(k_disc, x, train=False)
   params = {'adaptor': adaptor_vars['params'],
             'discriminator': disc_vars['params']}
@@ -186,8 +200,11 @@ def create_train_state(key: jax.Array, model_cfg, optim_cfg, embed_dim: int,
 
 def _one_head_state(key, model_cfg, optim_cfg, embed_dim, steps_per_pass,
                     num_passes) -> TrainState:
-  params, batch_stats = _init_head(key, int(embed_dim), int(model_cfg.hidden))
-  tx = make_optimizer(optim_cfg, steps_per_pass, num_passes)
+  pre_proj = int(model_cfg.pre_proj)
+  params, batch_stats = _init_head(key, int(embed_dim), int(model_cfg.hidden),
+                                   pre_proj)
+  tx = make_optimizer(optim_cfg, steps_per_pass, num_passes,
+                      train_adaptor=pre_proj == 1)
   std = (float(model_cfg.noise_std) if model_cfg.noise_mode == 'absolute'
          else float('nan'))
   return TrainState(

@@ -48,6 +48,8 @@ RELEASED = {
     'model.target_embed_dim': 1536,
     'model.patch_size': 3,
     'model.hidden': 1024,
+    # run_mvtec.sh --pre_proj 1: one trained Linear adaptor.
+    'model.pre_proj': 1,
     'backbone.name': 'wide_resnet50_2',
     'backbone.layers': ('layer2', 'layer3'),
     # simplenet.py: proj_opt = AdamW(lr * .1), i.e. AdamW(1e-4) with AdamW's

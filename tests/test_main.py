@@ -146,6 +146,14 @@ def test_train_eval_predict(tmp_path, weights_dir, env):
   # checkpoint), train again: it resumes at pass 3 and ends bit-identical.
   step, before = _final_tree(cat)
   assert step == 4
+  # configs/demo.py has no adaptor (model.pre_proj=0): every head's is still
+  # the identity after training, and the log says its lr is 0.
+  adaptor = before['params']['adaptor']['fc']
+  assert adaptor['kernel'].shape == (3, 64, 64)  # model.heads=3.
+  np.testing.assert_array_equal(adaptor['kernel'],
+                                np.broadcast_to(np.eye(64), (3, 64, 64)))
+  np.testing.assert_array_equal(adaptor['bias'], 0)
+  assert {r['lr_adaptor'] for r in log} == {0.0}
   shutil.rmtree(cat / 'checkpoints' / '4')
   proc = main_py(tiny_args(workdir, weights_dir) + ['--mode=train'], env)
   step, after = _final_tree(cat)

@@ -481,3 +481,85 @@ def test_heads_are_validated_and_one_head_keeps_the_fingerprint():
     with pytest.raises(UserError, match=r'^config\.model\.heads: is '
                        f'{bad}; must be >= 1$'):
       config_checks.validate(c)
+
+
+def test_no_adaptor_trains_the_discriminator_as_released():
+  """model.pre_proj=0, the released code's run without its adaptor: the
+  discriminator alone, trained on [x; x + noise] with the truncated L1 and
+  Adam with coupled L2 (torch, step by step from the same init), while the
+  adaptor stays the identity exactly and the fused head scores the features
+  as they are."""
+  torch = helpers.require_torch()
+  cfg = get_config()
+  cfg.model.hidden, cfg.model.pre_proj = 6, 0
+  d, n, th = 8, 12, cfg.model.margin
+  state = train.create_train_state(jax.random.key(0), cfg.model, cfg.optim, d,
+                                   10, 2)
+  disc = state.params['discriminator']
+  t = lambda a: torch.from_numpy(np.array(a, np.float32))
+  fc, bn = torch.nn.Linear(d, 6), torch.nn.BatchNorm1d(6)
+  tail = torch.nn.Linear(6, 1, bias=False)
+  with torch.no_grad():
+    fc.weight.copy_(t(disc['fc']['kernel']).T)
+    fc.bias.copy_(t(disc['fc']['bias']))
+    bn.weight.copy_(t(disc['bn']['scale']))
+    bn.bias.copy_(t(disc['bn']['bias']))
+    tail.weight.copy_(t(disc['tail']['kernel']).T)
+  net = torch.nn.Sequential(fc, bn, torch.nn.LeakyReLU(0.2), tail)
+  opt = torch.optim.Adam(net.parameters(), lr=cfg.optim.disc_lr,
+                         weight_decay=cfg.optim.disc_wd)
+  rng = np.random.default_rng(0)
+  steps = 3
+  for _ in range(steps):
+    x = (rng.normal(size=(n, d)) * 2 + 1).astype(np.float32)
+    noise = (rng.normal(size=(n, d)) * 0.5).astype(np.float32)
+    state, metrics = train.train_step_with_noise(state, x, noise)
+    scores = net(torch.cat([t(x), t(x + noise)]))[:, 0]
+    loss = (torch.clip(th - scores[:n], min=0).mean() +
+            torch.clip(scores[n:] + th, min=0).mean())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert _rel(metrics['loss'], loss.item()) <= 1e-5
+  adaptor = state.params['adaptor']['fc']
+  np.testing.assert_array_equal(adaptor['kernel'], np.eye(d))
+  np.testing.assert_array_equal(adaptor['bias'], np.zeros(d))
+  disc = state.params['discriminator']
+  assert _rel(disc['fc']['kernel'], fc.weight.detach().numpy().T) <= 1e-4
+  # fc's bias has a zero gradient in exact arithmetic (BatchNorm follows):
+  # Adam turns rounding noise into steps of up to lr.
+  assert np.abs(np.asarray(disc['fc']['bias']) -
+                fc.bias.detach().numpy()).max() <= 2 * cfg.optim.disc_lr * steps
+  assert _rel(disc['bn']['scale'], bn.weight.detach().numpy()) <= 1e-4
+  assert _rel(disc['bn']['bias'], bn.bias.detach().numpy()) <= 1e-4
+  assert _rel(disc['tail']['kernel'][:, 0], tail.weight.detach().numpy()[0]
+              ) <= 1e-4
+  stats = state.batch_stats['discriminator']['bn']
+  assert _rel(stats['var'], bn.running_var.numpy()) <= 1e-4
+  net.eval()
+  x = rng.normal(size=(5, d)).astype(np.float32)
+  fused = scoring.fused_head({'params': state.params,
+                              'batch_stats': state.batch_stats})
+  h = x @ np.asarray(fused['kernel']) + np.asarray(fused['bias'])
+  got = -(np.where(h >= 0, h, 0.2 * h) @ np.asarray(fused['tail']))
+  want = -net(t(x))[:, 0].detach().numpy()
+  np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
+
+
+def test_pre_proj_is_validated_and_one_keeps_the_fingerprint():
+  from simplenet_jax import category  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from simplenet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  c = get_config()
+  assert c.model.pre_proj == 1
+  # As the code before model.pre_proj printed it: runs with the released
+  # adaptor still resume and export.
+  assert category.fingerprint(c) == '0x8e95376f'
+  c.model.pre_proj = 0
+  assert category.fingerprint(c) != '0x8e95376f'
+  config_checks.validate(c)
+  for bad in (2, -1):
+    c.model.pre_proj = bad
+    with pytest.raises(UserError, match=r'^config\.model\.pre_proj: is '
+                       f'{bad}; must be 0 \\(no adaptor\\) or 1'):
+      config_checks.validate(c)
