@@ -235,6 +235,8 @@ def _training_text(config: dict) -> str:
             'released' else '')]
   other = ''.join(f'; {o}' for o in other if o)
   heads = (f"{m['heads']} heads averaged, " if m.get('heads', 1) > 1 else '')
+  if m.get('pre_proj', 1) == 0:
+    heads += 'no adaptor, '
   if views:
     heads += f'trained on {views}, '
   return (heads + f"{t.get('num_passes')} passes, batch {t.get('batch_size')}, "
