@@ -34,18 +34,6 @@ training pass costs about 2x one head's on a CPU (the heads' step is one
 vmap; the demo command 6 min against 3 min 53 s). One head:
 --config.model.heads=1.
 
-The heads have no adaptor (model.pre_proj=0, the released code's other
-setting; its run scripts use 1): the released adaptor is a random
-Linear(D, D) that 40 passes at lr 1e-4 leave with a random matrix's
-spectrum, a tenth of the feature directions shrunk more than sixfold, so
-the head could not see a defect along them. Without it, 3 seeds
-(docs/quality.md, thirtieth round; I / P / PRO %): demo mean 92.7 / 97.1 /
-82.9 against 93.5 / 96.9 / 82.4 (pixel AUROC and AUPRO up on every
-category, grass's image AUROC down 2 points), cookies at 128 px 98.7 /
-96.5 / 85.8 against 98.7 / 96.3 / 85.4. The released adaptor:
---config.model.pre_proj=1 (also what a run of this config from before
-the thirtieth round needs to be resumed or evaluated).
-
 With many training images (hundreds, not the demo's 20 tiles) the loss at
 that noise saturates: a pass ends with its fakes nearly all past the
 margin (p_fake >= 0.98), where the truncated L1 teaches the head nothing
@@ -81,10 +69,6 @@ def get_config():
   c.model.target_embed_dim = 384
   c.model.hidden = 1024  # The released dsc_hidden.
   c.model.heads = 3  # Three heads side by side, their scores averaged.
-  # No adaptor (the released code's --pre_proj 0): at these training lengths
-  # the released one stays a random projection that hides a tenth of the
-  # feature directions from the head (docs/quality.md, thirtieth round).
-  c.model.pre_proj = 0
   c.model.noise_mode = 'spread'
   c.model.noise_rel = 0.4
   # Many training images saturate the loss at that noise: train again with

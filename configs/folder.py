@@ -110,16 +110,6 @@ on the 2-core CPU there (18-21 s against 6-7 s), less on an accelerator,
 where the heads' step is one vmap. One head: --config.model.heads=1, which
 is also what a run trained with this config before the twenty-fourth round
 needs to be resumed or evaluated.
-
-The heads have no adaptor (model.pre_proj=0, as configs/demo.py; the
-released code's other setting): the released one is a random Linear(D, D)
-that short training leaves with a random matrix's spectrum, hiding a tenth
-of the feature directions from the head. On the cookies photos at 256 px
-(the demo's narrowed head, 40 passes, 3 seeds; docs/quality.md, thirtieth
-round) 98.1 / 96.8 / 89.1 against 98.4 / 96.5 / 88.4 with it, kNN 96.8 /
-96.4 / 90.5. Measured at 40 passes and up to 31 images only. The released
-adaptor: --config.model.pre_proj=1 (also what a run trained with this
-config before the thirtieth round needs).
 """
 
 import ml_collections
@@ -146,7 +136,6 @@ def get_config():
   c.model.shrink_on_saturation = 0.25
   c.synthesis.gas = 'hypersphere'
   c.model.heads = 3  # Three heads side by side, their scores averaged.
-  c.model.pre_proj = 0  # No adaptor, as configs/demo.py (thirtieth round).
   c.threshold.holdout_fraction = 0.1  # Without dataset.val_dir.
   # kNN on the same features, reported beside the head's figures.
   c.eval.yardstick = True

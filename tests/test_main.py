@@ -36,6 +36,9 @@ def tiny_args(workdir, weights_dir, passes=4):
       # Released scoring (the demo config flips and takes the map's peak):
       # the image-score check below switches to the peak itself.
       '--config.eval.tta=none', '--config.eval.image_score=patch_max',
+      # No adaptor (the released code's --pre_proj 0), trained, evaluated,
+      # resumed and predicted from main.py.
+      '--config.model.pre_proj=0',
   ]
 
 
@@ -146,8 +149,8 @@ def test_train_eval_predict(tmp_path, weights_dir, env):
   # checkpoint), train again: it resumes at pass 3 and ends bit-identical.
   step, before = _final_tree(cat)
   assert step == 4
-  # configs/demo.py has no adaptor (model.pre_proj=0): every head's is still
-  # the identity after training, and the log says its lr is 0.
+  # model.pre_proj=0 (tiny_args): every head's adaptor is still the identity
+  # after training, and the log says its lr is 0.
   adaptor = before['params']['adaptor']['fc']
   assert adaptor['kernel'].shape == (3, 64, 64)  # model.heads=3.
   np.testing.assert_array_equal(adaptor['kernel'],
@@ -254,7 +257,8 @@ def test_saturated_head_that_trails_knn_gets_a_hint(tmp_path, weights_dir,
       '--config.model.shrink_on_saturation=0',  # The hint of a plain run.
       '--config.model.noise_rel=4', '--config.synthesis.gas=none',
       '--config.optim.disc_lr=0.05', '--config.eval.visualize=none',
-      '--config.train.eval_every=0'], env)
+      '--config.train.eval_every=0',
+      '--config.model.pre_proj=1'], env)  # As the demo config.
   (row,) = json.loads((workdir / 'results.json').read_text())['rows']
   log = [json.loads(l) for l in
          (workdir / 'brick' / 'log.jsonl').read_text().splitlines()]

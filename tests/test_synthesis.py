@@ -825,7 +825,6 @@ def test_checkpoints_remember_the_switches():
   then = demo.get_config()
   then.model.hidden, then.model.heads = 256, 1
   then.model.shrink_on_saturation = 0.0
-  then.model.pre_proj = 1
   assert category.fingerprint(then) == '0xcafcc261'
   then.train.augment = 'flips'  # Another training set: not resumed.
   assert category.fingerprint(then) != '0xcafcc261'
@@ -861,8 +860,7 @@ def test_shrink_on_saturation_off_leaves_fingerprints():
   assert category.fingerprint(c) == '0x8e95376f'
   f = folder.get_config()
   f.model.shrink_on_saturation = 0.0
-  f.model.heads = 1  # As the folder config was before three heads,
-  f.model.pre_proj = 1  # and before it dropped the adaptor.
+  f.model.heads = 1  # As the folder config was before three heads.
   assert category.fingerprint(f) == '0x54e60c84'
   c.model.shrink_on_saturation = 0.25
   assert category.fingerprint(c) != '0x8e95376f'

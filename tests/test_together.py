@@ -494,13 +494,7 @@ def test_main_trains_synthesis_categories_together_as_if_alone(
            f'--config.synthesis.gas_centre={gas_centre}',
            '--config.synthesis.gas_steps=4', '--config.synthesis.gas_every=2',
            '--config.model.noise_rel=10', '--config.optim.disc_lr=0.05',
-           '--config.model.shrink_on_saturation=0.9',
-           # With the released adaptor these tiny runs reach the lowered
-           # threshold at different passes; without it (the demo config
-           # now) their p_fake stays at 0.36-0.49 and none restarts. The
-           # demo config's no-adaptor heads train stacked in
-           # test_main_trains_three_categories_together_as_if_alone.
-           '--config.model.pre_proj=1')
+           '--config.model.shrink_on_saturation=0.9')
   env = conftest.main_env(jax_cache_dir)
   alone, together = tmp_path / 'alone', tmp_path / 'together'
   for workdir, k in ((alone, 1), (together, 3)):
