@@ -77,10 +77,15 @@ ROWS = {
     # configs/demo.py in the fifteenth and sixteenth rounds: three such
     # heads, averaged.
     'gas_flips_heads': {**_GAS_FLIPS_WIDE, 'model.heads': 3},
-    # configs/demo.py since the seventeenth round: the same, trained again
-    # with a quarter of the noise if the loss saturates.
+    # configs/demo.py in the seventeenth to thirtieth rounds: the same,
+    # trained again with a quarter of the noise if the loss saturates.
     'gas_flips_shrink': {**_GAS_FLIPS_WIDE, 'model.heads': 3,
                          'model.shrink_on_saturation': 0.25},
+    # configs/demo.py since the thirty-first round: the same, trained on
+    # each image's flips too where they look normal (train.augment='auto':
+    # a quarter of the passes then).
+    'gas_auto': {**_GAS_FLIPS_WIDE, 'model.heads': 3,
+                 'model.shrink_on_saturation': 0.25, 'train.augment': 'auto'},
     # The same without the adaptor (model.pre_proj=0, the released code's
     # other setting; thirtieth round).
     'gas_noproj': {**_GAS_FLIPS_WIDE, 'model.heads': 3,
@@ -201,9 +206,11 @@ def run_one(name: str, row: str, seed: int, args) -> dict:
   # METRICS, and kNN on the same features (eval.yardstick) where present.
   out = {k: v for k, v in doc['rows'][0].items()
          if k in METRICS + report.YARDSTICK + ('decisions',
-                                                'synthetic_pixel_auroc')}
+                                                'synthetic_pixel_auroc',
+                                                'augment')}
   out.update(set=set_label(name, args), row=row, seed=seed,
-             passes=config.train.num_passes,
+             # The passes run (train.augment='auto' may take fewer).
+             passes=log[-1].get('pass', config.train.num_passes),
              sec_per_pass=float(np.median(pass_s)) if pass_s else None,
              train_s=timings['train'], wall_s=wall,
              load=os.getloadavg()[0], last=log[-1])

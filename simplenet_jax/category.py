@@ -26,6 +26,7 @@ from simplenet_jax import parallel
 from simplenet_jax import scoring
 from simplenet_jax import synthesis
 from simplenet_jax import train
+from simplenet_jax import view_check
 from simplenet_jax.errors import UserError
 
 
@@ -145,6 +146,12 @@ class CategoryContext:
   grid_hw: tuple[int, int]
   embed_dim: int
   key: jax.Array
+  # The config as given, when `config` differs from it for this category
+  # (train.augment='auto', `view_check.resolve`): what checkpoints are
+  # fingerprinted with, so that eval, predict and export take the same
+  # --config the training did.
+  requested: Any = None
+  augment_verdict: Any = None  # view_check.Verdict, with 'auto'.
 
   @classmethod
   def create(cls, config, workdir, category, kind, module, backbone_vars,
@@ -190,13 +197,22 @@ class CategoryContext:
                            jax.ShapeDtypeStruct((1, h, w, 3), jnp.uint8)).shape
     predict_fn = scoring.make_predict_fn(module, layers, config.model,
                                          test_set.image_hw, config.eval)
+    requested, verdict = None, None
+    if config.train.augment == 'auto':
+      if len(train_idx) >= 2:
+        verdict = view_check.check_flips(
+            feature_fn, backbone_vars, train_set, train_idx, config, mesh,
+            jax.random.fold_in(key, 4), (shape[1], shape[2]), shape[3])
+      requested = config
+      config = view_check.resolve(config, category, verdict)
     return cls(config=config, workdir=os.path.join(workdir, category),
                category=category, kind=kind, module=module,
                backbone_vars=backbone_vars, mesh=mesh, train_set=train_set,
                test_set=test_set, val_set=val_set, train_idx=train_idx,
                holdout_idx=holdout_idx,
                feature_fn=feature_fn, predict_fn=predict_fn,
-               grid_hw=(shape[1], shape[2]), embed_dim=shape[3], key=key)
+               grid_hw=(shape[1], shape[2]), embed_dim=shape[3], key=key,
+               requested=requested, augment_verdict=verdict)
 
   @property
   def train_rows(self) -> int:
@@ -253,7 +269,18 @@ class CategoryContext:
                 bank_rows=self.bank_rows, method=c.model.method,
                 backbone=c.backbone.name, layers=list(c.backbone.layers),
                 num_passes=c.train.num_passes, seed=c.seed,
-                fingerprint=fingerprint(c), data=self.data_record, **extra)
+                fingerprint=fingerprint(self.requested or c),
+                data=self.data_record, **self.augment_record(), **extra)
+
+  def augment_record(self) -> dict:
+    """With train.augment='auto': {'augment': what it chose ('flips' or
+    'none'), 'augment_why': the measurements}; else {}."""
+    if self.requested is None:
+      return {}
+    v = self.augment_verdict
+    return {'augment': self.config.train.augment,
+            'augment_why': ('fewer than two training images' if v is None
+                            else v.describe())}
 
   def _data_digest(self, kind: str) -> str:
     """CRC of the `data.image_ids` (of `kind`) of the training, held-out and
@@ -306,7 +333,7 @@ class CategoryContext:
 
   def check_compatible(self, meta: dict) -> None:
     """A checkpoint of another config is the user's to resolve, not skipped."""
-    if meta.get('fingerprint') != fingerprint(self.config):
+    if meta.get('fingerprint') != fingerprint(self.requested or self.config):
       raise UserError(
           f'{self.checkpoint_dir} was written with a different config '
           '(backbone, model, optim, seed, batch size or number of passes); use '

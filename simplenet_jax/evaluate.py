@@ -230,6 +230,8 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
                                                meta['threshold'])
   if meta and meta.get('saturated_at'):  # model.shrink_on_saturation acted.
     row['saturated_at'] = int(meta['saturated_at'])
+  if meta and meta.get('augment'):  # train.augment='auto': what it chose.
+    row['augment'], row['augment_why'] = meta['augment'], meta['augment_why']
   best = meta.get('best_on_test') if meta else None
   if best is not None:
     # The released protocol: the best evaluated pass, chosen on the test set.

@@ -72,7 +72,7 @@ def _ops(mesh, shape, dtype):
   return zeros, write
 
 
-AUGMENTS = ('none', 'flips', 'shifts')  # train.augment
+AUGMENTS = ('none', 'flips', 'shifts', 'auto')  # train.augment ('auto': view_check)
 
 
 class View(NamedTuple):
@@ -90,6 +90,9 @@ def views(train_cfg) -> tuple:
   the features a grid half a cell off would see, which every test image
   that is not aligned with the training images does. Row r of a pass (and
   of the cache) of N training images is view r // N of image r % N."""
+  if train_cfg.augment == 'auto':  # A category's config never holds it.
+    raise ValueError("train.augment='auto' is resolved per category first "
+                     '(view_check.resolve)')
   if train_cfg.augment == 'flips':
     return tuple(View(flip=a) for a in scoring.FLIP_AXES)
   if train_cfg.augment == 'shifts':

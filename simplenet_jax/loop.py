@@ -387,7 +387,8 @@ def train_categories(ctxs, tbs=None) -> list:
 
   A group is the categories whose TrainStates share one static structure
   (all of them, unless `optim.cos_lr` makes the optimiser depend on each
-  category's steps per pass) and that cache their features; with synthesis
+  category's steps per pass) and number of passes (train.augment='auto'
+  may give each its own) and that cache their features; with synthesis
   also one feature grid. A category without the feature cache or with
   train.neighbour_mix is trained alone. Each keeps its own batches, keys,
   checkpoints, resume point, log and restart on saturation
@@ -422,7 +423,9 @@ def train_categories(ctxs, tbs=None) -> list:
         continue
       # Synthesis shapes the batch as images of one grid.
       grid = run.ctx.grid_hw if run.syn.active else None
-      groups.setdefault((jax.tree.structure(run.state), grid), []).append(k)
+      # train.augment='auto' gives categories other numbers of passes.
+      groups.setdefault((jax.tree.structure(run.state), grid,
+                         run.config.train.num_passes), []).append(k)
     for members in groups.values():
       finished = _train_stacked([runs[k] for k in members])
       for k, result in zip(members, finished):

@@ -209,7 +209,9 @@ def _training_text(config: dict) -> str:
   """The method and its settings in words (results.json's config)."""
   m, t = config.get('model', {}), config.get('train', {})
   views = {'flips': 'each image and its three flips',
-           'shifts': 'each image and its three half-cell shifts'
+           'shifts': 'each image and its three half-cell shifts',
+           'auto': ('each image and its three flips where they look normal '
+                    '(with a quarter of the passes)')
            }.get(t.get('augment'))
   if m.get('method') == 'knn':
     frac = config.get('knn', {}).get('coreset_fraction')
@@ -411,6 +413,12 @@ def _category_section(workdir: str, row: dict) -> str:
                  'a smaller noise '
                  '(model.shrink_on_saturation; the first attempt in '
                  'log.saturated.jsonl and checkpoints.saturated/)')
+  if row.get('augment'):  # train.augment='auto' (simplenet_jax/view_check.py).
+    facts.append('train.augment=auto: '
+                 + ('trained on each image and its three flips'
+                    if row['augment'] == 'flips' else
+                    'trained on the images alone')
+                 + f" ({row.get('augment_why')})")
   out.append(f'<p class="facts">{" &middot; ".join(_e(x) for x in facts)}</p>')
   if row.get('advice'):  # yardstick.advice: the head trails kNN, saturated.
     out.append(f'<p class="note"><b>Hint:</b> {_e(row["advice"])}</p>')

@@ -45,6 +45,7 @@ def test_cookies_better_than_chance(tmp_path, lite0_weights_dir):
   config.eval.visualize = 'none'
   config.eval.feature_histogram = False
   config.threshold.holdout_fraction = 0.0
+  config.train.augment = 'none'  # The figures above: the photos alone.
   (row,) = experiment.run(config, str(tmp_path / 'run'), 'train')
   assert row['n_test'] == 46
   assert row['image_auroc'] > 0.9, row

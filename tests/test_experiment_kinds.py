@@ -35,6 +35,7 @@ def _tiny(config, weights_dir):
   config.eval.tta = 'none'
   config.eval.image_score = 'patch_max'
   config.eval.yardstick = False
+  config.train.augment = 'none'
   return config
 
 

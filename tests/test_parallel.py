@@ -312,6 +312,13 @@ def test_main_same_table_on_four_devices(tmp_path):
   for k in ('image_auroc', 'pixel_auroc', 'aupro', 'knn_image_auroc',
             'knn_pixel_auroc', 'knn_aupro'):
     assert abs(row4[k] - row1[k]) < 1e-4, (k, row4[k], row1[k])
-  assert [r['pass'] for r in results[4]['log']] == [1, 2]
+  # train.augment='auto' (the demo config's) chooses alike on both: at
+  # 32 px the brick tiles' flips look normal, so 1 pass of 2 over 4x rows.
+  said = {d: [l for l in outs[d].splitlines() if 'train.augment=auto' in l]
+          for d in outs}
+  assert len(said[1]) == 1 and said[4] == said[1], said
+  assert 'its flips look normal' in said[1][0]
+  assert [r['pass'] for r in results[4]['log']] == [1]
+  assert [r['pass'] for r in results[1]['log']] == [1]
   for r1, r4 in zip(results[1]['log'], results[4]['log']):
     assert abs(r4['loss'] - r1['loss']) < TOL

@@ -82,8 +82,10 @@ def test_rows_score_as_released_unless_named(tmp_path):
   """Rows start from the released scoring (one pass, the largest patch
   score) and never train again on saturation, though configs/demo.py flips,
   takes the map's peak and starts over with a quarter of the noise when
-  the loss saturates; the 'gas_flips_shrink' row is configs/demo.py as
-  shipped, 'gas_flips_augment' the same trained on the images' flips too
+  the loss saturates; the 'gas_auto' row is configs/demo.py as shipped,
+  'gas_flips_shrink' the same without train.augment='auto' (the shipped row
+  of the seventeenth to thirtieth rounds), 'gas_flips_augment' the same
+  trained on the images' flips too
   for 10 passes (train.augment, nineteenth round), 'gas_flips_heads' the
   shipped row without the restart (the fifteenth and sixteenth rounds'), 'gas_flips_wide' with one head, 'gas_flips' with
   one head of the 256 hidden units every row had up to the thirteenth
@@ -98,7 +100,7 @@ def test_rows_score_as_released_unless_named(tmp_path):
   assert (shipped.eval.tta, shipped.eval.image_score) == ('flips', 'map_max')
   assert plain.model.shrink_on_saturation == 0
   assert (plain.train.augment, plain.train.num_passes) == ('none', 40)
-  shipped_row = quality.set_config('grass', 'gas_flips_shrink', 0, args)
+  shipped_row = quality.set_config('grass', 'gas_auto', 0, args)
   for key in ('model.noise_mode', 'model.noise_rel', 'model.hidden',
               'model.heads', 'model.shrink_on_saturation', 'synthesis.gas',
               'eval.tta', 'eval.image_score', 'train.augment',
@@ -108,9 +110,16 @@ def test_rows_score_as_released_unless_named(tmp_path):
   # 'gas_noproj' is the shipped row without the adaptor (model.pre_proj=0,
   # thirtieth round); every other row keeps the released adaptor.
   assert (plain.model.pre_proj, shipped.model.pre_proj) == (1, 1)
+  # 'gas_flips_shrink' is the shipped row of the seventeenth to thirtieth
+  # rounds: without train.augment='auto'.
+  before = quality.set_config('grass', 'gas_flips_shrink', 0, args)
+  assert before.train.augment == 'none'
+  before.train.augment = 'auto'
+  assert before.to_dict() == shipped_row.to_dict()
   noproj = quality.set_config('grass', 'gas_noproj', 0, args)
   assert noproj.model.pre_proj == 0
   noproj.model.pre_proj = 1
+  noproj.train.augment = 'auto'
   assert noproj.to_dict() == shipped_row.to_dict()
   augment = quality.set_config('grass', 'gas_flips_augment', 0, args)
   assert (augment.train.augment, augment.train.num_passes) == ('flips', 10)

@@ -820,6 +820,7 @@ def category_context(lite0_weights_dir, awkward_root):
   c.eval.batch_size = 8
   c.eval.visualize = 'none'
   c.synthesis.gas = 'none'  # The plain step (the tests patch it).
+  c.train.augment = 'none'  # The passes above, whatever the tiles' flips.
   config = config_checks.validate(c)
   mesh = parallel.make_mesh()
   module, variables = backbones.load_for_run(config.backbone)

@@ -1,0 +1,125 @@
+"""train.augment='auto': train on the images' flips where they look normal.
+
+A flipped training image is a free normal image only if the data looks
+normal mirrored. On top-down photographs of parts it does, and training on
+the flips lifts every figure (docs/quality.md, nineteenth round: the cookie
+photos); on photographs lit from one side it does not (a flip puts the
+shadows on the other side) and the flips cost the demo's grass and gravel
+5-7 points of image AUROC. Which case a data set is shows in its own
+features: with a nearest-neighbour detector fitted on the other training
+images, each training image's flips are scored as the image itself is
+(leave its image out), and a flip counts as normal when the median of its
+scores lies within the range of the images' own scores. The flips are
+trained on when all three do. No constant is fitted: the comparison is
+with the data's own spread.
+"""
+
+from typing import NamedTuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from simplenet_jax import console
+from simplenet_jax import feature_cache
+from simplenet_jax import knn
+from simplenet_jax import scoring
+
+# Enough for a stable median and range, few enough that the check costs
+# about one pass over 32 images (4 views each) and a small search even at
+# MVTec AD's 36x36 grid of 1536-d features.
+MAX_IMAGES = 32
+POSITIONS = 64  # Per image and view: an image's score is their mean.
+FLIP_NAMES = ('left-right', 'up-down', 'both')
+
+
+class Verdict(NamedTuple):
+  """own: (n,) each image's score (mean distance of its features to the
+  nearest feature of another image); flips: (3, n) the same for its
+  left-right, up-down and double flips."""
+  own: np.ndarray
+  flips: np.ndarray
+
+  @property
+  def normal(self) -> bool:
+    """Whether every flip's median score is within the images' own range."""
+    return bool(np.all(np.median(self.flips, 1) <= self.own.max()))
+
+  def describe(self) -> str:
+    medians = ' / '.join(f'{x:.1f}' for x in np.median(self.flips, 1))
+    names = ', '.join(FLIP_NAMES)
+    where = 'within' if self.normal else 'beyond'
+    return (f'median nearest-neighbour distance of the {names} flips '
+            f"{medians}: {where} the training images' own "
+            f'{self.own.min():.1f}-{self.own.max():.1f} ({self.own.size} '
+            'images)')
+
+
+def image_scores(features: jax.Array, key: jax.Array) -> np.ndarray:
+  """(V, n, P, D) features of n >= 2 images in V views (view 0 the images
+  as they are) -> (V, n): each view's mean distance, over POSITIONS random
+  positions (the same in every view), to the nearest feature of another
+  image as it is."""
+  v, n, p, d = features.shape
+  queries = features
+  if p > POSITIONS:
+    pos = jax.vmap(lambda k: jax.random.permutation(k, p)[:POSITIONS])(
+        jax.random.split(key, n))
+    queries = jnp.take_along_axis(features, pos[None, :, :, None], 2)
+  k = queries.shape[2]
+  query_image = jnp.broadcast_to(jnp.arange(n)[None, :, None], (v, n, k))
+  dist, _ = knn.nearest_neighbours(
+      queries.reshape(-1, d), features[0].reshape(-1, d),
+      query_groups=query_image.reshape(-1),
+      bank_groups=jnp.repeat(jnp.arange(n), p))
+  return np.asarray(dist).reshape(v, n, k).mean(-1)
+
+
+def check_flips(feature_fn, backbone_vars, dataset, indices, config, mesh,
+                key: jax.Array, grid_hw, dim) -> Verdict:
+  """The Verdict on the flips of (up to MAX_IMAGES of, drawn with `key`)
+  the training images `dataset[indices]`, two or more."""
+  indices = np.asarray(indices)
+  k_images, k_positions = jax.random.split(key)
+  if len(indices) > MAX_IMAGES:
+    indices = np.sort(indices[np.asarray(
+        jax.random.permutation(k_images, len(indices)))[:MAX_IMAGES]])
+  views = tuple(feature_cache.View(flip=a) for a in scoring.FLIP_AXES)
+  features = feature_cache.build(feature_fn, backbone_vars, dataset, indices,
+                                 config.eval.batch_size, config.train,
+                                 config.dataset, mesh, grid_hw=grid_hw,
+                                 dim=dim, image_views=views)
+  features = features.astype(jnp.float32).reshape(
+      len(views), len(indices), -1, features.shape[-1])
+  scores = image_scores(features, k_positions)
+  return Verdict(own=scores[0], flips=scores[1:])
+
+
+def resolve(config, category: str, verdict: Verdict | None):
+  """The config a category trains with under train.augment='auto': 'flips'
+  with a quarter of train.num_passes (as many steps: a pass covers 4x the
+  rows) when the verdict says the flips look normal, else 'none'. Says
+  which on the console. verdict None: fewer than two training images, so
+  nothing to compare with."""
+  out = config.copy_and_resolve_references()
+  flips = verdict is not None and verdict.normal
+  out.train.augment = 'flips' if flips else 'none'
+  if flips:
+    out.train.num_passes = max(1, round(config.train.num_passes / 4))
+  why = ('fewer than two training images to compare' if verdict is None
+         else verdict.describe())
+  if verdict is None:
+    what = 'the images alone are training images'
+  elif flips:
+    n = out.train.num_passes
+    what = (f"its flips look normal: each image and its three flips are "
+            f"training images, {n} pass{'es' if n > 1 else ''} over them (a "
+            f'quarter of train.num_passes={config.train.num_passes}, as many '
+            'steps)')
+  else:
+    what = 'its flips do not look normal: the images alone are training images'
+  message = f'{category}: train.augment=auto: {what} ({why})'
+  logging.info('%s', message)
+  console.note(message)
+  return out
