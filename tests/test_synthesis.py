@@ -862,6 +862,7 @@ def test_shrink_on_saturation_off_leaves_fingerprints():
   f = folder.get_config()
   f.model.shrink_on_saturation = 0.0
   f.model.heads = 1  # As the folder config was before three heads.
+  f.train.augment = 'none'  # And before 'auto' (thirty-first round).
   assert category.fingerprint(f) == '0x54e60c84'
   c.model.shrink_on_saturation = 0.25
   assert category.fingerprint(c) != '0x8e95376f'
