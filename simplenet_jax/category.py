@@ -277,10 +277,8 @@ class CategoryContext:
     'none'), 'augment_why': the measurements}; else {}."""
     if self.requested is None:
       return {}
-    v = self.augment_verdict
     return {'augment': self.config.train.augment,
-            'augment_why': ('fewer than two training images' if v is None
-                            else v.describe())}
+            'augment_why': view_check.describe(self.augment_verdict)}
 
   def _data_digest(self, kind: str) -> str:
     """CRC of the `data.image_ids` (of `kind`) of the training, held-out and

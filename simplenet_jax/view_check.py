@@ -28,7 +28,8 @@ from simplenet_jax import scoring
 
 # Enough for a stable median and range, few enough that the check costs
 # about one pass over 32 images (4 views each) and a small search even at
-# MVTec AD's 36x36 grid of 1536-d features.
+# MVTec AD's 36x36 grid of 1536-d features (whose 128 grids it holds at
+# once: 1 GB in float32, half with train.cache_dtype=bfloat16).
 MAX_IMAGES = 32
 POSITIONS = 64  # Per image and view: an image's score is their mean.
 FLIP_NAMES = ('left-right', 'up-down', 'both')
@@ -96,6 +97,13 @@ def check_flips(feature_fn, backbone_vars, dataset, indices, config, mesh,
   return Verdict(own=scores[0], flips=scores[1:])
 
 
+def describe(verdict: Verdict | None) -> str:
+  """Why the verdict is what it is, for the console and the report."""
+  if verdict is None:
+    return 'fewer than two training images to compare'
+  return verdict.describe()
+
+
 def resolve(config, category: str, verdict: Verdict | None):
   """The config a category trains with under train.augment='auto': 'flips'
   with a quarter of train.num_passes (as many steps: a pass covers 4x the
@@ -107,8 +115,7 @@ def resolve(config, category: str, verdict: Verdict | None):
   out.train.augment = 'flips' if flips else 'none'
   if flips:
     out.train.num_passes = max(1, round(config.train.num_passes / 4))
-  why = ('fewer than two training images to compare' if verdict is None
-         else verdict.describe())
+  why = describe(verdict)
   if verdict is None:
     what = 'the images alone are training images'
   elif flips:
