@@ -465,21 +465,29 @@ def test_fused_heads_score_the_mean_of_the_heads():
                              atol=1e-5)
 
 
-def test_heads_are_validated_and_one_head_keeps_the_fingerprint():
+@pytest.mark.parametrize('key,other,bads,message', [
+    ('heads', 2, (0, -1), 'must be >= 1$'),
+    ('pre_proj', 0, (2, -1), r'must be 0 \(no adaptor\) or 1'),
+])
+def test_later_model_keys_are_validated_and_their_released_value_keeps_the_fingerprint(
+    key, other, bads, message):
+  """model.heads and model.pre_proj came after checkpoints existed: at the
+  released value (1) the default config's fingerprint is the one the code
+  before them printed, so released runs still resume and export; another
+  valid value changes it; a bad one is one error line naming the key."""
   from simplenet_jax import category  # pylint: disable=g-import-not-at-top
   from simplenet_jax import config_checks  # pylint: disable=g-import-not-at-top
   from simplenet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   c = get_config()
-  # The default config's fingerprint as the code before model.heads printed
-  # it: released runs (one head) still resume and export.
+  assert c.model[key] == 1
   assert category.fingerprint(c) == '0x8e95376f'
-  c.model.heads = 2
+  c.model[key] = other
   assert category.fingerprint(c) != '0x8e95376f'
   config_checks.validate(c)
-  for bad in (0, -1):
-    c.model.heads = bad
-    with pytest.raises(UserError, match=r'^config\.model\.heads: is '
-                       f'{bad}; must be >= 1$'):
+  for bad in bads:
+    c.model[key] = bad
+    with pytest.raises(UserError, match=rf'^config\.model\.{key}: is '
+                       f'{bad}; {message}'):
       config_checks.validate(c)
 
 
@@ -544,22 +552,3 @@ def test_no_adaptor_trains_the_discriminator_as_released():
   got = -(np.where(h >= 0, h, 0.2 * h) @ np.asarray(fused['tail']))
   want = -net(t(x))[:, 0].detach().numpy()
   np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
-
-
-def test_pre_proj_is_validated_and_one_keeps_the_fingerprint():
-  from simplenet_jax import category  # pylint: disable=g-import-not-at-top
-  from simplenet_jax import config_checks  # pylint: disable=g-import-not-at-top
-  from simplenet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
-  c = get_config()
-  assert c.model.pre_proj == 1
-  # As the code before model.pre_proj printed it: runs with the released
-  # adaptor still resume and export.
-  assert category.fingerprint(c) == '0x8e95376f'
-  c.model.pre_proj = 0
-  assert category.fingerprint(c) != '0x8e95376f'
-  config_checks.validate(c)
-  for bad in (2, -1):
-    c.model.pre_proj = bad
-    with pytest.raises(UserError, match=r'^config\.model\.pre_proj: is '
-                       f'{bad}; must be 0 \\(no adaptor\\) or 1'):
-      config_checks.validate(c)
