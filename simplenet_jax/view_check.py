@@ -27,9 +27,9 @@ from simplenet_jax import knn
 from simplenet_jax import scoring
 
 # Enough for a stable median and range, few enough that the check costs
-# about one pass over 32 images (4 views each) and a small search even at
-# MVTec AD's 36x36 grid of 1536-d features (whose 128 grids it holds at
-# once: 1 GB in float32, half with train.cache_dtype=bfloat16).
+# about one pass over 32 images (4 views each) and a small search. It holds
+# the images as they are (the search's bank) and one view at a time: at
+# MVTec AD's 36x36 grid of 1536-d features about 0.5 GB in float32.
 MAX_IMAGES = 32
 POSITIONS = 64  # Per image and view: an image's score is their mean.
 FLIP_NAMES = ('left-right', 'up-down', 'both')
@@ -57,43 +57,67 @@ class Verdict(NamedTuple):
             'images)')
 
 
+def positions(key: jax.Array, n: int, p: int):
+  """(n, POSITIONS) random positions of each of n images of p positions,
+  or None (every position) when p <= POSITIONS."""
+  if p <= POSITIONS:
+    return None
+  return jax.vmap(lambda k: jax.random.permutation(k, p)[:POSITIONS])(
+      jax.random.split(key, n))
+
+
+def _at(features: jax.Array, pos) -> jax.Array:
+  """(n, P, D) features at `positions`' (n, K) -> (n, K, D)."""
+  if pos is None:
+    return features
+  return jnp.take_along_axis(features, pos[:, :, None], 1)
+
+
+def distances(queries: jax.Array, bank: jax.Array) -> np.ndarray:
+  """queries (V, n, K, D): K features of each of n images in V views; bank
+  (n, P, D): the images as they are -> (V, n) each query image's mean
+  distance to the nearest bank feature of another image."""
+  v, n, k, d = queries.shape
+  query_image = jnp.broadcast_to(jnp.arange(n)[None, :, None], (v, n, k))
+  dist, _ = knn.nearest_neighbours(
+      queries.reshape(-1, d), bank.reshape(-1, d),
+      query_groups=query_image.reshape(-1),
+      bank_groups=jnp.repeat(jnp.arange(n), bank.shape[1]))
+  return np.asarray(dist).reshape(v, n, k).mean(-1)
+
+
 def image_scores(features: jax.Array, key: jax.Array) -> np.ndarray:
   """(V, n, P, D) features of n >= 2 images in V views (view 0 the images
   as they are) -> (V, n): each view's mean distance, over POSITIONS random
   positions (the same in every view), to the nearest feature of another
   image as it is."""
-  v, n, p, d = features.shape
-  queries = features
-  if p > POSITIONS:
-    pos = jax.vmap(lambda k: jax.random.permutation(k, p)[:POSITIONS])(
-        jax.random.split(key, n))
-    queries = jnp.take_along_axis(features, pos[None, :, :, None], 2)
-  k = queries.shape[2]
-  query_image = jnp.broadcast_to(jnp.arange(n)[None, :, None], (v, n, k))
-  dist, _ = knn.nearest_neighbours(
-      queries.reshape(-1, d), features[0].reshape(-1, d),
-      query_groups=query_image.reshape(-1),
-      bank_groups=jnp.repeat(jnp.arange(n), p))
-  return np.asarray(dist).reshape(v, n, k).mean(-1)
+  pos = positions(key, features.shape[1], features.shape[2])
+  return distances(jnp.stack([_at(f, pos) for f in features]), features[0])
 
 
 def check_flips(feature_fn, backbone_vars, dataset, indices, config, mesh,
                 key: jax.Array, grid_hw, dim) -> Verdict:
   """The Verdict on the flips of (up to MAX_IMAGES of, drawn with `key`)
-  the training images `dataset[indices]`, two or more."""
+  the training images `dataset[indices]`, two or more: `image_scores` of
+  their four views, built one view at a time."""
   indices = np.asarray(indices)
   k_images, k_positions = jax.random.split(key)
   if len(indices) > MAX_IMAGES:
     indices = np.sort(indices[np.asarray(
         jax.random.permutation(k_images, len(indices)))[:MAX_IMAGES]])
-  views = tuple(feature_cache.View(flip=a) for a in scoring.FLIP_AXES)
-  features = feature_cache.build(feature_fn, backbone_vars, dataset, indices,
-                                 config.eval.batch_size, config.train,
-                                 config.dataset, mesh, grid_hw=grid_hw,
-                                 dim=dim, image_views=views)
-  features = features.astype(jnp.float32).reshape(
-      len(views), len(indices), -1, features.shape[-1])
-  scores = image_scores(features, k_positions)
+  bank, pos, queries = None, None, []
+  for axes in scoring.FLIP_AXES:  # The images as they are first.
+    features = feature_cache.build(
+        feature_fn, backbone_vars, dataset, indices, config.eval.batch_size,
+        config.train, config.dataset, mesh, grid_hw=grid_hw, dim=dim,
+        image_views=(feature_cache.View(flip=axes),))
+    features = features.astype(jnp.float32).reshape(
+        len(indices), -1, features.shape[-1])
+    if bank is None:
+      bank = features
+      pos = positions(k_positions, len(indices), features.shape[1])
+    queries.append(_at(features, pos))
+  scores = distances(jnp.stack(queries), bank)
   return Verdict(own=scores[0], flips=scores[1:])
 
 

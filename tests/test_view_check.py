@@ -11,6 +11,7 @@ from configs.default import get_config
 from simplenet_jax import config_checks
 from simplenet_jax import feature_cache
 from simplenet_jax import parallel
+from simplenet_jax import scoring
 from simplenet_jax import view_check
 
 
@@ -115,6 +116,26 @@ def test_more_images_than_the_cap_are_drawn_by_the_key(monkeypatch):
   assert runs[0].own.shape == (4,)
   np.testing.assert_array_equal(runs[0].own, runs[1].own)
   assert not np.array_equal(runs[0].own, runs[2].own)
+
+
+def test_the_check_built_a_view_at_a_time_scores_as_all_views_at_once():
+  """check_flips holds one view at a time (memory at MVTec AD's sizes);
+  its scores are those of the four views built together, at the same
+  sampled positions (32x32 grid: 64 of 1024)."""
+  cfg = config_checks.validate(get_config())
+  data = _Motifs(6, sided=True)
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  fn = jax.jit(_patches)
+  key = jax.random.PRNGKey(3)
+  verdict = view_check.check_flips(fn, {}, data, np.arange(6), cfg, mesh,
+                                   key, (32, 32), 9)
+  views = tuple(feature_cache.View(flip=a) for a in scoring.FLIP_AXES)
+  every = feature_cache.build(fn, {}, data, np.arange(6), 4, cfg.train,
+                              cfg.dataset, mesh, grid_hw=(32, 32), dim=9,
+                              image_views=views).reshape(4, 6, 1024, 9)
+  want = view_check.image_scores(every, jax.random.split(key)[1])
+  np.testing.assert_allclose(verdict.own, want[0], rtol=1e-6)
+  np.testing.assert_allclose(verdict.flips, want[1:], rtol=1e-6)
 
 
 def test_one_training_image_trains_alone(capsys):
