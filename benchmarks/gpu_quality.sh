@@ -14,7 +14,13 @@
 # ../shared/datasets/cookies (or .devcarry/shared/datasets/cookies, linked
 # there), and jax with CUDA.
 #   bash benchmarks/gpu_quality.sh
+# Or a sweep of benchmarks/quality.py rows (each row one process per group
+# of sets, seeds in turn: the compiled functions are reused across them):
+#   ROWS='gas_auto gas_auto+model.pre_proj=0' SEEDS=0,1,2,3,4 \
+#     TILES80='gas_auto,gas_auto+model.pre_proj=0' \
+#     bash benchmarks/gpu_quality.sh sweep
 set -uo pipefail
+PART=${1:-round}
 OUT=${OUT:-runs/gpu_quality}
 WORK=${WORK:-/tmp/gpu_quality}
 SEEDS=${SEEDS:-0,1,2}
@@ -38,6 +44,35 @@ print("jax", jax.__version__, jax.devices())
 print("flax", flax.__version__, "optax", optax.__version__)'
   nproc; free -g; } > "$OUT/env.txt" 2>&1
 log "start: $(python -c 'import jax; print(jax.devices())' 2>&1)"
+
+if [ "$PART" = sweep ]; then
+  GROUPS_=${SET_GROUPS:-cookies,brick grass,gravel}
+  pids=()
+  r=0
+  for row in $ROWS; do
+    for sets in $GROUPS_; do
+      timeout "$BUDGET" python benchmarks/quality.py --sets "$sets" \
+        --rows "$row" --seeds "$SEEDS" --workdir "$WORK/s${r}_${sets//,/_}" \
+        --weights-dir pretrained --out "$WORK/s${r}_${sets//,/_}.jsonl" \
+        $QUALITY_FLAGS > "$WORK/s${r}_${sets//,/_}.log" 2>&1 &
+      pids+=($!)
+    done
+    r=$((r + 1))
+  done
+  if [ -n "${TILES80:-}" ]; then
+    timeout "$BUDGET" python benchmarks/quality.py --sets gravel \
+      --train-tiles 80 --rows "$TILES80" --seeds "${TILES80_SEEDS:-0,1,2}" \
+      --workdir "$WORK/t80" --weights-dir pretrained --out "$WORK/t80.jsonl" \
+      $QUALITY_FLAGS > "$WORK/t80.log" 2>&1 &
+    pids+=($!)
+  fi
+  for p in "${pids[@]}"; do wait "$p"; log "sweep process $p exit $?"; done
+  cat "$WORK"/*.jsonl > "$OUT/sweep.jsonl" 2>/dev/null
+  for f in "$WORK"/*.log; do echo "=== $f"; tail -n 15 "$f"; done \
+    > "$OUT/logs.txt"
+  log done
+  exit 0
+fi
 
 pids=()
 for set in ${SETS//,/ }; do
