@@ -151,7 +151,7 @@ class CategoryContext:
   # fingerprinted with, so that eval, predict and export take the same
   # --config the training did.
   requested: Any = None
-  augment_verdict: Any = None  # view_check.Verdict, with 'auto'.
+  augment_why: str = ''  # With 'auto': the measurements it decided on.
 
   @classmethod
   def create(cls, config, workdir, category, kind, module, backbone_vars,
@@ -197,14 +197,23 @@ class CategoryContext:
                            jax.ShapeDtypeStruct((1, h, w, 3), jnp.uint8)).shape
     predict_fn = scoring.make_predict_fn(module, layers, config.model,
                                          test_set.image_hw, config.eval)
-    requested, verdict = None, None
+    requested, why = None, ''
     if config.train.augment == 'auto':
-      if len(train_idx) >= 2:
-        verdict = view_check.check_flips(
-            feature_fn, backbone_vars, train_set, train_idx, config, mesh,
-            jax.random.fold_in(key, 4), (shape[1], shape[2]), shape[3])
       requested = config
-      config = view_check.resolve(config, category, verdict)
+      stored = checkpoint.latest_meta(
+          os.path.join(workdir, category, 'checkpoints'))
+      if stored and stored[1].get('fingerprint') == fingerprint(config) and (
+          'augment_why' in stored[1]):
+        why = stored[1]['augment_why']
+        config = view_check.resolve_as_trained(config, category, stored[1])
+      else:
+        verdict = None
+        if len(train_idx) >= 2:
+          verdict = view_check.check_flips(
+              feature_fn, backbone_vars, train_set, train_idx, config, mesh,
+              jax.random.fold_in(key, 4), (shape[1], shape[2]), shape[3])
+        why = view_check.describe(verdict)
+        config = view_check.resolve(config, category, verdict)
     return cls(config=config, workdir=os.path.join(workdir, category),
                category=category, kind=kind, module=module,
                backbone_vars=backbone_vars, mesh=mesh, train_set=train_set,
@@ -212,7 +221,7 @@ class CategoryContext:
                holdout_idx=holdout_idx,
                feature_fn=feature_fn, predict_fn=predict_fn,
                grid_hw=(shape[1], shape[2]), embed_dim=shape[3], key=key,
-               requested=requested, augment_verdict=verdict)
+               requested=requested, augment_why=why)
 
   @property
   def train_rows(self) -> int:
@@ -278,7 +287,7 @@ class CategoryContext:
     if self.requested is None:
       return {}
     return {'augment': self.config.train.augment,
-            'augment_why': view_check.describe(self.augment_verdict)}
+            'augment_why': self.augment_why}
 
   def _data_digest(self, kind: str) -> str:
     """CRC of the `data.image_ids` (of `kind`) of the training, held-out and

@@ -134,13 +134,28 @@ def resolve(config, category: str, verdict: Verdict | None):
   rows) when the verdict says the flips look normal, else 'none'. Says
   which on the console. verdict None: fewer than two training images, so
   nothing to compare with."""
+  return _resolved(config, category, verdict is not None and verdict.normal,
+                   describe(verdict), verdict is None, '')
+
+
+def resolve_as_trained(config, category: str, meta: dict):
+  """The config of `resolve`, from what a category's checkpoint `meta`
+  records it chose ('augment', 'augment_why'), not from the images again:
+  a resumed or evaluated run takes the decision its checkpoints were
+  trained with, also where the check would now round the other way (a
+  close verdict on another machine) or the images changed since."""
+  why = meta['augment_why']
+  return _resolved(config, category, meta['augment'] == 'flips', why,
+                   why == describe(None), ', as its checkpoints were trained')
+
+
+def _resolved(config, category: str, flips: bool, why: str, alone: bool,
+              source: str):
   out = config.copy_and_resolve_references()
-  flips = verdict is not None and verdict.normal
   out.train.augment = 'flips' if flips else 'none'
   if flips:
     out.train.num_passes = max(1, round(config.train.num_passes / 4))
-  why = describe(verdict)
-  if verdict is None:
+  if alone:
     what = 'the images alone are training images'
   elif flips:
     n = out.train.num_passes
@@ -150,7 +165,7 @@ def resolve(config, category: str, verdict: Verdict | None):
             'steps)')
   else:
     what = 'its flips do not look normal: the images alone are training images'
-  message = f'{category}: train.augment=auto: {what} ({why})'
+  message = f'{category}: train.augment=auto{source}: {what} ({why})'
   logging.info('%s', message)
   console.note(message)
   return out

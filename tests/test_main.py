@@ -245,8 +245,16 @@ def test_augment_auto_trains_on_flips_only_where_they_look_normal(
   assert 'train.augment=auto: trained on the images alone' in report_text
   trained = _numbers_without_knn(workdir / 'results.json')
   os.remove(workdir / 'results.json')
-  main_py(args + ['--mode=eval'], env)
+  proc = main_py(args + ['--mode=eval'], env)
   assert _numbers_without_knn(workdir / 'results.json') == trained
+  # Eval takes each category's decision from its checkpoints (the check
+  # does not run again: a close verdict could round the other way).
+  for cat in ('brick', 'grass'):
+    (line,) = [l for l in proc.stdout.splitlines()
+               if l.startswith(f'{cat}: train.augment=auto')]
+    assert line.startswith(
+        f'{cat}: train.augment=auto, as its checkpoints were trained: ')
+    assert line.endswith(f"({rows[cat]['augment_why']})")
   tile = workdir / 'demo_data' / 'brick' / 'test' / 'hole' / '000.png'
   proc = main_py(args + ['--mode=predict', f'--config.predict.inputs={tile}',
                          '--config.predict.category=brick'], env)

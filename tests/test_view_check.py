@@ -147,6 +147,21 @@ def test_one_training_image_trains_alone(capsys):
   assert 'fewer than two training images' in capsys.readouterr().out
 
 
+@pytest.mark.parametrize('augment', ['flips', 'none'])
+def test_a_trained_category_takes_the_decision_its_checkpoints_record(
+    augment, capsys):
+  cfg = config_checks.validate(get_config())
+  cfg.train.augment, cfg.train.num_passes = 'auto', 40
+  why = 'median nearest-neighbour distance ... (20 images)'
+  resolved = view_check.resolve_as_trained(
+      cfg, 'tiles', {'augment': augment, 'augment_why': why})
+  assert (resolved.train.augment, resolved.train.num_passes) == (
+      augment, 10 if augment == 'flips' else 40)
+  said = capsys.readouterr().out
+  assert 'tiles: train.augment=auto, as its checkpoints were trained: ' in said
+  assert why in said
+
+
 def test_a_category_config_never_reaches_the_views_unresolved():
   cfg = get_config()
   cfg.train.augment = 'auto'
