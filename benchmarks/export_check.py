@@ -16,26 +16,18 @@ import glob
 import json
 import os
 import sys
-import time
 
 import jax
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
-from simplenet_jax import export  # pylint: disable=g-import-not-at-top,wrong-import-position
-from simplenet_jax import serve  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-
-def _rate(fn, images, runs: int = 5) -> float:
-  fn(images)  # Warm-up (compilation on the device).
-  times = []
-  for _ in range(runs):
-    t = time.perf_counter()
-    fn(images)
-    times.append(time.perf_counter() - t)
-  return len(images) / float(np.median(times))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from export_speed import throughput
+from simplenet_jax import export
+from simplenet_jax import serve
 
 
 def main(argv=None):
@@ -64,8 +56,8 @@ def main(argv=None):
       'map_range': float(np.ptp(maps_o)),
       'same_ranking': bool((np.argsort(scores_j) == np.argsort(scores_o)
                             ).all()),
-      'jaxexport_img_s': _rate(run_jax, images),
-      'onnxruntime_cpu_img_s': _rate(onnx_model, images),
+      'jaxexport_img_s': throughput(run_jax, images, runs=5),
+      'onnxruntime_cpu_img_s': throughput(onnx_model, images, runs=5),
   }
   print(json.dumps(out, indent=1))
   if args.json:
