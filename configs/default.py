@@ -147,10 +147,13 @@ def get_config():
   # too (4x the rows a pass covers); for data that looks normal mirrored,
   # as eval.tta='flips' assumes. 'shifts': the images moved by half a
   # feature cell (right, down, both) are training images too (4x the rows),
-  # for any data. 'auto': 'flips' with a quarter of the passes where the
-  # images' flips look normal to a nearest-neighbour check on the training
-  # images themselves, else 'none' (simplenet_jax/view_check.py). 'none':
-  # the released training set.
+  # for any data. 'flip_lr' / 'flip_ud' / 'rot180': the image and that one
+  # flip (2x the rows; the double flip is a half turn). 'auto': 'flips' with
+  # a quarter of the passes where the images' flips look normal to a
+  # nearest-neighbour check on the training images themselves, the one
+  # flip that looks most normal with half of them where only some do, else
+  # 'none' (simplenet_jax/view_check.py). 'none': the released training
+  # set.
   c.train.augment = 'none'
   # a > 0: each training feature is moved, at every step, a random part
   # U(0, a) of the way toward its nearest feature in another training image

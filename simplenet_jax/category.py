@@ -226,7 +226,8 @@ class CategoryContext:
   @property
   def train_rows(self) -> int:
     """Images a training pass covers: every training image in each of its
-    views (feature_cache.views; 4x with train.augment='flips')."""
+    views (feature_cache.views; 4x with train.augment='flips', 2x with one
+    flip)."""
     return len(self.train_idx) * len(feature_cache.views(self.config.train))
 
   @property
@@ -282,8 +283,8 @@ class CategoryContext:
                 data=self.data_record, **self.augment_record(), **extra)
 
   def augment_record(self) -> dict:
-    """With train.augment='auto': {'augment': what it chose ('flips' or
-    'none'), 'augment_why': the measurements}; else {}."""
+    """With train.augment='auto': {'augment': what it chose ('flips', one
+    flip alone or 'none'), 'augment_why': the measurements}; else {}."""
     if self.requested is None:
       return {}
     return {'augment': self.config.train.augment,

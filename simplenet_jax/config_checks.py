@@ -13,6 +13,7 @@ import re
 
 import ml_collections
 
+from simplenet_jax import augments
 from simplenet_jax import backbones
 from simplenet_jax import data
 from simplenet_jax import evaluate
@@ -242,7 +243,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(t.keep_checkpoints >= 1, 'train.keep_checkpoints', 'must be >= 1')
   _check(t.cache_max_gb > 0, 'train.cache_max_gb', 'must be > 0')
   _one_of(config, 'train.cache_dtype', tuple(feature_cache.DTYPES))
-  _one_of(config, 'train.augment', feature_cache.AUGMENTS)
+  _one_of(config, 'train.augment', augments.AUGMENTS)
   _check(0 <= t.neighbour_mix <= 1, 'train.neighbour_mix',
          f'is {t.neighbour_mix}; must be in [0, 1] (0 = off)')
   _check(t.neighbour_images >= 0, 'train.neighbour_images',

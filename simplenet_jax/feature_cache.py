@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simplenet_jax import augments
 from simplenet_jax import console
 from simplenet_jax import parallel
 from simplenet_jax import scoring
@@ -72,7 +73,12 @@ def _ops(mesh, shape, dtype):
   return zeros, write
 
 
-AUGMENTS = ('none', 'flips', 'shifts', 'auto')  # train.augment ('auto': view_check)
+# train.augment (simplenet_jax/augments.py): the flips of each training
+# image a pass covers, the image itself first (scoring.FLIP_AXES:
+# left-right, up-down, both).
+FLIP_VIEWS = {'flips': scoring.FLIP_AXES,
+              **{a: ((), axes) for a, axes in zip(augments.SINGLE_FLIPS,
+                                                  scoring.FLIP_AXES[1:])}}
 
 
 class View(NamedTuple):
@@ -85,16 +91,18 @@ class View(NamedTuple):
 def views(train_cfg) -> tuple:
   """The views of every training image that training covers: the image
   alone; with train.augment='flips' the image and its three flips
-  (scoring.FLIP_AXES, the views eval.tta='flips' scores); with 'shifts' the
-  image and its three shifts by half a feature cell (right, down, both):
-  the features a grid half a cell off would see, which every test image
-  that is not aligned with the training images does. Row r of a pass (and
-  of the cache) of N training images is view r // N of image r % N."""
+  (scoring.FLIP_AXES, the views eval.tta='flips' scores), with 'flip_lr',
+  'flip_ud' or 'rot180' the image and that one flip (the double flip is a
+  half turn); with 'shifts' the image and its three shifts by half a
+  feature cell (right, down, both): the features a grid half a cell off
+  would see, which every test image that is not aligned with the training
+  images does. Row r of a pass (and of the cache) of N training images is
+  view r // N of image r % N."""
   if train_cfg.augment == 'auto':  # A category's config never holds it.
     raise ValueError("train.augment='auto' is resolved per category first "
                      '(view_check.resolve)')
-  if train_cfg.augment == 'flips':
-    return tuple(View(flip=a) for a in scoring.FLIP_AXES)
+  if train_cfg.augment in FLIP_VIEWS:
+    return tuple(View(flip=a) for a in FLIP_VIEWS[train_cfg.augment])
   if train_cfg.augment == 'shifts':
     return tuple(View(shift=a) for a in scoring.FLIP_AXES)
   return (View(),)

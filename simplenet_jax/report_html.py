@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from simplenet_jax import augments
 from simplenet_jax import data
 from simplenet_jax import eval_record
 from simplenet_jax import metrics
@@ -208,11 +209,8 @@ def _data_text(dataset: dict, rows) -> str:
 def _training_text(config: dict) -> str:
   """The method and its settings in words (results.json's config)."""
   m, t = config.get('model', {}), config.get('train', {})
-  views = {'flips': 'each image and its three flips',
-           'shifts': 'each image and its three half-cell shifts',
-           'auto': ('each image and its three flips where they look normal '
-                    '(with a quarter of the passes)')
-           }.get(t.get('augment'))
+  augment = t.get('augment', 'none')
+  views = None if augment == 'none' else augments.WORDS.get(augment)
   if m.get('method') == 'knn':
     frac = config.get('knn', {}).get('coreset_fraction')
     return (f'kNN memory bank, coreset fraction {frac}'
@@ -415,9 +413,7 @@ def _category_section(workdir: str, row: dict) -> str:
                  'log.saturated.jsonl and checkpoints.saturated/)')
   if row.get('augment'):  # train.augment='auto' (simplenet_jax/view_check.py).
     facts.append('train.augment=auto: '
-                 + ('trained on each image and its three flips'
-                    if row['augment'] == 'flips' else
-                    'trained on the images alone')
+                 + f"trained on {augments.WORDS[row['augment']]}"
                  + f" ({row.get('augment_why')})")
   out.append(f'<p class="facts">{" &middot; ".join(_e(x) for x in facts)}</p>')
   if row.get('advice'):  # yardstick.advice: the head trails kNN, saturated.

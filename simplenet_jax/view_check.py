@@ -9,9 +9,11 @@ shadows on the other side) and the flips cost the demo's grass and gravel
 features: with a nearest-neighbour detector fitted on the other training
 images, each training image's flips are scored as the image itself is
 (leave its image out), and a flip counts as normal when the median of its
-scores lies within the range of the images' own scores. The flips are
-trained on when all three do. No constant is fitted: the comparison is
-with the data's own spread.
+scores lies within the range of the images' own scores. The three flips
+are trained on when all three do; where only some do (a surface lit from
+above looks normal mirrored left-right, not up-down) the one that looks
+most normal of those is. No constant is fitted: the comparison is with
+the data's own spread.
 """
 
 from typing import NamedTuple
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simplenet_jax import augments
 from simplenet_jax import console
 from simplenet_jax import feature_cache
 from simplenet_jax import knn
@@ -43,14 +46,37 @@ class Verdict(NamedTuple):
   flips: np.ndarray
 
   @property
+  def passing(self) -> np.ndarray:
+    """(3,) bool: which flips' median score is within the images' own
+    range."""
+    return np.median(self.flips, 1) <= self.own.max()
+
+  @property
   def normal(self) -> bool:
-    """Whether every flip's median score is within the images' own range."""
-    return bool(np.all(np.median(self.flips, 1) <= self.own.max()))
+    """Whether every flip looks normal."""
+    return bool(self.passing.all())
+
+  @property
+  def augment(self) -> str:
+    """The train.augment it gives: 'flips' when all three flips look
+    normal; else the single flip that looks most normal (lowest median) of
+    those that do; else 'none'."""
+    if self.normal:
+      return 'flips'
+    if not self.passing.any():
+      return 'none'
+    medians = np.where(self.passing, np.median(self.flips, 1), np.inf)
+    return augments.SINGLE_FLIPS[int(np.argmin(medians))]
 
   def describe(self) -> str:
     medians = ' / '.join(f'{x:.1f}' for x in np.median(self.flips, 1))
     names = ', '.join(FLIP_NAMES)
-    where = 'within' if self.normal else 'beyond'
+    if self.normal or not self.passing.any():
+      where = 'within' if self.normal else 'beyond'
+    else:
+      ok = [n for n, p in zip(FLIP_NAMES, self.passing) if p]
+      others = 'others' if len(ok) == 1 else 'other'
+      where = f"{' and '.join(ok)} within, the {others} beyond"
     return (f'median nearest-neighbour distance of the {names} flips '
             f"{medians}: {where} the training images' own "
             f'{self.own.min():.1f}-{self.own.max():.1f} ({self.own.size} '
@@ -129,12 +155,13 @@ def describe(verdict: Verdict | None) -> str:
 
 
 def resolve(config, category: str, verdict: Verdict | None):
-  """The config a category trains with under train.augment='auto': 'flips'
-  with a quarter of train.num_passes (as many steps: a pass covers 4x the
-  rows) when the verdict says the flips look normal, else 'none'. Says
-  which on the console. verdict None: fewer than two training images, so
-  nothing to compare with."""
-  return _resolved(config, category, verdict is not None and verdict.normal,
+  """The config a category trains with under train.augment='auto': the
+  verdict's augment ('flips', one flip alone, or 'none') with train.
+  num_passes divided by the views a pass then covers (4 or 2: as many
+  steps). Says which on the console. verdict None: fewer than two training
+  images, so nothing to compare with."""
+  return _resolved(config, category,
+                   'none' if verdict is None else verdict.augment,
                    describe(verdict), verdict is None, '')
 
 
@@ -145,24 +172,28 @@ def resolve_as_trained(config, category: str, meta: dict):
   trained with, also where the check would now round the other way (a
   close verdict on another machine) or the images changed since."""
   why = meta['augment_why']
-  return _resolved(config, category, meta['augment'] == 'flips', why,
+  return _resolved(config, category, meta['augment'], why,
                    why == describe(None), ', as its checkpoints were trained')
 
 
-def _resolved(config, category: str, flips: bool, why: str, alone: bool,
+def _resolved(config, category: str, augment: str, why: str, alone: bool,
               source: str):
   out = config.copy_and_resolve_references()
-  out.train.augment = 'flips' if flips else 'none'
-  if flips:
-    out.train.num_passes = max(1, round(config.train.num_passes / 4))
+  out.train.augment = augment
+  n_views = len(feature_cache.views(out.train))
+  out.train.num_passes = max(1, round(config.train.num_passes / n_views))
+  n = out.train.num_passes
+  over = (f"{n} pass{'es' if n > 1 else ''} over them ("
+          f"{'a quarter' if n_views == 4 else 'half'} of train.num_passes="
+          f'{config.train.num_passes}, as many steps)')
   if alone:
     what = 'the images alone are training images'
-  elif flips:
-    n = out.train.num_passes
-    what = (f"its flips look normal: each image and its three flips are "
-            f"training images, {n} pass{'es' if n > 1 else ''} over them (a "
-            f'quarter of train.num_passes={config.train.num_passes}, as many '
-            'steps)')
+  elif augment == 'flips':
+    what = ('its flips look normal: each image and its three flips are '
+            f'training images, {over}')
+  elif augment in augments.SINGLE_FLIPS:
+    what = (f'of its flips only some look normal: {augments.WORDS[augment]} '
+            f'are training images, {over}')
   else:
     what = 'its flips do not look normal: the images alone are training images'
   message = f'{category}: train.augment=auto{source}: {what} ({why})'

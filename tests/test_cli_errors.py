@@ -333,7 +333,8 @@ def test_eval_or_predict_before_training(tmp_path, awkward_root,
     ('optim.variant', 'mine', "config.optim.variant: is 'mine'"),
     ('train.cache_dtype', 'int8', "config.train.cache_dtype: is 'int8'"),
     ('train.augment', 'mirror', "config.train.augment: is 'mirror'; must be "
-     "one of ['none', 'flips', 'shifts', 'auto']"),
+     "one of ['none', 'flips', 'flip_lr', 'flip_ud', 'rot180', 'shifts', "
+     "'auto']"),
     ('train.neighbour_mix', 1.5, 'config.train.neighbour_mix: is 1.5; must '
      'be in [0, 1] (0 = off)'),
     ('train.neighbour_images', -1, 'config.train.neighbour_images: is -1; '

@@ -108,8 +108,15 @@ def _shifted(x, size, grid):
   return [x, x[:, :, moved], x[:, moved], x[:, moved][:, :, moved]]
 
 
-@pytest.mark.parametrize('augment,want_views', [('flips', _flipped),
-                                                ('shifts', _shifted)])
+def _one_flip(k):
+  """The images and their k-th flip alone (1 left-right, 2 up-down, 3
+  both), as _flipped makes them."""
+  return lambda x, size, grid: [x, _flipped(x, size, grid)[k]]
+
+
+@pytest.mark.parametrize('augment,want_views', [
+    ('flips', _flipped), ('shifts', _shifted), ('flip_lr', _one_flip(1)),
+    ('flip_ud', _one_flip(2)), ('rot180', _one_flip(3))])
 def test_build_holds_each_view_in_its_block(setup, augment, want_views):
   """train.augment: rows v*N..(v+1)*N-1 of the cache are the features of
   the images as view v, against images made into the views on the host by
@@ -120,16 +127,15 @@ def test_build_holds_each_view_in_its_block(setup, augment, want_views):
   train_cfg.cache_dtype = 'float32'
   train_cfg.augment = augment
   views = feature_cache.views(train_cfg)
-  assert len(views) == 4
   ds = Images(5)
   idx = np.array([3, 0, 4])  # Batches of 2: the last one is short.
   cache = feature_cache.build(fn, bvars, ds, idx, 2, train_cfg, cfg.dataset,
                               mesh, image_views=views)
   n, size = len(idx), ds.x.shape[1]
   grid = int(round(cache.shape[1] ** 0.5))
-  assert cache.shape[0] == 4 * n
   x = ds.x[idx]
   want_x = want_views(x, size, grid)
+  assert len(views) == len(want_x) and cache.shape[0] == len(views) * n
   for v, viewed in enumerate(want_x):
     want = np.asarray(fn(bvars, np.ascontiguousarray(viewed)))
     got = np.asarray(cache[v * n:(v + 1) * n]).reshape(want.shape)
@@ -137,7 +143,7 @@ def test_build_holds_each_view_in_its_block(setup, augment, want_views):
   # The views differ from the images (else the test could not fail).
   assert np.abs(np.asarray(cache[n:2 * n] - cache[:n])).max() > 1e-3
   # Host views, every view id in one batch, one of them twice.
-  ids = [1, 0, 3, 2, 1]
+  ids = [v % len(views) for v in (1, 0, 3, 2, 1)]
   rows = feature_cache.view_images(x[[0, 1, 2, 0, 2]], ids, views,
                                    (grid, grid))
   for b, (i, v) in enumerate(zip([0, 1, 2, 0, 2], ids)):

@@ -308,14 +308,15 @@ def test_recomputed_features_train_as_the_cache(reference, tmp_path,
     assert row[key] == pytest.approx(ref[key], abs=1e-3), key
 
 
-@pytest.mark.parametrize('augment', ['flips', 'shifts'])
+@pytest.mark.parametrize('augment,views', [('flips', 4), ('shifts', 4),
+                                          ('flip_ud', 2)])
 def test_augment_trains_on_every_view_cached_or_recomputed(
-    reference, tmp_path, jax_cache_dir, augment):
-  """train.augment=flips / shifts: a pass covers each training image and
-  its three flips (half-cell shifts), 4x the steps, and the features
-  recomputed each step (the views made on the host) train as the cache
-  (views made on the device) does, up to float rounding, with the same
-  results."""
+    reference, tmp_path, jax_cache_dir, augment, views):
+  """train.augment=flips / shifts / flip_ud: a pass covers each training
+  image and its three flips (half-cell shifts; its up-down flip), 4x (2x)
+  the steps, and the features recomputed each step (the views made on the
+  host) train as the cache (views made on the device) does, up to float
+  rounding, with the same results."""
   runs = {}
   for name, more in (('cached', []),
                      ('recomputed', ['--config.train.cache_features=False'])):
@@ -330,7 +331,7 @@ def test_augment_trains_on_every_view_cached_or_recomputed(
   assert meta['data']['n_train'] == n_train
   # Batches of 2 (tiny_args).
   assert ref_meta['steps_per_pass'] == -(-n_train // 2)
-  assert meta['steps_per_pass'] == -(-4 * n_train // 2)
+  assert meta['steps_per_pass'] == -(-views * n_train // 2)
   got, want = _log(runs['recomputed']), _log(runs['cached'])
   assert len(got) == len(want) == 2
   for g, w in zip(got, want):

@@ -330,16 +330,16 @@ def test_run_section_names_the_method_and_its_noise():
       '160 passes, batch 4, noise absolute: std 0.015 (x0.25, trained '
       'again, if the loss saturates)')
   text = report_html._training_text(demo_config.get_config().to_dict())  # pylint: disable=protected-access
-  assert text == ('3 heads averaged, trained on each image and its three '
-                  'flips where they look normal (with a quarter of the '
-                  'passes), 40 passes, batch 4, noise spread: 0.4 '
+  assert text == ('3 heads averaged, trained on each image and its '
+                  'flips where they look normal (with a quarter or half of '
+                  'the passes), 40 passes, batch 4, noise spread: 0.4 '
                   'x spread of the adapted features (x0.25, trained again, '
                   'if the loss saturates); synthesis: GAS hypersphere')
   noproj = demo_config.get_config()
   noproj.model.pre_proj = 0
   assert report_html._training_text(noproj.to_dict()).startswith(  # pylint: disable=protected-access
-      '3 heads averaged, no adaptor, trained on each image and its three '
-      'flips where they look normal (with a quarter of the passes), 40 '
+      '3 heads averaged, no adaptor, trained on each image and its flips '
+      'where they look normal (with a quarter or half of the passes), 40 '
       'passes, batch 4, noise spread')
   text = report_html._scoring_text(demo_config.get_config().to_dict())  # pylint: disable=protected-access
   assert text == ('the image and its three flips, patch scores averaged; '
@@ -366,6 +366,10 @@ def test_run_section_names_the_method_and_its_noise():
   assert report_html._training_text(flips.to_dict()).startswith(  # pylint: disable=protected-access
       '3 heads averaged, trained on each image and its three flips, 10 '
       'passes, batch 4, noise spread')
+  flips.train.augment = 'flip_ud'
+  assert report_html._training_text(flips.to_dict()).startswith(  # pylint: disable=protected-access
+      '3 heads averaged, trained on each image and its up-down flip, 10 '
+      'passes')
   flips.train.augment = 'shifts'
   assert report_html._training_text(flips.to_dict()).startswith(  # pylint: disable=protected-access
       '3 heads averaged, trained on each image and its three half-cell '

@@ -99,8 +99,10 @@ def test_flips_are_trained_on_only_where_they_look_normal(sided):
   else:
     assert medians.max() <= verdict.own.max() and verdict.normal
   resolved = view_check.resolve(cfg, 'motifs', verdict)
-  want = ('none', 40) if sided else ('flips', 10)
+  # Sided: the up-down flip alone, half the passes (2x the rows).
+  want = ('flip_ud', 20) if sided else ('flips', 10)
   assert (resolved.train.augment, resolved.train.num_passes) == want
+  assert len(feature_cache.views(resolved.train)) == (2 if sided else 4)
   assert cfg.train.augment == 'auto'  # The given config is left as it was.
 
 
@@ -147,7 +149,7 @@ def test_one_training_image_trains_alone(capsys):
   assert 'fewer than two training images' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize('augment', ['flips', 'none'])
+@pytest.mark.parametrize('augment', ['flips', 'flip_lr', 'none'])
 def test_a_trained_category_takes_the_decision_its_checkpoints_record(
     augment, capsys):
   cfg = config_checks.validate(get_config())
@@ -156,7 +158,7 @@ def test_a_trained_category_takes_the_decision_its_checkpoints_record(
   resolved = view_check.resolve_as_trained(
       cfg, 'tiles', {'augment': augment, 'augment_why': why})
   assert (resolved.train.augment, resolved.train.num_passes) == (
-      augment, 10 if augment == 'flips' else 40)
+      augment, {'flips': 10, 'flip_lr': 20, 'none': 40}[augment])
   said = capsys.readouterr().out
   assert 'tiles: train.augment=auto, as its checkpoints were trained: ' in said
   assert why in said
@@ -176,7 +178,18 @@ def test_a_flip_is_normal_within_the_images_own_range():
   own = np.array([1.0, 2.0, 10.0])
   within = view_check.Verdict(own=own, flips=np.array([[4, 5, 6.0]] * 3))
   assert within.normal and 'within' in within.describe()
+  assert within.augment == 'flips'
   one_beyond = within.flips.copy()
   one_beyond[2] = [9, 11, 12.0]  # The double flip's median: 11 > 10.
+  one_beyond[1] = [3, 4, 5.0]  # Up-down: 4, the most normal of the others.
   beyond = view_check.Verdict(own=own, flips=one_beyond)
-  assert not beyond.normal and 'beyond' in beyond.describe()
+  assert not beyond.normal
+  assert beyond.augment == 'flip_ud'
+  assert 'left-right and up-down within, the other beyond' in (
+      beyond.describe())
+  half_turn = view_check.Verdict(own=own, flips=np.array(
+      [[11, 12, 13.0], [11, 12, 13.0], [1, 2, 3.0]]))
+  assert half_turn.augment == 'rot180'
+  assert 'both within, the others beyond' in half_turn.describe()
+  none = view_check.Verdict(own=own, flips=np.full((3, 3), 11.0))
+  assert none.augment == 'none' and 'beyond the training' in none.describe()
