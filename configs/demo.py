@@ -49,9 +49,11 @@ are training images too, with a quarter of the passes (as many steps):
 train.augment='auto' scores each training image's flips with a
 nearest-neighbour detector fitted on the other training images, as it
 scores the image itself, and takes the flips when their median scores lie
-within the images' own range (simplenet_jax/view_check.py). The demo's
-textures are lit from one side, their flips put the shadows on the other
-side and do not pass, so they train on the images alone, as before; on
+within the images' own range (simplenet_jax/view_check.py; where only
+some do, the one that looks most normal alone, with half the passes). The
+demo's textures are lit from one side, their flips put the shadows on the
+other side and do not pass (brick's up-down flip passes on seed 1 only),
+so they train on the images alone, as before; on
 the cookie photos they pass and lift every figure (docs/quality.md,
 thirty-first round: 99.6 / 97.0 / 88.2 against 98.7 / 96.3 / 85.4).
 The released training set: --config.train.augment=none.

@@ -44,9 +44,10 @@ training, each training photo's flips are scored by a nearest-neighbour
 detector fitted on the other training photos, as the photo itself is, and
 when their median scores lie within the range of the photos' own scores
 (a mirrored photo looks like another normal photo) they are training
-images too, with a quarter of the passes (as many steps); otherwise the
-photos alone, as the released code (the console and the report say which
-and why). Where a mirrored part differs from a normal one in its local
+images too, with a quarter of the passes (as many steps); where only
+some flips pass, the one that looks most normal, with half the passes;
+otherwise the photos alone, as the released code (the console and the
+report say which and why). Where a mirrored part differs from a normal one in its local
 features the flips fail the check. On the cookie photos at this size
 (the demo's narrowed head, 40 passes, 3 seeds; docs/quality.md,
 thirty-first round) the flips pass and give 99.9 / 96.7 / 89.0 against
