@@ -46,10 +46,15 @@ class Verdict(NamedTuple):
   flips: np.ndarray
 
   @property
+  def medians(self) -> np.ndarray:
+    """(3,) each flip's median score over the images."""
+    return np.median(self.flips, 1)
+
+  @property
   def passing(self) -> np.ndarray:
     """(3,) bool: which flips' median score is within the images' own
     range."""
-    return np.median(self.flips, 1) <= self.own.max()
+    return self.medians <= self.own.max()
 
   @property
   def normal(self) -> bool:
@@ -65,11 +70,11 @@ class Verdict(NamedTuple):
       return 'flips'
     if not self.passing.any():
       return 'none'
-    medians = np.where(self.passing, np.median(self.flips, 1), np.inf)
+    medians = np.where(self.passing, self.medians, np.inf)
     return augments.SINGLE_FLIPS[int(np.argmin(medians))]
 
   def describe(self) -> str:
-    medians = ' / '.join(f'{x:.1f}' for x in np.median(self.flips, 1))
+    medians = ' / '.join(f'{x:.1f}' for x in self.medians)
     names = ', '.join(FLIP_NAMES)
     if self.normal or not self.passing.any():
       where = 'within' if self.normal else 'beyond'
