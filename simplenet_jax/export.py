@@ -26,7 +26,6 @@ earlier export is replaced, a folder holding anything else is refused.
 """
 
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -45,13 +44,16 @@ from simplenet_jax import checkpoint
 from simplenet_jax import data
 from simplenet_jax import onnx_lowering
 from simplenet_jax import scoring
+from simplenet_jax import serve
 from simplenet_jax.errors import UserError
 
-FORMAT = 'simplenet-jax-export'
-FORMAT_VERSION = 1
-ONNX_FILE = 'model.onnx'
+# The folder's format is the runtime's (serve.py needs no JAX, so it holds
+# the definitions and export imports them).
+FORMAT = serve.FORMAT
+FORMAT_VERSION = serve.FORMAT_VERSION
+ONNX_FILE = serve.ONNX_FILE
 JAX_FILE = 'model.jaxexport'
-META_FILE = 'metadata.json'
+META_FILE = serve.META_FILE
 FILES = (ONNX_FILE, JAX_FILE, META_FILE)
 INPUT_NAME = 'images'
 OUTPUT_NAMES = ('scores', 'maps')
@@ -177,14 +179,6 @@ def _checked_meta(config, workdir: str, category: str) -> tuple[str, dict]:
 # ---- the files ----------------------------------------------------------------
 
 
-def sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      h.update(block)
-  return h.hexdigest()
-
-
 def _versions() -> dict:
   import flax  # pylint: disable=g-import-not-at-top
   import onnx  # pylint: disable=g-import-not-at-top
@@ -288,7 +282,7 @@ def _write_files(tmp: str, fn_jax: Callable, fn_onnx: Callable, hw,
   jax_path = os.path.join(tmp, JAX_FILE)
   with open(jax_path, 'wb') as f:
     f.write(exported.serialize())
-  return {name: {'sha256': sha256(os.path.join(tmp, name)),
+  return {name: {'sha256': serve.sha256(os.path.join(tmp, name)),
                  'bytes': os.path.getsize(os.path.join(tmp, name))}
           for name in (ONNX_FILE, JAX_FILE)}
 

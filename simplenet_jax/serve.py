@@ -221,7 +221,8 @@ def _save_png(img: Image.Image, path: str) -> None:
 # ---- the model -----------------------------------------------------------------
 
 
-def _sha256(path: str) -> str:
+def sha256(path: str) -> str:
+  """The file's SHA-256, hex (metadata.json's 'files'; export writes them)."""
   h = hashlib.sha256()
   with open(path, 'rb') as f:
     for block in iter(lambda: f.read(1 << 20), b''):
@@ -276,7 +277,7 @@ class Model:
     path = os.path.join(folder, ONNX_FILE)
     if not os.path.isfile(path):
       raise ServeError(f'{path}: missing; export again (main.py --mode=export)')
-    if _sha256(path) != self.meta['files'][ONNX_FILE]['sha256']:
+    if sha256(path) != self.meta['files'][ONNX_FILE]['sha256']:
       raise ServeError(
           f'{path} does not match {os.path.join(folder, META_FILE)} (its '
           'sha256 differs: the file is damaged or truncated, or the metadata '

@@ -12,6 +12,7 @@
 * `flat_params`: a parameter tree as one vector, without the two biases whose
   gradient is zero in exact arithmetic.
 * `slow_aupro`: AUPRO by a threshold loop, the reference for metrics.py.
+* `final_checkpoint`: a category's newest checkpoint read back as saved.
 
 Importable without pytest's conftest (test_parallel's children import it
 after setting up their environment).
@@ -282,3 +283,19 @@ def assert_same_training(a, b, steps, lr=2e-4, tol=1e-5):
   vb = np.asarray(b.batch_stats['discriminator']['bn']['var'])
   assert np.abs(va - vb).max() <= tol * max(1.0, np.abs(vb).max())
   assert int(a.step) == int(b.step) == steps
+
+
+def final_checkpoint(category_dir) -> tuple[int, dict, dict]:
+  """(step, meta, state tree) of the category folder's newest checkpoint,
+  read back with orbax as saved (not through the library's restore)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  manager = ocp.CheckpointManager(os.path.join(str(category_dir),
+                                               'checkpoints'),
+                                  item_names=('state', 'meta'))
+  try:
+    step = manager.latest_step()
+    out = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    return step, dict(out['meta']), jax.device_get(out['state'])
+  finally:
+    manager.close()

@@ -10,6 +10,7 @@ identical decisions. The CLI-to-CLI comparison (serve vs --mode=predict) is
 in test_serve.py.
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -177,7 +178,8 @@ def test_artifacts_and_metadata(lite0):
   assert not [e for e in os.listdir(folder.parent) if e.startswith('.export')]
   meta = json.loads((folder / export.META_FILE).read_text())
   for name in (export.ONNX_FILE, export.JAX_FILE):
-    assert meta['files'][name]['sha256'] == export.sha256(folder / name)
+    assert meta['files'][name]['sha256'] == hashlib.sha256(
+        (folder / name).read_bytes()).hexdigest()
     assert meta['files'][name]['bytes'] == os.path.getsize(folder / name)
   assert meta['format'] == export.FORMAT
   assert meta['category'] == conftest.CATEGORY

@@ -12,7 +12,6 @@ import shutil
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 
@@ -152,7 +151,7 @@ def test_train_eval_predict(tmp_path, weights_dir, env):
 
   # Continuing: drop the final checkpoint (as if killed after pass 2's
   # checkpoint), train again: it resumes at pass 3 and ends bit-identical.
-  step, before = _final_tree(cat)
+  step, _, before = helpers.final_checkpoint(cat)
   assert step == 4
   # model.pre_proj=0 (tiny_args): every head's adaptor is still the identity
   # after training, and the log says its lr is 0.
@@ -164,7 +163,7 @@ def test_train_eval_predict(tmp_path, weights_dir, env):
   assert {r['lr_adaptor'] for r in log} == {0.0}
   shutil.rmtree(cat / 'checkpoints' / '4')
   proc = main_py(tiny_args(workdir, weights_dir) + ['--mode=train'], env)
-  step, after = _final_tree(cat)
+  step, _, after = helpers.final_checkpoint(cat)
   assert step == 4
   jax.tree.map(np.testing.assert_array_equal, before, after)
   log = [json.loads(l) for l in (cat / 'log.jsonl').read_text().splitlines()]
@@ -273,19 +272,6 @@ def _numbers_without_knn(results_path):
     rows = json.load(f)['rows']
   return [(r['category'], r['image_auroc'], r['pixel_auroc'], r['aupro'])
           for r in rows]
-
-
-def _final_tree(category_dir):
-  """(step, state tree) of the newest checkpoint, read back as saved."""
-  manager = ocp.CheckpointManager(str(category_dir / 'checkpoints'),
-                                  item_names=('state', 'meta'))
-  try:
-    step = manager.latest_step()
-    out = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
-    return step, out['state']
-  finally:
-    manager.close()
 
 
 def test_folder_config_with_a_folder_per_defect_type(tmp_path, weights_dir,

@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import msgpack
 import numpy as np
-import orbax.checkpoint as ocp
 import PIL.Image
 import pytest
 
@@ -42,6 +41,7 @@ from conftest import main_env
 from conftest import ROOT
 from conftest import run_main
 from conftest import tiny_args
+import helpers
 from simplenet_jax import checkpoint
 from simplenet_jax import eval_record
 from simplenet_jax.errors import UserError
@@ -81,16 +81,7 @@ def _rows(workdir):
 
 
 def _final_tree(workdir):
-  """(step, meta, state tree) of the newest checkpoint, read back as saved."""
-  manager = ocp.CheckpointManager(str(workdir / CATEGORY / 'checkpoints'),
-                                  item_names=('state', 'meta'))
-  try:
-    step = manager.latest_step()
-    out = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    return step, dict(out['meta']), jax.device_get(out['state'])
-  finally:
-    manager.close()
+  return helpers.final_checkpoint(workdir / CATEGORY)
 
 
 def _assert_trees_equal(a, b):

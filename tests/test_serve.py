@@ -197,7 +197,7 @@ def test_serve_bad_model_folders(exported_lite0, exported_wrn50, tmp_path):
   # ... and one whose metadata was edited to match a damaged file: the
   # runtime itself cannot load it.
   meta = json.loads((truncated / 'metadata.json').read_text())
-  meta['files']['model.onnx']['sha256'] = serve._sha256(  # pylint: disable=protected-access
+  meta['files']['model.onnx']['sha256'] = serve.sha256(
       truncated / 'model.onnx')
   (truncated / 'metadata.json').write_text(json.dumps(meta))
   _expect_error(run_serve('--model', truncated, 'predict', inputs),

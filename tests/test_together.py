@@ -385,23 +385,10 @@ def _args(workdir, weights_dir, root, k, extra=()):
 
 
 def _final(category_dir):
-  step, tree = conftest_final_tree(category_dir)
+  step, _, tree = helpers.final_checkpoint(category_dir)
   return step, types.SimpleNamespace(params=tree['params'],
                                      batch_stats=tree['batch_stats'],
                                      step=tree['step'])
-
-
-def conftest_final_tree(category_dir):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  manager = ocp.CheckpointManager(str(category_dir / 'checkpoints'),
-                                  item_names=('state', 'meta'))
-  try:
-    step = manager.latest_step()
-    out = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
-    return step, out['state']
-  finally:
-    manager.close()
 
 
 def _rows(workdir):
