@@ -175,15 +175,27 @@ SEGMENTS = 100
 # ... each of at least this many row distances (about 0.5 s on the 2-core
 # CPU), so that a small selection runs as one loop.
 MIN_SEGMENT_DISTANCES = 2**24
+# The rows' scores are kept in blocks of this many rows, each brought up to
+# date lazily (`_coreset_steps`), against at most this many selected rows per
+# distance product.
+BLOCK_ROWS = 2048
+PENDING_COLS = 64
 
 
-@functools.partial(jax.jit, static_argnames=('chunk', 'num'))
-def _coreset_start(bank, projection, starts, chunk, num):
-  """The greedy selection's state before its first step: projected, centred
-  rows z (N, P), their squared norms (N,), the initial scores (N,) (each
-  row's mean distance to the `starts` rows), the (num,) selection and the
-  step counter (made here, on the bank's devices, like everything the steps
-  carry)."""
+@functools.partial(jax.jit, static_argnames=('chunk', 'num', 'block_rows',
+                                             'pending'))
+def _coreset_start(bank, projection, starts, chunk, num, block_rows, pending):
+  """The greedy selection's state before its first step (every array the
+  steps carry, made here on the bank's devices):
+
+  z (nb, bs, P): the projected, centred rows in blocks of bs rows (the last
+    block zero-padded); z_sq (nb, bs) their squared norms; score (nb, bs)
+    each row's mean distance to the `starts` rows (-inf on padding, so never
+    selected); bmax (nb,) each block's largest score; fresh (nb,) int32 how
+    many selected rows each block's scores already account for (0);
+    selected (num + pending,) int32 (the tail is room for the last slice of
+    selected rows a block reads); the step counter.
+  """
   n, d = bank.shape
   if projection is not None:
     w = jnp.asarray(projection, jnp.float32)
@@ -197,7 +209,15 @@ def _coreset_start(bank, projection, starts, chunk, num):
   z = z - z.mean(0)  # Centred: see nearest_neighbours.
   z_sq = jnp.sum(jnp.square(z), -1)
   score = jnp.mean(_distances(z, z_sq, z[jnp.asarray(starts, jnp.int32)]), -1)
-  return z, z_sq, score, jnp.zeros((num,), jnp.int32), jnp.int32(0)
+  bs = min(block_rows, n)
+  z, _ = _pad_rows(z, bs)
+  nb = z.shape[0] // bs
+  score = jnp.pad(score, (0, nb * bs - n), constant_values=-jnp.inf)
+  z_sq = jnp.pad(z_sq, (0, nb * bs - n))
+  score = score.reshape(nb, bs)
+  return (z.reshape(nb, bs, -1), z_sq.reshape(nb, bs), score,
+          score.max(1), jnp.zeros((nb,), jnp.int32),
+          jnp.zeros((num + pending,), jnp.int32), jnp.int32(0))
 
 
 def _distances(z, z_sq, cols):
@@ -207,28 +227,67 @@ def _distances(z, z_sq, cols):
   return jnp.sqrt(jnp.maximum(d2, 0.0))
 
 
-@functools.partial(jax.jit, static_argnames=('length',),
-                   donate_argnums=(2, 3))
-def _coreset_steps(z, z_sq, selected, score, t, length):
+@functools.partial(jax.jit, static_argnames=('length', 'pending'),
+                   donate_argnums=(2, 3, 4, 5))
+def _coreset_steps(z, z_sq, score, bmax, fresh, selected, t, length, pending):
   """`length` greedy steps from step t: selected[t + j] = the row of highest
-  score, then every score becomes min(score, distance to that row).
-  Returns the new selection, scores and step counter."""
+  score, after which every score is min(score, distance to that row).
+
+  Lazily, so that the distances come as products of a block of rows with
+  many selected rows rather than one pass over the whole bank per step,
+  which on a CPU is bound by memory: a block's largest score can only fall,
+  so bmax is an upper bound of it; the block of the largest bound is
+  brought up to date (its scores against the rows selected since it last
+  was, `pending` at a time) until that block is up to date, and its best
+  row is the next selection. The rule, ties included (the lowest index
+  among equal scores), is the one-pass-per-step rule's.
+  Returns the new state (as `_coreset_start`'s).
+  """
+  nb, bs, _ = z.shape
+  flat = z.reshape(nb * bs, -1)
 
   def body(j, carry):
-    selected, score = carry
-    i = jnp.argmax(score).astype(jnp.int32)
-    # -1: a selected row is never picked again, even among duplicates.
-    score = jnp.minimum(score, _distances(z, z_sq, z[i][None])[:, 0])
-    return selected.at[t + j].set(i), score.at[i].set(-1.0)
+    score, bmax, fresh, selected = carry
+    now = t + j  # Rows selected so far.
 
-  selected, score = jax.lax.fori_loop(0, length, body, (selected, score))
-  return selected, score, t + length
+    def stale(carry):
+      _, bmax, fresh = carry
+      return fresh[jnp.argmax(bmax)] < now
+
+    def refresh(carry):
+      score, bmax, fresh = carry
+      b = jnp.argmax(bmax)
+
+      def product(c_s):
+        c, s = c_s
+        cols = jax.lax.dynamic_slice(selected, (c,), (pending,))
+        d = _distances(z[b], z_sq[b], flat[cols])
+        d = jnp.where((c + jnp.arange(pending) < now)[None], d, jnp.inf)
+        return c + pending, jnp.minimum(s, d.min(1))
+
+      _, s = jax.lax.while_loop(lambda c_s: c_s[0] < now, product,
+                                (fresh[b], score[b]))
+      return score.at[b].set(s), bmax.at[b].set(s.max()), fresh.at[b].set(now)
+
+    score, bmax, fresh = jax.lax.while_loop(stale, refresh,
+                                            (score, bmax, fresh))
+    b = jnp.argmax(bmax).astype(jnp.int32)
+    r = jnp.argmax(score[b]).astype(jnp.int32)
+    # -1: a selected row is never picked again, even among duplicates.
+    s = score[b].at[r].set(-1.0)
+    return (score.at[b].set(s), bmax.at[b].set(s.max()), fresh,
+            selected.at[now].set(b * bs + r))
+
+  score, bmax, fresh, selected = jax.lax.fori_loop(
+      0, length, body, (score, bmax, fresh, selected))
+  return score, bmax, fresh, selected, t + length
 
 
 def greedy_coreset(bank: jax.Array, projection: Optional[jax.Array],
                    starts: jax.Array, num: int, chunk: int = 16384,
                    progress: Optional[Callable[[int], None]] = None,
-                   segments: int = SEGMENTS) -> jax.Array:
+                   segments: int = SEGMENTS, block_rows: int = BLOCK_ROWS,
+                   pending: int = PENDING_COLS) -> jax.Array:
   """Approximate greedy coreset with a given projection and starting rows.
 
   The selection rule of PatchCore's ApproximateGreedyCoresetSampler
@@ -247,8 +306,9 @@ def greedy_coreset(bank: jax.Array, projection: Optional[jax.Array],
   repeat a row).
 
   Memory: the projected bank (N, P) and O(N * len(starts)); never (N, N).
-  Time: num steps that each read the whole projected bank (N x P floats),
-  so it grows as N^2 at a fixed fraction (docs/scaling.md).
+  Time: about N x num row distances, as products of a block of rows with
+  up to `pending` selected rows (`_coreset_steps`); it grows as N^2 at a
+  fixed fraction (docs/scaling.md).
 
   Args:
     bank: (N, D) float.
@@ -264,6 +324,8 @@ def greedy_coreset(bank: jax.Array, projection: Optional[jax.Array],
     segments: into how many segments (at most) the selection is cut, each
       of at least MIN_SEGMENT_DISTANCES row distances; the result does not
       depend on it.
+    block_rows, pending: rows per block of scores and selected rows per
+      distance product; the result does not depend on them.
 
   Returns:
     (num,) int32 indices into bank, in the order they were selected.
@@ -271,18 +333,19 @@ def greedy_coreset(bank: jax.Array, projection: Optional[jax.Array],
   n = bank.shape[0]
   if not 1 <= num <= n:
     raise ValueError(f'coreset of {num} rows from a bank of {n}')
-  z, z_sq, score, selected, t = _coreset_start(bank, projection, starts,
-                                               chunk, num)
+  z, z_sq, score, bmax, fresh, selected, t = _coreset_start(
+      bank, projection, starts, chunk, num, block_rows, pending)
   # Equal segments and a shorter last one: at most two compilations.
   step = min(num, max(-(-num // max(1, segments)),
                       -(-MIN_SEGMENT_DISTANCES // n)))
   for first in range(0, num, step):
     length = min(step, num - first)
-    selected, score, t = _coreset_steps(z, z_sq, selected, score, t, length)
+    score, bmax, fresh, selected, t = _coreset_steps(
+        z, z_sq, score, bmax, fresh, selected, t, length, pending)
     if progress is not None:
       jax.block_until_ready(selected)
       progress(length)
-  return selected
+  return selected[:num]
 
 
 def coreset_indices(bank: jax.Array, key: jax.Array, num: int,

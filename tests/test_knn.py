@@ -185,6 +185,39 @@ def test_coreset_segments_select_the_same_rows_and_report_progress(
   assert mb.shape == (30, 20) and calls == [1] * 30
 
 
+@pytest.mark.parametrize('block_rows,pending', [(7, 1), (16, 3), (64, 64),
+                                                (150, 5)])
+def test_coreset_blocks_select_what_the_plain_greedy_rule_selects(
+    block_rows, pending):
+  """The lazy selection (scores in blocks, each brought up to date only when
+  it holds the largest bound, `pending` selected rows per product) against
+  the rule applied to every row at every step, in float64 numpy: the same
+  rows in the same order, whatever the block size (padding in the last
+  block: 150 rows in blocks of 7 and 16) and the slice of selected rows."""
+  rng = np.random.default_rng(11)
+  bank = np.concatenate([rng.normal(size=(120, 20)),
+                         rng.normal(size=(30, 20)) * 4 + 6]).astype(np.float32)
+  bank = bank[rng.permutation(150)]
+  w = knn.coreset_projection(jax.random.PRNGKey(4), 20, 8)
+  starts = knn.coreset_starts(jax.random.PRNGKey(5), 150)
+  z = bank.astype(np.float64) @ np.asarray(w, np.float64).T
+  score = np.sqrt(((z[:, None] - z[np.asarray(starts)][None])**2).sum(-1)).mean(1)
+  ref = []
+  for _ in range(60):
+    i = int(score.argmax())
+    ref.append(i)
+    score = np.minimum(score, np.sqrt(((z - z[i])**2).sum(-1)))
+    score[i] = -1.0
+  idx = knn.greedy_coreset(bank, w, starts, 60, block_rows=block_rows,
+                           pending=pending)
+  np.testing.assert_array_equal(np.asarray(idx), ref)
+  # Every row once: the lowest index among the duplicates' equal scores.
+  dup = np.repeat(np.eye(3, dtype=np.float32), 4, axis=0)
+  idx = knn.greedy_coreset(dup, None, np.array([0]), 12,
+                           block_rows=min(block_rows, 5), pending=pending)
+  assert sorted(np.asarray(idx).tolist()) == list(range(12))
+
+
 def test_memory_bank_fraction():
   rng = np.random.default_rng(4)
   feats = rng.normal(size=(5, 10, 12)).astype(np.float32)
