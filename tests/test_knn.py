@@ -148,6 +148,20 @@ def test_coreset_projection_and_starts():
           knn.coreset_starts(k_start, 120), 12)))
 
 
+def _plain_greedy(bank, w, starts, num):
+  """The reference: the greedy rule applied to every row at every step, in
+  float64 numpy, on the same projected rows."""
+  z = bank.astype(np.float64) @ np.asarray(w, np.float64).T
+  score = np.sqrt(((z[:, None] - z[np.asarray(starts)][None])**2).sum(-1)).mean(1)
+  ref = []
+  for _ in range(num):
+    i = int(score.argmax())
+    ref.append(i)
+    score = np.minimum(score, np.sqrt(((z - z[i])**2).sum(-1)))
+    score[i] = -1.0
+  return ref
+
+
 def test_coreset_segments_select_the_same_rows_and_report_progress(
     monkeypatch):
   """The selection cut into jitted segments (for a progress bar) is the
@@ -158,16 +172,7 @@ def test_coreset_segments_select_the_same_rows_and_report_progress(
   w = knn.coreset_projection(jax.random.PRNGKey(1), 20, 8)
   starts = knn.coreset_starts(jax.random.PRNGKey(2), 150)
   whole = np.asarray(knn.greedy_coreset(bank, w, starts, 40, segments=1))
-  # Reference: the greedy rule in float64 numpy on the same projected rows.
-  z = bank.astype(np.float64) @ np.asarray(w, np.float64).T
-  score = np.sqrt(((z[:, None] - z[np.asarray(starts)][None])**2).sum(-1)).mean(1)
-  ref = []
-  for _ in range(40):
-    i = int(score.argmax())
-    ref.append(i)
-    score = np.minimum(score, np.sqrt(((z - z[i])**2).sum(-1)))
-    score[i] = -1.0
-  np.testing.assert_array_equal(whole, ref)
+  np.testing.assert_array_equal(whole, _plain_greedy(bank, w, starts, 40))
   calls = []
   knn.greedy_coreset(bank, w, starts, 40, progress=calls.append)
   assert calls == [40]  # 150 x 40 distances: far under one segment's floor.
@@ -200,17 +205,10 @@ def test_coreset_blocks_select_what_the_plain_greedy_rule_selects(
   bank = bank[rng.permutation(150)]
   w = knn.coreset_projection(jax.random.PRNGKey(4), 20, 8)
   starts = knn.coreset_starts(jax.random.PRNGKey(5), 150)
-  z = bank.astype(np.float64) @ np.asarray(w, np.float64).T
-  score = np.sqrt(((z[:, None] - z[np.asarray(starts)][None])**2).sum(-1)).mean(1)
-  ref = []
-  for _ in range(60):
-    i = int(score.argmax())
-    ref.append(i)
-    score = np.minimum(score, np.sqrt(((z - z[i])**2).sum(-1)))
-    score[i] = -1.0
   idx = knn.greedy_coreset(bank, w, starts, 60, block_rows=block_rows,
                            pending=pending)
-  np.testing.assert_array_equal(np.asarray(idx), ref)
+  np.testing.assert_array_equal(np.asarray(idx),
+                                _plain_greedy(bank, w, starts, 60))
   # Every row once: the lowest index among the duplicates' equal scores.
   dup = np.repeat(np.eye(3, dtype=np.float32), 4, axis=0)
   idx = knn.greedy_coreset(dup, None, np.array([0]), 12,
