@@ -8,7 +8,9 @@
 #   2. meanwhile the demo command (configs/demo.py) end to end, then
 #      --mode=export and benchmarks/export_check.py: the exported
 #      model.jaxexport run on the GPU against model.onnx on ONNX Runtime;
-#   3. then MVTec-AD-shaped categories (WRN50-2, random weights) with
+#   3. then benchmarks/coreset_speed.py (the kNN coreset's lazy selection
+#      against one pass per selected row, 100k and 285k rows);
+#   4. then MVTec-AD-shaped categories (WRN50-2, random weights) with
 #      train.augment=auto: its check's time and the device's peak memory.
 # Needs: pretrained/efficientnet_lite0.msgpack, the cookie photos at
 # ../shared/datasets/cookies (or .devcarry/shared/datasets/cookies, linked
@@ -101,6 +103,11 @@ for i in "${!pids[@]}"; do
 done
 cat "$WORK"/q_*.jsonl > "$OUT/quality.jsonl" 2>/dev/null
 
+# The kNN coreset, lazy vs one pass per row, alone on the GPU now.
+timeout 120 python benchmarks/coreset_speed.py --rows 100000,285696 \
+  --json "$OUT/coreset_speed.json" > "$WORK/coreset.log" 2>&1
+log "coreset_speed exit $?"
+
 left=$((BUDGET - (SECONDS - start)))
 if [ "$left" -gt 60 ]; then
   timeout "$left" python benchmarks/mvtec_workload.py --categories "$WORKLOAD" \
@@ -113,7 +120,7 @@ fi
 
 # Few files come back: the logs' tails in one.
 for f in "$WORK"/demo.log "$WORK"/export.log "$WORK"/q_*.log \
-         "$WORK"/workload.log; do
+         "$WORK"/coreset.log "$WORK"/workload.log; do
   [ -f "$f" ] && { echo "=== $f"; tail -n 60 "$f"; }
 done > "$OUT/logs.txt"
 cp "$WORK/demo/results.json" "$OUT/demo_results.json" 2>/dev/null
