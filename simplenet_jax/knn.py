@@ -196,28 +196,57 @@ def _coreset_start(bank, projection, starts, chunk, num, block_rows, pending):
     selected (num + pending,) int32 (the tail is room for the last slice of
     selected rows a block reads); the step counter.
   """
-  n, d = bank.shape
-  if projection is not None:
-    w = jnp.asarray(projection, jnp.float32)
-    p = w.shape[0]
-    rows, _ = _pad_rows(bank, min(chunk, n))
-    z = jax.lax.map(
-        lambda b: jnp.matmul(b.astype(jnp.float32), w.T, precision=_HIGHEST),
-        rows.reshape(-1, min(chunk, n), d)).reshape(-1, p)[:n]
-  else:
-    z = bank.astype(jnp.float32)
-  z = z - z.mean(0)  # Centred: see nearest_neighbours.
+  bank = bank.reshape(-1, bank.shape[-1])  # In the jit: no copy.
+  n = bank.shape[0]
+  bs = min(block_rows, n)
+  nb = -(-n // bs)
+  # One (nb * bs, P) float32 buffer, filled and centred in place: besides
+  # the bank, the start holds about two projected copies of it, not four
+  # (docs/scaling.md). The padding rows are never selected (score -inf).
+  w = None if projection is None else jnp.asarray(projection, jnp.float32)
+  z = _project(bank, w, min(chunk, n), nb * bs)
+  z = _centre_in_place(z, z[:n].mean(0), bs)  # See nearest_neighbours.
   z_sq = jnp.sum(jnp.square(z), -1)
   score = jnp.mean(_distances(z, z_sq, z[jnp.asarray(starts, jnp.int32)]), -1)
-  bs = min(block_rows, n)
-  z, _ = _pad_rows(z, bs)
-  nb = z.shape[0] // bs
-  score = jnp.pad(score, (0, nb * bs - n), constant_values=-jnp.inf)
-  z_sq = jnp.pad(z_sq, (0, nb * bs - n))
-  score = score.reshape(nb, bs)
+  score = jnp.where(jnp.arange(nb * bs) < n, score, -jnp.inf).reshape(nb, bs)
   return (z.reshape(nb, bs, -1), z_sq.reshape(nb, bs), score,
           score.max(1), jnp.zeros((nb,), jnp.int32),
           jnp.zeros((num + pending,), jnp.int32), jnp.int32(0))
+
+
+def _project(bank, w, chunk, rows_out):
+  """(N, D) bank -> (rows_out, P) float32: its rows x w.T (w (P, D), or None:
+  the rows as they are), `chunk` rows at a time, then zero rows. The bank is
+  read in place: no padded or float32 copy of it (at a few hundred training
+  images it is gigabytes)."""
+  n = bank.shape[0]
+  full = n // chunk * chunk
+
+  def mapped(rows):
+    rows = rows.astype(jnp.float32)
+    return rows if w is None else jnp.matmul(rows, w.T, precision=_HIGHEST)
+
+  def body(i, z):
+    rows = jax.lax.dynamic_slice_in_dim(bank, i * chunk, chunk)
+    return jax.lax.dynamic_update_slice_in_dim(z, mapped(rows), i * chunk, 0)
+
+  p = bank.shape[1] if w is None else w.shape[0]
+  z = jax.lax.fori_loop(0, full // chunk, body,
+                        jnp.zeros((rows_out, p), jnp.float32))
+  if full < n:
+    z = z.at[full:n].set(mapped(bank[full:]))
+  return z
+
+
+def _centre_in_place(z, mean, block):
+  """z - mean, `block` rows at a time in place (z has a multiple of `block`
+  rows; a subtraction of the whole would hold a second copy of z)."""
+
+  def body(i, z):
+    rows = jax.lax.dynamic_slice_in_dim(z, i * block, block)
+    return jax.lax.dynamic_update_slice_in_dim(z, rows - mean, i * block, 0)
+
+  return jax.lax.fori_loop(0, z.shape[0] // block, body, z)
 
 
 def _distances(z, z_sq, cols):
@@ -305,13 +334,17 @@ def greedy_coreset(bank: jax.Array, projection: Optional[jax.Array],
   even when the bank has fewer distinct rows than `num` (PatchCore may then
   repeat a row).
 
-  Memory: the projected bank (N, P) and O(N * len(starts)); never (N, N).
+  Memory: besides the bank (read in place, never copied), the projected
+  bank (N, P) float32 (about twice while it is built) and
+  O(N * len(starts)); never (N, N).
   Time: about N x num row distances, as products of a block of rows with
   up to `pending` selected rows (`_coreset_steps`); it grows as N^2 at a
   fixed fraction (docs/scaling.md).
 
   Args:
-    bank: (N, D) float.
+    bank: (..., D) float: N rows, its leading axes flattened (a feature
+      cache (images, h*w, D) as it is: flattened outside a jit it would
+      be copied).
     projection: (P, D) float32 (rows map as x @ projection.T), or None to
       select in the bank's own space.
     starts: (S,) int row indices, S >= 1.
@@ -328,9 +361,9 @@ def greedy_coreset(bank: jax.Array, projection: Optional[jax.Array],
       distance product; the result does not depend on them.
 
   Returns:
-    (num,) int32 indices into bank, in the order they were selected.
+    (num,) int32 indices into its N rows, in the order they were selected.
   """
-  n = bank.shape[0]
+  n = math.prod(bank.shape[:-1])
   if not 1 <= num <= n:
     raise ValueError(f'coreset of {num} rows from a bank of {n}')
   z, z_sq, score, bmax, fresh, selected, t = _coreset_start(
@@ -361,7 +394,9 @@ def coreset_indices(bank: jax.Array, key: jax.Array, num: int,
   selection of k (same key), so the covering radius never grows with num.
 
   Args:
-    bank: (N, D) float.
+    bank: (..., D) float: N rows, its leading axes flattened (a feature
+      cache (images, h*w, D) as it is: flattened outside a jit it would
+      be copied).
     key: PRNG key (projection matrix and starting rows).
     num: rows to select, 1 <= num <= N.
     proj_dim: dimension of the random projection.
@@ -370,9 +405,9 @@ def coreset_indices(bank: jax.Array, key: jax.Array, num: int,
     progress: see `greedy_coreset`.
 
   Returns:
-    (num,) int32 indices into bank, in the order they were selected.
+    (num,) int32 indices into its N rows, in the order they were selected.
   """
-  n, d = bank.shape
+  n, d = math.prod(bank.shape[:-1]), bank.shape[-1]
   k_proj, k_start = jax.random.split(key)
   return greedy_coreset(bank, coreset_projection(k_proj, d, proj_dim),
                         coreset_starts(k_start, n, num_starts), num, chunk,
@@ -395,12 +430,20 @@ def memory_bank(features: jax.Array, key: jax.Array, fraction: float = 0.1,
   Returns:
     (M, D) float32 bank rows, M = coreset_size(N, fraction).
   """
-  rows = jnp.asarray(features).reshape(-1, features.shape[-1]).astype(
-      jnp.float32)
-  num = coreset_size(rows.shape[0], fraction)
-  if num == rows.shape[0]:
-    return rows
-  return rows[coreset_indices(rows, key, num, proj_dim, progress=progress)]
+  n = math.prod(features.shape[:-1])
+  num = coreset_size(n, fraction)
+  if num == n:
+    return _rows(features, None)
+  return _rows(features, coreset_indices(features, key, num, proj_dim,
+                                         progress=progress))
+
+
+@jax.jit
+def _rows(features, idx):
+  """Rows `idx` (all: None) of features (..., D) as (M, D) float32,
+  flattened inside the jit: no copy of all the features."""
+  rows = jnp.asarray(features).reshape(-1, features.shape[-1])
+  return (rows if idx is None else rows[idx]).astype(jnp.float32)
 
 
 def patch_scores(bank: jax.Array, features: jax.Array,

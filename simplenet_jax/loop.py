@@ -649,22 +649,14 @@ def _las_cache(run: _CategoryRun):
 
 def _feature_histogram(ctx, state, cache):
   """The paper's Fig. 3: per-dimension std of local vs adapted features
-  (with model.heads > 1, the first head's adaptor)."""
-  adaptor = state.params['adaptor']
+  (with model.heads > 1, the first head's adaptor), a chunk of rows at a
+  time."""
   if model_lib.num_heads(state.params) > 1:
-    adaptor = jax.tree.map(lambda x: x[0], adaptor)
-  local_std, adapted_std = _feature_stds(adaptor, cache)
+    state = train.unstack_state(state, 0)
   path = os.path.join(ctx.workdir, 'feature_std.png')
-  visualize.feature_std_histogram(np.asarray(local_std),
-                                  np.asarray(adapted_std), path)
-
-
-@jax.jit
-def _feature_stds(adaptor_params, cache):
-  rows = cache.astype(jnp.float32).reshape(-1, cache.shape[-1])
-  adapted = model_lib.Adaptor(rows.shape[-1]).apply({'params': adaptor_params},
-                                                 rows)
-  return rows.std(axis=0), adapted.std(axis=0)
+  visualize.feature_std_histogram(
+      np.sqrt(train.dimension_variances(cache)),
+      np.sqrt(train.dimension_variances(cache, state.params)), path)
 
 
 def _update_best(best, row, passes):

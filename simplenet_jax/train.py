@@ -333,6 +333,18 @@ def _adapt(params, features):
                        jnp.asarray(features, jnp.float32))
 
 
+def _row_chunks(features, chunk_rows: int):
+  """Yields (rows, D) pieces of `features` ((..., D) array, or a sequence of
+  them), about `chunk_rows` rows each, in order: whole items of the leading
+  axis sliced before they are flattened (flattening all of a large cache
+  first costs a copy of it)."""
+  arrays = [features] if hasattr(features, 'shape') else list(features)
+  for f in arrays:
+    step = max(1, chunk_rows // max(1, math.prod(f.shape[1:-1])))
+    for start in range(0, f.shape[0], step):
+      yield f[start:start + step].reshape(-1, f.shape[-1])
+
+
 def feature_rms(state: TrainState,
                 features: Union[jax.Array, Sequence[jax.Array]],
                 chunk_rows: int = 16384) -> float:
@@ -342,14 +354,11 @@ def feature_rms(state: TrainState,
   go to the device `chunk_rows` at a time, so a large host-side feature cache
   need not fit on the device.
   """
-  arrays = [features] if hasattr(features, 'shape') else list(features)
   total, count = 0.0, 0
-  for f in arrays:
-    rows = f.reshape(-1, f.shape[-1])
-    for start in range(0, rows.shape[0], chunk_rows):
-      a = _adapt(state.params, rows[start:start + chunk_rows])
-      total += float(jnp.sum(jnp.square(a), dtype=jnp.float32))
-      count += a.size
+  for rows in _row_chunks(features, chunk_rows):
+    a = _adapt(state.params, rows)
+    total += float(jnp.sum(jnp.square(a), dtype=jnp.float32))
+    count += a.size
   if count == 0:
     raise ValueError('feature_rms needs at least one feature vector.')
   return math.sqrt(total / count)
@@ -364,32 +373,40 @@ def feature_spread(state: TrainState,
   D)) of the adapted features (current adaptor). Unlike `feature_rms` it
   ignores the features' mean, which says nothing about how far apart normal
   features lie: ReLU6 features (EfficientNet-Lite) have large means, so
-  their RMS overstates the spread. Chunks are merged with Chan et al.'s
-  pairwise update in float64, so large means cost no precision. `features`
-  as in `feature_rms`.
+  their RMS overstates the spread. `features` as in `feature_rms`.
   """
-  arrays = [features] if hasattr(features, 'shape') else list(features)
+  return math.sqrt(float(np.mean(
+      dimension_variances(features, state.params, chunk_rows))))
+
+
+def dimension_variances(features: Union[jax.Array, Sequence[jax.Array]],
+                        params=None, chunk_rows: int = 16384) -> np.ndarray:
+  """Per-dimension variance (population), float64 (D,), of all rows of
+  `features` (as in `feature_rms`), adapted by the adaptor of `params`
+  (one head's) when given, else as they are.
+
+  Chunks of `chunk_rows` rows are merged with Chan et al.'s pairwise update
+  in float64, so large means cost no precision and no copy of all the rows
+  (gigabytes at a few hundred images) is made.
+  """
   count, mean, m2 = 0, None, None
-  for f in arrays:
-    rows = f.reshape(-1, f.shape[-1])
-    for start in range(0, rows.shape[0], chunk_rows):
-      a = np.asarray(_adapt(state.params, rows[start:start + chunk_rows]),
-                     np.float64)
-      if a.shape[0] == 0:
-        continue
-      n_b, mean_b = a.shape[0], a.mean(0)
-      m2_b = np.square(a - mean_b).sum(0)
-      if count == 0:
-        count, mean, m2 = n_b, mean_b, m2_b
-        continue
-      total = count + n_b
-      delta = mean_b - mean
-      mean = mean + delta * (n_b / total)
-      m2 = m2 + m2_b + np.square(delta) * (count * n_b / total)
-      count = total
+  for a in _row_chunks(features, chunk_rows):
+    a = np.asarray(a if params is None else _adapt(params, a), np.float64)
+    if a.shape[0] == 0:
+      continue
+    n_b, mean_b = a.shape[0], a.mean(0)
+    m2_b = np.square(a - mean_b).sum(0)
+    if count == 0:
+      count, mean, m2 = n_b, mean_b, m2_b
+      continue
+    total = count + n_b
+    delta = mean_b - mean
+    mean = mean + delta * (n_b / total)
+    m2 = m2 + m2_b + np.square(delta) * (count * n_b / total)
+    count = total
   if count == 0:
-    raise ValueError('feature_spread needs at least one feature vector.')
-  return math.sqrt(float(np.mean(m2 / count)))
+    raise ValueError('feature variances need at least one feature vector.')
+  return m2 / count
 
 
 def calibrate_noise(state: TrainState, model_cfg, features) -> TrainState:

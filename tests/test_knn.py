@@ -190,28 +190,32 @@ def test_coreset_segments_select_the_same_rows_and_report_progress(
   assert mb.shape == (30, 20) and calls == [1] * 30
 
 
-@pytest.mark.parametrize('block_rows,pending', [(7, 1), (16, 3), (64, 64),
-                                                (150, 5)])
+@pytest.mark.parametrize('block_rows,pending,chunk', [
+    (7, 1, 150), (16, 3, 7), (64, 64, 64), (150, 5, 32)])
+@pytest.mark.parametrize('offset', [0.0, 300.0])
 def test_coreset_blocks_select_what_the_plain_greedy_rule_selects(
-    block_rows, pending):
+    block_rows, pending, chunk, offset):
   """The lazy selection (scores in blocks, each brought up to date only when
   it holds the largest bound, `pending` selected rows per product) against
   the rule applied to every row at every step, in float64 numpy: the same
   rows in the same order, whatever the block size (padding in the last
-  block: 150 rows in blocks of 7 and 16) and the slice of selected rows."""
+  block: 150 rows in blocks of 7 and 16), the slice of selected rows and the
+  rows projected at a time (a shorter last chunk: 150 rows in chunks of 7
+  and 32); and with a large common offset (ReLU6 features sit far from the
+  origin), which float32 distances of uncentred rows get wrong."""
   rng = np.random.default_rng(11)
   bank = np.concatenate([rng.normal(size=(120, 20)),
-                         rng.normal(size=(30, 20)) * 4 + 6]).astype(np.float32)
-  bank = bank[rng.permutation(150)]
+                         rng.normal(size=(30, 20)) * 4 + 6]) + offset
+  bank = bank[rng.permutation(150)].astype(np.float32)
   w = knn.coreset_projection(jax.random.PRNGKey(4), 20, 8)
   starts = knn.coreset_starts(jax.random.PRNGKey(5), 150)
-  idx = knn.greedy_coreset(bank, w, starts, 60, block_rows=block_rows,
-                           pending=pending)
+  idx = knn.greedy_coreset(bank, w, starts, 60, chunk=chunk,
+                           block_rows=block_rows, pending=pending)
   np.testing.assert_array_equal(np.asarray(idx),
                                 _plain_greedy(bank, w, starts, 60))
   # Every row once: the lowest index among the duplicates' equal scores.
-  dup = np.repeat(np.eye(3, dtype=np.float32), 4, axis=0)
-  idx = knn.greedy_coreset(dup, None, np.array([0]), 12,
+  dup = np.repeat(np.eye(3, dtype=np.float32), 4, axis=0) + offset
+  idx = knn.greedy_coreset(dup, None, np.array([0]), 12, chunk=chunk,
                            block_rows=min(block_rows, 5), pending=pending)
   assert sorted(np.asarray(idx).tolist()) == list(range(12))
 
@@ -226,6 +230,12 @@ def test_memory_bank_fraction():
   assert tenth.shape == (5, 12)
   rows = {r.tobytes() for r in feats.reshape(-1, 12)}
   assert all(r.tobytes() in rows for r in tenth)
+  # A cache (images, positions, D) as it is selects what its rows do.
+  np.testing.assert_array_equal(
+      tenth, knn.memory_bank(feats.reshape(-1, 12), key, fraction=0.1))
+  np.testing.assert_array_equal(
+      np.asarray(knn.coreset_indices(feats, key, 7)),
+      np.asarray(knn.coreset_indices(feats.reshape(-1, 12), key, 7)))
   assert knn.coreset_size(50, 0.1) == 5 and knn.coreset_size(3, 0.01) == 1
   # PatchCore's int(N * percentage): rounded down, float product as it is.
   assert knn.coreset_size(255, 0.1) == 25 and knn.coreset_size(100, 0.29) == 28

@@ -372,6 +372,28 @@ def test_spread_noise_calibration():
     train.feature_spread(state, np.zeros((0, 8), np.float32))
 
 
+def test_dimension_variances_chunked_and_adapted():
+  """Per-dimension variances (the Fig. 3 histogram's and the spread's), a
+  chunk of rows at a time: numpy's over all rows, as they are or adapted by
+  one head's adaptor, whatever the chunking, and exact for rows far from
+  the origin (float32 sums of squares would lose them)."""
+  state, _ = _small_state(noise_mode='spread', noise_rel=0.4)
+  rng = np.random.default_rng(1)
+  x = (rng.normal(0.0, 0.5, size=(50, 8)) + 1000.0).astype(np.float32)
+  want = x.astype(np.float64).var(0)
+  for chunk in (7, 16384):
+    np.testing.assert_allclose(
+        train.dimension_variances(x, chunk_rows=chunk), want, rtol=1e-9)
+  np.testing.assert_allclose(
+      train.dimension_variances([x[:9], x[9:].reshape(41, 1, 8)]), want,
+      rtol=1e-9)
+  fc = state.params['adaptor']['fc']
+  adapted = x.astype(np.float64) @ np.asarray(fc['kernel'], np.float64)
+  np.testing.assert_allclose(
+      train.dimension_variances(x, state.params, chunk_rows=7),
+      adapted.var(0), rtol=2e-3)
+
+
 def test_eval_scores_fused_and_reference_match_the_layers():
   """-D(adaptor(x)) in eval mode, written out with numpy (BatchNorm eps
   1e-5 as torch's), against the folded head of inference
