@@ -189,7 +189,8 @@ def _coreset_start(bank, projection, starts, chunk, num, block_rows, pending):
   steps carry, made here on the bank's devices):
 
   z (nb, bs, P): the projected, centred rows in blocks of bs rows (the last
-    block zero-padded); z_sq (nb, bs) their squared norms; score (nb, bs)
+    block padded with rows of no meaning); z_sq (nb, bs) their squared
+    norms; score (nb, bs)
     each row's mean distance to the `starts` rows (-inf on padding, so never
     selected); bmax (nb,) each block's largest score; fresh (nb,) int32 how
     many selected rows each block's scores already account for (0);
