@@ -152,6 +152,10 @@ class CategoryContext:
   # --config the training did.
   requested: Any = None
   augment_why: str = ''  # With 'auto': the measurements it decided on.
+  # The training run's feature cache (N, h*w, D), handed to the kNN
+  # yardstick (eval.yardstick) so that it does not run the backbone over the
+  # training images again; `yardstick.evaluate_knn` takes it (and drops it).
+  train_features: Any = None
 
   @classmethod
   def create(cls, config, workdir, category, kind, module, backbone_vars,

@@ -252,6 +252,9 @@ class _CategoryRun:
     if (c.eval.feature_histogram and self.cache is not None and
         c.model.method == 'simplenet'):  # Adapted features: SimpleNet's.
       _feature_histogram(ctx, state, self.cache)
+    if (c.eval.yardstick and self.cache is not None and
+        c.model.method == 'simplenet'):
+      ctx.train_features = self.cache  # Its bank: the same rows, no new pass.
     return state, meta
 
   def close(self) -> None:

@@ -30,23 +30,28 @@ def evaluate_knn(ctx) -> dict:
   warning) when those features exceed train.cache_max_gb on the device."""
   c = ctx.config
   t0 = time.perf_counter()
-  need = feature_cache.estimate_bytes(ctx.train_rows, ctx.grid_hw,
-                                      ctx.embed_dim, c.train.cache_dtype)
-  if need / 2**30 > c.train.cache_max_gb:
-    logging.warning(
-        '%s: eval.yardstick skipped: the training features (%.1f GB) exceed '
-        'train.cache_max_gb; raise it or set train.cache_dtype=bfloat16 for '
-        'the kNN yardstick', ctx.category, need / 2**30)
-    return {}
+  # A run that trained from the feature cache left it here: the very rows
+  # a backbone pass would give (same images, views, batches), kept once.
+  features, ctx.train_features = ctx.train_features, None
+  if features is None:
+    need = feature_cache.estimate_bytes(ctx.train_rows, ctx.grid_hw,
+                                        ctx.embed_dim, c.train.cache_dtype)
+    if need / 2**30 > c.train.cache_max_gb:
+      logging.warning(
+          '%s: eval.yardstick skipped: the training features (%.1f GB) '
+          'exceed train.cache_max_gb; raise it or set '
+          'train.cache_dtype=bfloat16 for the kNN yardstick', ctx.category,
+          need / 2**30)
+      return {}
+    features = feature_cache.build(ctx.feature_fn, ctx.backbone_vars,
+                                   ctx.train_set, ctx.train_idx,
+                                   c.eval.batch_size, c.train, c.dataset,
+                                   ctx.mesh, grid_hw=ctx.grid_hw,
+                                   dim=ctx.embed_dim,
+                                   desc=f'{ctx.category} kNN features',
+                                   image_views=feature_cache.views(c.train))
   cfg = c.copy_and_resolve_references()
   cfg.model.method = 'knn'
-  features = feature_cache.build(ctx.feature_fn, ctx.backbone_vars,
-                                 ctx.train_set, ctx.train_idx,
-                                 c.eval.batch_size, c.train, c.dataset,
-                                 ctx.mesh, grid_hw=ctx.grid_hw,
-                                 dim=ctx.embed_dim,
-                                 desc=f'{ctx.category} kNN features',
-                                 image_views=feature_cache.views(c.train))
   bank = loop.memory_bank(ctx, features)
   del features
   state = parallel.put_replicated(knn.MemoryBank(bank=bank), ctx.mesh)

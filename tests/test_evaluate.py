@@ -419,6 +419,38 @@ def test_yardstick_equals_a_knn_run(tmp_path, augment):
                              rtol=1e-5)
 
 
+def test_yardstick_reuses_the_training_features(tmp_path, monkeypatch):
+  """A run that trained from the feature cache hands it to the yardstick,
+  which then runs no backbone pass over the training images and gives the
+  figures of a yardstick that builds them (what --mode=eval does)."""
+  from simplenet_jax import feature_cache  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import loop  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import yardstick  # pylint: disable=g-import-not-at-top
+  cfg = _tiny_config()
+  cfg.eval.yardstick = True
+  cfg.eval.batch_size = 4  # Uneven batches over 8 training images' views.
+  cfg.eval.visualize = 'none'
+  cfg.report.html = False
+  cfg.knn.coreset_fraction = 0.3
+  cfg.train.num_passes = 1
+  cfg.train.augment = 'flips'
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  head = _tiny_category(cfg, tmp_path / 'trained', mesh, n_train=9, n_test=8)
+  loop.train_category(head, None)
+  kept = head.train_features
+  assert kept.shape[0] == 4 * len(head.train_idx)  # Each image's 4 views.
+  fresh = _tiny_category(cfg, tmp_path / 'built', mesh, n_train=9, n_test=8)
+  want = yardstick.evaluate_knn(fresh)
+  built = []
+  monkeypatch.setattr(feature_cache, 'build',
+                      lambda *a, **k: built.append(a) or pytest.fail('built'))
+  got = yardstick.evaluate_knn(head)
+  assert not built
+  assert got == want
+  assert 0.5 < want['knn_pixel_auroc'] < 1.0  # Not a degenerate case.
+  assert head.train_features is None  # Dropped: not kept past its use.
+
+
 def test_yardstick_over_the_cache_cap_is_skipped(tmp_path):
   from simplenet_jax import yardstick  # pylint: disable=g-import-not-at-top
   cfg = get_config()
