@@ -81,11 +81,18 @@ ROWS = {
     # trained again with a quarter of the noise if the loss saturates.
     'gas_flips_shrink': {**_GAS_FLIPS_WIDE, 'model.heads': 3,
                          'model.shrink_on_saturation': 0.25},
-    # configs/demo.py since the thirty-first round: the same, trained on
-    # each image's flips too where they look normal (train.augment='auto':
-    # a quarter of the passes then).
+    # configs/demo.py in the thirty-first to thirty-fifth rounds: the
+    # same, trained on each image's flips too where they look normal
+    # (train.augment='auto': a quarter of the passes then).
     'gas_auto': {**_GAS_FLIPS_WIDE, 'model.heads': 3,
                  'model.shrink_on_saturation': 0.25, 'train.augment': 'auto'},
+    # configs/demo.py since the thirty-sixth round: the same, where the
+    # flips are taken each training feature also moved toward a neighbour
+    # (train.neighbour_mix_when='flips').
+    'gas_auto_mix': {**_GAS_FLIPS_WIDE, 'model.heads': 3,
+                     'model.shrink_on_saturation': 0.25,
+                     'train.augment': 'auto', 'train.neighbour_mix': 1.0,
+                     'train.neighbour_mix_when': 'flips'},
     # The same without the adaptor (model.pre_proj=0, the released code's
     # other setting; thirtieth round).
     'gas_noproj': {**_GAS_FLIPS_WIDE, 'model.heads': 3,
@@ -124,8 +131,9 @@ ROWS = {
 def row_overrides(name: str) -> dict:
   """The row's keys, over the released scoring (no synthesis, one pass, the
   largest patch score, no restart on saturation, the training images
-  alone for 40 passes: configs/demo.py has GAS, flips, the map's peak and
-  model.shrink_on_saturation on, and a row turns on only what it names) and
+  alone for 40 passes, unmoved: configs/demo.py has GAS, flips, the map's
+  peak, model.shrink_on_saturation and train.neighbour_mix on, and a row
+  turns on only what it names) and
   the discriminator width every row was measured with up to the thirteenth
   round (256 hidden units, one head; configs/demo.py now has three heads of
   the released 1024, row 'gas_flips_shrink')."""
@@ -136,7 +144,8 @@ def row_overrides(name: str) -> dict:
          'eval.image_score': 'patch_max', 'model.hidden': 256,
          'model.heads': 1, 'model.shrink_on_saturation': 0.0,
          'model.pre_proj': 1, 'train.augment': 'none',
-         'train.num_passes': 40, **ROWS[base]}
+         'train.num_passes': 40, 'train.neighbour_mix': 0.0,
+         'train.neighbour_mix_when': 'always', **ROWS[base]}
   for item in extra:
     key, value = item.split('=', 1)
     try:

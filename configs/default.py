@@ -165,6 +165,10 @@ def get_config():
   # every other training image, searched once per run (exact; grows as the
   # square of the features). docs/quality.md, twenty-third round.
   c.train.neighbour_images = 4
+  # Which categories train.neighbour_mix applies to: 'always' (every one),
+  # or 'flips' (only those that train on flips: train.augment, or what
+  # 'auto' chose; simplenet_jax/neighbour_mix.py `resolve`).
+  c.train.neighbour_mix_when = 'always'
   c.train.select_best_on_test = False  # Released behaviour; labelled as such.
   # Categories whose heads train together, stepped in one jitted call (a
   # vmap over categories); each ends as if trained alone. 1 = one at a time.

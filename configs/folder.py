@@ -34,7 +34,7 @@ SimpleNet use configs/mvtec.py's head settings
 evaluation also reports a nearest-neighbour yardstick, kNN on the same
 features (eval.yardstick; on these sets it localised better than any
 SimpleNet-family setting); --config.model.method=knn --config.synthesis.gas=none
-trains and ships that scorer instead. If your images look normal mirrored
+--config.train.neighbour_mix=0 trains and ships that scorer instead. If your images look normal mirrored
 (textures, most surfaces), --config.eval.tta=flips scores each image with
 its three flips as well (docs/quality.md: it helped the head on every set,
 cookies included); it stays off here because a mirrored part can be a
@@ -150,6 +150,11 @@ def get_config():
   c.model.heads = 3  # Three heads side by side, their scores averaged.
   # The photos' flips too where they look normal (a quarter of the passes).
   c.train.augment = 'auto'
+  # Where it takes them, each training feature is also moved toward a
+  # neighbour in another training image (docs/quality.md, thirty-sixth
+  # round).
+  c.train.neighbour_mix = 1.0
+  c.train.neighbour_mix_when = 'flips'
   c.threshold.holdout_fraction = 0.1  # Without dataset.val_dir.
   # kNN on the same features, reported beside the head's figures.
   c.eval.yardstick = True

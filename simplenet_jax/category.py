@@ -22,6 +22,7 @@ from simplenet_jax import checkpoint
 from simplenet_jax import data
 from simplenet_jax import feature_cache
 from simplenet_jax import knn
+from simplenet_jax import neighbour_mix
 from simplenet_jax import parallel
 from simplenet_jax import scoring
 from simplenet_jax import synthesis
@@ -122,6 +123,8 @@ def fingerprint(config) -> str:
     # their fingerprint.
     if config.train.neighbour_images:
       keys['train']['neighbour_images'] = config.train.neighbour_images
+    if config.train.neighbour_mix_when != 'always':
+      keys['train']['neighbour_mix_when'] = config.train.neighbour_mix_when
   keys['holdout'] = config.threshold.holdout_fraction
   return hex(zlib.crc32(json.dumps(keys, sort_keys=True, default=str).encode()))
 
@@ -156,6 +159,13 @@ class CategoryContext:
   # yardstick (eval.yardstick) so that it does not run the backbone over the
   # training images again; `yardstick.evaluate_knn` takes it (and drops it).
   train_features: Any = None
+
+  @property
+  def runs_yardstick(self) -> bool:
+    """Whether kNN on the same features scores this category after the
+    head (eval.yardstick; a kNN run is its own yardstick)."""
+    return bool(self.config.eval.yardstick and
+                self.config.model.method == 'simplenet')
 
   @classmethod
   def create(cls, config, workdir, category, kind, module, backbone_vars,
@@ -218,6 +228,10 @@ class CategoryContext:
               jax.random.fold_in(key, 4), (shape[1], shape[2]), shape[3])
         why = view_check.describe(verdict)
         config = view_check.resolve(config, category, verdict)
+    mixed = neighbour_mix.resolve(config, category)
+    if mixed is not config:
+      requested = requested or config
+      config = mixed
     return cls(config=config, workdir=os.path.join(workdir, category),
                category=category, kind=kind, module=module,
                backbone_vars=backbone_vars, mesh=mesh, train_set=train_set,
@@ -287,12 +301,20 @@ class CategoryContext:
                 data=self.data_record, **self.augment_record(), **extra)
 
   def augment_record(self) -> dict:
-    """With train.augment='auto': {'augment': what it chose ('flips', one
-    flip alone or 'none'), 'augment_why': the measurements}; else {}."""
-    if self.requested is None:
+    """What this category's training resolved: with train.augment='auto'
+    {'augment': what it chose ('flips', one flip alone or 'none'),
+    'augment_why': the measurements}; with train.neighbour_mix_when='flips'
+    {'neighbour_mix': the mix it trained with (0: none, no flips)}."""
+    given = self.requested
+    if given is None:
       return {}
-    return {'augment': self.config.train.augment,
-            'augment_why': self.augment_why}
+    out = {}
+    if given.train.augment == 'auto':
+      out.update(augment=self.config.train.augment,
+                 augment_why=self.augment_why)
+    if given.train.neighbour_mix and given.train.neighbour_mix_when != 'always':
+      out['neighbour_mix'] = float(self.config.train.neighbour_mix)
+    return out
 
   def _data_digest(self, kind: str) -> str:
     """CRC of the `data.image_ids` (of `kind`) of the training, held-out and
@@ -341,7 +363,7 @@ class CategoryContext:
           '%s; the trained model is kept and evaluated as it is%s (to train '
           'on the current images, use another --workdir).', change,
           ', the kNN yardstick fitted on the current images'
-          if self.config.eval.yardstick else '')
+          if self.runs_yardstick else '')
 
   def check_compatible(self, meta: dict) -> None:
     """A checkpoint of another config is the user's to resolve, not skipped."""

@@ -18,6 +18,7 @@ from simplenet_jax import backbones
 from simplenet_jax import data
 from simplenet_jax import evaluate
 from simplenet_jax import feature_cache
+from simplenet_jax import neighbour_mix
 from simplenet_jax import scoring
 from simplenet_jax import synthesis
 from simplenet_jax import train
@@ -246,6 +247,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _one_of(config, 'train.augment', augments.AUGMENTS)
   _check(0 <= t.neighbour_mix <= 1, 'train.neighbour_mix',
          f'is {t.neighbour_mix}; must be in [0, 1] (0 = off)')
+  _one_of(config, 'train.neighbour_mix_when', neighbour_mix.WHEN)
   _check(t.neighbour_images >= 0, 'train.neighbour_images',
          f'is {t.neighbour_images}; must be >= 0 (0 = every other training '
          'image)')

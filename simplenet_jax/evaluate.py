@@ -232,6 +232,8 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
     row['saturated_at'] = int(meta['saturated_at'])
   if meta and meta.get('augment'):  # train.augment='auto': what it chose.
     row['augment'], row['augment_why'] = meta['augment'], meta['augment_why']
+  if meta and 'neighbour_mix' in meta:  # train.neighbour_mix_when='flips'.
+    row['neighbour_mix'] = meta['neighbour_mix']
   best = meta.get('best_on_test') if meta else None
   if best is not None:
     # The released protocol: the best evaluated pass, chosen on the test set.

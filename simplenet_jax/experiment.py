@@ -111,13 +111,13 @@ def run(config, workdir: str, mode: str) -> list[dict]:
                                          step=int(meta['passes_done']))
         clock.lap('evaluate')
         laps['evaluate'] = clock.laps['evaluate']
-        if config.eval.yardstick and config.model.method == 'simplenet':
+        if ctx.runs_yardstick:
           row.update(yardstick.evaluate_knn(ctx))
           clock.lap('kNN yardstick')
           laps['kNN yardstick'] = clock.laps['kNN yardstick']
           log = report_html.read_log(ctx.workdir)
           hint = yardstick.advice(row, log[-1] if log else {}, config.model,
-                                  meta.get('saturated_at'))
+                                  meta.get('saturated_at'), config.train)
           if hint:
             row['advice'] = hint
         if config.eval.synthetic_defects:

@@ -252,8 +252,7 @@ class _CategoryRun:
     if (c.eval.feature_histogram and self.cache is not None and
         c.model.method == 'simplenet'):  # Adapted features: SimpleNet's.
       _feature_histogram(ctx, state, self.cache)
-    if (c.eval.yardstick and self.cache is not None and
-        c.model.method == 'simplenet'):
+    if ctx.runs_yardstick and self.cache is not None:
       ctx.train_features = self.cache  # Its bank: the same rows, no new pass.
     return state, meta
 

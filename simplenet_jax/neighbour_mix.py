@@ -14,20 +14,60 @@ the training features alone; the fakes are made from the moved features
 as from the originals (noise, GAS). A displacement of the same length in a
 random direction instead hurt (docs/quality.md, twenty-first round): the
 direction is what helps.
+
+`train.neighbour_mix_when='flips'` keeps it to the categories that train on
+their flips (`train.augment`, or what 'auto' chose for them, `resolve`):
+categories whose normal images vary in orientation, where normal test
+features lie away from the training features in the directions normal
+features vary in, as on the cookie photos (+0.3-0.5 pixel AUROC, +1.3-2
+AUPRO); on the demo's side-lit textures, whose flips do not look normal,
+it cost localisation (docs/quality.md, thirty-fifth and thirty-sixth
+rounds).
 """
 
 import dataclasses
 from typing import Callable, Optional
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 
+from simplenet_jax import augments
+from simplenet_jax import console
 from simplenet_jax import knn
 
 # The step key's folds for the mixing fractions and for the images a step
 # takes its partners from (fold 1 picks LAS variants).
 _FOLD = 2
 _FOLD_IMAGES = 3
+
+# train.neighbour_mix_when: 'always', or only where the category trains on
+# flips (`resolve`).
+WHEN = ('always', 'flips')
+
+
+def resolve(config, category: str):
+  """The config a category trains with under train.neighbour_mix_when=
+  'flips': train.neighbour_mix as given where its train.augment (resolved
+  from 'auto' already) takes flips, 0 where it does not; says which on the
+  console. Other configs are returned as they are."""
+  t = config.train
+  if not t.neighbour_mix or t.neighbour_mix_when == 'always':
+    return config
+  flips = t.augment == 'flips' or t.augment in augments.SINGLE_FLIPS
+  message = (f'{category}: train.neighbour_mix_when=flips: '
+             + (f'it trains on flips, so each training feature is moved '
+                f'toward a neighbour (train.neighbour_mix={t.neighbour_mix:g})'
+                if flips else
+                'it trains without flips, so its features are not moved '
+                '(train.neighbour_mix off)'))
+  logging.info('%s', message)
+  console.note(message)
+  if flips:
+    return config
+  out = config.copy_and_resolve_references()
+  out.train.neighbour_mix = 0.0
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -239,6 +239,11 @@ def _training_text(config: dict) -> str:
     heads += 'no adaptor, '
   if views:
     heads += f'trained on {views}, '
+  if t.get('neighbour_mix'):
+    heads += (f"each training feature moved up to {t['neighbour_mix']:g} of "
+              'the way toward a neighbour in another image'
+              + (' where a category trains on flips'
+                 if t.get('neighbour_mix_when') == 'flips' else '') + ', ')
   return (heads + f"{t.get('num_passes')} passes, batch {t.get('batch_size')}, "
           f"noise {mode}: {noise}" + (f'; synthesis: {extras}' if extras
                                       else '') + other)
@@ -415,6 +420,11 @@ def _category_section(workdir: str, row: dict) -> str:
     facts.append('train.augment=auto: '
                  + f"trained on {augments.WORDS[row['augment']]}"
                  + f" ({row.get('augment_why')})")
+  if 'neighbour_mix' in row:  # train.neighbour_mix_when='flips'.
+    facts.append('train.neighbour_mix_when=flips: '
+                 + (f"features moved toward neighbours (train.neighbour_mix="
+                    f"{row['neighbour_mix']:g})" if row['neighbour_mix'] else
+                    'no flips, features not moved'))
   out.append(f'<p class="facts">{" &middot; ".join(_e(x) for x in facts)}</p>')
   if row.get('advice'):  # yardstick.advice: the head trails kNN, saturated.
     out.append(f'<p class="note"><b>Hint:</b> {_e(row["advice"])}</p>')

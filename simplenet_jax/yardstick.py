@@ -68,7 +68,8 @@ def evaluate_knn(ctx) -> dict:
 
 
 def advice(row: dict, last_pass: dict, model_cfg,
-           saturated_at: int | None = None) -> str | None:
+           saturated_at: int | None = None,
+           train_cfg=None) -> str | None:
   """One line for the user when the head's loss saturated and it trails kNN
   on the same features (image or pixel AUROC), else None.
 
@@ -87,6 +88,8 @@ def advice(row: dict, last_pass: dict, model_cfg,
       run over with a smaller noise (the run's meta 'saturated_at'), or
       None. Then the run already took the smaller noise and saturated
       again: the hint names kNN instead.
+    train_cfg: config.train, or None; its train.neighbour_mix, which kNN
+      runs refuse, is switched off in the kNN hint.
   """
   if (model_cfg.method != 'simplenet' or
       model_cfg.noise_mode == 'absolute' or
@@ -106,8 +109,10 @@ def advice(row: dict, last_pass: dict, model_cfg,
     return (f"{head}, though it was already trained again with a smaller "
             f"noise after pass {saturated_at} saturated "
             "(model.shrink_on_saturation); kNN may suit this data better: "
-            "--config.model.method=knn --config.synthesis.gas=none (README, "
-            "'More training images').")
+            "--config.model.method=knn --config.synthesis.gas=none"
+            + (' --config.train.neighbour_mix=0'
+               if train_cfg is not None and train_cfg.neighbour_mix else '')
+            + " (README, 'More training images').")
   return (f"{head}; with many training images a smaller noise can do "
           f"better: try --config.model.noise_rel={model_cfg.noise_rel / 4:g} "
           "(README, 'More training images').")

@@ -265,7 +265,10 @@ def test_neighbour_mix_needs_the_cache_and_two_images(tmp_path, awkward_root,
   other training images: without the cache, or with one training image, one
   line names the key."""
   root, _ = awkward_root
+  # 'always': the demo config mixes only where it trains on flips, and the
+  # tiny images' check may not take them (one image: nothing to check).
   config = _config(lite0_weights_dir, root, train__neighbour_mix=1.0,
+                   train__neighbour_mix_when='always',
                    train__cache_features=False, synthesis__gas='none',
                    train__num_passes=1)
   with pytest.raises(UserError) as e:
@@ -281,6 +284,7 @@ def test_neighbour_mix_needs_the_cache_and_two_images(tmp_path, awkward_root,
   for p in images[1:]:
     p.unlink()
   config = _config(lite0_weights_dir, one, train__neighbour_mix=1.0,
+                   train__neighbour_mix_when='always',
                    synthesis__gas='none', train__num_passes=1)
   config.threshold.holdout_fraction = 0.0
   with pytest.raises(UserError) as e:
@@ -337,6 +341,8 @@ def test_eval_or_predict_before_training(tmp_path, awkward_root,
      "'auto']"),
     ('train.neighbour_mix', 1.5, 'config.train.neighbour_mix: is 1.5; must '
      'be in [0, 1] (0 = off)'),
+    ('train.neighbour_mix_when', 'textures', 'config.train.neighbour_mix_when'
+     ": is 'textures'; must be one of ['always', 'flips']"),
     ('train.neighbour_images', -1, 'config.train.neighbour_images: is -1; '
      'must be >= 0 (0 = every other training image)'),
     ('model.method', 'patchcore', "config.model.method: is 'patchcore'; must "

@@ -196,12 +196,13 @@ def test_train_eval_predict(tmp_path, weights_dir, env):
 def test_augment_auto_trains_on_flips_only_where_they_look_normal(
     tmp_path, weights_dir, env):
   """configs/demo.py's train.augment='auto' from main.py, two categories
-  stepped together: at 64 px the brick tiles' flips look normal to the
+  with train.categories_per_step=2: at 64 px the brick tiles' flips look normal to the
   check and grass's do not (at the demo's 128 px neither does; the cookie
   photos' do: docs/quality.md, thirty-first round). The console and the
   report say what each chose and why; brick trains on 4x the rows for a
-  quarter of the passes, grass on its tiles for all of them, each in a
-  stacked group of its own; eval, predict and export take the same
+  quarter of the passes, its features moved toward neighbours (the demo
+  config's train.neighbour_mix_when='flips'), grass on its tiles for all
+  of them, unmoved, each on its own; eval, predict and export take the same
   --config (checkpoints are fingerprinted with the config as given)."""
   workdir = tmp_path / 'auto'
   args = ['--config', 'configs/demo.py', '--workdir', str(workdir),
@@ -227,14 +228,24 @@ def test_augment_auto_trains_on_flips_only_where_they_look_normal(
       'grass: train.augment=auto: its flips do not look normal: the images '
       'alone are training images' + why), said
   assert ': beyond the training images\' own ' in said['grass']
+  mix = {l.split(':')[0]: l for l in proc.stdout.splitlines()
+         if 'train.neighbour_mix_when=flips' in l}
+  assert mix == {
+      'brick': 'brick: train.neighbour_mix_when=flips: it trains on flips, so '
+               'each training feature is moved toward a neighbour '
+               '(train.neighbour_mix=1)',
+      'grass': 'grass: train.neighbour_mix_when=flips: it trains without '
+               'flips, so its features are not moved (train.neighbour_mix '
+               'off)'}, proc.stdout[-3000:]
   with open(workdir / 'results.json', encoding='utf-8') as f:
     rows = {r['category']: r for r in json.load(f)['rows']}
   report_text = (workdir / 'report.html').read_text(encoding='utf-8')
-  for cat, passes, views, augment in (('brick', 2, 4, 'flips'),
-                                      ('grass', 8, 1, 'none')):
+  for cat, passes, views, augment, moved in (('brick', 2, 4, 'flips', 1.0),
+                                             ('grass', 8, 1, 'none', 0.0)):
     step, meta = checkpoint.latest_meta(str(workdir / cat / 'checkpoints'))
-    assert (step, meta['num_passes'], meta['augment']) == (
-        passes, passes, augment)
+    assert (step, meta['num_passes'], meta['augment'],
+            meta['neighbour_mix']) == (passes, passes, augment, moved)
+    assert rows[cat]['neighbour_mix'] == moved
     assert meta['data']['n_train'] == 20
     assert meta['steps_per_pass'] == 20 * views // 4  # Batches of 4.
     assert rows[cat]['augment'] == augment
@@ -242,6 +253,12 @@ def test_augment_auto_trains_on_flips_only_where_they_look_normal(
   assert 'train.augment=auto: trained on each image and its three flips' in (
       report_text)
   assert 'train.augment=auto: trained on the images alone' in report_text
+  assert ('train.neighbour_mix_when=flips: features moved toward neighbours '
+          '(train.neighbour_mix=1)') in report_text
+  assert ('train.neighbour_mix_when=flips: no flips, features not moved' in
+          report_text)
+  assert ('each training feature moved up to 1 of the way toward a neighbour '
+          'in another image where a category trains on flips') in report_text
   trained = _numbers_without_knn(workdir / 'results.json')
   os.remove(workdir / 'results.json')
   proc = main_py(args + ['--mode=eval'], env)

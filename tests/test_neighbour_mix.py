@@ -298,7 +298,9 @@ def test_main_trains_with_partners_from_random_images_by_default(
   workdir = tmp_path / 'run'
   proc = run_main(tiny_args(workdir, lite0_weights_dir, root, passes=2, extra=[
       '--config.synthesis.gas=hypersphere', '--config.model.heads=1',
-      '--config.train.neighbour_mix=1']),
+      '--config.train.neighbour_mix=1',
+      # The demo config mixes only with the flips, which tiny_args turns off.
+      '--config.train.neighbour_mix_when=always']),
                   env=main_env(jax_cache_dir))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'neighbour partners' not in proc.stderr + proc.stdout
@@ -307,3 +309,36 @@ def test_main_trains_with_partners_from_random_images_by_default(
   assert [r['pass'] for r in log] == [1, 2]
   assert all(np.isfinite(r['loss']) and r['loss'] > 0 for r in log)
   assert f'{CATEGORY}: I-AUROC' in proc.stdout
+
+
+@pytest.mark.parametrize('augment, mixed', [
+    ('flips', True), ('flip_lr', True), ('flip_ud', True), ('rot180', True),
+    ('none', False), ('shifts', False)])
+def test_mix_when_flips_follows_the_resolved_augment(augment, mixed, capsys):
+  """train.neighbour_mix_when='flips' (the demo and folder configs): the mix
+  as given where the category trains on flips (all three or the one 'auto'
+  took), off where it trains without them; the console says which."""
+  c = demo_config.get_config()
+  assert (c.train.neighbour_mix, c.train.neighbour_mix_when) == (1.0, 'flips')
+  c.train.augment = augment  # As view_check.resolve leaves it.
+  out = neighbour_mix.resolve(c, 'parts')
+  assert out.train.neighbour_mix == (1.0 if mixed else 0.0)
+  assert c.train.neighbour_mix == 1.0  # The given config is left as it is.
+  said = ''.join(capsys.readouterr())
+  assert 'parts: train.neighbour_mix_when=flips: ' + (
+      'it trains on flips, so each training feature is moved toward a '
+      'neighbour (train.neighbour_mix=1)' if mixed else
+      'it trains without flips, so its features are not moved '
+      '(train.neighbour_mix off)') in said
+  # Everything else as given.
+  out.train.neighbour_mix = 1.0
+  assert out.to_dict() == c.to_dict()
+
+
+def test_mix_always_and_off_are_left_alone():
+  c = demo_config.get_config()
+  c.train.augment = 'none'
+  c.train.neighbour_mix_when = 'always'
+  assert neighbour_mix.resolve(c, 'parts') is c
+  c.train.neighbour_mix_when, c.train.neighbour_mix = 'flips', 0.0
+  assert neighbour_mix.resolve(c, 'parts') is c

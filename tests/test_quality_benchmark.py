@@ -78,13 +78,26 @@ def test_decisions_summed_over_seeds(tmp_path):
           '21/30 anomalous caught') in text
 
 
+def _apart(args, row: str, reference, changes: dict) -> None:
+  """Asserts that `row`'s config is `reference` but for `changes`:
+  {key: (the row's value, the reference's)}."""
+  config = quality.set_config('grass', row, 0, args)
+  for key, (mine, theirs) in changes.items():
+    section, leaf = key.split('.')
+    assert config[section][leaf] == mine, (row, key)
+    config[section][leaf] = theirs
+  assert config.to_dict() == reference.to_dict(), row
+
+
 def test_rows_score_as_released_unless_named(tmp_path):
   """Rows start from the released scoring (one pass, the largest patch
   score) and never train again on saturation, though configs/demo.py flips,
   takes the map's peak and starts over with a quarter of the noise when
-  the loss saturates; the 'gas_auto' row is configs/demo.py as shipped,
-  'gas_flips_shrink' the same without train.augment='auto' (the shipped row
-  of the seventeenth to thirtieth rounds), 'gas_flips_augment' the same
+  the loss saturates; the 'gas_auto_mix' row is configs/demo.py as
+  shipped, 'gas_auto' the same without train.neighbour_mix (the shipped row
+  of the thirty-first to thirty-fifth rounds), 'gas_flips_shrink' without
+  train.augment='auto' either (the shipped row of the seventeenth to
+  thirtieth rounds), 'gas_flips_augment' the same
   trained on the images' flips too
   for 10 passes (train.augment, nineteenth round), 'gas_flips_heads' the
   shipped row without the restart (the fifteenth and sixteenth rounds'), 'gas_flips_wide' with one head, 'gas_flips' with
@@ -100,27 +113,30 @@ def test_rows_score_as_released_unless_named(tmp_path):
   assert (shipped.eval.tta, shipped.eval.image_score) == ('flips', 'map_max')
   assert plain.model.shrink_on_saturation == 0
   assert (plain.train.augment, plain.train.num_passes) == ('none', 40)
-  shipped_row = quality.set_config('grass', 'gas_auto', 0, args)
+  assert (plain.train.neighbour_mix, shipped.train.neighbour_mix) == (0, 1)
+  shipped_mix = quality.set_config('grass', 'gas_auto_mix', 0, args)
   for key in ('model.noise_mode', 'model.noise_rel', 'model.hidden',
               'model.heads', 'model.shrink_on_saturation', 'synthesis.gas',
               'eval.tta', 'eval.image_score', 'train.augment',
-              'train.num_passes'):
+              'train.num_passes', 'train.neighbour_mix',
+              'train.neighbour_mix_when', 'train.neighbour_images'):
     section, leaf = key.split('.')
-    assert shipped_row[section][leaf] == shipped[section][leaf], key
+    assert shipped_mix[section][leaf] == shipped[section][leaf], key
+  # 'gas_auto' is the shipped row of the thirty-first to thirty-fifth
+  # rounds: without the mix.
+  _apart(args, 'gas_auto', shipped_mix, {
+      'train.neighbour_mix': (0.0, 1.0),
+      'train.neighbour_mix_when': ('always', 'flips')})
+  shipped_row = quality.set_config('grass', 'gas_auto', 0, args)
   # 'gas_noproj' is the shipped row without the adaptor (model.pre_proj=0,
   # thirtieth round); every other row keeps the released adaptor.
   assert (plain.model.pre_proj, shipped.model.pre_proj) == (1, 1)
   # 'gas_flips_shrink' is the shipped row of the seventeenth to thirtieth
   # rounds: without train.augment='auto'.
-  before = quality.set_config('grass', 'gas_flips_shrink', 0, args)
-  assert before.train.augment == 'none'
-  before.train.augment = 'auto'
-  assert before.to_dict() == shipped_row.to_dict()
-  noproj = quality.set_config('grass', 'gas_noproj', 0, args)
-  assert noproj.model.pre_proj == 0
-  noproj.model.pre_proj = 1
-  noproj.train.augment = 'auto'
-  assert noproj.to_dict() == shipped_row.to_dict()
+  _apart(args, 'gas_flips_shrink', shipped_row,
+         {'train.augment': ('none', 'auto')})
+  _apart(args, 'gas_noproj', shipped_row,
+         {'model.pre_proj': (0, 1), 'train.augment': ('none', 'auto')})
   augment = quality.set_config('grass', 'gas_flips_augment', 0, args)
   assert (augment.train.augment, augment.train.num_passes) == ('flips', 10)
   for key in ('model', 'synthesis', 'eval'):

@@ -826,6 +826,7 @@ def test_checkpoints_remember_the_switches():
   then.model.hidden, then.model.heads = 256, 1
   then.model.shrink_on_saturation = 0.0
   then.train.augment = 'none'  # 'auto' since the thirty-first round.
+  then.train.neighbour_mix = 0.0  # On with the flips since the thirty-sixth.
   assert category.fingerprint(then) == '0xcafcc261'
   then.train.augment = 'flips'  # Another training set: not resumed.
   assert category.fingerprint(then) != '0xcafcc261'
@@ -863,6 +864,14 @@ def test_shrink_on_saturation_off_leaves_fingerprints():
   f.model.shrink_on_saturation = 0.0
   f.model.heads = 1  # As the folder config was before three heads.
   f.train.augment = 'none'  # And before 'auto' (thirty-first round).
+  f.train.neighbour_mix = 0.0  # And before the mix (thirty-sixth round).
   assert category.fingerprint(f) == '0x54e60c84'
+  # train.neighbour_mix_when: 'flips' trains other categories than
+  # 'always' does, so it is another run; 'always' (the default) leaves the
+  # fingerprints of runs from before it.
+  f.train.neighbour_mix, f.train.neighbour_mix_when = 1.0, 'always'
+  always = category.fingerprint(f)
+  f.train.neighbour_mix_when = 'flips'
+  assert category.fingerprint(f) not in (always, '0x54e60c84')
   c.model.shrink_on_saturation = 0.25
   assert category.fingerprint(c) != '0x8e95376f'

@@ -1,8 +1,12 @@
 """yardstick.advice: the hint when the head's loss saturated and it trails
 kNN on the same features."""
 
+import re
+
 import ml_collections
 
+from configs import folder
+from simplenet_jax import config_checks
 from simplenet_jax import yardstick
 
 
@@ -68,3 +72,27 @@ def test_after_an_automatic_shrink_the_hint_names_knn():
   assert '--config.model.method=knn' in hint and 'noise_rel=' not in hint
   leads = _row((0.982, 0.964, 0.874), (0.953, 0.961, 0.896))
   assert yardstick.advice(leads, SATURATED, _model(), saturated_at=12) is None
+
+
+def test_the_knn_hint_is_a_valid_switch_of_the_folder_config():
+  # configs/folder.py ships head-only switches (GAS, train.neighbour_mix)
+  # that kNN runs refuse: the hint's flags must switch those off too.
+  config = folder.get_config()
+  assert config.train.neighbour_mix  # Else this test checks nothing new.
+  hint = yardstick.advice(_row((0.8, 0.8, 0.6), (0.9, 0.9, 0.8)), SATURATED,
+                          config.model, saturated_at=12,
+                          train_cfg=config.train)
+  flags = re.findall(r'--config\.(\S+)=(\S+)', hint)
+  assert ('train.neighbour_mix', '0') in flags
+  for key, value in flags:
+    section, name = key.split('.')
+    old = config[section][name]
+    config[section][name] = type(old)(value)
+  config_checks.validate(config)
+  # Without a mix in the config the hint does not name it.
+  config = folder.get_config()
+  config.train.neighbour_mix = 0.0
+  hint = yardstick.advice(_row((0.8, 0.8, 0.6), (0.9, 0.9, 0.8)), SATURATED,
+                          config.model, saturated_at=12,
+                          train_cfg=config.train)
+  assert 'neighbour_mix' not in hint
