@@ -65,20 +65,17 @@ to tell which suits your parts, train both ways (two --workdir) with
 pixel AUROC is higher (twentieth round: it chose the better run wherever
 the two localised differently; at 256 px on the cookie photos they tie,
 and the flips' 1-2 points of image AUROC do not show in it).
---config.train.neighbour_mix=1 moves each training feature a random part
-of the way toward its nearest feature in another training image
-(docs/quality.md, twenty-first to twenty-third rounds), looked for at each
-step in 4 other training images drawn at random
-(train.neighbour_images=4; 0 searches all of them once per run, exactly,
-in time growing as the square of the features). On the cookies photos at
-256 px, 3 seeds, with the exact search: 97.5 / 95.8 / 86.3 -> 96.8 / 96.0
-/ 87.2 (localisation up, image AUROC down a little); with
---config.train.augment=flips as well (a quarter of the passes) 99.6 / 96.1
-/ 86.6 -> 99.9 / 96.8 / 89.7, and with the 4 drawn images 99.8 / 97.0 /
-90.3, past kNN in image and pixel AUROC (kNN with the flips in its bank:
-99.3 / 96.6 / 90.9). With hundreds of
-training images (or many passes) the head's
-loss saturates at noise_rel 0.4: a pass ends with nearly all its fakes past
+Where the photos' flips are taken, each training feature is also moved,
+at every step, a random part of the way toward its nearest feature in 4
+other training photos drawn at random (train.neighbour_mix=1 with
+train.neighbour_mix_when='flips'; docs/quality.md, twenty-first to
+twenty-third and thirty-sixth rounds): on the cookie photos, 3 seeds,
+99.9 / 96.7 / 89.0 -> 99.9 / 97.5 / 92.2 (kNN on the same features and views
+97.9 / 96.5 / 90.7). Off: --config.train.neighbour_mix=0; in every category, flips
+or not: --config.train.neighbour_mix_when=always (without the flips, one
+head, it moved the cookies 97.5 / 95.8 / 86.3 -> 96.8 / 96.0 / 87.2).
+With hundreds of training images (or many passes) the head's loss
+saturates at noise_rel 0.4: a pass ends with nearly all its fakes past
 the margin (p_fake >= 0.98), where the truncated L1 teaches it nothing
 more. Then training starts over with a quarter of the noise
 (model.shrink_on_saturation=0.25, the console says so; docs/quality.md,

@@ -240,8 +240,9 @@ def _training_text(config: dict) -> str:
   if views:
     heads += f'trained on {views}, '
   if t.get('neighbour_mix'):
-    heads += (f"each training feature moved up to {t['neighbour_mix']:g} of "
-              'the way toward a neighbour in another image'
+    heads += ('each training feature moved a random part (up to '
+              f"{t['neighbour_mix']:g}) of the way toward a neighbour in "
+              'another image'
               + (' where a category trains on flips'
                  if t.get('neighbour_mix_when') == 'flips' else '') + ', ')
   return (heads + f"{t.get('num_passes')} passes, batch {t.get('batch_size')}, "
