@@ -20,11 +20,11 @@ their flips (`train.augment`, or what 'auto' chose for them, `resolve`):
 categories whose flipped images look normal, i.e. whose parts vary from
 image to image in ways a few training images do not all show, so that
 normal test features lie away from the training features in the
-directions normal features vary in, as on the cookie photos (3 seeds, pixel AUROC / AUPRO
-with the flips: 96.7 / 89.0 -> 97.5 / 92.2 at 256 px with the folder
-config's head, 97.0 / 88.2 -> 97.3 / 89.5 at 128 px with the demo
-config's); on the demo's side-lit textures, whose flips do not look
-normal, it cost localisation (docs/quality.md, thirty-fifth and
+directions normal features vary in, as on the cookie photos (3 seeds,
+pixel AUROC / AUPRO with the flips: 96.7 / 89.0 -> 97.5 / 92.2 at 256 px
+with the folder config's head, 97.0 / 88.2 -> 97.3 / 89.5 at 128 px with
+the demo config's); on the demo's side-lit textures, whose flips do not
+look normal, it cost localisation (docs/quality.md, thirty-fifth and
 thirty-sixth rounds).
 """
 

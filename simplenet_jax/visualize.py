@@ -340,15 +340,19 @@ def training_curves(records: list[dict],
   fig = _figure(3.0 * len(panels) + 0.4, 2.9)
   axes = fig.subplots(1, len(panels), squeeze=False)[0]
   x = [r['pass'] for r in passes]
+  # A line through one point draws nothing (a run of one pass, e.g. many
+  # images with train.augment's flips): few passes get dots as well.
+  dots = {'marker': 'o', 'markersize': 3} if len(x) <= 20 else {}
   for ax, panel in zip(axes, panels):
     if panel == 'loss':
-      ax.plot(x, [r['loss'] for r in passes], color='0.2', linewidth=1.4)
+      ax.plot(x, [r['loss'] for r in passes], color='0.2', linewidth=1.4,
+              **dots)
       _style(ax, 'loss (pass mean)', 'pass', 'loss')
     elif panel == 'p':
       ax.plot(x, [r['p_true'] for r in passes], color=NORMAL_COLOR,
-              linewidth=1.4, label='p_true')
+              linewidth=1.4, label='p_true', **dots)
       ax.plot(x, [r['p_fake'] for r in passes], color=ANOMALOUS_COLOR,
-              linewidth=1.4, label='p_fake')
+              linewidth=1.4, label='p_fake', **dots)
       ax.set_ylim(-0.02, 1.02)
       ax.legend(fontsize=8, frameon=False)
       _style(ax, 'discriminator hits (pass mean)', 'pass', 'fraction')

@@ -195,6 +195,10 @@ def tiny_args(workdir, weights_dir, root, passes=8, extra=()):
       # can change a tiny run's passes; tests/test_main.py and
       # tests/test_view_check.py test it).
       '--config.train.augment=none',
+      # Nor move the features toward neighbours (the demo config does where
+      # a category trains on flips, which a test's --config.train.augment
+      # may turn on; tests/test_neighbour_mix.py and test_main.py test it).
+      '--config.train.neighbour_mix=0',
       *extra,
   ]
 

@@ -332,15 +332,24 @@ def test_run_section_names_the_method_and_its_noise():
   text = report_html._training_text(demo_config.get_config().to_dict())  # pylint: disable=protected-access
   assert text == ('3 heads averaged, trained on each image and its '
                   'flips where they look normal (with a quarter or half of '
-                  'the passes), 40 passes, batch 4, noise spread: 0.4 '
-                  'x spread of the adapted features (x0.25, trained again, '
-                  'if the loss saturates); synthesis: GAS hypersphere')
+                  'the passes), each training feature moved a random part '
+                  '(up to 1) of the way toward a neighbour in another image '
+                  'where a category trains on flips, 40 passes, batch 4, '
+                  'noise spread: 0.4 x spread of the adapted features '
+                  '(x0.25, trained again, if the loss saturates); '
+                  'synthesis: GAS hypersphere')
+  mixed = default.get_config()
+  mixed.train.neighbour_mix = 0.5  # In every category ('always').
+  assert report_html._training_text(mixed.to_dict()) == (  # pylint: disable=protected-access
+      'each training feature moved a random part (up to 0.5) of the way '
+      'toward a neighbour in another image, 160 passes, batch 4, noise '
+      'absolute: std 0.015')
   noproj = demo_config.get_config()
   noproj.model.pre_proj = 0
   assert report_html._training_text(noproj.to_dict()).startswith(  # pylint: disable=protected-access
       '3 heads averaged, no adaptor, trained on each image and its flips '
-      'where they look normal (with a quarter or half of the passes), 40 '
-      'passes, batch 4, noise spread')
+      'where they look normal (with a quarter or half of the passes), each '
+      'training feature moved')
   text = report_html._scoring_text(demo_config.get_config().to_dict())  # pylint: disable=protected-access
   assert text == ('the image and its three flips, patch scores averaged; '
                   'image score: the peak of the anomaly map; maps smoothed '
@@ -363,6 +372,7 @@ def test_run_section_names_the_method_and_its_noise():
       'flips')
   flips = demo_config.get_config()
   flips.train.augment, flips.train.num_passes = 'flips', 10
+  flips.train.neighbour_mix = 0.0  # Its own case above.
   assert report_html._training_text(flips.to_dict()).startswith(  # pylint: disable=protected-access
       '3 heads averaged, trained on each image and its three flips, 10 '
       'passes, batch 4, noise spread')

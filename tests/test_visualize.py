@@ -242,6 +242,23 @@ def test_score_histogram_roc_and_pro_plots_draw():
   assert _has_colour(pro, visualize.ANOMALOUS_COLOR, tol=30) > 100
 
 
+def test_training_curves_show_a_single_pass(monkeypatch):
+  # A one-pass run (a few hundred photos with their flips) has one point per
+  # curve, which a plain line does not draw: it gets a dot; a long run does
+  # not.
+  figures = []
+  monkeypatch.setattr(visualize, 'figure_bytes', figures.append)
+  one = [{'pass': 1, 'loss': 0.37, 'p_true': 0.57, 'p_fake': 0.62}]
+  visualize.training_curves(one)
+  many = [dict(one[0], **{'pass': p}) for p in range(1, 41)]
+  visualize.training_curves(many)
+  for fig, drawn in zip(figures, (True, False)):
+    lines = [l for ax in fig.axes for l in ax.get_lines()]
+    assert len(lines) == 3  # Loss, p_true, p_fake.
+    assert all((l.get_marker() not in ('None', None, '')) == drawn
+               for l in lines), [l.get_marker() for l in lines]
+
+
 def test_training_curves_panels_follow_the_log():
   log = [{'pass': p, 'loss': 1 / p, 'p_true': 0.5, 'p_fake': 0.4,
           'lr_adaptor': 1e-4, 'lr_discriminator': 2e-4} for p in (1, 2, 3)]
