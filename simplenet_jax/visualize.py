@@ -376,6 +376,8 @@ def training_curves(records: list[dict],
       ax.legend(fontsize=8, frameon=False, loc='best')
       _style(ax, 'evaluations', 'pass', '%')
     ax.xaxis.get_major_locator().set_params(integer=True)
+    if panel != 'eval' and len(set(x)) == 1:
+      ax.set_xticks(x)  # One pass: not fractions of it either side.
   return figure_bytes(fig)
 
 

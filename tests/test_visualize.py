@@ -257,6 +257,8 @@ def test_training_curves_show_a_single_pass(monkeypatch):
     assert len(lines) == 3  # Loss, p_true, p_fake.
     assert all((l.get_marker() not in ('None', None, '')) == drawn
                for l in lines), [l.get_marker() for l in lines]
+  # The one pass is the one tick, not fractions of a pass around it.
+  assert [list(ax.get_xticks()) for ax in figures[0].axes] == [[1], [1]]
 
 
 def test_training_curves_panels_follow_the_log():
