@@ -312,7 +312,7 @@ class CategoryContext:
     if given.train.augment == 'auto':
       out.update(augment=self.config.train.augment,
                  augment_why=self.augment_why)
-    if given.train.neighbour_mix and given.train.neighbour_mix_when != 'always':
+    if neighbour_mix.gated(given.train):
       out['neighbour_mix'] = float(self.config.train.neighbour_mix)
     return out
 

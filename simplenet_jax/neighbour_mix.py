@@ -49,13 +49,20 @@ _FOLD_IMAGES = 3
 WHEN = ('always', 'flips')
 
 
+def gated(train_cfg) -> bool:
+  """Whether the mix is asked for and left to each category's flips
+  (train.neighbour_mix_when='flips'), so that `resolve` may turn it off."""
+  return bool(train_cfg.neighbour_mix) and train_cfg.neighbour_mix_when != (
+      'always')
+
+
 def resolve(config, category: str):
   """The config a category trains with under train.neighbour_mix_when=
   'flips': train.neighbour_mix as given where its train.augment (resolved
   from 'auto' already) takes flips, 0 where it does not; says which on the
   console. Other configs are returned as they are."""
   t = config.train
-  if not t.neighbour_mix or t.neighbour_mix_when == 'always':
+  if not gated(t):
     return config
   flips = t.augment == 'flips' or t.augment in augments.SINGLE_FLIPS
   message = (f'{category}: train.neighbour_mix_when=flips: '
