@@ -183,6 +183,11 @@ def get_config():
   # 'none' (released) | 'flips': patch scores averaged over the image and its
   # three flips; for data whose normal look does not depend on orientation.
   c.eval.tta = 'none'
+  # 'none' (released) | 'sigmoid': a SimpleNet head's patch scores through
+  # sigmoid(score / model.margin) before the maps, so that a defect's peak,
+  # many margins high, does not spill onto the normal pixels around it
+  # (scoring.py; docs/quality.md, thirty-ninth round). kNN is never squashed.
+  c.eval.squash = 'none'
   c.eval.aupro_max_fpr = 0.3
   c.eval.visualize = 'top'  # 'none' | 'top' | 'all'
   c.eval.visualize_top_n = 8

@@ -38,7 +38,10 @@ SimpleNet-family setting); --config.model.method=knn --config.synthesis.gas=none
 (textures, most surfaces), --config.eval.tta=flips scores each image with
 its three flips as well (docs/quality.md: it helped the head on every set,
 cookies included); it stays off here because a mirrored part can be a
-defect. Training on each photo's three flips too is decided from your
+defect. The head's scores are left unsquashed (eval.squash='none'; the
+demo config squashes them, which closes brick's gap to kNN but costs the
+cookie photos a little at 256 px: docs/quality.md, thirty-ninth round).
+Training on each photo's three flips too is decided from your
 training photos (train.augment='auto', as in the demo config): before
 training, each training photo's flips are scored by a nearest-neighbour
 detector fitted on the other training photos, as the photo itself is, and

@@ -262,6 +262,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(e.sigma >= 0, 'eval.sigma', 'must be >= 0')
   _one_of(config, 'eval.image_score', scoring.IMAGE_SCORES)
   _one_of(config, 'eval.tta', scoring.TTAS)
+  _one_of(config, 'eval.squash', scoring.SQUASHES)
   _check(0 < e.aupro_max_fpr <= 1, 'eval.aupro_max_fpr', 'must be in (0, 1]')
   _one_of(config, 'eval.visualize', evaluate.VISUALIZE)
   _check(e.visualize_top_n >= 0, 'eval.visualize_top_n', 'must be >= 0')

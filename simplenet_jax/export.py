@@ -255,6 +255,11 @@ def metadata(config, category: str, meta: dict, files: dict) -> dict:
       # 'flips': the graph scores each image and its three flips and
       # averages the patch scores (eval.tta).
       'tta': config.eval.tta,
+      # 'sigmoid': the head's patch scores go through sigmoid(score /
+      # margin) before the map (eval.squash; never for kNN).
+      'squash': ('none' if scoring.squash_scale(config.model,
+                                                config.eval.squash) == 0.0
+                 else config.eval.squash),
       'passes_done': meta.get('passes_done'),
       'config_fingerprint': meta.get('fingerprint'),
       'model_config': config.model.to_dict(),

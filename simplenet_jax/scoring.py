@@ -12,6 +12,16 @@ of the smoothed scores, so that a lone noisy patch weighs less than a
 defect that raises its neighbours too, and the score is the peak of the map
 the user sees.
 
+Squashed patch scores (eval.squash='sigmoid', not in the released code):
+the head's patch scores go through sigmoid(score / model.margin) before the
+map. The truncated L1 loss trains normal features to score below -margin
+and fakes above +margin and says nothing beyond, so a defect patch may
+score many margins high; upsampled and smoothed, such a peak spills onto
+the normal pixels around the defect, above normal pixels elsewhere. In
+units of the margin the sigmoid keeps the order of patch scores but bounds
+each peak (GLASS's maps are sigmoids of its head's logits). kNN distances
+have no margin and are never squashed.
+
 Patch scores at inference: in eval mode the adaptor (Linear D->D), the
 discriminator's first Linear (D->H) and its BatchNorm (running statistics)
 are one affine map, so `fused_head` folds them into a single (D, H) matrix.
@@ -43,6 +53,9 @@ IMAGE_SCORES = ('patch_max', 'map_max')
 # eval.tta: one pass (released), or patch scores averaged over the image and
 # its horizontal, vertical and double flips (each flipped back).
 TTAS = ('none', 'flips')
+# eval.squash: the head's patch scores as they are (released), or
+# sigmoid(score / model.margin) before the maps (SimpleNet heads only).
+SQUASHES = ('none', 'sigmoid')
 FLIP_AXES = ((), (2,), (1,), (1, 2))  # Of (B, H, W, C) images / (B, h, w).
 
 
@@ -108,20 +121,41 @@ def with_tta(patch_fn, images: jax.Array, tta: str) -> jax.Array:
   return total / len(FLIP_AXES)
 
 
-def map_args(eval_cfg) -> tuple[float, str, str]:
-  """(sigma, image_score, tta) of the config's eval section, hashable."""
-  return float(eval_cfg.sigma), str(eval_cfg.image_score), str(eval_cfg.tta)
+def map_args(eval_cfg) -> tuple[float, str, str, str]:
+  """(sigma, image_score, tta, squash) of the config's eval section,
+  hashable."""
+  return (float(eval_cfg.sigma), str(eval_cfg.image_score),
+          str(eval_cfg.tta), str(eval_cfg.squash))
+
+
+def squash_scale(model_cfg, squash: str) -> float:
+  """The margin that eval.squash='sigmoid' divides a SimpleNet head's patch
+  scores by; 0.0 = no squash (eval.squash='none', and every kNN run: its
+  distances have no margin)."""
+  if squash == 'none' or model_cfg.method != 'simplenet':
+    return 0.0
+  return float(model_cfg.margin)
+
+
+def squashed(patch_scores: jax.Array, scale: float) -> jax.Array:
+  """(B, h, w) patch scores, through sigmoid(score / scale) unless scale is
+  0 (`squash_scale`)."""
+  if not scale:
+    return patch_scores
+  return jax.nn.sigmoid(patch_scores / scale)
 
 
 def score_rule(eval_cfg) -> dict:
   """How image scores, and so the decision threshold, are computed; stored
   with the threshold. The smoothing enters them only through the map."""
-  sigma, image_score, tta = map_args(eval_cfg)
+  sigma, image_score, tta, squash = map_args(eval_cfg)
   rule = {'image_score': image_score}
   if image_score == 'map_max':
     rule['sigma'] = sigma
   if tta != 'none':  # Absent for one pass: thresholds stored before eval.tta.
     rule['tta'] = tta
+  if squash != 'none':  # Likewise: stored before eval.squash.
+    rule['squash'] = squash
   return rule
 
 
@@ -296,7 +330,8 @@ def make_export_fn(backbone_module, layers: Sequence[str], model_cfg,
   program, which is what `export` serializes."""
   layers = tuple(layers)
   out_hw = (int(image_hw[0]), int(image_hw[1]))
-  sigma, image_score, tta = map_args(eval_cfg)
+  sigma, image_score, tta, squash = map_args(eval_cfg)
+  scale = squash_scale(model_cfg, squash)
   if model_cfg.method == 'knn':
     bank = np.asarray(head_vars['bank'], np.float32)
 
@@ -312,7 +347,8 @@ def make_export_fn(backbone_module, layers: Sequence[str], model_cfg,
                             fused, images)
 
   def fn(images):
-    out = outputs(with_tta(patch_fn, images, tta), out_hw, sigma, image_score)
+    out = outputs(squashed(with_tta(patch_fn, images, tta), scale), out_hw,
+                  sigma, image_score)
     return out['image_scores'], out['anomaly_maps']
 
   return fn
@@ -328,9 +364,10 @@ def make_cached_features_fn(model_cfg, image_hw: Sequence[int], eval_cfg):
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_features_fn(model_cfg, out_hw, sigma, image_score, tta):
+def _cached_features_fn(model_cfg, out_hw, sigma, image_score, tta, squash):
   if tta != 'none':  # Cached features are of the unflipped images only.
     raise ValueError(f'no cached-feature scoring under eval.tta={tta!r}')
+  scale = squash_scale(model_cfg, squash)
 
   @jax.jit
   def fn(head_vars, features):
@@ -342,7 +379,7 @@ def _cached_features_fn(model_cfg, out_hw, sigma, image_score, tta):
       hidden = jnp.matmul(features, fused['kernel'],
                           precision=_HIGHEST) + fused['bias']
       scores = -(jax.nn.leaky_relu(hidden, 0.2) @ fused['tail'])
-    return outputs(scores, out_hw, sigma, image_score)
+    return outputs(squashed(scores, scale), out_hw, sigma, image_score)
   return fn
 
 
@@ -350,9 +387,10 @@ def make_predict_fn(backbone_module, layers: Sequence[str], model_cfg,
                     image_hw: Sequence[int], eval_cfg):
   """fn(backbone_vars, head_vars, images) -> dict of
   image_scores (B,), anomaly_maps (B, H, W) at image_hw, patch_scores
-  (B, h, w). head_vars is the trained state's `head_vars()`: for SimpleNet
+  (B, h, w) (what the maps are made of: under eval.squash, squashed).
+  head_vars is the trained state's `head_vars()`: for SimpleNet
   {'params': ..., 'batch_stats': ...}, for model.method='knn' {'bank': ...}.
-  eval_cfg: the config's eval section (its sigma and image_score; also for
+  eval_cfg: the config's eval section (`map_args`; also for
   `make_cached_features_fn` and `make_export_fn`).
 
   The work runs in one jitted call per batch. SimpleNet's head is folded
@@ -366,9 +404,11 @@ def make_predict_fn(backbone_module, layers: Sequence[str], model_cfg,
 
 @functools.lru_cache(maxsize=32)
 def _predict_fn(backbone_module, layers, model_cfg, out_hw, sigma,
-                image_score, tta):
+                image_score, tta, squash):
+  scale = squash_scale(model_cfg, squash)
+
   def with_patches(patch_fn, images):
-    scores = with_tta(patch_fn, images, tta)
+    scores = squashed(with_tta(patch_fn, images, tta), scale)
     return {**outputs(scores, out_hw, sigma, image_score),
             'patch_scores': scores}
 

@@ -184,6 +184,7 @@ def tiny_args(workdir, weights_dir, root, passes=8, extra=()):
       # Released scoring too (the demo config flips and takes the map's
       # peak); the flips have their own fixture (exported_knn) and tests.
       '--config.eval.tta=none', '--config.eval.image_score=patch_max',
+      '--config.eval.squash=none',
       # Nor do they start over when the loss saturates (the demo config
       # does; tests/test_reliability.py has that switch's own test).
       '--config.model.shrink_on_saturation=0',
@@ -269,9 +270,11 @@ def _exported(tmp_path_factory, weights_dir, awkward_root, jax_cache_dir,
 @pytest.fixture(scope='session')
 def exported_lite0(tmp_path_factory, lite0_weights_dir, awkward_root,
                    jax_cache_dir):
-  """EfficientNet-Lite0 (real weights), 64 px: trained, exported, predicted."""
+  """EfficientNet-Lite0 (real weights), 64 px: trained, exported, predicted,
+  its patch scores squashed (eval.squash='sigmoid', in the exported graph
+  too)."""
   return _exported(tmp_path_factory, lite0_weights_dir, awkward_root,
-                   jax_cache_dir, 'lite0', ())
+                   jax_cache_dir, 'lite0', ('--config.eval.squash=sigmoid',))
 
 
 @pytest.fixture(scope='session')
@@ -292,10 +295,12 @@ def exported_knn(tmp_path_factory, lite0_weights_dir, awkward_root,
                  jax_cache_dir):
   """model.method=knn on Lite0 (real weights), 64 px, scored under
   eval.tta='flips' (four passes in the exported graph): the memory bank
-  fitted, exported, predicted."""
+  fitted, exported, predicted. eval.squash='sigmoid' is asked for and, kNN's
+  distances having no margin, not applied."""
   return _exported(tmp_path_factory, lite0_weights_dir, awkward_root,
                    jax_cache_dir, 'knn', ('--config.model.method=knn',
-                                          '--config.eval.tta=flips'))
+                                          '--config.eval.tta=flips',
+                                          '--config.eval.squash=sigmoid'))
 
 
 def import_blocker(*blocked: str, allow: tuple = ()) -> str:

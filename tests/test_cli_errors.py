@@ -321,6 +321,8 @@ def test_eval_or_predict_before_training(tmp_path, awkward_root,
      "one of ['patch_max', 'map_max']"),
     ('eval.tta', 'rotations', "config.eval.tta: is 'rotations'; must be one "
      "of ['none', 'flips']"),
+    ('eval.squash', 'softmax', "config.eval.squash: is 'softmax'; must be "
+     "one of ['none', 'sigmoid']"),
     ('threshold.holdout_fraction', 1.0, 'config.threshold.holdout_fraction'),
     ('eval.synthetic_defects', -1, 'config.eval.synthetic_defects: is -1; '
      'must be >= 0 (0 = off)'),

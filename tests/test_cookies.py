@@ -41,6 +41,7 @@ def test_cookies_better_than_chance(tmp_path, lite0_weights_dir):
   config.model.heads = 1
   config.eval.tta = 'none'
   config.eval.image_score = 'patch_max'
+  config.eval.squash = 'none'
   config.eval.yardstick = False
   config.eval.visualize = 'none'
   config.eval.feature_histogram = False

@@ -34,6 +34,7 @@ def _tiny(config, weights_dir):
   config.synthesis.gas = 'none'
   config.eval.tta = 'none'
   config.eval.image_score = 'patch_max'
+  config.eval.squash = 'none'
   config.eval.yardstick = False
   config.train.augment = 'none'
   return config

@@ -125,6 +125,7 @@ def test_parity_onnx_and_jax_export(which, request):
   exported = request.getfixturevalue(which)
   meta = json.loads((exported.folder / export.META_FILE).read_text())
   assert meta['tta'] == ('flips' if which == 'knn' else 'none')
+  assert meta['squash'] == ('sigmoid' if which == 'lite0' else 'none')
   paths = sorted(exported.predictions)
   images, ref_scores, ref_maps, threshold = reference(exported, paths)
   # The reference is what main.py --mode=predict printed.

@@ -36,6 +36,7 @@ def tiny_args(workdir, weights_dir, passes=4):
       # Released scoring (the demo config flips and takes the map's peak):
       # the image-score check below switches to the peak itself.
       '--config.eval.tta=none', '--config.eval.image_score=patch_max',
+      '--config.eval.squash=none',
       # No adaptor (the released code's --pre_proj 0), trained, evaluated,
       # resumed and predicted from main.py.
       '--config.model.pre_proj=0',

@@ -91,11 +91,13 @@ def _apart(args, row: str, reference, changes: dict) -> None:
 
 def test_rows_score_as_released_unless_named(tmp_path):
   """Rows start from the released scoring (one pass, the largest patch
-  score) and never train again on saturation, though configs/demo.py flips,
-  takes the map's peak and starts over with a quarter of the noise when
-  the loss saturates; the 'gas_auto_mix' row is configs/demo.py as
-  shipped, 'gas_auto' the same without train.neighbour_mix (the shipped row
-  of the thirty-first to thirty-fifth rounds), 'gas_flips_shrink' without
+  score, unsquashed) and never train again on saturation, though
+  configs/demo.py flips, takes the map's peak, squashes and starts over
+  with a quarter of the noise when the loss saturates; the
+  'gas_auto_mix_squash' row is configs/demo.py as shipped, 'gas_auto_mix'
+  the same unsquashed (the shipped row of the thirty-sixth to
+  thirty-eighth rounds), 'gas_auto' without train.neighbour_mix either
+  (the shipped row of the thirty-first to thirty-fifth rounds), 'gas_flips_shrink' without
   train.augment='auto' either (the shipped row of the seventeenth to
   thirtieth rounds), 'gas_flips_augment' the same
   trained on the images' flips too
@@ -114,14 +116,20 @@ def test_rows_score_as_released_unless_named(tmp_path):
   assert plain.model.shrink_on_saturation == 0
   assert (plain.train.augment, plain.train.num_passes) == ('none', 40)
   assert (plain.train.neighbour_mix, shipped.train.neighbour_mix) == (0, 1)
-  shipped_mix = quality.set_config('grass', 'gas_auto_mix', 0, args)
+  assert (plain.eval.squash, shipped.eval.squash) == ('none', 'sigmoid')
+  shipped_squash = quality.set_config('grass', 'gas_auto_mix_squash', 0, args)
   for key in ('model.noise_mode', 'model.noise_rel', 'model.hidden',
               'model.heads', 'model.shrink_on_saturation', 'synthesis.gas',
-              'eval.tta', 'eval.image_score', 'train.augment',
+              'eval.tta', 'eval.image_score', 'eval.squash', 'train.augment',
               'train.num_passes', 'train.neighbour_mix',
               'train.neighbour_mix_when', 'train.neighbour_images'):
     section, leaf = key.split('.')
-    assert shipped_mix[section][leaf] == shipped[section][leaf], key
+    assert shipped_squash[section][leaf] == shipped[section][leaf], key
+  # 'gas_auto_mix' is the shipped row of the thirty-sixth to thirty-eighth
+  # rounds: the head's scores unsquashed.
+  _apart(args, 'gas_auto_mix', shipped_squash,
+         {'eval.squash': ('none', 'sigmoid')})
+  shipped_mix = quality.set_config('grass', 'gas_auto_mix', 0, args)
   # 'gas_auto' is the shipped row of the thirty-first to thirty-fifth
   # rounds: without the mix.
   _apart(args, 'gas_auto', shipped_mix, {

@@ -352,8 +352,12 @@ def test_run_section_names_the_method_and_its_noise():
       'training feature moved')
   text = report_html._scoring_text(demo_config.get_config().to_dict())  # pylint: disable=protected-access
   assert text == ('the image and its three flips, patch scores averaged; '
-                  'image score: the peak of the anomaly map; maps smoothed '
-                  'with sigma 4.0')
+                  'image score: the peak of the anomaly map; patch scores '
+                  'squashed, sigmoid(score / margin); maps smoothed with '
+                  'sigma 4.0')
+  knn = demo_config.get_config()
+  knn.model.method = 'knn'  # Distances are never squashed.
+  assert 'squashed' not in report_html._scoring_text(knn.to_dict())  # pylint: disable=protected-access
   text = report_html._scoring_text(default.get_config().to_dict())  # pylint: disable=protected-access
   assert text == ('one pass; image score: the largest patch score; maps '
                   'smoothed with sigma 4.0')

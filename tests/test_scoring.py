@@ -122,6 +122,15 @@ def test_score_rule_guards_a_stored_threshold():
   cfg.eval.tta = 'none'
   with pytest.raises(scoring.UserError, match=r'--config.eval.tta=flips'):
     scoring.check_score_rule(cfg.eval, meta, 'ckpt')
+  cfg.eval.tta = 'flips'
+  cfg.eval.squash = 'sigmoid'  # Maps and peaks on another scale.
+  with pytest.raises(scoring.UserError, match=r"config asks for .*"
+                     r"'squash': 'sigmoid'"):
+    scoring.check_score_rule(cfg.eval, meta, 'ckpt')
+  meta['score_rule'] = scoring.score_rule(cfg.eval)
+  cfg.eval.squash = 'none'
+  with pytest.raises(scoring.UserError, match=r'--config.eval.squash=sigmoid'):
+    scoring.check_score_rule(cfg.eval, meta, 'ckpt')
 
 
 class _TinyBackbone(nn.Module):
@@ -260,3 +269,63 @@ def test_flips_average_the_four_flipped_back_passes(method):
                              atol=1e-5)
   with pytest.raises(ValueError, match='tta'):  # The cache has no flips.
     scoring.make_cached_features_fn(cfg.model, (32, 40), cfg.eval)
+
+
+@pytest.mark.parametrize('tta', ['none', 'flips'])
+def test_squash_takes_the_heads_scores_through_a_sigmoid_of_the_margin(tta):
+  """eval.squash='sigmoid': predict's, the cached-feature path's and
+  export's patch scores are 1 / (1 + exp(-s / margin)) of the unsquashed
+  (after the flips' mean), computed with numpy here; the maps and both
+  image-score rules follow from them. kNN's distances are left as they
+  are."""
+  cfg, module, backbone_vars, images = _setup()
+  cfg.eval.tta = tta
+  # Not 0.5: the scale is the config's margin (an untrained head's scores
+  # are small, so a small one reaches both tails of the sigmoid).
+  cfg.model.margin = 0.02
+  layers = ('layer2', 'layer3')
+  state = train.create_train_state(jax.random.key(1), cfg.model, cfg.optim,
+                                   16, 1, 1)
+  head = {'params': state.params, 'batch_stats': state.batch_stats}
+  raw = np.asarray(scoring.make_predict_fn(
+      module, layers, cfg.model, (32, 40), cfg.eval)(
+          backbone_vars, head, images)['patch_scores'], np.float64)
+  assert raw.min() < -0.04 and raw.max() > 0.04  # Both tails.
+  want = 1.0 / (1.0 + np.exp(-raw / 0.02))
+  cfg.eval.squash = 'sigmoid'
+  for rule in ('patch_max', 'map_max'):
+    cfg.eval.image_score = rule
+    out = scoring.make_predict_fn(module, layers, cfg.model, (32, 40),
+                                  cfg.eval)(backbone_vars, head, images)
+    np.testing.assert_allclose(np.asarray(out['patch_scores']), want,
+                               rtol=1e-5, atol=1e-6)
+    maps = np.asarray(scoring.anomaly_maps(jnp.asarray(want, jnp.float32),
+                                           (32, 40), cfg.eval.sigma))
+    np.testing.assert_allclose(np.asarray(out['anomaly_maps']), maps,
+                               atol=1e-6)
+    peak = (maps if rule == 'map_max' else want).reshape(2, -1).max(1)
+    np.testing.assert_allclose(np.asarray(out['image_scores']), peak,
+                               atol=1e-6)
+    scores, exported = scoring.make_export_fn(
+        module, layers, cfg.model, backbone_vars, head, (32, 40),
+        cfg.eval)(images)
+    np.testing.assert_allclose(np.asarray(exported), maps, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(scores), peak, atol=1e-5)
+    if tta == 'none':  # The cached path scores one view only.
+      feats = scoring.make_feature_fn(module, layers, cfg.model)(
+          backbone_vars, images)
+      cached = scoring.make_cached_features_fn(cfg.model, (32, 40),
+                                               cfg.eval)(head, feats)
+      np.testing.assert_allclose(np.asarray(cached['anomaly_maps']), maps,
+                                 atol=1e-5)
+  cfg.model.method = 'knn'
+  bank = {'bank': jnp.asarray(np.random.default_rng(3).normal(size=(40, 16)),
+                              jnp.float32)}
+  squashed = scoring.make_predict_fn(module, layers, cfg.model, (32, 40),
+                                     cfg.eval)(backbone_vars, bank, images)
+  cfg.eval.squash = 'none'
+  plain = scoring.make_predict_fn(module, layers, cfg.model, (32, 40),
+                                  cfg.eval)(backbone_vars, bank, images)
+  assert float(np.asarray(plain['patch_scores']).max()) > 1.0  # Distances.
+  np.testing.assert_array_equal(np.asarray(squashed['anomaly_maps']),
+                                np.asarray(plain['anomaly_maps']))
