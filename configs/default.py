@@ -186,7 +186,8 @@ def get_config():
   # 'none' (released) | 'sigmoid': a SimpleNet head's patch scores through
   # sigmoid(score / model.margin) before the maps, so that a defect's peak,
   # many margins high, does not spill onto the normal pixels around it
-  # (scoring.py; docs/quality.md, thirty-ninth round). kNN is never squashed.
+  # (scoring.py; docs/quality.md, thirty-ninth round); image scores are taken
+  # before it (fortieth round). kNN is never squashed.
   c.eval.squash = 'none'
   c.eval.aupro_max_fpr = 0.3
   c.eval.visualize = 'top'  # 'none' | 'top' | 'all'

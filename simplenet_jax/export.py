@@ -256,7 +256,8 @@ def metadata(config, category: str, meta: dict, files: dict) -> dict:
       # averages the patch scores (eval.tta).
       'tta': config.eval.tta,
       # 'sigmoid': the head's patch scores go through sigmoid(score /
-      # margin) before the map (eval.squash; never for kNN).
+      # margin) before the map, not before the image score (eval.squash;
+      # never for kNN).
       'squash': ('none' if scoring.squash_scale(config.model,
                                                 config.eval.squash) == 0.0
                  else config.eval.squash),

@@ -257,9 +257,11 @@ def _scoring_text(config: dict) -> str:
            if e.get('tta') == 'flips' else 'one pass')
   score = ('the peak of the anomaly map' if e.get('image_score') == 'map_max'
            else 'the largest patch score')
-  squash = ('; patch scores squashed, sigmoid(score / margin)'
-            if e.get('squash') == 'sigmoid' and
-            config.get('model', {}).get('method') == 'simplenet' else '')
+  squash = ''
+  if (e.get('squash') == 'sigmoid' and
+      config.get('model', {}).get('method') == 'simplenet'):
+    score += ' before the squash'
+    squash = '; patch scores squashed for the maps, sigmoid(score / margin)'
   return (f"{views}; image score: {score}{squash}; maps smoothed with sigma "
           f"{e.get('sigma')}")
 

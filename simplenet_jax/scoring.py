@@ -12,15 +12,18 @@ of the smoothed scores, so that a lone noisy patch weighs less than a
 defect that raises its neighbours too, and the score is the peak of the map
 the user sees.
 
-Squashed patch scores (eval.squash='sigmoid', not in the released code):
-the head's patch scores go through sigmoid(score / model.margin) before the
+Squashed maps (eval.squash='sigmoid', not in the released code): the
+head's patch scores go through sigmoid(score / model.margin) before the
 map. The truncated L1 loss trains normal features to score below -margin
 and fakes above +margin and says nothing beyond, so a defect patch may
 score many margins high; upsampled and smoothed, such a peak spills onto
 the normal pixels around the defect, above normal pixels elsewhere. In
 units of the margin the sigmoid keeps the order of patch scores but bounds
-each peak (GLASS's maps are sigmoids of its head's logits). kNN distances
-have no margin and are never squashed.
+each peak (GLASS's maps are sigmoids of its head's logits). The image
+score keeps the unsquashed scores (the largest patch score, or the peak of
+their map): spill is a matter of pixels, and in float32 a sigmoid is 1.0
+beyond about 17 margins, which would tie the clearest defects. kNN
+distances have no margin and are never squashed.
 
 Patch scores at inference: in eval mode the adaptor (Linear D->D), the
 discriminator's first Linear (D->H) and its BatchNorm (running statistics)
@@ -91,12 +94,15 @@ def image_scores(patch_scores: jax.Array) -> jax.Array:
 
 
 def outputs(patch_scores: jax.Array, out_hw: Sequence[int], sigma: float,
-            image_score: str) -> dict:
+            image_score: str, squash: float = 0.0) -> dict:
   """(B, h, w) patch scores -> {'image_scores' (B,), 'anomaly_maps'
-  (B, H, W)}, the image score by the rule `image_score` (IMAGE_SCORES)."""
-  maps = anomaly_maps(patch_scores, out_hw, sigma)
+  (B, H, W)}, the image score by the rule `image_score` (IMAGE_SCORES).
+  squash: `squash_scale`; the maps are of the `squashed` scores, the image
+  score of the scores as they are."""
+  maps = anomaly_maps(squashed(patch_scores, squash), out_hw, sigma)
   if image_score == 'map_max':
-    scores = maps.reshape(maps.shape[0], -1).max(-1)
+    peaks = anomaly_maps(patch_scores, out_hw, sigma) if squash else maps
+    scores = peaks.reshape(peaks.shape[0], -1).max(-1)
   else:
     scores = image_scores(patch_scores)
   return {'image_scores': scores, 'anomaly_maps': maps}
@@ -347,8 +353,8 @@ def make_export_fn(backbone_module, layers: Sequence[str], model_cfg,
                             fused, images)
 
   def fn(images):
-    out = outputs(squashed(with_tta(patch_fn, images, tta), scale), out_hw,
-                  sigma, image_score)
+    out = outputs(with_tta(patch_fn, images, tta), out_hw, sigma,
+                  image_score, scale)
     return out['image_scores'], out['anomaly_maps']
 
   return fn
@@ -379,7 +385,7 @@ def _cached_features_fn(model_cfg, out_hw, sigma, image_score, tta, squash):
       hidden = jnp.matmul(features, fused['kernel'],
                           precision=_HIGHEST) + fused['bias']
       scores = -(jax.nn.leaky_relu(hidden, 0.2) @ fused['tail'])
-    return outputs(squashed(scores, scale), out_hw, sigma, image_score)
+    return outputs(scores, out_hw, sigma, image_score, scale)
   return fn
 
 
@@ -387,7 +393,7 @@ def make_predict_fn(backbone_module, layers: Sequence[str], model_cfg,
                     image_hw: Sequence[int], eval_cfg):
   """fn(backbone_vars, head_vars, images) -> dict of
   image_scores (B,), anomaly_maps (B, H, W) at image_hw, patch_scores
-  (B, h, w) (what the maps are made of: under eval.squash, squashed).
+  (B, h, w) (the head's, or kNN's, before eval.squash).
   head_vars is the trained state's `head_vars()`: for SimpleNet
   {'params': ..., 'batch_stats': ...}, for model.method='knn' {'bank': ...}.
   eval_cfg: the config's eval section (`map_args`; also for
@@ -408,8 +414,8 @@ def _predict_fn(backbone_module, layers, model_cfg, out_hw, sigma,
   scale = squash_scale(model_cfg, squash)
 
   def with_patches(patch_fn, images):
-    scores = squashed(with_tta(patch_fn, images, tta), scale)
-    return {**outputs(scores, out_hw, sigma, image_score),
+    scores = with_tta(patch_fn, images, tta)
+    return {**outputs(scores, out_hw, sigma, image_score, scale),
             'patch_scores': scores}
 
   if model_cfg.method == 'knn':

@@ -352,9 +352,9 @@ def test_run_section_names_the_method_and_its_noise():
       'training feature moved')
   text = report_html._scoring_text(demo_config.get_config().to_dict())  # pylint: disable=protected-access
   assert text == ('the image and its three flips, patch scores averaged; '
-                  'image score: the peak of the anomaly map; patch scores '
-                  'squashed, sigmoid(score / margin); maps smoothed with '
-                  'sigma 4.0')
+                  'image score: the peak of the anomaly map before the '
+                  'squash; patch scores squashed for the maps, sigmoid(score '
+                  '/ margin); maps smoothed with sigma 4.0')
   knn = demo_config.get_config()
   knn.model.method = 'knn'  # Distances are never squashed.
   assert 'squashed' not in report_html._scoring_text(knn.to_dict())  # pylint: disable=protected-access

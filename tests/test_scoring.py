@@ -274,10 +274,10 @@ def test_flips_average_the_four_flipped_back_passes(method):
 @pytest.mark.parametrize('tta', ['none', 'flips'])
 def test_squash_takes_the_heads_scores_through_a_sigmoid_of_the_margin(tta):
   """eval.squash='sigmoid': predict's, the cached-feature path's and
-  export's patch scores are 1 / (1 + exp(-s / margin)) of the unsquashed
-  (after the flips' mean), computed with numpy here; the maps and both
-  image-score rules follow from them. kNN's distances are left as they
-  are."""
+  export's maps are those of 1 / (1 + exp(-s / margin)) of the unsquashed
+  patch scores s (after the flips' mean), computed with numpy here; both
+  image-score rules stay on s (its maximum, its map's peak), so strong
+  defects keep their order. kNN's distances are left as they are."""
   cfg, module, backbone_vars, images = _setup()
   cfg.eval.tta = tta
   # Not 0.5: the scale is the config's margin (an untrained head's scores
@@ -297,13 +297,18 @@ def test_squash_takes_the_heads_scores_through_a_sigmoid_of_the_margin(tta):
     cfg.eval.image_score = rule
     out = scoring.make_predict_fn(module, layers, cfg.model, (32, 40),
                                   cfg.eval)(backbone_vars, head, images)
-    np.testing.assert_allclose(np.asarray(out['patch_scores']), want,
+    np.testing.assert_allclose(np.asarray(out['patch_scores']), raw,
                                rtol=1e-5, atol=1e-6)
     maps = np.asarray(scoring.anomaly_maps(jnp.asarray(want, jnp.float32),
                                            (32, 40), cfg.eval.sigma))
     np.testing.assert_allclose(np.asarray(out['anomaly_maps']), maps,
                                atol=1e-6)
-    peak = (maps if rule == 'map_max' else want).reshape(2, -1).max(1)
+    raw_maps = np.asarray(scoring.anomaly_maps(
+        jnp.asarray(raw, jnp.float32), (32, 40), cfg.eval.sigma))
+    peak = (raw_maps if rule == 'map_max' else raw).reshape(2, -1).max(1)
+    squashed_peak = (maps if rule == 'map_max' else want).reshape(2, -1)
+    # The two candidates differ, so the check below tells them apart.
+    assert np.abs(peak - squashed_peak.max(1)).min() > 1e-2
     np.testing.assert_allclose(np.asarray(out['image_scores']), peak,
                                atol=1e-6)
     scores, exported = scoring.make_export_fn(
@@ -317,6 +322,8 @@ def test_squash_takes_the_heads_scores_through_a_sigmoid_of_the_margin(tta):
       cached = scoring.make_cached_features_fn(cfg.model, (32, 40),
                                                cfg.eval)(head, feats)
       np.testing.assert_allclose(np.asarray(cached['anomaly_maps']), maps,
+                                 atol=1e-5)
+      np.testing.assert_allclose(np.asarray(cached['image_scores']), peak,
                                  atol=1e-5)
   cfg.model.method = 'knn'
   bank = {'bank': jnp.asarray(np.random.default_rng(3).normal(size=(40, 16)),
