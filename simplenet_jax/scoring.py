@@ -160,7 +160,9 @@ def score_rule(eval_cfg) -> dict:
     rule['sigma'] = sigma
   if tta != 'none':  # Absent for one pass: thresholds stored before eval.tta.
     rule['tta'] = tta
-  if squash != 'none':  # Likewise: stored before eval.squash.
+  # The squash leaves image scores alone but not the maps, whose colour
+  # range over the normal images is stored with the threshold.
+  if squash != 'none':  # Absent likewise: stored before eval.squash.
     rule['squash'] = squash
   return rule
 
