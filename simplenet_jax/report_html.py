@@ -250,6 +250,13 @@ def _training_text(config: dict) -> str:
                                       else '') + other)
 
 
+def _squashes(config: dict) -> bool:
+  """Whether the run's maps are of squashed patch scores (eval.squash:
+  a SimpleNet head's only; results.json's config)."""
+  return (config.get('eval', {}).get('squash') == 'sigmoid' and
+          config.get('model', {}).get('method') == 'simplenet')
+
+
 def _scoring_text(config: dict) -> str:
   """How test images were scored (results.json's config eval section)."""
   e = config.get('eval', {})
@@ -258,8 +265,7 @@ def _scoring_text(config: dict) -> str:
   score = ('the peak of the anomaly map' if e.get('image_score') == 'map_max'
            else 'the largest patch score')
   squash = ''
-  if (e.get('squash') == 'sigmoid' and
-      config.get('model', {}).get('method') == 'simplenet'):
+  if _squashes(config):
     score += ' before the squash'
     squash = '; patch scores squashed for the maps, sigmoid(score / margin)'
   return (f"{views}; image score: {score}{squash}; maps smoothed with sigma "
@@ -336,7 +342,8 @@ def _tile(path: str | None, alt: str, cls: str = '') -> str:
   return '<p class="missing">tile missing</p>'
 
 
-def _galleries(cat_dir: str, rec: dict) -> str:
+def _galleries(cat_dir: str, rec: dict, squashed: bool) -> str:
+  """squashed: the maps are of squashed patch scores (`_squashes`)."""
   threshold = rec.get('threshold')
   out = ['<h3>Heat maps</h3>']
   lo, hi = rec.get('map_range') or (None, None)
@@ -346,6 +353,10 @@ def _galleries(cat_dir: str, rec: dict) -> str:
   if lo is not None:
     note += (f' Colours run from {lo:.4g} (blue) to {hi:.4g} (red), the '
              'same for every image of this category.')
+    if squashed:
+      note += (' The maps are of the squashed patch scores, sigmoid(score '
+               '/ margin), so their values lie in 0-1, in other units than '
+               'the image scores.')
   knn = rec.get(eval_record.KNN)
   if knn:
     klo, khi = knn.get('map_range') or (None, None)
@@ -386,7 +397,7 @@ def _galleries(cat_dir: str, rec: dict) -> str:
   return '\n'.join(out)
 
 
-def _category_section(workdir: str, row: dict) -> str:
+def _category_section(workdir: str, row: dict, config: dict) -> str:
   cat = row['category']
   cat_dir = os.path.join(workdir, cat)
   out = [f'<section class="category" id="cat-{_e(cat)}"><h2>{_e(cat)}'
@@ -481,7 +492,7 @@ def _category_section(workdir: str, row: dict) -> str:
   out.append('<h3>Training</h3>')
   out.append(_plot(curves, f'{cat}: training curves') if curves else
              '<p class="note">No training log (log.jsonl).</p>')
-  out.append(_galleries(cat_dir, rec))
+  out.append(_galleries(cat_dir, rec, _squashes(config)))
   out.append("<h3>Feature spread (the paper's Fig. 3)</h3>")
   fig3 = os.path.join(cat_dir, 'feature_std.png')
   if os.path.isfile(fig3):
@@ -540,7 +551,8 @@ def write_report(workdir: str) -> str:
               'protocol), not the final model.</p>',
               results_table_html(selected, 'results-selected')]
   parts.append('</section>')
-  parts += [_category_section(workdir, r) for r in rows]
+  config = doc.get('extra', {}).get('config', {})
+  parts += [_category_section(workdir, r, config) for r in rows]
   title = f'SimpleNet report: {os.path.basename(os.path.abspath(workdir))}'
   subtitle = (f'{doc.get("extra", {}).get("mode", "")} run, rendered {stamp} '
               f'from {os.path.abspath(workdir)}')

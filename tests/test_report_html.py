@@ -541,6 +541,10 @@ def test_yardstick_maps_sit_under_the_heads(demo):
   rec = eval_record.load(str(workdir / 'grass'))
   lo, hi = rec['knn']['map_range']
   assert f'from {lo:.4g} (blue) to {hi:.4g} (red).' in sections['grass']
+  # The demo config squashes the head's maps, not its image scores.
+  assert ('The maps are of the squashed patch scores, sigmoid(score / '
+          'margin), so their values lie in 0-1, in other units than the '
+          'image scores.') in sections['grass']
   galleries = re.findall(r'data-gallery="(\w+)">(.*?)</div>',
                          sections['grass'], re.S)
   assert len(galleries) == 3
@@ -644,7 +648,10 @@ def test_report_of_the_run_in_a_browser(trained, tmp_path):
   # Plots, then each gallery image's tile and, under it, kNN's map of it
   # (the demo config's eval.yardstick).
   n_images = 5 + 2 * sum(len(v) for v in rec['galleries'].values())
-  assert len(_Page(page.read_text(encoding='utf-8')).imgs) == n_images
+  text = page.read_text(encoding='utf-8')
+  assert len(_Page(text).imgs) == n_images
+  # Unsquashed maps (eval.squash=none) are in the image scores' units.
+  assert 'Colours run from' in text and 'squashed patch scores' not in text
   assert len(shown) == len(rec['tiles']) >= 2
   assert set(map(int, rec['knn']['tiles'])) == shown
   dom, images, pixels = browse(page, tmp_path)
