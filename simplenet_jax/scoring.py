@@ -94,14 +94,14 @@ def image_scores(patch_scores: jax.Array) -> jax.Array:
 
 
 def outputs(patch_scores: jax.Array, out_hw: Sequence[int], sigma: float,
-            image_score: str, squash: float = 0.0) -> dict:
+            image_score: str, scale: float = 0.0) -> dict:
   """(B, h, w) patch scores -> {'image_scores' (B,), 'anomaly_maps'
   (B, H, W)}, the image score by the rule `image_score` (IMAGE_SCORES).
-  squash: `squash_scale`; the maps are of the `squashed` scores, the image
+  scale: `squash_scale`; the maps are of the `squashed` scores, the image
   score of the scores as they are."""
-  maps = anomaly_maps(squashed(patch_scores, squash), out_hw, sigma)
+  maps = anomaly_maps(squashed(patch_scores, scale), out_hw, sigma)
   if image_score == 'map_max':
-    peaks = anomaly_maps(patch_scores, out_hw, sigma) if squash else maps
+    peaks = anomaly_maps(patch_scores, out_hw, sigma) if scale else maps
     scores = peaks.reshape(peaks.shape[0], -1).max(-1)
   else:
     scores = image_scores(patch_scores)
