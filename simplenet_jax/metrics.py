@@ -19,7 +19,6 @@ import warnings
 
 import numpy as np
 from scipy import ndimage
-from sklearn import metrics as sk_metrics
 
 
 class MetricWarning(UserWarning):
@@ -34,6 +33,13 @@ def _undefined(metric: str, why: str) -> float:
   warnings.warn(f'{metric} is undefined ({why}); reporting nan.',
                 MetricWarning, stacklevel=3)
   return float('nan')
+
+
+def _sklearn_metrics():
+  """sklearn.metrics, imported on first use: it takes about a second to
+  import, and predict and export, which import this module, never need it."""
+  from sklearn import metrics  # pylint: disable=g-import-not-at-top
+  return metrics
 
 
 def image_auroc(scores, labels) -> float:
@@ -64,7 +70,7 @@ def image_auroc(scores, labels) -> float:
   bad = int((~np.isfinite(scores)).sum())
   if bad:
     return _undefined('Image AUROC', f'{bad} image scores are not finite')
-  return float(sk_metrics.roc_auc_score(labels, scores))
+  return float(_sklearn_metrics().roc_auc_score(labels, scores))
 
 
 def image_roc(scores, labels) -> tuple[np.ndarray, np.ndarray] | None:
@@ -76,7 +82,8 @@ def image_roc(scores, labels) -> tuple[np.ndarray, np.ndarray] | None:
   if (scores.shape != labels.shape or n_pos in (0, labels.size) or
       not np.isfinite(scores).all()):
     return None
-  fpr, tpr, _ = sk_metrics.roc_curve(labels, scores, drop_intermediate=False)
+  fpr, tpr, _ = _sklearn_metrics().roc_curve(labels, scores,
+                                             drop_intermediate=False)
   return fpr, tpr
 
 

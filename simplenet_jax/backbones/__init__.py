@@ -9,7 +9,6 @@ import os
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from simplenet_jax.backbones import registry
@@ -61,7 +60,7 @@ def init_variables(module: nn.Module, seed: int = 0) -> dict:
     else:  # bias, mean
       value = np.zeros(shape, np.float32)
     flat[key] = value
-  return jax.tree.map(jnp.asarray, weights.unflatten(flat))
+  return _to_device(weights.unflatten(flat))
 
 
 def load_backbone(cfg) -> tuple[nn.Module, dict]:
@@ -85,7 +84,17 @@ def load_backbone(cfg) -> tuple[nn.Module, dict]:
                     f'{weights.conversion_command(cfg.name, cfg.weights_dir)}')
   full = weights.read_converted(path, cfg.name)
   variables = weights.select(full, weights.expected_shapes(module), path)
-  return module, jax.tree.map(jnp.asarray, variables)
+  return module, _to_device(variables)
+
+
+def _to_device(variables):
+  """The variables' numpy arrays as jax arrays on the default device.
+
+  jax.device_put copies them; jnp.asarray would also compile a small
+  program for each distinct weight shape (dozens per backbone, about a
+  second per run).
+  """
+  return jax.device_put(variables)
 
 
 def load_for_run(cfg):
