@@ -1,6 +1,9 @@
 """Backbones: specs, layer selection, parity with torchvision, real weights."""
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -306,6 +309,44 @@ def test_load_backbone_keeps_only_used_variables(lite0_dir):
       full['params']['blocks_4']['depthwise_conv']['kernel'])
   out = jax.jit(module.apply)(variables, np.zeros((1, 32, 32, 3), np.float32))
   assert out['layer2'].shape == (1, 4, 4, 40)
+
+
+_COUNT_COMPILES = textwrap.dedent("""
+  import sys
+  import jax
+  from jax import monitoring
+  import ml_collections
+  from simplenet_jax import backbones
+  compiles = []
+  monitoring.register_event_duration_secs_listener(
+      lambda name, secs, **kw: compiles.append(name)
+      if name == '/jax/core/compile/backend_compile_duration' else None)
+  cfg = ml_collections.ConfigDict(dict(
+      name='efficientnet_lite0', layers=('layer2', 'layer3'),
+      weights_dir=sys.argv[1], random_init=sys.argv[2] == 'True',
+      dtype='float32'))
+  _, variables = backbones.load_backbone(cfg)
+  jax.block_until_ready(variables)
+  shapes = {leaf.shape for leaf in jax.tree.leaves(variables)}
+  print(len(shapes), len(compiles))
+""")
+
+
+@pytest.mark.parametrize('random_init', [False, True])
+def test_loading_weights_compiles_no_program_per_shape(lite0_dir, random_init):
+  """Every main.py run loads the backbone: its arrays go to the device
+  without a program compiled per distinct weight shape (jnp.asarray did
+  that: 39 compiles for Lite0's 38 shapes, about a second per run). A
+  fresh process, so that no earlier compile hides one."""
+  out = subprocess.run(
+      [sys.executable, '-c', _COUNT_COMPILES, lite0_dir, str(random_init)],
+      cwd=helpers.ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, PYTHONPATH=helpers.ROOT))
+  assert out.returncode == 0, out.stderr[-3000:]
+  n_shapes, n_compiles = map(int, out.stdout.split())
+  assert n_shapes > 30, n_shapes
+  # A few remain (a PRNG key and an input for the variables' shapes).
+  assert n_compiles < 8, n_compiles
 
 
 def test_random_init_is_deterministic_and_bf16_is_close():
