@@ -4,6 +4,8 @@ Prints, side by side for one backbone, image size and batch:
   backbone img/s     images through the backbone up to its last used layer
   inference img/s    images in -> image scores and smoothed maps, on device
                      (backbone, feature aggregation, head, map matrices)
+  inference 1st s    the first inference call, compiling included (--tta
+                     flips: the four views, as configs/demo.py scores)
   cache build        the one-off first-pass cost of the training set's
                      feature cache (feature_cache.build, loader included)
   train img/s/pass   one training pass over cached features (make_cached_step)
@@ -111,6 +113,7 @@ def make_config(args):
   config.train.cache_dtype = args.cache_dtype
   config.train.batch_size = args.batch
   config.eval.batch_size = args.batch
+  config.eval.tta = args.tta
   config.dataset.num_workers = 2
   if args.embed_dim:
     config.model.pretrain_embed_dim = args.embed_dim
@@ -152,6 +155,9 @@ def run(args) -> dict:
   head = state.head_vars()
   predict_fn = scoring.make_predict_fn(module, layers, config.model, (s, s),
                                        config.eval)
+  t_infer_first = time.perf_counter()
+  jax.block_until_ready(predict_fn(bvars, head, images))  # Compiles.
+  t_infer_first = time.perf_counter() - t_infer_first
   t_infer = _time(lambda: jax.block_until_ready(predict_fn(bvars, head,
                                                            images)),
                   args.warmup, args.repeats, 'inference')
@@ -189,6 +195,7 @@ def run(args) -> dict:
       'backbone_img_s': b / t_backbone,
       'inference_img_s': b / t_infer,
       'inference_vs_backbone': t_backbone / t_infer,
+      'inference_first_s': t_infer_first, 'tta': args.tta,
       'cache_build_s': t_cache,
       'cache_build_first_s': t_compile_build,
       'cache_build_img_s': n_train / t_cache,
@@ -228,10 +235,12 @@ def run(args) -> dict:
 
 _COLUMNS = (
     ('backbone', 'backbone'), ('dtype', 'dtype'), ('image_size', 'size'),
-    ('batch', 'batch'), ('devices', 'devices'), ('train_images', 'N train'),
+    ('batch', 'batch'), ('tta', 'eval.tta'), ('devices', 'devices'),
+    ('train_images', 'N train'),
     ('backbone_img_s', 'backbone img/s'),
     ('inference_img_s', 'inference img/s'),
     ('inference_vs_backbone', 'inf/backbone'),
+    ('inference_first_s', 'inference 1st call s'),
     ('latency_b1_p50_ms', 'batch-1 p50 ms'),
     ('latency_b1_p99_ms', 'batch-1 p99 ms'),
     ('cache_build_img_s', 'cache build img/s'),
@@ -269,6 +278,8 @@ def parse_args(argv=None):
   p.add_argument('--layers', default='layer2,layer3')
   p.add_argument('--image-size', type=int, default=224)
   p.add_argument('--batch', type=int, default=8)
+  p.add_argument('--tta', default='none', choices=scoring.TTAS,
+                 help='eval.tta of the inference call')
   p.add_argument('--train-images', type=int, default=32)
   p.add_argument('--embed-dim', type=int, default=0,
                  help='pretrain/target embed dim (0 = config default 1536)')

@@ -108,7 +108,8 @@ def outputs(patch_scores: jax.Array, out_hw: Sequence[int], sigma: float,
   return {'image_scores': scores, 'anomaly_maps': maps}
 
 
-def with_tta(patch_fn, images: jax.Array, tta: str) -> jax.Array:
+def with_tta(patch_fn, images: jax.Array, tta: str, loop: bool = True,
+             then=None) -> jax.Array:
   """patch_fn(images (B, H, W, C)) -> (B, h, w) patch scores, under eval.tta.
 
   'flips': the mean of patch_fn over the image and its three flips, each
@@ -117,12 +118,28 @@ def with_tta(patch_fn, images: jax.Array, tta: str) -> jax.Array:
   this is also the mean of the four anomaly maps. The backbone's grid is
   flip-equivariant only up to its stride's padding offsets, a fraction of a
   grid cell.
+
+  loop: the views go through one copy of patch_fn in a `lax.map`, so the
+  program holds the backbone once, not four times (about half the compile
+  time); each view is still a batch of B, so its scores are those of a call
+  of its own. False unrolls the views (the ONNX lowering has no loops).
+  then: with it, patch_fn gives (B, h, w, D) features and then((V, B, h, w,
+  D)) the (V, B, h, w) scores of all V views at once, after the loop: kNN's
+  chunked search over every view's rows together (on a 2-core CPU a search
+  per view inside the loop was slower).
   """
   if tta == 'none':
-    return patch_fn(images)
+    out = patch_fn(images)
+    return out if then is None else then(out[None])[0]
+  views = [jnp.flip(images, axes) if axes else images for axes in FLIP_AXES]
+  if loop:
+    views = jax.lax.map(patch_fn, jnp.stack(views))
+  else:  # A list: the ONNX lowering has neither loops nor jnp.stack.
+    views = [patch_fn(v) for v in views]
+  if then is not None:
+    views = then(views if loop else jnp.stack(views))
   total = 0.0
-  for axes in FLIP_AXES:
-    scores = patch_fn(jnp.flip(images, axes) if axes else images)
+  for axes, scores in zip(FLIP_AXES, views):
     total = total + (jnp.flip(scores, axes) if axes else scores)
   return total / len(FLIP_AXES)
 
@@ -355,7 +372,7 @@ def make_export_fn(backbone_module, layers: Sequence[str], model_cfg,
                             fused, images)
 
   def fn(images):
-    out = outputs(with_tta(patch_fn, images, tta), out_hw, sigma,
+    out = outputs(with_tta(patch_fn, images, tta, loop=False), out_hw, sigma,
                   image_score, scale)
     return out['image_scores'], out['anomaly_maps']
 
@@ -415,18 +432,18 @@ def _predict_fn(backbone_module, layers, model_cfg, out_hw, sigma,
                 image_score, tta, squash):
   scale = squash_scale(model_cfg, squash)
 
-  def with_patches(patch_fn, images):
-    scores = with_tta(patch_fn, images, tta)
+  def with_patches(patch_fn, images, then=None):
+    scores = with_tta(patch_fn, images, tta, then=then)
     return {**outputs(scores, out_hw, sigma, image_score, scale),
             'patch_scores': scores}
 
   if model_cfg.method == 'knn':
     @jax.jit
     def predict_knn(backbone_vars, head_vars, images):
-      def patch_fn(x):
-        feats = _features(backbone_module, layers, model_cfg, backbone_vars, x)
-        return knn.patch_scores(head_vars['bank'], feats)
-      return with_patches(patch_fn, images)
+      return with_patches(
+          functools.partial(_features, backbone_module, layers, model_cfg,
+                            backbone_vars), images,
+          then=functools.partial(knn.patch_scores, head_vars['bank']))
     return predict_knn
 
   @jax.jit

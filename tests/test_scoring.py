@@ -250,19 +250,27 @@ def test_flips_average_the_four_flipped_back_passes(method):
   want = np.mean(passes, 0)
   assert np.abs(passes[1] - passes[0]).max() > 1e-3  # The flips differ.
   cfg.eval.tta = 'flips'
-  out = scoring.make_predict_fn(module, layers, cfg.model, (32, 40),
-                                cfg.eval)(backbone_vars, head, images)
+  flips = scoring.make_predict_fn(module, layers, cfg.model, (32, 40),
+                                  cfg.eval)
+  out = flips(backbone_vars, head, images)
   np.testing.assert_allclose(np.asarray(out['patch_scores']), want,
                              rtol=1e-5, atol=1e-5)
+  # Predict's program holds the backbone's two convolutions once (the views
+  # in a loop), not once per view; export's unrolls them (ONNX has no loops).
+  convs = lambda fn, *args: str(jax.make_jaxpr(fn)(*args)).count(
+      'conv_general_dilated[')
+  assert convs(one, backbone_vars, head, images) == 2
+  assert convs(flips, backbone_vars, head, images) == 2
   np.testing.assert_allclose(
       np.asarray(out['anomaly_maps']),
       np.asarray(scoring.anomaly_maps(jnp.asarray(want), (32, 40),
                                       cfg.eval.sigma)), atol=1e-5)
   np.testing.assert_allclose(np.asarray(out['image_scores']),
                              want.reshape(2, -1).max(1), atol=1e-5)
-  scores, maps = scoring.make_export_fn(module, layers, cfg.model,
-                                        backbone_vars, head, (32, 40),
-                                        cfg.eval)(images)
+  export = scoring.make_export_fn(module, layers, cfg.model, backbone_vars,
+                                  head, (32, 40), cfg.eval)
+  assert convs(export, images) == 8
+  scores, maps = export(images)
   np.testing.assert_allclose(np.asarray(scores), want.reshape(2, -1).max(1),
                              atol=1e-5)
   np.testing.assert_allclose(np.asarray(maps), np.asarray(out['anomaly_maps']),
