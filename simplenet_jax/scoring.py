@@ -126,18 +126,21 @@ def with_tta(patch_fn, images: jax.Array, tta: str, loop: bool = True,
   then: with it, patch_fn gives (B, h, w, D) features and then((V, B, h, w,
   D)) the (V, B, h, w) scores of all V views at once, after the loop: kNN's
   chunked search over every view's rows together (on a 2-core CPU a search
-  per view inside the loop was slower).
+  per view inside the loop was slower). Only with the loop: unrolled, the
+  views would have to be stacked, which the ONNX lowering refuses.
   """
+  if then is not None and not loop:
+    raise ValueError('with_tta: `then` needs loop=True')
   if tta == 'none':
     out = patch_fn(images)
     return out if then is None else then(out[None])[0]
   views = [jnp.flip(images, axes) if axes else images for axes in FLIP_AXES]
   if loop:
     views = jax.lax.map(patch_fn, jnp.stack(views))
+    if then is not None:
+      views = then(views)
   else:  # A list: the ONNX lowering has neither loops nor jnp.stack.
     views = [patch_fn(v) for v in views]
-  if then is not None:
-    views = then(views if loop else jnp.stack(views))
   total = 0.0
   for axes, scores in zip(FLIP_AXES, views):
     total = total + (jnp.flip(scores, axes) if axes else scores)

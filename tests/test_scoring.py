@@ -277,6 +277,11 @@ def test_flips_average_the_four_flipped_back_passes(method):
                              atol=1e-5)
   with pytest.raises(ValueError, match='tta'):  # The cache has no flips.
     scoring.make_cached_features_fn(cfg.model, (32, 40), cfg.eval)
+  # Unrolled views cannot go to a search over all of them at once: that
+  # would stack them, which the ONNX lowering refuses.
+  with pytest.raises(ValueError, match='loop=True'):
+    scoring.with_tta(lambda x: x, jnp.asarray(images), 'flips', loop=False,
+                     then=lambda v: v)
 
 
 @pytest.mark.parametrize('tta', ['none', 'flips'])
