@@ -85,8 +85,10 @@ def backends_for(name: str, size: int, weights_dir: str, tmp: str):
                                       1, key=jax.random.PRNGKey(1))
   head = state.head_vars()
   hw = (size, size)
+  cells = scoring.cells_for(config.eval, module, config.backbone.layers,
+                            config.model, backbone_vars, hw)
   predict_fn = scoring.make_predict_fn(module, config.backbone.layers,
-                                       config.model, hw, config.eval)
+                                       config.model, hw, config.eval, cells)
 
   def run_jax(x):
     out = predict_fn(backbone_vars, head, jnp.asarray(x))
@@ -94,7 +96,7 @@ def backends_for(name: str, size: int, weights_dir: str, tmp: str):
 
   fn = scoring.make_export_fn(backbones.onnx_variant(module),
                               config.backbone.layers, config.model,
-                              backbone_vars, head, hw, config.eval)
+                              backbone_vars, head, hw, config.eval, cells)
   (n,) = jax.export.symbolic_shape('N')
   t = time.perf_counter()
   model = onnx_lowering.to_onnx(

@@ -189,6 +189,11 @@ def get_config():
   # (scoring.py; docs/quality.md, thirty-ninth round); image scores are taken
   # before it (fortieth round). kNN is never squashed.
   c.eval.squash = 'none'
+  # 'released': the maps draw cell i of a stride-s grid at pixel s*i +
+  # (s-1)/2, the middle of its block (torch's resize). 'measured': at the
+  # centroid of the cell's receptive field, measured with the run's weights
+  # (simplenet_jax/cells.py); each flipped view of eval.tta at its own.
+  c.eval.cells = 'released'
   c.eval.aupro_max_fpr = 0.3
   c.eval.visualize = 'top'  # 'none' | 'top' | 'all'
   c.eval.visualize_top_n = 8

@@ -146,6 +146,7 @@ class CategoryContext:
   holdout_idx: np.ndarray  # Held out for the decision threshold.
   feature_fn: Any  # (backbone_vars, images) -> (B, h, w, D)
   predict_fn: Any  # (backbone_vars, head_vars, images) -> dict
+  cells: Any  # Where the maps draw the grid (scoring.cells_for), or None.
   grid_hw: tuple[int, int]
   embed_dim: int
   key: jax.Array
@@ -209,8 +210,10 @@ class CategoryContext:
     h, w = train_set.image_hw
     shape = jax.eval_shape(feature_fn, backbone_vars,
                            jax.ShapeDtypeStruct((1, h, w, 3), jnp.uint8)).shape
+    cells = scoring.cells_for(config.eval, module, layers, config.model,
+                              backbone_vars, test_set.image_hw)
     predict_fn = scoring.make_predict_fn(module, layers, config.model,
-                                         test_set.image_hw, config.eval)
+                                         test_set.image_hw, config.eval, cells)
     requested, why = None, ''
     if config.train.augment == 'auto':
       requested = config
@@ -237,7 +240,7 @@ class CategoryContext:
                backbone_vars=backbone_vars, mesh=mesh, train_set=train_set,
                test_set=test_set, val_set=val_set, train_idx=train_idx,
                holdout_idx=holdout_idx,
-               feature_fn=feature_fn, predict_fn=predict_fn,
+               feature_fn=feature_fn, predict_fn=predict_fn, cells=cells,
                grid_hw=(shape[1], shape[2]), embed_dim=shape[3], key=key,
                requested=requested, augment_why=why)
 

@@ -15,6 +15,7 @@ import ml_collections
 
 from simplenet_jax import augments
 from simplenet_jax import backbones
+from simplenet_jax import cells
 from simplenet_jax import data
 from simplenet_jax import evaluate
 from simplenet_jax import feature_cache
@@ -263,6 +264,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _one_of(config, 'eval.image_score', scoring.IMAGE_SCORES)
   _one_of(config, 'eval.tta', scoring.TTAS)
   _one_of(config, 'eval.squash', scoring.SQUASHES)
+  _one_of(config, 'eval.cells', cells.CELLS)
   _check(0 < e.aupro_max_fpr <= 1, 'eval.aupro_max_fpr', 'must be in (0, 1]')
   _one_of(config, 'eval.visualize', evaluate.VISUALIZE)
   _check(e.visualize_top_n >= 0, 'eval.visualize_top_n', 'must be >= 0')

@@ -156,7 +156,7 @@ def _cached_statistics(ctx, state, cache):
   features (row i of the cache is ctx.train_set[ctx.train_idx[i]])."""
   c = ctx.config
   fn = scoring.make_cached_features_fn(c.model, ctx.test_set.image_hw,
-                                       c.eval)
+                                       c.eval, ctx.cells)
   head = state.head_vars()
   h, w = ctx.grid_hw
   scores, lo, hi = [], np.inf, -np.inf
@@ -234,6 +234,8 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
     row['augment'], row['augment_why'] = meta['augment'], meta['augment_why']
   if meta and 'neighbour_mix' in meta:  # train.neighbour_mix_when='flips'.
     row['neighbour_mix'] = meta['neighbour_mix']
+  if ctx.cells:  # eval.cells='measured': where the cells sit.
+    row['cells'] = [list(axis) for axis in ctx.cells]
   best = meta.get('best_on_test') if meta else None
   if best is not None:
     # The released protocol: the best evaluated pass, chosen on the test set.

@@ -83,11 +83,16 @@ def _scorer(config, ckpt_dir: str, meta: dict) -> Callable:
                                           check_meta=_fingerprint_check(
                                               config, ckpt_dir))
   head = state.head_vars()
+  cells = []  # Measured with the first backbone; its ONNX variant reuses them.
 
   def build(module, backbone_vars):
+    if not cells:
+      cells.append(scoring.cells_for(config.eval, module,
+                                     config.backbone.layers, config.model,
+                                     backbone_vars, meta['image_hw']))
     return scoring.make_export_fn(module, config.backbone.layers,
                                   config.model, backbone_vars, head,
-                                  meta['image_hw'], config.eval)
+                                  meta['image_hw'], config.eval, cells[0])
   return build
 
 
@@ -261,6 +266,9 @@ def metadata(config, category: str, meta: dict, files: dict) -> dict:
       'squash': ('none' if scoring.squash_scale(config.model,
                                                 config.eval.squash) == 0.0
                  else config.eval.squash),
+      # 'measured': the map draws each grid cell at its receptive field's
+      # centroid, measured at export (eval.cells; simplenet_jax/cells.py).
+      'cells': config.eval.cells,
       'passes_done': meta.get('passes_done'),
       'config_fingerprint': meta.get('fingerprint'),
       'model_config': config.model.to_dict(),

@@ -71,12 +71,19 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
   """
   scale = in_size / out_size
   dst = np.arange(out_size, dtype=np.float64)
-  src = np.maximum((dst + 0.5) * scale - 0.5, 0.0)
+  return interpolation_matrix(np.maximum((dst + 0.5) * scale - 0.5, 0.0),
+                              in_size)
+
+
+def interpolation_matrix(src: np.ndarray, in_size: int) -> np.ndarray:
+  """(len(src), in_size) float64: row p interpolates linearly at source
+  coordinate src[p] >= 0; the upper neighbour is clamped at the last index,
+  so at or past it the row takes the last value."""
   i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
   i1 = np.minimum(i0 + 1, in_size - 1)
   lam = src - i0
-  a = np.zeros((out_size, in_size), np.float64)
-  rows = np.arange(out_size)
+  a = np.zeros((len(src), in_size), np.float64)
+  rows = np.arange(len(src))
   np.add.at(a, (rows, i0), 1.0 - lam)
   np.add.at(a, (rows, i1), lam)
   return a

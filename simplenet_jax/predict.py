@@ -86,8 +86,10 @@ def run(config, workdir: str) -> list[dict]:
     raise UserError(f'{ckpt_dir}: the final checkpoint could not be loaded '
                     '(see the warnings above); run --mode=train again')
   hw = tuple(meta['image_hw'])
+  cells = scoring.cells_for(config.eval, module, config.backbone.layers,
+                            config.model, backbone_vars, hw)
   predict_fn = scoring.make_predict_fn(module, tuple(config.backbone.layers),
-                                       config.model, hw, config.eval)
+                                       config.model, hw, config.eval, cells)
   geometry = data.geometry(config.dataset, meta['kind'])
   inputs = data_inputs.ImageFiles(paths, geometry, hw)
   out_dir = os.path.join(workdir, 'predict', category)

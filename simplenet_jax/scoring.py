@@ -4,7 +4,9 @@ Anomaly map (released RescaleSegmentor): patch scores bilinearly upsampled
 (align_corners=False) to the input size, then scipy.ndimage.gaussian_filter
 (sigma 4, truncate 4, mode 'reflect'). Both steps are linear and separable,
 so per axis they fold into one small matrix A = G @ U, built once in float64,
-and a map is A_h @ P @ A_w^T on device.
+and a map is A_h @ P @ A_w^T on device. eval.cells='measured' replaces U by
+an interpolation with each cell at its receptive field's measured centre,
+per view of eval.tta (simplenet_jax/cells.py, `cell_outputs`).
 
 Image score (eval.image_score): the released code's is the largest raw patch
 score ('patch_max'); 'map_max' is the largest value of the anomaly map, i.e.
@@ -36,12 +38,15 @@ end-to-end inference close to backbone-only throughput.
 import functools
 from typing import Sequence
 
+from absl import logging
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import scipy.ndimage
 
+from simplenet_jax import cells as cells_lib
 from simplenet_jax import features as features_lib
 from simplenet_jax import knn
 from simplenet_jax import model as model_lib
@@ -63,15 +68,20 @@ FLIP_AXES = ((), (2,), (1,), (1, 2))  # Of (B, H, W, C) images / (B, h, w).
 
 
 @functools.lru_cache(maxsize=None)
+def blur_matrix(size: int, sigma: float) -> np.ndarray:
+  """(size, size) float64: scipy's gaussian_filter1d (truncate 4, mode
+  'reflect') as a matrix; column j is the filtered unit vector e_j."""
+  return scipy.ndimage.gaussian_filter1d(
+      np.eye(size), sigma, axis=0, mode='reflect', truncate=4.0)
+
+
+@functools.lru_cache(maxsize=None)
 def map_matrix(in_size: int, out_size: int, sigma: float) -> np.ndarray:
   """(out_size, in_size) float64: bilinear upsampling, then Gaussian blur."""
   up = features_lib.bilinear_matrix(in_size, out_size)
   if sigma <= 0:
     return up
-  # Column j of the blur matrix is the filtered unit vector e_j.
-  blur = scipy.ndimage.gaussian_filter1d(
-      np.eye(out_size), sigma, axis=0, mode='reflect', truncate=4.0)
-  return blur @ up
+  return blur_matrix(out_size, sigma) @ up
 
 
 def anomaly_maps(patch_scores: jax.Array, out_hw: Sequence[int],
@@ -108,16 +118,18 @@ def outputs(patch_scores: jax.Array, out_hw: Sequence[int], sigma: float,
   return {'image_scores': scores, 'anomaly_maps': maps}
 
 
-def with_tta(patch_fn, images: jax.Array, tta: str, loop: bool = True,
-             then=None) -> jax.Array:
-  """patch_fn(images (B, H, W, C)) -> (B, h, w) patch scores, under eval.tta.
+def tta_views(patch_fn, images: jax.Array, tta: str, loop: bool = True,
+              then=None) -> list[tuple[tuple[int, ...], jax.Array]]:
+  """patch_fn(images (B, H, W, C)) -> (B, h, w) patch scores, per view of
+  eval.tta: [(flip axes, (B, h, w) scores flipped back)], the image first.
 
-  'flips': the mean of patch_fn over the image and its three flips, each
-  score grid flipped back. The maps are linear in the grid and commute with
-  flips (bilinear resize with half-pixel centres, a symmetric Gaussian), so
-  this is also the mean of the four anomaly maps. The backbone's grid is
-  flip-equivariant only up to its stride's padding offsets, a fraction of a
-  grid cell.
+  'flips': the image and its three flips. With the released maps the views'
+  grids are averaged (`_mean_grid`): those maps are linear in the grid and
+  commute with flips (bilinear resize with half-pixel centres, a symmetric
+  Gaussian), so that is also the mean of the four anomaly maps. The
+  backbone's grid is flip-equivariant only up to its padding offsets: with
+  torchvision's padding the views' cells lie some pixels apart
+  (eval.cells='measured' draws each where it looks, `cell_outputs`).
 
   loop: the views go through one copy of patch_fn in a `lax.map`, so the
   program holds the backbone once, not four times (about half the compile
@@ -130,10 +142,10 @@ def with_tta(patch_fn, images: jax.Array, tta: str, loop: bool = True,
   views would have to be stacked, which the ONNX lowering refuses.
   """
   if then is not None and not loop:
-    raise ValueError('with_tta: `then` needs loop=True')
+    raise ValueError('tta_views: `then` needs loop=True')
   if tta == 'none':
     out = patch_fn(images)
-    return out if then is None else then(out[None])[0]
+    return [((), out if then is None else then(out[None])[0])]
   views = [jnp.flip(images, axes) if axes else images for axes in FLIP_AXES]
   if loop:
     views = jax.lax.map(patch_fn, jnp.stack(views))
@@ -141,10 +153,111 @@ def with_tta(patch_fn, images: jax.Array, tta: str, loop: bool = True,
       views = then(views)
   else:  # A list: the ONNX lowering has neither loops nor jnp.stack.
     views = [patch_fn(v) for v in views]
+  return [(axes, jnp.flip(scores, axes) if axes else scores)
+          for axes, scores in zip(FLIP_AXES, views)]
+
+
+def _mean_grid(views) -> jax.Array:
+  """(B, h, w): the mean of `tta_views`' score grids."""
+  if len(views) == 1:
+    return views[0][1]
   total = 0.0
-  for axes, scores in zip(FLIP_AXES, views):
-    total = total + (jnp.flip(scores, axes) if axes else scores)
-  return total / len(FLIP_AXES)
+  for _, scores in views:
+    total = total + scores
+  return total / len(views)
+
+
+def cell_field(views, out_hw: Sequence[int], cells: cells_lib.Cells
+               ) -> jax.Array:
+  """(B, H, W) float32: the mean over `tta_views`' views of each view's
+  grid interpolated with its cells where they look (`cells_lib.view_axis`).
+  """
+  total = 0.0
+  for axes, scores in views:
+    _, h, w = scores.shape
+    mats = [jnp.asarray(cells_lib.cell_matrix(
+        n, int(size), cells_lib.view_axis(axis, n, int(size), dim in axes)),
+        jnp.float32) for n, size, axis, dim in
+        ((h, out_hw[0], cells[0], 1), (w, out_hw[1], cells[1], 2))]
+    total = total + jnp.einsum('Hh,bhw,Ww->bHW', mats[0],
+                               scores.astype(jnp.float32), mats[1],
+                               precision=_HIGHEST)
+  return total / len(views)
+
+
+def _blurred(field: jax.Array, sigma: float) -> jax.Array:
+  """(B, H, W) -> (B, H, W): the released Gaussian (`blur_matrix`)."""
+  if sigma <= 0:
+    return field
+  _, h, w = field.shape
+  bh = jnp.asarray(blur_matrix(h, float(sigma)), jnp.float32)
+  bw = jnp.asarray(blur_matrix(w, float(sigma)), jnp.float32)
+  return jnp.einsum('Hh,bhw,Ww->bHW', bh, field, bw, precision=_HIGHEST)
+
+
+def cell_outputs(views, out_hw: Sequence[int], sigma: float,
+                 image_score: str, scale: float, cells: cells_lib.Cells
+                 ) -> dict:
+  """`outputs` under eval.cells='measured', from `tta_views`' views.
+
+  The score field (`cell_field`) takes the place of the upsampled grid:
+  the map is the blurred field of each view's `squashed` scores. 'map_max'
+  is the largest value of the blurred field of the unsquashed scores;
+  'patch_max' stays the largest patch score of the views' mean grid: the
+  cells move, their scores do not.
+  """
+  maps = _blurred(cell_field([(axes, squashed(scores, scale))
+                              for axes, scores in views], out_hw, cells),
+                  sigma)
+  if image_score == 'map_max':
+    peaks = (_blurred(cell_field(views, out_hw, cells), sigma) if scale
+             else maps)
+    scores = peaks.reshape(peaks.shape[0], -1).max(-1)
+  else:
+    scores = image_scores(_mean_grid(views))
+  return {'image_scores': scores, 'anomaly_maps': maps}
+
+
+def _scored(views, out_hw, sigma, image_score, scale, cells) -> dict:
+  """`outputs` (released cells: the views' mean grid) or `cell_outputs`,
+  with 'patch_scores' (B, h, w), the views' mean grid."""
+  mean = _mean_grid(views)
+  if cells is None:
+    out = outputs(mean, out_hw, sigma, image_score, scale)
+  else:
+    out = cell_outputs(views, out_hw, sigma, image_score, scale, cells)
+  return {**out, 'patch_scores': mean}
+
+
+_MEASURED = {}  # (id(vars), ...) -> (vars, cells): a strong ref keeps ids.
+
+
+def cells_for(eval_cfg, backbone_module, layers: Sequence[str], model_cfg,
+              backbone_vars, image_hw: Sequence[int]
+              ) -> cells_lib.Cells | None:
+  """The cells the maps are drawn at: None for eval.cells='released', else
+  `cells_lib.measure` of this backbone, its weights, layers, aggregation
+  and image size, once per process."""
+  if eval_cfg.cells == 'released':
+    return None
+  layers, hw = tuple(layers), tuple(int(v) for v in image_hw)
+  key = (id(backbone_vars), backbone_module, layers, _frozen(model_cfg), hw)
+  if key not in _MEASURED:
+    fn = functools.partial(_features, backbone_module, layers, model_cfg)
+    grid = jax.eval_shape(fn, backbone_vars,
+                          jax.ShapeDtypeStruct((1, *hw, 3), jnp.float32))
+    # The grid's stride: exact where the size is a multiple of it, and
+    # torch-style and TF-style grids of other sizes round to it too.
+    strides = [float(round(size / n)) for size, n in zip(hw, grid.shape[1:3])]
+    cells = cells_lib.measure(fn, backbone_vars, hw, strides)
+    _MEASURED[key] = (backbone_vars, cells)
+    logging.info(
+        'eval.cells=measured: cell (i, j) drawn at pixel (%g i %+.2f, '
+        '%g j %+.2f) (released: %+.2f, %+.2f)', cells[0][0], cells[0][1],
+        cells[1][0], cells[1][1],
+        *(cells_lib.released_axis(n, s)[1]
+          for n, s in zip(grid.shape[1:3], hw)))
+  return _MEASURED[key][1]
 
 
 def map_args(eval_cfg) -> tuple[float, str, str, str]:
@@ -184,6 +297,8 @@ def score_rule(eval_cfg) -> dict:
   # range over the normal images is stored with the threshold.
   if squash != 'none':  # Absent likewise: stored before eval.squash.
     rule['squash'] = squash
+  if eval_cfg.cells != 'released':  # Likewise.
+    rule['cells'] = str(eval_cfg.cells)
   return rule
 
 
@@ -350,12 +465,12 @@ def _folded_scores(backbone_module, layers, model_cfg, backbone_vars, fused,
 
 def make_export_fn(backbone_module, layers: Sequence[str], model_cfg,
                    backbone_vars, head_vars, image_hw: Sequence[int],
-                   eval_cfg):
+                   eval_cfg, cells: cells_lib.Cells | None = None):
   """fn(images (N, H, W, 3) uint8) -> (image_scores (N,), anomaly_maps
   (N, H, W)), float32: `make_predict_fn`'s maths with the backbone's and the
   head's (or memory bank's) weights closed over as constants, so that
   tracing it (with a symbolic N) gives the whole model in one self-contained
-  program, which is what `export` serializes."""
+  program, which is what `export` serializes. cells: `cells_for`."""
   layers = tuple(layers)
   out_hw = (int(image_hw[0]), int(image_hw[1]))
   sigma, image_score, tta, squash = map_args(eval_cfg)
@@ -375,24 +490,26 @@ def make_export_fn(backbone_module, layers: Sequence[str], model_cfg,
                             fused, images)
 
   def fn(images):
-    out = outputs(with_tta(patch_fn, images, tta, loop=False), out_hw, sigma,
-                  image_score, scale)
+    out = _scored(tta_views(patch_fn, images, tta, loop=False), out_hw,
+                  sigma, image_score, scale, cells)
     return out['image_scores'], out['anomaly_maps']
 
   return fn
 
 
-def make_cached_features_fn(model_cfg, image_hw: Sequence[int], eval_cfg):
+def make_cached_features_fn(model_cfg, image_hw: Sequence[int], eval_cfg,
+                            cells: cells_lib.Cells | None = None):
   """Jitted fn(head_vars, features (B, h, w, D)) -> {'image_scores' (B,),
   'anomaly_maps' (B, H, W)}: `make_predict_fn`'s outputs from local features
   already computed (the training feature cache), with no backbone pass."""
   return _cached_features_fn(_frozen(model_cfg),
                              (int(image_hw[0]), int(image_hw[1])),
-                             *map_args(eval_cfg))
+                             *map_args(eval_cfg), cells)
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_features_fn(model_cfg, out_hw, sigma, image_score, tta, squash):
+def _cached_features_fn(model_cfg, out_hw, sigma, image_score, tta, squash,
+                        cells):
   if tta != 'none':  # Cached features are of the unflipped images only.
     raise ValueError(f'no cached-feature scoring under eval.tta={tta!r}')
   scale = squash_scale(model_cfg, squash)
@@ -407,19 +524,22 @@ def _cached_features_fn(model_cfg, out_hw, sigma, image_score, tta, squash):
       hidden = jnp.matmul(features, fused['kernel'],
                           precision=_HIGHEST) + fused['bias']
       scores = -(jax.nn.leaky_relu(hidden, 0.2) @ fused['tail'])
-    return outputs(scores, out_hw, sigma, image_score, scale)
+    out = _scored([((), scores)], out_hw, sigma, image_score, scale, cells)
+    return {k: out[k] for k in ('image_scores', 'anomaly_maps')}
   return fn
 
 
 def make_predict_fn(backbone_module, layers: Sequence[str], model_cfg,
-                    image_hw: Sequence[int], eval_cfg):
+                    image_hw: Sequence[int], eval_cfg,
+                    cells: cells_lib.Cells | None = None):
   """fn(backbone_vars, head_vars, images) -> dict of
   image_scores (B,), anomaly_maps (B, H, W) at image_hw, patch_scores
   (B, h, w) (the head's, or kNN's, before eval.squash).
   head_vars is the trained state's `head_vars()`: for SimpleNet
   {'params': ..., 'batch_stats': ...}, for model.method='knn' {'bank': ...}.
   eval_cfg: the config's eval section (`map_args`; also for
-  `make_cached_features_fn` and `make_export_fn`).
+  `make_cached_features_fn` and `make_export_fn`). cells: where the maps
+  draw the grid's cells, `cells_for` (None: the released resize).
 
   The work runs in one jitted call per batch. SimpleNet's head is folded
   (`fused_head`) once per head_vars (the same leaf arrays) and reused; kNN
@@ -427,18 +547,17 @@ def make_predict_fn(backbone_module, layers: Sequence[str], model_cfg,
   """
   return _predict_fn(backbone_module, tuple(layers), _frozen(model_cfg),
                      (int(image_hw[0]), int(image_hw[1])),
-                     *map_args(eval_cfg))
+                     *map_args(eval_cfg), cells)
 
 
 @functools.lru_cache(maxsize=32)
 def _predict_fn(backbone_module, layers, model_cfg, out_hw, sigma,
-                image_score, tta, squash):
+                image_score, tta, squash, cells):
   scale = squash_scale(model_cfg, squash)
 
   def with_patches(patch_fn, images, then=None):
-    scores = with_tta(patch_fn, images, tta, then=then)
-    return {**outputs(scores, out_hw, sigma, image_score, scale),
-            'patch_scores': scores}
+    return _scored(tta_views(patch_fn, images, tta, then=then), out_hw,
+                   sigma, image_score, scale, cells)
 
   if model_cfg.method == 'knn':
     @jax.jit

@@ -59,7 +59,7 @@ def evaluate_knn(ctx) -> dict:
       ctx, config=cfg,
       predict_fn=scoring.make_predict_fn(ctx.module, tuple(c.backbone.layers),
                                          cfg.model, ctx.test_set.image_hw,
-                                         c.eval))
+                                         c.eval, ctx.cells))
   row = evaluate.evaluate_category(knn_ctx, state, None, visualize_maps=False,
                                    yardstick=True)
   logging.info('%s: kNN yardstick (%d bank rows) in %.1f s', ctx.category,

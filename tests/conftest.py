@@ -296,11 +296,14 @@ def exported_knn(tmp_path_factory, lite0_weights_dir, awkward_root,
   """model.method=knn on Lite0 (real weights), 64 px, scored under
   eval.tta='flips' (four passes in the exported graph): the memory bank
   fitted, exported, predicted. eval.squash='sigmoid' is asked for and, kNN's
-  distances having no margin, not applied."""
+  distances having no margin, not applied. Its maps draw each view's cells
+  where they look (eval.cells='measured'), in training, predict and the
+  exported graph alike."""
   return _exported(tmp_path_factory, lite0_weights_dir, awkward_root,
                    jax_cache_dir, 'knn', ('--config.model.method=knn',
                                           '--config.eval.tta=flips',
-                                          '--config.eval.squash=sigmoid'))
+                                          '--config.eval.squash=sigmoid',
+                                          '--config.eval.cells=measured'))
 
 
 def import_blocker(*blocked: str, allow: tuple = ()) -> str:

@@ -323,6 +323,8 @@ def test_eval_or_predict_before_training(tmp_path, awkward_root,
      "of ['none', 'flips']"),
     ('eval.squash', 'softmax', "config.eval.squash: is 'softmax'; must be "
      "one of ['none', 'sigmoid']"),
+    ('eval.cells', 'centred', "config.eval.cells: is 'centred'; must be "
+     "one of ['released', 'measured']"),
     ('threshold.holdout_fraction', 1.0, 'config.threshold.holdout_fraction'),
     ('eval.synthetic_defects', -1, 'config.eval.synthetic_defects: is -1; '
      'must be >= 0 (0 = off)'),

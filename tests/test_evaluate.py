@@ -63,7 +63,7 @@ def evaluation():
       c.eval.aupro_max_fpr = max_fpr
     ctx = types.SimpleNamespace(
         config=c, test_set=test, predict_fn=predict_fn, backbone_vars=bvars,
-        mesh=parallel.make_mesh(jax.devices()[:1]), category='tiny',
+        cells=None, mesh=parallel.make_mesh(jax.devices()[:1]), category='tiny',
         kind='object', workdir='/nonexistent')
     return evaluate.evaluate_category(ctx, state, None, visualize_maps=False)
 
@@ -132,7 +132,7 @@ def _ctx(n_images, batch_size, shapes):
   config.dataset.num_workers = 1
   return types.SimpleNamespace(config=config, test_set=_Images(n_images),
                                mesh=parallel.make_mesh(), backbone_vars=None,
-                               predict_fn=predict_fn)
+                               predict_fn=predict_fn, cells=None)
 
 
 def test_test_images_in_order_in_full_batches_only():

@@ -78,9 +78,11 @@ def reference(exported, paths):
     # The wrn50 run trained two heads (model.heads=2), stacked in the state.
     assert model.num_heads(state.params) == config.model.heads
   module, backbone_vars = backbones.load_for_run(config.backbone)
+  cells = scoring.cells_for(config.eval, module, config.backbone.layers,
+                            config.model, backbone_vars, meta['image_hw'])
   predict_fn = scoring.make_predict_fn(module, config.backbone.layers,
                                        config.model, meta['image_hw'],
-                                       config.eval)
+                                       config.eval, cells)
   files = data_inputs.ImageFiles(paths, data.geometry(config.dataset,
                                                       meta['kind']),
                                  meta['image_hw'])
@@ -126,6 +128,7 @@ def test_parity_onnx_and_jax_export(which, request):
   meta = json.loads((exported.folder / export.META_FILE).read_text())
   assert meta['tta'] == ('flips' if which == 'knn' else 'none')
   assert meta['squash'] == ('sigmoid' if which == 'lite0' else 'none')
+  assert meta['cells'] == ('measured' if which == 'knn' else 'released')
   paths = sorted(exported.predictions)
   images, ref_scores, ref_maps, threshold = reference(exported, paths)
   # The reference is what main.py --mode=predict printed.

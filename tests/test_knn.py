@@ -279,3 +279,11 @@ def test_main_fits_saves_and_reloads_the_memory_bank(exported_knn,
   for a, b in zip(table, again):
     for k in ('image_auroc', 'pixel_auroc', 'aupro'):
       assert a[k] == b[k]
+  # Its threshold was set on maps with measured cells (the fixture's
+  # eval.cells): the released maps are refused in one line that says how.
+  proc = conftest.run_main(exported_knn.args + ['--mode=eval',
+                                                '--config.eval.cells=released'],
+                           conftest.main_env(jax_cache_dir))
+  assert proc.returncode != 0
+  assert "'cells': 'measured'" in proc.stderr, proc.stderr[-2000:]
+  assert '--config.eval.cells=measured' in proc.stderr

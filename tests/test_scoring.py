@@ -280,8 +280,8 @@ def test_flips_average_the_four_flipped_back_passes(method):
   # Unrolled views cannot go to a search over all of them at once: that
   # would stack them, which the ONNX lowering refuses.
   with pytest.raises(ValueError, match='loop=True'):
-    scoring.with_tta(lambda x: x, jnp.asarray(images), 'flips', loop=False,
-                     then=lambda v: v)
+    scoring.tta_views(lambda x: x, jnp.asarray(images), 'flips', loop=False,
+                      then=lambda v: v)
 
 
 @pytest.mark.parametrize('tta', ['none', 'flips'])
