@@ -47,6 +47,7 @@ import numpy as np
 import scipy.ndimage
 
 from simplenet_jax import cells as cells_lib
+from simplenet_jax import console
 from simplenet_jax import features as features_lib
 from simplenet_jax import knn
 from simplenet_jax import model as model_lib
@@ -251,12 +252,14 @@ def cells_for(eval_cfg, backbone_module, layers: Sequence[str], model_cfg,
     strides = [float(round(size / n)) for size, n in zip(hw, grid.shape[1:3])]
     cells = cells_lib.measure(fn, backbone_vars, hw, strides)
     _MEASURED[key] = (backbone_vars, cells)
-    logging.info(
-        'eval.cells=measured: cell (i, j) drawn at pixel (%g i %+.2f, '
-        '%g j %+.2f) (released: %+.2f, %+.2f)', cells[0][0], cells[0][1],
-        cells[1][0], cells[1][1],
-        *(cells_lib.released_axis(n, s)[1]
-          for n, s in zip(grid.shape[1:3], hw)))
+    released = [cells_lib.released_axis(n, s)[1]
+                for n, s in zip(grid.shape[1:3], hw)]
+    message = ('eval.cells=measured: the maps draw cell (i, j) at pixel '
+               f'({cells[0][0]:g} i {cells[0][1]:+.2f}, {cells[1][0]:g} j '
+               f'{cells[1][1]:+.2f}) of {hw[0]} x {hw[1]}, where its feature '
+               f'looks (released: {released[0]:+.2f}, {released[1]:+.2f})')
+    logging.info('%s', message)
+    console.note(message)
   return _MEASURED[key][1]
 
 

@@ -128,7 +128,7 @@ def test_cells_one_stride_later_move_the_map_by_a_stride():
   assert np.abs(moved - released).max() > 1e-3
 
 
-def test_cells_for_measures_once_and_only_when_asked():
+def test_cells_for_measures_once_and_only_when_asked(capsys):
   c = default.get_config()
   c.model.pretrain_embed_dim = c.model.target_embed_dim = 16
   module, bvars = helpers.TinyBackbone(), helpers.tiny_backbone_vars()
@@ -137,6 +137,12 @@ def test_cells_for_measures_once_and_only_when_asked():
   c.eval.cells = 'measured'
   first = scoring.cells_for(c.eval, *args)
   assert scoring.cells_for(c.eval, *args) is first
+  # The console says where the cells went, once.
+  said = [l for l in capsys.readouterr().out.splitlines() if 'eval.cells' in l]
+  assert said == [
+      'eval.cells=measured: the maps draw cell (i, j) at pixel (2 i '
+      f'{first[0][1]:+.2f}, 2 j {first[1][1]:+.2f}) of 24 x 24, where its '
+      'feature looks (released: +0.50, +0.50)'], said
   # Flax's 'SAME' pads stride 2 at the end: layer2's cell i covers pixels
   # 2i..2i+2 (centre 2i + 1), layer3's, resized onto it, 2i + 2.5; the
   # measured centre lies between, past the released 2i + 0.5.
