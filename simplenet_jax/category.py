@@ -210,19 +210,23 @@ class CategoryContext:
     h, w = train_set.image_hw
     shape = jax.eval_shape(feature_fn, backbone_vars,
                            jax.ShapeDtypeStruct((1, h, w, 3), jnp.uint8)).shape
+    stored = {}  # This config's latest checkpoint's metadata, where read.
+    ckpt_dir = os.path.join(workdir, category, 'checkpoints')
+    if config.train.augment == 'auto' or config.eval.cells != 'released':
+      latest = checkpoint.latest_meta(ckpt_dir)
+      if latest and latest[1].get('fingerprint') == fingerprint(config):
+        stored = latest[1]
     cells = scoring.cells_for(config.eval, module, layers, config.model,
-                              backbone_vars, test_set.image_hw)
+                              backbone_vars, test_set.image_hw,
+                              stored.get('cells'), ckpt_dir)
     predict_fn = scoring.make_predict_fn(module, layers, config.model,
                                          test_set.image_hw, config.eval, cells)
     requested, why = None, ''
     if config.train.augment == 'auto':
       requested = config
-      stored = checkpoint.latest_meta(
-          os.path.join(workdir, category, 'checkpoints'))
-      if stored and stored[1].get('fingerprint') == fingerprint(config) and (
-          'augment_why' in stored[1]):
-        why = stored[1]['augment_why']
-        config = view_check.resolve_as_trained(config, category, stored[1])
+      if 'augment_why' in stored:
+        why = stored['augment_why']
+        config = view_check.resolve_as_trained(config, category, stored)
       else:
         verdict = None
         if len(train_idx) >= 2:

@@ -18,6 +18,10 @@ centroid of the squared gradient of a random projection of the cell's
 local feature with respect to the image, over a lattice of cells in the
 middle of the grid (away from the borders, whose padding skews it), on a
 fixed random image. A cell then sits at stride * i + offset per axis.
+Training stores the cells it measured with the decision threshold, so that
+evaluating, predicting and exporting that model draw the very cells its
+threshold and map range were set on, on any machine, without measuring
+again (`to_stored`, `from_stored`).
 
 A view flipped along an axis and its grid flipped back has its cells
 mirrored: cell i sits at (size - 1) - (stride * (n - 1 - i) + offset) =
@@ -44,6 +48,27 @@ CELLS = ('released', 'measured')
 Axis = tuple[float, float]  # (stride, offset) in pixels.
 Cells = tuple[Axis, Axis]  # (rows, columns).
 _LATTICE = 5  # Cells measured per axis: 25 backward passes.
+
+
+def to_stored(cells: Cells) -> list[list[float]]:
+  """Cells as checkpoint metadata (JSON): [[stride, offset], [stride,
+  offset]]."""
+  return [[float(v) for v in axis] for axis in cells]
+
+
+def from_stored(stored) -> Cells:
+  """`to_stored`'s lists back as Cells; ValueError where they are not two
+  (stride, offset) pairs of finite numbers with a positive stride."""
+  try:
+    cells = tuple((float(a[0]), float(a[1])) for a in stored)
+    ok = len(cells) == 2 and all(len(a) == 2 for a in stored)
+  except (TypeError, ValueError, IndexError):
+    ok = False
+  if not ok or not all(np.isfinite(v).all() and v[0] > 0
+                       for v in map(np.asarray, cells)):
+    raise ValueError(f'stored cells {stored!r} are not two (stride, offset) '
+                     'pairs')
+  return cells
 
 
 def released_axis(n: int, size: int) -> Axis:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simplenet_jax import cells as cells_lib
 from simplenet_jax import console
 from simplenet_jax import eval_record
 from simplenet_jax import metrics
@@ -83,11 +84,14 @@ def decision_threshold(ctx, state, cache=None) -> dict:
     else:
       scores, map_range = normal_statistics(ctx, state, ctx.train_set, idx)
   q = ctx.config.threshold.quantile
-  return dict(threshold=float(np.quantile(scores, q)),
-              threshold_quantile=float(q),
-              score_rule=scoring.score_rule(ctx.config.eval),
-              threshold_source=f'quantile {q} of image scores over {source}',
-              map_range=map_range)
+  record = dict(threshold=float(np.quantile(scores, q)),
+                threshold_quantile=float(q),
+                score_rule=scoring.score_rule(ctx.config.eval),
+                threshold_source=f'quantile {q} of image scores over {source}',
+                map_range=map_range)
+  if ctx.cells:  # eval.cells='measured': the cells both were set on.
+    record['cells'] = cells_lib.to_stored(ctx.cells)
+  return record
 
 
 class _Repeated:
@@ -235,7 +239,7 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
   if meta and 'neighbour_mix' in meta:  # train.neighbour_mix_when='flips'.
     row['neighbour_mix'] = meta['neighbour_mix']
   if ctx.cells:  # eval.cells='measured': where the cells sit.
-    row['cells'] = [list(axis) for axis in ctx.cells]
+    row['cells'] = cells_lib.to_stored(ctx.cells)
   best = meta.get('best_on_test') if meta else None
   if best is not None:
     # The released protocol: the best evaluated pass, chosen on the test set.

@@ -83,13 +83,15 @@ def _scorer(config, ckpt_dir: str, meta: dict) -> Callable:
                                           check_meta=_fingerprint_check(
                                               config, ckpt_dir))
   head = state.head_vars()
-  cells = []  # Measured with the first backbone; its ONNX variant reuses them.
+  cells = []  # Stored, or measured with the first backbone; the ONNX variant
+  # reuses them.
 
   def build(module, backbone_vars):
     if not cells:
       cells.append(scoring.cells_for(config.eval, module,
                                      config.backbone.layers, config.model,
-                                     backbone_vars, meta['image_hw']))
+                                     backbone_vars, meta['image_hw'],
+                                     meta.get('cells'), ckpt_dir))
     return scoring.make_export_fn(module, config.backbone.layers,
                                   config.model, backbone_vars, head,
                                   meta['image_hw'], config.eval, cells[0])
@@ -267,7 +269,9 @@ def metadata(config, category: str, meta: dict, files: dict) -> dict:
                                                 config.eval.squash) == 0.0
                  else config.eval.squash),
       # 'measured': the map draws each grid cell at its receptive field's
-      # centroid, measured at export (eval.cells; simplenet_jax/cells.py).
+      # centroid, as training measured it (stored with the threshold; for
+      # a checkpoint from before that, measured at export) (eval.cells;
+      # simplenet_jax/cells.py).
       'cells': config.eval.cells,
       'passes_done': meta.get('passes_done'),
       'config_fingerprint': meta.get('fingerprint'),

@@ -87,7 +87,8 @@ def run(config, workdir: str) -> list[dict]:
                     '(see the warnings above); run --mode=train again')
   hw = tuple(meta['image_hw'])
   cells = scoring.cells_for(config.eval, module, config.backbone.layers,
-                            config.model, backbone_vars, hw)
+                            config.model, backbone_vars, hw,
+                            meta.get('cells'), ckpt_dir)
   predict_fn = scoring.make_predict_fn(module, tuple(config.backbone.layers),
                                        config.model, hw, config.eval, cells)
   geometry = data.geometry(config.dataset, meta['kind'])

@@ -234,14 +234,25 @@ _MEASURED = {}  # (id(vars), ...) -> (vars, cells): a strong ref keeps ids.
 
 
 def cells_for(eval_cfg, backbone_module, layers: Sequence[str], model_cfg,
-              backbone_vars, image_hw: Sequence[int]
-              ) -> cells_lib.Cells | None:
+              backbone_vars, image_hw: Sequence[int], stored=None,
+              where: str = '') -> cells_lib.Cells | None:
   """The cells the maps are drawn at: None for eval.cells='released', else
-  `cells_lib.measure` of this backbone, its weights, layers, aggregation
-  and image size, once per process."""
+  the cells a trained model's decision threshold was set on (`stored`, its
+  metadata's 'cells', `cells_lib.to_stored`; `where` names the checkpoint
+  for an error), or `cells_lib.measure` of this backbone, its weights,
+  layers, aggregation and image size, once per process."""
   if eval_cfg.cells == 'released':
     return None
-  layers, hw = tuple(layers), tuple(int(v) for v in image_hw)
+  hw = tuple(int(v) for v in image_hw)
+  if stored is not None:
+    try:
+      cells = cells_lib.from_stored(stored)
+    except ValueError as e:
+      raise UserError(f'{where}: {e}; train again in another --workdir') from e
+    _say_cells(cells, hw, 'as training measured them (stored with the '
+               'decision threshold)')
+    return cells
+  layers = tuple(layers)
   key = (id(backbone_vars), backbone_module, layers, _frozen(model_cfg), hw)
   if key not in _MEASURED:
     fn = functools.partial(_features, backbone_module, layers, model_cfg)
@@ -254,13 +265,18 @@ def cells_for(eval_cfg, backbone_module, layers: Sequence[str], model_cfg,
     _MEASURED[key] = (backbone_vars, cells)
     released = [cells_lib.released_axis(n, s)[1]
                 for n, s in zip(grid.shape[1:3], hw)]
-    message = ('eval.cells=measured: the maps draw cell (i, j) at pixel '
-               f'({cells[0][0]:g} i {cells[0][1]:+.2f}, {cells[1][0]:g} j '
-               f'{cells[1][1]:+.2f}) of {hw[0]} x {hw[1]}, where its feature '
-               f'looks (released: {released[0]:+.2f}, {released[1]:+.2f})')
-    logging.info('%s', message)
-    console.note(message)
+    _say_cells(cells, hw, 'where its feature looks (released: '
+               f'{released[0]:+.2f}, {released[1]:+.2f})')
   return _MEASURED[key][1]
+
+
+def _say_cells(cells: cells_lib.Cells, hw, why: str) -> None:
+  """Logs and prints where eval.cells='measured' draws the cells."""
+  message = ('eval.cells=measured: the maps draw cell (i, j) at pixel '
+             f'({cells[0][0]:g} i {cells[0][1]:+.2f}, {cells[1][0]:g} j '
+             f'{cells[1][1]:+.2f}) of {hw[0]} x {hw[1]}, {why}')
+  logging.info('%s', message)
+  console.note(message)
 
 
 def map_args(eval_cfg) -> tuple[float, str, str, str]:

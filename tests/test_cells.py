@@ -10,6 +10,7 @@ import pytest
 import helpers
 from configs import default
 from simplenet_jax import cells
+from simplenet_jax import errors
 from simplenet_jax import features
 from simplenet_jax import scoring
 from simplenet_jax import train
@@ -148,6 +149,33 @@ def test_cells_for_measures_once_and_only_when_asked(capsys):
   # measured centre lies between, past the released 2i + 0.5.
   for stride, offset in first:
     assert stride == 2.0 and 1.0 <= offset <= 2.5, first
+
+
+def test_stored_cells_are_drawn_without_measuring(monkeypatch, capsys):
+  c = default.get_config()
+  c.eval.cells = 'measured'
+  monkeypatch.setattr(cells, 'measure', None)  # Calling it would fail.
+  args = (helpers.TinyBackbone(), ('layer2', 'layer3'), c.model,
+          helpers.tiny_backbone_vars(), (24, 24))
+  stored = [[2.0, 1.25], [2.0, -0.5]]  # As JSON metadata holds them.
+  assert scoring.cells_for(c.eval, *args, stored, 'ckpt') == (
+      (2.0, 1.25), (2.0, -0.5))
+  said = [l for l in capsys.readouterr().out.splitlines() if 'eval.cells' in l]
+  assert said == [
+      'eval.cells=measured: the maps draw cell (i, j) at pixel (2 i +1.25, 2 j '
+      '-0.50) of 24 x 24, as training measured them (stored with the decision '
+      'threshold)'], said
+  # The released maps ignore what is stored.
+  c.eval.cells = 'released'
+  assert scoring.cells_for(c.eval, *args, stored, 'ckpt') is None
+  c.eval.cells = 'measured'
+  for bad in ([[2.0, 1.0]], [[2.0, 1.0], [0.0, 1.0]], [[2.0], [2.0, 1.0]],
+              [[2.0, 'x'], [2.0, 1.0]], [[2.0, float('nan')], [2.0, 1.0]],
+              'measured'):
+    with pytest.raises(errors.UserError, match='^ckpt: stored cells'):
+      scoring.cells_for(c.eval, *args, bad, 'ckpt')
+  assert cells.from_stored(cells.to_stored(((8.0, 3.37), (8.0, -4.0)))) == (
+      (8.0, 3.37), (8.0, -4.0))
 
 
 def test_each_flipped_view_is_drawn_at_its_own_cells():

@@ -79,7 +79,8 @@ def reference(exported, paths):
     assert model.num_heads(state.params) == config.model.heads
   module, backbone_vars = backbones.load_for_run(config.backbone)
   cells = scoring.cells_for(config.eval, module, config.backbone.layers,
-                            config.model, backbone_vars, meta['image_hw'])
+                            config.model, backbone_vars, meta['image_hw'],
+                            meta.get('cells'), ckpt_dir)
   predict_fn = scoring.make_predict_fn(module, config.backbone.layers,
                                        config.model, meta['image_hw'],
                                        config.eval, cells)

@@ -271,9 +271,17 @@ def test_main_fits_saves_and_reloads_the_memory_bank(exported_knn,
   assert len(np.unique(bank, axis=0)) == len(bank)  # Distinct rows.
   table = json.loads(open(os.path.join(exported_knn.workdir,
                                        'results.json')).read())['rows']
+  # The cells its maps were drawn at (eval.cells='measured') are stored
+  # with the threshold, and evaluating it again draws those, unmeasured.
+  (rows, row_off), (cols, col_off) = meta['cells']
+  assert rows == cols == 8.0 and -8 < row_off < 8 and -8 < col_off < 8
+  assert table[0]['cells'] == meta['cells']
   proc = conftest.run_main(exported_knn.args + ['--mode=eval'],
                            conftest.main_env(jax_cache_dir))
   assert proc.returncode == 0, proc.stderr[-2000:]
+  said = [l for l in proc.stdout.splitlines() if 'eval.cells' in l]
+  assert len(said) == 1 and said[0].endswith(
+      'as training measured them (stored with the decision threshold)'), said
   again = json.loads(open(os.path.join(exported_knn.workdir,
                                        'results.json')).read())['rows']
   for a, b in zip(table, again):
