@@ -196,14 +196,16 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
   Returns:
     A table row: category, kind, image_auroc, pixel_auroc, aupro (fractions,
     nan where undefined), n_test, plus the test-set selected best pass when
-    training recorded one.
+    training recorded one, and in a final evaluation (or the yardstick's)
+    of a test set with two or more defect types, by_defect
+    (`metrics.by_defect`).
   """
   c = ctx.config
   test = ctx.test_set
   pixel = (metrics.PixelMetrics(expected_images=len(test),
                                 max_fpr=c.eval.aupro_max_fpr)
            if test.has_masks else None)
-  scores, labels, names = [], [], []
+  scores, labels, names, defects = [], [], [], []
   for batch, out in _predict_batches(
       ctx, state, test, desc=f'{ctx.category} '
       + ('kNN test images' if yardstick else 'test images')):
@@ -211,6 +213,7 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
     labels.append(batch['label'])
     names.extend(f'{d}/{os.path.basename(p)}'
                  for d, p in zip(batch['defect'], batch['path']))
+    defects.extend(batch['defect'])
     if pixel is not None:
       pixel.add(out['anomaly_maps'], batch['mask'])
   scores = np.concatenate(scores)
@@ -229,9 +232,13 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
     logging.warning('%s: the test set has no masks; pixel AUROC and AUPRO are '
                     'skipped (n/a).', ctx.category)
     map_range = None
-  if meta and meta.get('threshold') is not None:
-    row['decisions'] = metrics.decision_counts(scores, labels,
-                                               meta['threshold'])
+  threshold = meta.get('threshold') if meta else None
+  if threshold is not None:
+    row['decisions'] = metrics.decision_counts(scores, labels, threshold)
+  if visualize_maps or yardstick:  # A final evaluation: each defect type.
+    by_defect = metrics.by_defect(scores, labels, defects, pixel, threshold)
+    if by_defect:
+      row['by_defect'] = by_defect
   if meta and meta.get('saturated_at'):  # model.shrink_on_saturation acted.
     row['saturated_at'] = int(meta['saturated_at'])
   if meta and meta.get('augment'):  # train.augment='auto': what it chose.

@@ -295,6 +295,20 @@ class PixelMetrics:
                                     curve_points)
     return out
 
+  def subset(self, images) -> 'PixelMetrics':
+    """The metrics of some of the images added: `images` indexes them in the
+    order they were added. Copies those images' scores and masks."""
+    images = np.asarray(images, np.int64)
+    out = PixelMetrics(max_fpr=self.max_fpr)
+    if self._n == 0 or not images.size:
+      return out
+    out._scores = self._scores[:self._n][images]  # pylint: disable=protected-access
+    out._masks = self._masks[:self._n][images]  # pylint: disable=protected-access
+    out._n = out._capacity = images.size  # pylint: disable=protected-access
+    finite = np.isfinite(out._scores)  # pylint: disable=protected-access
+    out._nonfinite = int(finite.size - np.count_nonzero(finite))  # pylint: disable=protected-access
+    return out
+
   def compute(self, curve_points: int = 0) -> dict:
     """{'pixel_auroc': ..., 'aupro': ...} from a single sort.
 
@@ -312,6 +326,49 @@ class PixelMetrics:
         out['pro_curve'] = None
       return out
     return self._compute(curve_points)
+
+
+def by_defect(scores, labels, defects, pixel: PixelMetrics | None = None,
+              threshold: float | None = None) -> dict[str, dict]:
+  """The metrics of each kind of defect: its images against every normal
+  test image.
+
+  Args:
+    scores: (N,) image scores; labels: (N,) 1 = anomalous, 0 = normal.
+    defects: (N,) each image's defect type (its test folder's name).
+    pixel: the same N images' maps and masks, in order (pixel AUROC and
+      AUPRO per type), or None.
+    threshold: the decision threshold, or None: with it, how many of each
+      type's images score above it ('caught').
+
+  Returns:
+    {type: {'n': its images, 'image_auroc', 'pixel_auroc', 'aupro'
+    (fractions; nan where undefined), and 'caught'}}, by type name; {} with
+    fewer than two anomalous types (the whole test set's figures are then
+    that type's).
+  """
+  scores = np.asarray(scores, np.float64).reshape(-1)
+  labels = np.asarray(labels).reshape(-1).astype(bool)
+  defects = np.asarray(defects).reshape(-1)
+  if not scores.shape == labels.shape == defects.shape:
+    raise ValueError(f'by_defect: {scores.size} scores, {labels.size} labels '
+                     f'and {defects.size} defect types.')
+  kinds = sorted(set(defects[labels].tolist()))
+  if len(kinds) < 2:
+    return {}
+  out = {}
+  for kind in kinds:
+    mine = labels & (defects == kind)
+    images = np.flatnonzero(mine | ~labels)
+    row = {'n': int(mine.sum()),
+           'image_auroc': image_auroc(scores[images], labels[images]),
+           'pixel_auroc': float('nan'), 'aupro': float('nan')}
+    if pixel is not None:
+      row.update(pixel.subset(images).compute())
+    if threshold is not None:
+      row['caught'] = int((scores[mine] > threshold).sum())
+    out[kind] = row
+  return out
 
 
 def decision_counts(scores, labels, threshold: float) -> dict[str, int]:

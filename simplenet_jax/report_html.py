@@ -445,7 +445,9 @@ def _category_section(workdir: str, row: dict, config: dict) -> str:
   out.append(f'<p class="facts">{" &middot; ".join(_e(x) for x in facts)}</p>')
   if row.get('advice'):  # yardstick.advice: the head trails kNN, saturated.
     out.append(f'<p class="note"><b>Hint:</b> {_e(row["advice"])}</p>')
+  by_defect = _by_defect_table(cat, row) if row.get('by_defect') else ''
   if rec is None:
+    out.append(by_defect)
     out.append('<p class="missing">No evaluation record in '
                f'{_e(eval_record.directory(cat_dir))} (report.html=False, or '
                'evaluated by an older version): run --mode=eval to make it.'
@@ -465,6 +467,7 @@ def _category_section(workdir: str, row: dict, config: dict) -> str:
         f'are called anomalous. On the test set: {d["caught"]} of '
         f'{d["anomalous"]} anomalous images caught, {d["false_alarms"]} of '
         f'{d["normal"]} normal images falsely flagged.</p>')
+  out.append(by_defect)
   plots = []
   roc = rec.get('roc')
   if roc:
@@ -506,6 +509,35 @@ def _category_section(workdir: str, row: dict, config: dict) -> str:
                'feature cache was not used).</p>')
   out.append('</section>')
   return '\n'.join(out)
+
+
+def _by_defect_table(cat: str, row: dict) -> str:
+  """Each defect type's figures (results.json's by_defect, and the kNN
+  yardstick's beside them), one row per type."""
+  head = ['Defect type', 'Images', 'I-AUROC %', 'P-AUROC %', 'AUPRO %']
+  types = row['by_defect']
+  caught = all('caught' in v for v in types.values())
+  knn = row.get('knn_by_defect') or {}
+  if caught:
+    head.append('Caught at the threshold')
+  if knn:
+    head += list(report.YARDSTICK_HEADERS)
+  lines = [f'<h3>By defect type</h3><p class="note">Each type\'s test images '
+           'against every normal test image.</p>'
+           f'<table id="by-defect-{_e(cat)}"><thead><tr><th>{_e(head[0])}'
+           '</th>' + ''.join(f'<th class="num">{_e(h)}</th>' for h in head[1:])
+           + '</tr></thead><tbody>']
+  for name, v in types.items():
+    cells = [str(v['n'])] + [_pct(v.get(m)) for m in report.METRICS]
+    if caught:
+      cells.append(f'{v["caught"]} of {v["n"]}')
+    if knn:
+      cells += [_pct(knn.get(name, {}).get(m)) for m in report.METRICS]
+    lines.append(f'<tr><td>{_e(name)}</td>'
+                 + ''.join(f'<td class="num">{_e(c)}</td>' for c in cells)
+                 + '</tr>')
+  lines.append('</tbody></table>')
+  return '\n'.join(lines)
 
 
 def _page(title: str, subtitle: str, body: str) -> str:

@@ -25,7 +25,8 @@ from simplenet_jax import train
 
 
 def evaluate_knn(ctx) -> dict:
-  """{'knn_image_auroc', 'knn_pixel_auroc', 'knn_aupro'} (report.YARDSTICK) of a
+  """{'knn_image_auroc', 'knn_pixel_auroc', 'knn_aupro'} (report.YARDSTICK,
+  and 'knn_by_defect' where the row has 'by_defect') of a
   memory bank of ctx's training features on ctx's test set; {} (with a
   warning) when those features exceed train.cache_max_gb on the device."""
   c = ctx.config
@@ -64,7 +65,10 @@ def evaluate_knn(ctx) -> dict:
                                    yardstick=True)
   logging.info('%s: kNN yardstick (%d bank rows) in %.1f s', ctx.category,
                bank.shape[0], time.perf_counter() - t0)
-  return {k: row[m] for k, m in zip(report.YARDSTICK, report.METRICS)}
+  out = {k: row[m] for k, m in zip(report.YARDSTICK, report.METRICS)}
+  if 'by_defect' in row:  # Each defect type, beside the head's.
+    out['knn_by_defect'] = row['by_defect']
+  return out
 
 
 def advice(row: dict, last_pass: dict, model_cfg,

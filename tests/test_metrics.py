@@ -369,3 +369,58 @@ def test_decision_counts():
       normal=3, false_alarms=1, anomalous=3, caught=1)
   assert metrics.decision_counts(scores, labels, 1.0) == dict(
       normal=3, false_alarms=0, anomalous=3, caught=0)
+
+
+def test_by_defect_scores_each_type_against_every_normal_image():
+  # Images: two normal, two of type 'crack', two of type 'hole'.
+  defects = np.array(['good', 'hole', 'good', 'crack', 'hole', 'crack'])
+  labels = (defects != 'good').astype(int)
+  scores = np.array([0.0, 0.5, 1.0, 2.0, -1.0, 3.0])
+  rng = np.random.default_rng(0)
+  maps = rng.uniform(0, 1, (6, 4, 4)).astype(np.float32)
+  masks = np.zeros((6, 4, 4), np.uint8)
+  masks[1, 0, 0] = masks[4, 3, 3] = masks[3, 1:3, 1] = masks[5, 2, 2] = 1
+  maps[3, 1:3, 1] = maps[5, 2, 2] = 2.0  # The cracks stand out; holes not.
+  pixel = metrics.PixelMetrics(max_fpr=0.3)
+  pixel.add(maps[:4], masks[:4])
+  pixel.add(maps[4:], masks[4:])
+  out = metrics.by_defect(scores, labels, defects, pixel, threshold=1.5)
+  assert list(out) == ['crack', 'hole']
+  # crack (2, 3) above both normal images (0, 1); hole (0.5, -1) above one
+  # of the four pairs.
+  assert out['crack']['image_auroc'] == 1.0
+  assert out['hole']['image_auroc'] == 0.25
+  assert (out['crack']['n'], out['hole']['n']) == (2, 2)
+  assert (out['crack']['caught'], out['hole']['caught']) == (2, 0)
+  for kind, images in (('crack', [0, 2, 3, 5]), ('hole', [0, 1, 2, 4])):
+    assert out[kind]['pixel_auroc'] == pytest.approx(roc_auc_score(
+        masks[images].ravel(), maps[images].ravel()), abs=1e-12)
+    alone = metrics.PixelMetrics(max_fpr=0.3)
+    alone.add(maps[images], masks[images])
+    assert out[kind]['aupro'] == pytest.approx(alone.compute()['aupro'],
+                                               abs=1e-12)
+  assert out['crack']['pixel_auroc'] == 1.0 and out['crack']['aupro'] == 1.0
+  # No threshold: nothing caught is reported; no maps: no pixel figures.
+  plain = metrics.by_defect(scores, labels, defects)
+  assert 'caught' not in plain['hole'] and math.isnan(plain['hole']['aupro'])
+  # One defect type: the whole test set's figures already are its.
+  assert metrics.by_defect(scores[:4], labels[:4],
+                           ['good', 'hole', 'good', 'hole'][:4]) == {}
+  with pytest.raises(ValueError, match='6 scores, 6 labels and 5 defect'):
+    metrics.by_defect(scores, labels, defects[:5])
+
+
+def test_pixel_metrics_subset_sees_only_its_images():
+  maps = np.zeros((3, 2, 2), np.float32)
+  masks = np.zeros((3, 2, 2), np.uint8)
+  masks[0, 0, 0] = masks[1, 0, 0] = 1
+  maps[0, 0, 0] = 1.0
+  maps[2] = np.nan  # Not finite, but not in the subset.
+  pixel = metrics.PixelMetrics(max_fpr=0.3)
+  pixel.add(maps, masks)
+  assert pixel.subset([0]).compute()['pixel_auroc'] == 1.0
+  # Image 1's defect scores 0 like every normal pixel: a tie, half credit.
+  assert pixel.subset([0, 1]).compute()['pixel_auroc'] == pytest.approx(
+      roc_auc_score(masks[:2].ravel(), maps[:2].ravel()))
+  with pytest.warns(metrics.MetricWarning, match='not finite'):
+    assert math.isnan(pixel.subset([0, 2]).compute()['pixel_auroc'])

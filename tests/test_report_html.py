@@ -309,6 +309,45 @@ def test_synthetic_check_is_a_fact_of_its_category(tmp_path):
   assert text.count('synthetic defect images') == 1
 
 
+def test_each_defect_type_is_a_row_of_its_category(tmp_path):
+  """results.json's by_defect (and the yardstick's knn_by_defect) are a
+  table in their category's section; no other section has one."""
+  types = {'hole': {'n': 5, 'image_auroc': 1.0, 'pixel_auroc': 0.998,
+                    'aupro': 0.971, 'caught': 5},
+           'scratch': {'n': 4, 'image_auroc': 0.86, 'pixel_auroc': 0.828,
+                       'aupro': float('nan'), 'caught': 3}}
+  knn = {'hole': {'n': 5, 'image_auroc': 1.0, 'pixel_auroc': 0.9984,
+                  'aupro': 0.98},
+         'scratch': {'n': 4, 'image_auroc': 0.9, 'pixel_auroc': 0.8906,
+                     'aupro': 0.75}}
+  rows = [{'category': 'gravel', 'kind': 'texture', 'image_auroc': 0.95,
+           'pixel_auroc': 0.975, 'aupro': 0.79, 'knn_image_auroc': 0.92,
+           'knn_pixel_auroc': 0.976, 'knn_aupro': 0.83, 'by_defect': types,
+           'knn_by_defect': knn},
+          {'category': 'brick', 'kind': 'texture', 'image_auroc': 1.0,
+           'pixel_auroc': 0.99, 'aupro': 0.96,
+           'by_defect': {k: {m: x for m, x in v.items() if m != 'caught'}
+                         for k, v in types.items()}}]
+  report.write_results(str(tmp_path), rows, {'mode': 'eval'})
+  text = open(report_html.write_report(str(tmp_path)), encoding='utf-8').read()
+  tables = _Page(text).tables
+  assert tables['by-defect-gravel'] == [
+      ['Defect type', 'Images', 'I-AUROC %', 'P-AUROC %', 'AUPRO %',
+       'Caught at the threshold', 'kNN I-AUROC %', 'kNN P-AUROC %',
+       'kNN AUPRO %'],
+      ['hole', '5', '100.0', '99.8', '97.1', '5 of 5', '100.0', '99.8',
+       '98.0'],
+      ['scratch', '4', '86.0', '82.8', 'n/a', '3 of 4', '90.0', '89.1',
+       '75.0']]
+  # Without a threshold or a yardstick, only the head's columns.
+  assert tables['by-defect-brick'][0] == [
+      'Defect type', 'Images', 'I-AUROC %', 'P-AUROC %', 'AUPRO %']
+  gravel = text[text.index('id="cat-gravel"'):text.index('id="cat-brick"')]
+  assert gravel.count('By defect type') == 1
+  assert sorted(t for t in tables if t.startswith('by-defect')) == [
+      'by-defect-brick', 'by-defect-gravel']
+
+
 def test_select_galleries_by_hand():
   scores = [0.5, 3.0, 2.0, float('nan'), 1.0, 0.1]
   labels = [0, 1, 1, 0, 1, 0]
@@ -579,9 +618,30 @@ REPORT_FLAGS = ['--config.train.eval_every=2', '--config.report.html=True',
                 '--config.eval.yardstick=True']
 
 
+def _with_scratches(awkward_root, tmp_path_factory):
+  """A copy of the awkward dataset with a second defect type, 'scratch' (two
+  test images, each a bright line with its mask): the report shows each
+  type's figures."""
+  root, junk = awkward_root
+  copy = tmp_path_factory.mktemp('two_defects') / root.name
+  shutil.copytree(root, copy)
+  cat = copy / conftest.CATEGORY
+  (cat / 'test' / 'scratch').mkdir()
+  (cat / 'ground_truth' / 'scratch').mkdir()
+  for i in range(2):
+    image = np.array(Image.open(cat / 'test' / 'good' / f'{i:03d}.png'))
+    mask = np.zeros(image.shape[:2], np.uint8)
+    mask[30 + 20 * i:33 + 20 * i, 10:80] = 255
+    image[mask > 0] = 250
+    Image.fromarray(image).save(cat / 'test' / 'scratch' / f'{i:03d}.png')
+    Image.fromarray(mask).save(cat / 'ground_truth' / 'scratch' /
+                               f'{i:03d}_mask.png')
+  return copy, junk
+
+
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory, lite0_weights_dir, awkward_root, jax_cache_dir):
-  root, junk = awkward_root
+  root, junk = _with_scratches(awkward_root, tmp_path_factory)
   workdir = tmp_path_factory.mktemp('report') / 'run'
   args = conftest.tiny_args(workdir, lite0_weights_dir, root, passes=4,
                             extra=REPORT_FLAGS)
@@ -659,12 +719,26 @@ def test_report_of_the_run_in_a_browser(trained, tmp_path):
   with open(workdir / 'results.json', encoding='utf-8') as f:
     rows = json.load(f)['rows']
   assert _Page(dom).tables['results'][1:] == _expected_table(rows)
-  assert rec['labels'] == [0, 0, 0, 1, 1, 1] and rec['passes'] == 4
+  assert rec['labels'] == [0, 0, 0, 1, 1, 1, 1, 1] and rec['passes'] == 4
+  # Each defect type's figures, the head's and the yardstick's, as
+  # results.json holds them (every normal image against each type's).
+  (row,) = rows
+  assert sorted(row['by_defect']) == sorted(row['knn_by_defect']) == [
+      'hole', 'scratch']
+  assert [row['by_defect'][k]['n'] for k in ('hole', 'scratch')] == [3, 2]
+  def pct(v):
+    return 'n/a' if v is None else f'{100 * v:.1f}'
+  assert _Page(dom).tables[f'by-defect-{conftest.CATEGORY}'][1:] == [
+      [k, str(v['n'])] + [pct(v[m]) for m in report.METRICS]
+      + [f"{v['caught']} of {v['n']}"]
+      + [pct(row['knn_by_defect'][k][m]) for m in report.METRICS]
+      for k, v in row['by_defect'].items()]
 
 
 def test_predict_writes_predictions_html(trained, tmp_path):
   workdir, _, args, env, root, _ = trained
-  inputs = str(root / conftest.CATEGORY / 'test' / '*' / '00[01].png')
+  # The normal and the hole images (not the scratches): two of each.
+  inputs = str(root / conftest.CATEGORY / 'test' / '[gh]*' / '00[01].png')
   proc = conftest.run_main(args + ['--mode=predict',
                                    f'--config.predict.inputs={inputs}'],
                            env=env)
