@@ -211,7 +211,7 @@ class CategoryContext:
     shape = jax.eval_shape(feature_fn, backbone_vars,
                            jax.ShapeDtypeStruct((1, h, w, 3), jnp.uint8)).shape
     stored = {}  # This config's latest checkpoint's metadata, where read.
-    ckpt_dir = os.path.join(workdir, category, 'checkpoints')
+    ckpt_dir = checkpoint_dir(workdir, category)
     if config.train.augment == 'auto' or config.eval.cells != 'released':
       latest = checkpoint.latest_meta(ckpt_dir)
       if latest and latest[1].get('fingerprint') == fingerprint(config):

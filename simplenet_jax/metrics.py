@@ -302,11 +302,11 @@ class PixelMetrics:
     out = PixelMetrics(max_fpr=self.max_fpr)
     if self._n == 0 or not images.size:
       return out
-    out._scores = self._scores[:self._n][images]  # pylint: disable=protected-access
-    out._masks = self._masks[:self._n][images]  # pylint: disable=protected-access
-    out._n = out._capacity = images.size  # pylint: disable=protected-access
-    finite = np.isfinite(out._scores)  # pylint: disable=protected-access
-    out._nonfinite = int(finite.size - np.count_nonzero(finite))  # pylint: disable=protected-access
+    out._scores = self._scores[:self._n][images]
+    out._masks = self._masks[:self._n][images]
+    out._n = out._capacity = images.size
+    finite = np.isfinite(out._scores)
+    out._nonfinite = int(finite.size - np.count_nonzero(finite))
     return out
 
   def compute(self, curve_points: int = 0) -> dict:
