@@ -221,11 +221,13 @@ def run_one(name: str, row: str, seed: int, args) -> dict:
     log = [json.loads(l) for l in f]
   pass_s = [r['pass_s'] for r in log if 'pass_s' in r][1:]
   timings = doc['extra']['timings']['categories'][category]
-  # METRICS, and kNN on the same features (eval.yardstick) where present.
+  # METRICS, and kNN on the same features (eval.yardstick) where present;
+  # each defect type's figures (by_defect) for both.
   out = {k: v for k, v in doc['rows'][0].items()
          if k in METRICS + report.YARDSTICK + ('decisions',
                                                 'synthetic_pixel_auroc',
-                                                'augment')}
+                                                'augment', 'by_defect',
+                                                'knn_by_defect')}
   out.update(set=set_label(name, args), row=row, seed=seed,
              # The passes run (train.augment='auto' may take fewer).
              passes=log[-1].get('pass', config.train.num_passes),
