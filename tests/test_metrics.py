@@ -405,7 +405,7 @@ def test_by_defect_scores_each_type_against_every_normal_image():
   assert 'caught' not in plain['hole'] and math.isnan(plain['hole']['aupro'])
   # One defect type: the whole test set's figures already are its.
   assert metrics.by_defect(scores[:4], labels[:4],
-                           ['good', 'hole', 'good', 'hole'][:4]) == {}
+                           ['good', 'hole', 'good', 'hole']) == {}
   with pytest.raises(ValueError, match='6 scores, 6 labels and 5 defect'):
     metrics.by_defect(scores, labels, defects[:5])
 

@@ -67,13 +67,16 @@ class _Page(html.parser.HTMLParser):
       self._cell.append(data)
 
 
+def _pct(v):
+  """A fraction from results.json as the page prints it."""
+  return 'n/a' if v is None or math.isnan(v) else f'{100 * v:.1f}'
+
+
 def _expected_table(rows):
   """The results table as the test expects it, from results.json's rows."""
-  def pct(v):
-    return 'n/a' if v is None or math.isnan(v) else f'{100 * v:.1f}'
   keys = report.METRICS + (('knn_image_auroc', 'knn_pixel_auroc', 'knn_aupro')
                             if any('knn_aupro' in r for r in rows) else ())
-  out = [[r['category'], r['kind']] + [pct(r[m]) for m in keys] for r in rows]
+  out = [[r['category'], r['kind']] + [_pct(r[m]) for m in keys] for r in rows]
   for key, label, _ in report.MEAN_ROWS:
     group = [r for r in rows if key == 'all' or r['kind'] == key]
     if group:
@@ -81,7 +84,7 @@ def _expected_table(rows):
       for m in keys:
         vals = [r[m] for r in group if r[m] is not None and not math.isnan(
             r[m])]
-        means.append(pct(sum(vals) / len(vals) if vals else None))
+        means.append(_pct(sum(vals) / len(vals) if vals else None))
       out.append([label, ''] + means)
   return out
 
@@ -726,12 +729,10 @@ def test_report_of_the_run_in_a_browser(trained, tmp_path):
   assert sorted(row['by_defect']) == sorted(row['knn_by_defect']) == [
       'hole', 'scratch']
   assert [row['by_defect'][k]['n'] for k in ('hole', 'scratch')] == [3, 2]
-  def pct(v):
-    return 'n/a' if v is None else f'{100 * v:.1f}'
   assert _Page(dom).tables[f'by-defect-{conftest.CATEGORY}'][1:] == [
-      [k, str(v['n'])] + [pct(v[m]) for m in report.METRICS]
+      [k, str(v['n'])] + [_pct(v[m]) for m in report.METRICS]
       + [f"{v['caught']} of {v['n']}"]
-      + [pct(row['knn_by_defect'][k][m]) for m in report.METRICS]
+      + [_pct(row['knn_by_defect'][k][m]) for m in report.METRICS]
       for k, v in row['by_defect'].items()]
 
 
