@@ -203,3 +203,18 @@ def _print_category(row: dict, laps: dict) -> None:
         f"({row['kind']}, {row['n_test']} test images{flagged}; {times}"
         f"{report.shared_lap(row['category'], laps)})",
         flush=True)
+  # Each defect type against every normal test image (a final evaluation of
+  # a test set with two or more types: metrics.by_defect).
+  knn_types = row.get('knn_by_defect', {})
+  for kind, figures in row.get('by_defect', {}).items():
+    knn = ''
+    if kind in knn_types:
+      knn = ('  [kNN: ' + ' / '.join(pct(knn_types[kind][k])
+                                     for k in report.METRICS) + ']')
+    caught = ''
+    if 'caught' in figures:
+      caught = f"  (caught at the threshold: {figures['caught']}/{figures['n']})"
+    print(f"  {row['category']}/{kind}, {figures['n']} images: I-AUROC "
+          f"{pct(figures['image_auroc'])}  P-AUROC "
+          f"{pct(figures['pixel_auroc'])}  AUPRO {pct(figures['aupro'])}"
+          f"{knn}{caught}", flush=True)

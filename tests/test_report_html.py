@@ -734,6 +734,16 @@ def test_report_of_the_run_in_a_browser(trained, tmp_path):
       + [f"{v['caught']} of {v['n']}"]
       + [_pct(row['knn_by_defect'][k][m]) for m in report.METRICS]
       for k, v in row['by_defect'].items()]
+  # The console: one line per type under the category's, the same figures.
+  said = [l for l in trained[1].stdout.splitlines()
+          if l.startswith(f'  {conftest.CATEGORY}/')]
+  assert said == [
+      f"  {conftest.CATEGORY}/{k}, {v['n']} images: I-AUROC "
+      f"{100 * v['image_auroc']:.2f}  P-AUROC {100 * v['pixel_auroc']:.2f}  "
+      f"AUPRO {100 * v['aupro']:.2f}  [kNN: " + ' / '.join(
+          f"{100 * row['knn_by_defect'][k][m]:.2f}" for m in report.METRICS)
+      + f"]  (caught at the threshold: {v['caught']}/{v['n']})"
+      for k, v in row['by_defect'].items()]
 
 
 def test_predict_writes_predictions_html(trained, tmp_path):
