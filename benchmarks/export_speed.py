@@ -85,10 +85,7 @@ def backends_for(name: str, size: int, weights_dir: str, tmp: str):
                                       1, key=jax.random.PRNGKey(1))
   head = state.head_vars()
   hw = (size, size)
-  cells = scoring.cells_for(config.eval, module, config.backbone.layers,
-                            config.model, backbone_vars, hw)
-  predict_fn = scoring.make_predict_fn(module, config.backbone.layers,
-                                       config.model, hw, config.eval, cells)
+  cells, predict_fn = scoring.run_predict_fn(config, module, backbone_vars, hw)
 
   def run_jax(x):
     out = predict_fn(backbone_vars, head, jnp.asarray(x))
@@ -114,7 +111,7 @@ def backends_for(name: str, size: int, weights_dir: str, tmp: str):
           'image_size': [size, size], 'threshold': 0.0,
           'preprocess': {'geometry': {}}, 'input': {'name': 'images'},
           'outputs': {'scores': {}, 'maps': {}},
-          'files': {export.ONNX_FILE: {'sha256': export.sha256(path)}}}
+          'files': {export.ONNX_FILE: {'sha256': serve.sha256(path)}}}
   with open(os.path.join(folder, export.META_FILE), 'w',
             encoding='utf-8') as f:
     import json  # pylint: disable=g-import-not-at-top

@@ -153,10 +153,7 @@ def run(args) -> dict:
                                    config.optim, dim, steps, 1)
   state = parallel.put_replicated(state, mesh)
   head = state.head_vars()
-  cells = scoring.cells_for(config.eval, module, layers, config.model, bvars,
-                            (s, s))
-  predict_fn = scoring.make_predict_fn(module, layers, config.model, (s, s),
-                                       config.eval, cells)
+  _, predict_fn = scoring.run_predict_fn(config, module, bvars, (s, s))
   t_infer_first = time.perf_counter()
   jax.block_until_ready(predict_fn(bvars, head, images))  # Compiles.
   t_infer_first = time.perf_counter() - t_infer_first

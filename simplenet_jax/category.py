@@ -216,11 +216,9 @@ class CategoryContext:
       latest = checkpoint.latest_meta(ckpt_dir)
       if latest and latest[1].get('fingerprint') == fingerprint(config):
         stored = latest[1]
-    cells = scoring.cells_for(config.eval, module, layers, config.model,
-                              backbone_vars, test_set.image_hw,
-                              stored.get('cells'), ckpt_dir)
-    predict_fn = scoring.make_predict_fn(module, layers, config.model,
-                                         test_set.image_hw, config.eval, cells)
+    cells, predict_fn = scoring.run_predict_fn(
+        config, module, backbone_vars, test_set.image_hw, stored.get('cells'),
+        ckpt_dir)
     requested, why = None, ''
     if config.train.augment == 'auto':
       requested = config

@@ -86,11 +86,8 @@ def run(config, workdir: str) -> list[dict]:
     raise UserError(f'{ckpt_dir}: the final checkpoint could not be loaded '
                     '(see the warnings above); run --mode=train again')
   hw = tuple(meta['image_hw'])
-  cells = scoring.cells_for(config.eval, module, config.backbone.layers,
-                            config.model, backbone_vars, hw,
-                            meta.get('cells'), ckpt_dir)
-  predict_fn = scoring.make_predict_fn(module, tuple(config.backbone.layers),
-                                       config.model, hw, config.eval, cells)
+  _, predict_fn = scoring.run_predict_fn(config, module, backbone_vars, hw,
+                                         meta.get('cells'), ckpt_dir)
   geometry = data.geometry(config.dataset, meta['kind'])
   inputs = data_inputs.ImageFiles(paths, geometry, hw)
   out_dir = os.path.join(workdir, 'predict', category)

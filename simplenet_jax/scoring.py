@@ -569,6 +569,18 @@ def make_predict_fn(backbone_module, layers: Sequence[str], model_cfg,
                      *map_args(eval_cfg), cells)
 
 
+def run_predict_fn(config, backbone_module, backbone_vars,
+                   image_hw: Sequence[int], stored=None, where: str = ''):
+  """(cells, predict_fn) of a run's config: `make_predict_fn` with its
+  backbone layers, model and eval sections, its maps drawn at `cells_for`'s
+  cells (stored: a trained model's metadata 'cells'; where: its checkpoint,
+  named in errors)."""
+  cells = cells_for(config.eval, backbone_module, config.backbone.layers,
+                    config.model, backbone_vars, image_hw, stored, where)
+  return cells, make_predict_fn(backbone_module, config.backbone.layers,
+                                config.model, image_hw, config.eval, cells)
+
+
 @functools.lru_cache(maxsize=32)
 def _predict_fn(backbone_module, layers, model_cfg, out_hw, sigma,
                 image_score, tta, squash, cells):
