@@ -183,12 +183,19 @@ def _write_report(config, workdir: str) -> None:
 def _print_category(row: dict, laps: dict) -> None:
   def pct(x):
     return 'n/a' if x is None or np.isnan(x) else f'{100 * x:.2f}'
+
+  def named(d):  # The three metrics of a row, or of a defect type.
+    return (f"I-AUROC {pct(d['image_auroc'])}  P-AUROC "
+            f"{pct(d['pixel_auroc'])}  AUPRO {pct(d['aupro'])}")
+
+  def bare(d, keys):  # kNN's three, in the same order.
+    return ' / '.join(pct(d[k]) for k in keys)
+
   times = ', '.join(f'{k} {v:.0f} s' for k, v in laps.items()
                     if k != 'setup' and isinstance(v, float))
   extra = ''
   if report.YARDSTICK[0] in row:
-    extra = ('  [kNN on the same features: ' + ' / '.join(
-        pct(row[k]) for k in report.YARDSTICK) + ']')
+    extra = f'  [kNN on the same features: {bare(row, report.YARDSTICK)}]'
   if 'synthetic_pixel_auroc' in row:  # eval.synthetic_defects.
     extra += ('  [synthetic defects: P-AUROC '
               f"{pct(row['synthetic_pixel_auroc'])}]")
@@ -197,9 +204,7 @@ def _print_category(row: dict, laps: dict) -> None:
     d = row['decisions']
     flagged = (f", flagged at the threshold: {d['caught']}/{d['anomalous']} "
                f"anomalous, {d['false_alarms']}/{d['normal']} normal")
-  print(f"{row['category']}: I-AUROC {pct(row['image_auroc'])}  "
-        f"P-AUROC {pct(row['pixel_auroc'])}  AUPRO {pct(row['aupro'])}"
-        f"{extra}  "
+  print(f"{row['category']}: {named(row)}{extra}  "
         f"({row['kind']}, {row['n_test']} test images{flagged}; {times}"
         f"{report.shared_lap(row['category'], laps)})",
         flush=True)
@@ -209,12 +214,9 @@ def _print_category(row: dict, laps: dict) -> None:
   for kind, figures in row.get('by_defect', {}).items():
     knn = ''
     if kind in knn_types:
-      knn = ('  [kNN: ' + ' / '.join(pct(knn_types[kind][k])
-                                     for k in report.METRICS) + ']')
+      knn = f'  [kNN: {bare(knn_types[kind], report.METRICS)}]'
     caught = ''
     if 'caught' in figures:
       caught = f"  (caught at the threshold: {figures['caught']}/{figures['n']})"
-    print(f"  {row['category']}/{kind}, {figures['n']} images: I-AUROC "
-          f"{pct(figures['image_auroc'])}  P-AUROC "
-          f"{pct(figures['pixel_auroc'])}  AUPRO {pct(figures['aupro'])}"
-          f"{knn}{caught}", flush=True)
+    print(f"  {row['category']}/{kind}, {figures['n']} images: "
+          f"{named(figures)}{knn}{caught}", flush=True)
