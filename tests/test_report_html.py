@@ -676,6 +676,19 @@ def test_console_is_quiet_and_the_log_file_keeps_the_rest(trained):
   assert re.search(r'^I\d{4} .*train on 1 categories', log, re.M)
   assert re.search(r'^I\d{4} .*brick pass 4/4: loss', log, re.M)
   assert len(re.findall(r'^W\d{4} .*Skipping ', log, re.M)) == len(junk)
+  # Under the category's line, one line per defect type, with the figures
+  # results.json holds (by_defect, and the yardstick's knn_by_defect).
+  with open(workdir / 'results.json', encoding='utf-8') as f:
+    (row,) = json.load(f)['rows']
+  said = [l for l in out if l.startswith(f'  {conftest.CATEGORY}/')]
+  assert said == [
+      f"  {conftest.CATEGORY}/{k}, {v['n']} images: I-AUROC "
+      f"{100 * v['image_auroc']:.2f}  P-AUROC {100 * v['pixel_auroc']:.2f}  "
+      f"AUPRO {100 * v['aupro']:.2f}  [kNN: " + ' / '.join(
+          f"{100 * row['knn_by_defect'][k][m]:.2f}" for m in report.METRICS)
+      + f"]  (caught at the threshold: {v['caught']}/{v['n']})"
+      for k, v in row['by_defect'].items()]
+  assert len(said) == 2
 
 
 def test_tensorboard_events_match_the_log(trained):
@@ -733,16 +746,6 @@ def test_report_of_the_run_in_a_browser(trained, tmp_path):
       [k, str(v['n'])] + [_pct(v[m]) for m in report.METRICS]
       + [f"{v['caught']} of {v['n']}"]
       + [_pct(row['knn_by_defect'][k][m]) for m in report.METRICS]
-      for k, v in row['by_defect'].items()]
-  # The console: one line per type under the category's, the same figures.
-  said = [l for l in trained[1].stdout.splitlines()
-          if l.startswith(f'  {conftest.CATEGORY}/')]
-  assert said == [
-      f"  {conftest.CATEGORY}/{k}, {v['n']} images: I-AUROC "
-      f"{100 * v['image_auroc']:.2f}  P-AUROC {100 * v['pixel_auroc']:.2f}  "
-      f"AUPRO {100 * v['aupro']:.2f}  [kNN: " + ' / '.join(
-          f"{100 * row['knn_by_defect'][k][m]:.2f}" for m in report.METRICS)
-      + f"]  (caught at the threshold: {v['caught']}/{v['n']})"
       for k, v in row['by_defect'].items()]
 
 
