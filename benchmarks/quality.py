@@ -101,6 +101,15 @@ ROWS = {
                             'train.neighbour_mix': 1.0,
                             'train.neighbour_mix_when': 'flips',
                             'eval.squash': 'sigmoid'},
+    # The same with the noise sized to each backbone layer's own spread
+    # (model.noise_shape='layers'; fiftieth round; not in a config).
+    'gas_auto_mix_squash_layers': {**_GAS_FLIPS_WIDE, 'model.heads': 3,
+                                   'model.shrink_on_saturation': 0.25,
+                                   'train.augment': 'auto',
+                                   'train.neighbour_mix': 1.0,
+                                   'train.neighbour_mix_when': 'flips',
+                                   'eval.squash': 'sigmoid',
+                                   'model.noise_shape': 'layers'},
     # The same without the adaptor (model.pre_proj=0, the released code's
     # other setting; thirtieth round).
     'gas_noproj': {**_GAS_FLIPS_WIDE, 'model.heads': 3,
@@ -152,7 +161,8 @@ def row_overrides(name: str) -> dict:
          'eval.image_score': 'patch_max', 'eval.squash': 'none',
          'model.hidden': 256,
          'model.heads': 1, 'model.shrink_on_saturation': 0.0,
-         'model.pre_proj': 1, 'train.augment': 'none',
+         'model.pre_proj': 1, 'model.noise_shape': 'isotropic',
+         'train.augment': 'none',
          'train.num_passes': 40, 'train.neighbour_mix': 0.0,
          'train.neighbour_mix_when': 'always', **ROWS[base]}
   for item in extra:

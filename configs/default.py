@@ -74,6 +74,12 @@ def get_config():
   c.model.noise_mode = 'absolute'
   c.model.noise_std = 0.015
   c.model.noise_rel = 0.2
+  # 'isotropic' (released): the noise has that std in every dimension.
+  # 'layers': each backbone layer's block of the local features gets noise
+  # in proportion to its own spread (the same total size), so the head does
+  # not learn to flag fakes mostly in the layer that varies least
+  # (model.layer_noise; docs/quality.md, fiftieth round).
+  c.model.noise_shape = 'isotropic'
   c.model.mix_noise = 1
   # 0 (released): the noise keeps its size. A factor in (0, 1): if a pass
   # ends with its fakes nearly all past the loss's margin (p_fake >= 0.98:

@@ -150,7 +150,8 @@ def run(args) -> dict:
   _, gh, gw, dim = jax.eval_shape(feature_fn, bvars, images).shape
   steps = feature_cache.steps_per_pass(n_train, b)
   state = train.create_train_state(jax.random.PRNGKey(0), config.model,
-                                   config.optim, dim, steps, 1)
+                                   config.optim, dim, steps, 1,
+                                   len(config.backbone.layers))
   state = parallel.put_replicated(state, mesh)
   head = state.head_vars()
   _, predict_fn = scoring.run_predict_fn(config, module, bvars, (s, s))

@@ -64,7 +64,8 @@ def state_template(config, embed_dim: int, steps_per_pass: int, key=None,
     return knn.MemoryBank(bank=jnp.zeros((bank_rows, embed_dim), jnp.float32))
   key = jax.random.PRNGKey(0) if key is None else key
   return train.create_train_state(key, config.model, config.optim, embed_dim,
-                                  steps_per_pass, config.train.num_passes)
+                                  steps_per_pass, config.train.num_passes,
+                                  len(config.backbone.layers))
 
 
 def template_for(config, meta: dict):
@@ -94,6 +95,8 @@ def fingerprint(config) -> str:
     keys['model'].pop('pre_proj')
   if not keys['model'].get('shrink_on_saturation'):
     keys['model'].pop('shrink_on_saturation', None)
+  if keys['model'].get('noise_shape') == 'isotropic':
+    keys['model'].pop('noise_shape')
   syn = keys.get('synthesis', {})
   if syn.get('loss') == 'truncated_l1':
     syn.pop('loss')

@@ -174,6 +174,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(m.noise_std > 0, 'model.noise_std', f'is {m.noise_std}; must be > 0')
   _check(m.noise_rel > 0, 'model.noise_rel', f'is {m.noise_rel}; must be > 0')
   _check(m.mix_noise >= 1, 'model.mix_noise', f'is {m.mix_noise}; must be >= 1')
+  _one_of(config, 'model.noise_shape', train.NOISE_SHAPES)
+  layers = len(config.backbone.layers)
+  _check(m.noise_shape == 'isotropic' or m.target_embed_dim % layers == 0,
+         'model.noise_shape', f"is 'layers', but model.target_embed_dim "
+         f'({m.target_embed_dim}) is not a multiple of the {layers} '
+         "backbone.layers, so a dimension would mix two layers; use "
+         "'isotropic' or a target_embed_dim divisible by it")
   _check(0 <= m.shrink_on_saturation < 1, 'model.shrink_on_saturation',
          f'is {m.shrink_on_saturation}; must be in [0, 1) (0 = off)')
 

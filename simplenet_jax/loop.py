@@ -586,9 +586,11 @@ def _calibrate(ctx, state, cache):
              for b in loader.batches(ctx.train_set, ctx.config.eval.batch_size,
                                      indices=ctx.train_idx)]
   state = train.calibrate_noise(state, ctx.config.model, feats)
-  logging.info('%s: noise std %s (%s mode)', ctx.category,
+  logging.info('%s: noise std %s (%s mode%s)', ctx.category,
                ', '.join(f'{x:.5f}' for x in np.ravel(state.noise_std)),
-               ctx.config.model.noise_mode)
+               ctx.config.model.noise_mode,
+               f', shaped over {state.noise_layers} layers' if
+               state.noise_layers > 1 else '')
   return state
 
 

@@ -144,6 +144,54 @@ def sample_noise(key: jax.Array, shape: tuple[int, int], std,
   return z * jnp.asarray(std, jnp.float32)
 
 
+def layer_noise(noise: jax.Array, features: jax.Array, kernel: jax.Array,
+                layers: int, mask: Optional[jax.Array] = None) -> jax.Array:
+  """Noise sized to each backbone layer's own spread (model.noise_shape=
+  'layers'), from isotropic `noise`.
+
+  The aggregated local feature holds the layers' blocks side by side
+  (`features.aggregate`: layer-major, D / layers dims each). Their spreads
+  differ: EfficientNet-Lite0's layer 3 varies less than half as much as its
+  layer 2 over the demo's textures, so noise of one size is twice as easy
+  to see in layer 3's dims, and the head learns to flag fakes mostly there;
+  layer 3 is a grid of half the resolution, upsampled, so its scores spill
+  onto the cells round a defect (docs/quality.md, fiftieth round). Here
+  block l of every row's noise is scaled by s_l, the centred spread
+  (sqrt of the mean per-dimension variance) of block l over the batch's
+  rows, carried through the adaptor's matrix (a move of the local
+  features, seen where the noise is added), and the whole scaled so that
+  its expected squared norm stays D x std^2: noise_std and noise_rel keep
+  their meaning. Like the released noise it is a fixed offset: no gradient
+  flows through the spreads or the matrix.
+
+  Args:
+    noise: (N, D) isotropic noise (`sample_noise`).
+    features: (N, D) the batch's local features, before the adaptor.
+    kernel: (D, D) the adaptor's matrix (x @ kernel; the identity with
+      model.pre_proj=0).
+    layers: how many layers' blocks D holds (D divisible by it).
+    mask: optional (N,) 0/1; rows with 0 (padding) do not count.
+
+  Returns:
+    (N, D) float32.
+  """
+  n, d = features.shape
+  w = (jnp.ones((n,), jnp.float32) if mask is None else
+       mask.astype(jnp.float32))[:, None]
+  count = jnp.maximum(jnp.sum(w), 1.0)
+  x = features.astype(jnp.float32)
+  mean = jnp.sum(x * w, axis=0) / count
+  var = jnp.sum(jnp.square(x - mean) * w, axis=0) / count  # (D,)
+  spread = jnp.sqrt(jnp.mean(var.reshape(layers, d // layers), axis=1))
+  scale = jax.lax.stop_gradient(jnp.repeat(spread, d // layers))  # (D,)
+  kernel = jax.lax.stop_gradient(kernel.astype(jnp.float32))
+  # E|(scale * z) @ kernel|^2 = sum_j scale_j^2 |kernel_j|^2 for z ~ N(0, I).
+  energy = jnp.sum(jnp.square(scale) * jnp.sum(jnp.square(kernel), axis=1))
+  norm = jnp.sqrt(d / jnp.maximum(energy, 1e-30))
+  return jnp.matmul(noise * (scale * norm), kernel,
+                    precision=jax.lax.Precision.HIGHEST)
+
+
 def truncated_l1_loss(true_scores: jax.Array, fake_scores: jax.Array,
                       margin: float, mask: Optional[jax.Array] = None):
   """Truncated L1 loss of the released code.

@@ -220,6 +220,8 @@ def _training_text(config: dict) -> str:
            'relative': f"{m.get('noise_rel')} x RMS of the adapted features",
            'spread': f"{m.get('noise_rel')} x spread of the adapted features"
            }.get(mode, str(mode))
+  if m.get('noise_shape', 'isotropic') == 'layers':
+    noise += ", each backbone layer's share at its own spread"
   if m.get('shrink_on_saturation'):
     noise += (f" (x{m['shrink_on_saturation']:g}, trained again, if the "
               "loss saturates)")

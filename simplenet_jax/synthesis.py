@@ -880,7 +880,8 @@ def _pass_centre(adaptor_params, centre):
 
 def head_loss(params, batch_stats, features: jax.Array, key: jax.Array,
               noise_std, margin: float, syn: SynthesisConfig,
-              mix_noise: int = 1, centre: Optional[jax.Array] = None,
+              mix_noise: int = 1, noise_layers: int = 1,
+              centre: Optional[jax.Array] = None,
               las_features: Optional[jax.Array] = None,
               las_labels: Optional[jax.Array] = None,
               mask: Optional[jax.Array] = None):
@@ -895,6 +896,8 @@ def head_loss(params, batch_stats, features: jax.Array, key: jax.Array,
     margin: the truncated L1 margin (unused with syn.loss='bce').
     syn: SynthesisConfig (static).
     mix_noise: released mix_noise (static).
+    noise_layers: > 1 shapes the noise over that many layers' blocks
+      (TrainState.noise_layers, `train.noisy_offsets`; static).
     centre: (h, w, D) mean local feature of the training images per position
       (before the adaptor: the adaptor is affine, so the adapted centre is
       adaptor(centre)); with syn.gas_centre='pass' already adapted
@@ -920,7 +923,9 @@ def head_loss(params, batch_stats, features: jax.Array, key: jax.Array,
   adapt = lambda x: adaptor.apply({'params': params['adaptor']}, x)
   adapted = adapt(rows)
   k_noise, k_perlin = jax.random.split(key)
-  noise = model_lib.sample_noise(k_noise, (n, d), noise_std, mix_noise)
+  kernel = params['adaptor']['fc']['kernel']
+  noise = train.noisy_offsets(k_noise, rows, kernel, noise_std, mix_noise,
+                              noise_layers, row_mask)
   rho = noise_std * math.sqrt(d)
   fc = params['discriminator']['fc']
   hidden = lambda x: x @ fc['kernel'] + fc['bias']
@@ -941,8 +946,9 @@ def head_loss(params, batch_stats, features: jax.Array, key: jax.Array,
     fake_label = masks(k_perlin)
     fakes = adapted + noise * fake_label[:, None]
     true_label = masks(jax.random.fold_in(k_perlin, 1))
-    noise_2 = model_lib.sample_noise(jax.random.fold_in(k_noise, 1), (n, d),
-                                     noise_std, mix_noise)
+    noise_2 = train.noisy_offsets(jax.random.fold_in(k_noise, 1), rows,
+                                  kernel, noise_std, mix_noise, noise_layers,
+                                  row_mask)
     true_rows = adapted + noise_2 * true_label[:, None]
   else:
     fakes = adapted + noise
@@ -1071,8 +1077,8 @@ def train_step(state: train.TrainState, features: jax.Array, key: jax.Array,
   grad_fn = jax.value_and_grad(head_loss, has_aux=True)
   (_, (metrics, batch_stats)), grads = grad_fn(
       state.params, state.batch_stats, features, key, state.noise_std,
-      state.margin, syn, state.mix_noise, centre, las_features, las_labels,
-      mask)
+      state.margin, syn, state.mix_noise, state.noise_layers, centre,
+      las_features, las_labels, mask)
   return train.apply_gradients(state, grads, batch_stats), metrics
 
 

@@ -28,6 +28,10 @@ from simplenet_jax import parallel
 # 'relative': std = noise_rel x uncentred RMS of the adapted features;
 # 'spread': std = noise_rel x their centred spread (see feature_spread).
 NOISE_MODES = ('absolute', 'relative', 'spread')
+# model.noise_shape: the same std in every dimension (released), or each
+# backbone layer's block of the local features at its own spread
+# (`model_lib.layer_noise`).
+NOISE_SHAPES = ('isotropic', 'layers')
 VARIANTS = ('released', 'paper', 'glass')
 # Released: CosineAnnealingLR(dsc_opt, T_max, eta_min=dsc_lr * .4).
 COS_LR_FLOOR = 0.4
@@ -47,8 +51,9 @@ class TrainState(flax.struct.PyTreeNode):
   noise_std: f32 scalar, the std of the anomalous-feature noise (fixed for
     'absolute', measured once by `calibrate_noise` for 'relative' and
     'spread').
-  tx, margin, mix_noise: static, rebuilt from the config by
-    `create_train_state`.
+  tx, margin, mix_noise, noise_layers: static, rebuilt from the config by
+    `create_train_state`; noise_layers > 1: the noise is shaped over that
+    many layers' blocks (model.noise_shape='layers', `noisy_offsets`).
   With model.heads = K > 1 every array leaf has a leading K axis, one slice
   per head (`stack_states`; `model_lib.num_heads` reads K off the params).
   """
@@ -60,6 +65,7 @@ class TrainState(flax.struct.PyTreeNode):
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
   margin: float = flax.struct.field(pytree_node=False)
   mix_noise: int = flax.struct.field(pytree_node=False)
+  noise_layers: int = flax.struct.field(pytree_node=False, default=1)
 
   def head_vars(self) -> dict:
     """What the scorer applies (`scoring.make_predict_fn`): the head's
@@ -181,8 +187,13 @@ def _init_head(key, embed_dim, hidden, pre_proj=1):
 
 
 def create_train_state(key: jax.Array, model_cfg, optim_cfg, embed_dim: int,
-                       steps_per_pass: int, num_passes: int) -> TrainState:
+                       steps_per_pass: int, num_passes: int,
+                       layers: int = 1) -> TrainState:
   """Freshly initialised head (released init) and optimiser.
+
+  layers: how many backbone layers the local features aggregate
+  (len(backbone.layers)); with model.noise_shape='layers' the noise is
+  shaped over their blocks.
 
   With model.noise_mode 'relative' or 'spread', noise_std is NaN until
   `calibrate_noise` sets it; training before that gives NaN losses. With
@@ -193,13 +204,14 @@ def create_train_state(key: jax.Array, model_cfg, optim_cfg, embed_dim: int,
   if heads > 1:
     return stack_states([
         _one_head_state(k, model_cfg, optim_cfg, embed_dim, steps_per_pass,
-                        num_passes) for k in jax.random.split(key, heads)])
+                        num_passes, layers)
+        for k in jax.random.split(key, heads)])
   return _one_head_state(key, model_cfg, optim_cfg, embed_dim, steps_per_pass,
-                         num_passes)
+                         num_passes, layers)
 
 
 def _one_head_state(key, model_cfg, optim_cfg, embed_dim, steps_per_pass,
-                    num_passes) -> TrainState:
+                    num_passes, layers) -> TrainState:
   pre_proj = int(model_cfg.pre_proj)
   params, batch_stats = _init_head(key, int(embed_dim), int(model_cfg.hidden),
                                    pre_proj)
@@ -215,7 +227,8 @@ def _one_head_state(key, model_cfg, optim_cfg, embed_dim, steps_per_pass,
       noise_std=jnp.asarray(std, jnp.float32),
       tx=tx,
       margin=float(model_cfg.margin),
-      mix_noise=int(model_cfg.mix_noise))
+      mix_noise=int(model_cfg.mix_noise),
+      noise_layers=(int(layers) if model_cfg.noise_shape == 'layers' else 1))
 
 
 def loss_fn(params, batch_stats, features, noise, margin,
@@ -305,10 +318,25 @@ def train_step(state: TrainState, features, key: jax.Array,
     return for_each_head(lambda s, k: train_step(s, features, k, mask),
                          state, key)
   features, mask = _prepare(features, mask)
-  dim = state.params['adaptor']['fc']['kernel'].shape[1]
-  noise = model_lib.sample_noise(key, (features.shape[0], dim),
-                                 state.noise_std, state.mix_noise)
+  noise = noisy_offsets(key, features, state.params['adaptor']['fc']['kernel'],
+                        state.noise_std, state.mix_noise, state.noise_layers,
+                        mask)
   return train_step_with_noise(state, features, noise, mask)
+
+
+def noisy_offsets(key: jax.Array, features: jax.Array, kernel: jax.Array,
+                  std, mix_noise: int = 1, layers: int = 1,
+                  mask: Optional[jax.Array] = None) -> jax.Array:
+  """(N, D) noise that the fakes add to the adapted rows of `features`
+  (N, D), the local features before the adaptor whose matrix is `kernel`:
+  `model_lib.sample_noise` of std and mix_noise, shaped over `layers`
+  blocks when layers > 1 (model.noise_shape='layers',
+  `model_lib.layer_noise`; mask: padding rows, left out of the spreads)."""
+  noise = model_lib.sample_noise(key, (features.shape[0], kernel.shape[1]),
+                                 std, mix_noise)
+  if layers > 1:
+    noise = model_lib.layer_noise(noise, features, kernel, layers, mask)
+  return noise
 
 
 def for_each_head(step_fn, state: TrainState, key: jax.Array, *per_head):

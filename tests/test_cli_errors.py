@@ -336,6 +336,8 @@ def test_eval_or_predict_before_training(tmp_path, awkward_root,
     ('dataset.normal_class', 10, 'config.dataset.normal_class: is 10'),
     ('backbone.dtype', 'float16', "config.backbone.dtype: is 'float16'"),
     ('model.noise_mode', 'loud', "config.model.noise_mode: is 'loud'"),
+    ('model.noise_shape', 'diagonal', "config.model.noise_shape: is "
+     "'diagonal'; must be one of ['isotropic', 'layers']"),
     ('model.shrink_on_saturation', 1.0,
      'config.model.shrink_on_saturation: is 1.0; must be in [0, 1) (0 = off)'),
     ('optim.variant', 'mine', "config.optim.variant: is 'mine'"),
@@ -396,6 +398,9 @@ def test_impossible_config_values(key, value, expected):
     ({'model.method': 'knn', 'train.neighbour_mix': 1.0},
      "config.train.neighbour_mix: applies to model.method=simplenet, not "
      "'knn'; set it to 0"),
+    ({'model.noise_shape': 'layers', 'model.target_embed_dim': 1535},
+     "config.model.noise_shape: is 'layers', but model.target_embed_dim "
+     "(1535) is not a multiple of the 2 backbone.layers"),
 ])
 def test_synthesis_switches_that_do_not_combine(changes, expected):
   from configs import default  # pylint: disable=g-import-not-at-top

@@ -168,3 +168,61 @@ def test_noise_is_deterministic(mix):
   a = model.sample_noise(jax.random.key(7), (4, 16), 0.1, mix)
   b = model.sample_noise(jax.random.key(7), (4, 16), 0.1, mix)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _two_layer_features(n=4000, d=8, seed=0):
+  """(n, d) rows whose first block varies 4x as much as the second."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  x[:, :d // 2] = 4.0 * x[:, :d // 2] + 3.0  # Offsets must not count.
+  x[:, d // 2:] = x[:, d // 2:] - 1.0
+  return x
+
+
+def test_layer_noise_follows_each_layers_spread_at_the_same_size():
+  """model.noise_shape='layers': each layer's block of the noise in
+  proportion to that block's centred spread over the batch, the expected
+  squared norm kept at D std^2, carried through the adaptor's matrix."""
+  n, d, std = 4000, 8, 0.5
+  x = _two_layer_features(n, d)
+  spreads = [np.sqrt(x[:, :d // 2].var(0).mean()),
+             np.sqrt(x[:, d // 2:].var(0).mean())]
+  assert 3.8 < spreads[0] / spreads[1] < 4.2  # The data as built.
+  z = model.sample_noise(jax.random.key(0), (n, d), std)
+  out = np.asarray(model.layer_noise(z, jnp.asarray(x), jnp.eye(d), 2))
+  # Identity matrix: each block is the noise times one factor per block.
+  ratio = out / np.asarray(z)
+  np.testing.assert_allclose(ratio[:, :d // 2], ratio[0, 0], rtol=1e-5)
+  np.testing.assert_allclose(ratio[:, d // 2:], ratio[0, -1], rtol=1e-5)
+  np.testing.assert_allclose(ratio[0, 0] / ratio[0, -1],
+                             spreads[0] / spreads[1], rtol=1e-4)
+  # Same total size: mean squared norm D std^2 (a 4000-row sample).
+  assert abs(np.mean(np.sum(out**2, 1)) / (d * std**2) - 1) < 0.03
+  # One layer: isotropic again, the noise unchanged.
+  one = np.asarray(model.layer_noise(z, jnp.asarray(x[:, d // 2:].repeat(
+      2, axis=1)), jnp.eye(d), 1))
+  np.testing.assert_allclose(one, np.asarray(z), rtol=1e-5)
+  # Through a matrix: the shaped noise, then the matrix, rescaled so that
+  # the expected squared norm stays D std^2.
+  q = np.linalg.qr(np.random.default_rng(1).normal(size=(d, d)))[0]
+  k = (q * np.array([2.0, 1, 1, 1, 0.5, 1, 1, 1])).astype(np.float32)
+  got = np.asarray(model.layer_noise(z, jnp.asarray(x), jnp.asarray(k), 2))
+  back = got @ np.linalg.inv(k) / np.asarray(z)  # The factors before it.
+  np.testing.assert_allclose(back[:, :d // 2], back[0, 0], rtol=2e-3)
+  np.testing.assert_allclose(back[:, d // 2:], back[0, -1], rtol=2e-3)
+  np.testing.assert_allclose(back[0, 0] / back[0, -1],
+                             spreads[0] / spreads[1], rtol=2e-3)
+  assert abs(np.mean(np.sum(got**2, 1)) / (d * std**2) - 1) < 0.05
+
+
+def test_layer_noise_ignores_padding_rows():
+  n, d = 64, 8
+  x = _two_layer_features(n, d, seed=2)
+  z = model.sample_noise(jax.random.key(1), (n + 5, d), 0.1)
+  padded = np.concatenate([x, np.full((5, d), 1e3, np.float32)])
+  mask = np.r_[np.ones(n), np.zeros(5)].astype(np.float32)
+  got = model.layer_noise(z, jnp.asarray(padded), jnp.eye(d), 2,
+                          jnp.asarray(mask))
+  want = model.layer_noise(z[:n], jnp.asarray(x), jnp.eye(d), 2)
+  np.testing.assert_allclose(np.asarray(got)[:n], np.asarray(want),
+                             rtol=1e-5)

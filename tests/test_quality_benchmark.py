@@ -125,6 +125,10 @@ def test_rows_score_as_released_unless_named(tmp_path):
               'train.neighbour_mix_when', 'train.neighbour_images'):
     section, leaf = key.split('.')
     assert shipped_squash[section][leaf] == shipped[section][leaf], key
+  # 'gas_auto_mix_squash_layers' is the shipped row with the noise sized to
+  # each backbone layer's spread (fiftieth round).
+  _apart(args, 'gas_auto_mix_squash_layers', shipped_squash,
+         {'model.noise_shape': ('layers', 'isotropic')})
   # 'gas_auto_mix' is the shipped row of the thirty-sixth to thirty-eighth
   # rounds: the head's scores unsquashed.
   _apart(args, 'gas_auto_mix', shipped_squash,

@@ -371,6 +371,11 @@ def test_run_section_names_the_method_and_its_noise():
   assert report_html._training_text(shrink.to_dict()) == (  # pylint: disable=protected-access
       '160 passes, batch 4, noise absolute: std 0.015 (x0.25, trained '
       'again, if the loss saturates)')
+  layered = default.get_config()
+  layered.model.noise_shape = 'layers'
+  assert report_html._training_text(layered.to_dict()) == (  # pylint: disable=protected-access
+      "160 passes, batch 4, noise absolute: std 0.015, each backbone "
+      "layer's share at its own spread")
   text = report_html._training_text(demo_config.get_config().to_dict())  # pylint: disable=protected-access
   assert text == ('3 heads averaged, trained on each image and its '
                   'flips where they look normal (with a quarter or half of '

@@ -600,17 +600,31 @@ def _state(dim=32, hidden=16, std=0.3):
   return st.replace(noise_std=jnp.float32(std))
 
 
-def test_head_loss_default_equals_released_loss():
+@pytest.mark.parametrize('layers', [1, 2])
+def test_head_loss_default_equals_released_loss(layers):
+  """Without synthesis the loss is the released one, with the released
+  noise, or with the noise model.noise_shape='layers' shapes over two
+  layers' blocks (the same in both paths: `train.noisy_offsets`)."""
   st = _state()
-  f = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 32)) + 1.0
+  # The second layer's block varies a third as much as the first's.
+  f = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 32)) * jnp.repeat(
+      jnp.array([3.0, 1.0]), 16) + 1.0
   key = jax.random.PRNGKey(2)
   k_noise, _ = jax.random.split(key)
+  rows = f.reshape(-1, 32)
   noise = model_lib.sample_noise(k_noise, (32, 32), st.noise_std)
+  if layers > 1:
+    noise = model_lib.layer_noise(noise, rows,
+                                  st.params['adaptor']['fc']['kernel'], layers)
   ref, (ref_m, ref_bs, _) = train.loss_fn(st.params, st.batch_stats,
-                                          f.reshape(-1, 32), noise, 0.5)
+                                          rows, noise, 0.5)
   got, (m, bs) = synthesis.head_loss(st.params, st.batch_stats, f, key,
                                      st.noise_std, 0.5,
-                                     _syn())
+                                     _syn(), noise_layers=layers)
+  if layers > 1:  # The shaped noise makes another loss.
+    iso, _ = synthesis.head_loss(st.params, st.batch_stats, f, key,
+                                 st.noise_std, 0.5, _syn())
+    assert abs(float(iso) - float(got)) > 1e-4
   np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
   for k in ('p_true', 'p_fake'):
     np.testing.assert_allclose(float(m[k]), float(ref_m[k]))
