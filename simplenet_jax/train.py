@@ -188,18 +188,21 @@ def _init_head(key, embed_dim, hidden, pre_proj=1):
 
 def create_train_state(key: jax.Array, model_cfg, optim_cfg, embed_dim: int,
                        steps_per_pass: int, num_passes: int,
-                       layers: int = 1) -> TrainState:
+                       layers: Optional[int] = None) -> TrainState:
   """Freshly initialised head (released init) and optimiser.
 
   layers: how many backbone layers the local features aggregate
-  (len(backbone.layers)); with model.noise_shape='layers' the noise is
-  shaped over their blocks.
+  (len(backbone.layers)); model.noise_shape='layers' shapes the noise over
+  their blocks and needs it (the isotropic noise does not).
 
   With model.noise_mode 'relative' or 'spread', noise_std is NaN until
   `calibrate_noise` sets it; training before that gives NaN losses. With
   model.heads = K > 1: K heads, head k initialised from split(key, K)[k],
   stacked (`stack_states`).
   """
+  if model_cfg.noise_shape == 'layers' and layers is None:
+    raise ValueError("model.noise_shape='layers' needs the number of "
+                     'backbone layers (create_train_state(..., layers=))')
   heads = int(model_cfg.heads)
   if heads > 1:
     return stack_states([

@@ -574,3 +574,19 @@ def test_no_adaptor_trains_the_discriminator_as_released():
   got = -(np.where(h >= 0, h, 0.2 * h) @ np.asarray(fused['tail']))
   want = -net(t(x))[:, 0].detach().numpy()
   np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
+
+
+def test_layer_noise_needs_the_number_of_layers():
+  """model.noise_shape='layers' shapes the noise over the backbone layers'
+  blocks: a state made without their number would silently be isotropic."""
+  c = get_config()
+  c.model.noise_shape = 'layers'
+  with pytest.raises(ValueError, match='needs the number of backbone'):
+    train.create_train_state(jax.random.PRNGKey(0), c.model, c.optim, 8, 1, 1)
+  state = train.create_train_state(jax.random.PRNGKey(0), c.model, c.optim,
+                                   8, 1, 1, layers=2)
+  assert state.noise_layers == 2
+  c.model.noise_shape = 'isotropic'
+  state = train.create_train_state(jax.random.PRNGKey(0), c.model, c.optim,
+                                   8, 1, 1, layers=2)
+  assert state.noise_layers == 1
