@@ -237,7 +237,8 @@ def run_one(name: str, row: str, seed: int, args) -> dict:
          if k in METRICS + report.YARDSTICK + ('decisions',
                                                 'synthetic_pixel_auroc',
                                                 'augment', 'by_defect',
-                                                'knn_by_defect')}
+                                                'knn_by_defect',
+                                                'saturated_at', 'stopped_at')}
   out.update(set=set_label(name, args), row=row, seed=seed,
              # The passes run (train.augment='auto' may take fewer).
              passes=log[-1].get('pass', config.train.num_passes),

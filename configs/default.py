@@ -87,6 +87,10 @@ def get_config():
   # is trained again from its initial state with the noise std x the factor,
   # once (docs/quality.md, seventeenth round).
   c.model.shrink_on_saturation = 0.0
+  # False (released): every pass is trained. True: training ends after the
+  # first such saturated pass and keeps its model (docs/quality.md,
+  # fifty-third round). One answer to saturation: not with the above.
+  c.model.stop_on_saturation = False
 
   # Anomaly synthesis of SimpleNet's successors (model.method='simplenet'),
   # all off = the released SimpleNet. Lengths are in units of the noise norm

@@ -80,6 +80,14 @@ def _counts(record: dict) -> str:
           f"and {record['n_validation']} validation images")
 
 
+def finished(meta: dict, num_passes: int) -> bool:
+  """Whether a checkpoint's meta is that of a run whose training ended:
+  every pass trained, or stopped at saturation (model.stop_on_saturation,
+  the meta's 'stopped_at')."""
+  return int(meta['passes_done']) >= num_passes or bool(
+      meta.get('stopped_at'))
+
+
 def fingerprint(config) -> str:
   """What must not change between a run and its continuation."""
   groups = ('backbone', 'model', 'optim') + (
@@ -95,6 +103,8 @@ def fingerprint(config) -> str:
     keys['model'].pop('pre_proj')
   if not keys['model'].get('shrink_on_saturation'):
     keys['model'].pop('shrink_on_saturation', None)
+  if not keys['model'].get('stop_on_saturation'):
+    keys['model'].pop('stop_on_saturation', None)
   if keys['model'].get('noise_shape') == 'isotropic':
     keys['model'].pop('noise_shape')
   syn = keys.get('synthesis', {})
@@ -389,7 +399,7 @@ class CategoryContext:
         self.checkpoint_dir, self.new_state(),
         check_meta=self.check_compatible)
     self.warn_if_data_changed(meta)
-    if int(meta['passes_done']) < self.config.train.num_passes:
+    if not finished(meta, self.config.train.num_passes):
       logging.warning('%s: the latest checkpoint is from pass %s of %d '
                       '(training did not finish); evaluating it anyway.',
                       self.category, meta['passes_done'],

@@ -241,6 +241,8 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
       row['by_defect'] = by_defect
   if meta and meta.get('saturated_at'):  # model.shrink_on_saturation acted.
     row['saturated_at'] = int(meta['saturated_at'])
+  if meta and meta.get('stopped_at'):  # model.stop_on_saturation acted.
+    row['stopped_at'] = int(meta['stopped_at'])
   if meta and meta.get('augment'):  # train.augment='auto': what it chose.
     row['augment'], row['augment_why'] = meta['augment'], meta['augment_why']
   if meta and 'neighbour_mix' in meta:  # train.neighbour_mix_when='flips'.
@@ -253,7 +255,7 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
     final = (row['image_auroc'], row['pixel_auroc'])
     final = tuple(-1.0 if np.isnan(x) else x for x in final)
     if final >= tuple(best['key']):
-      best = {'pass': c.train.num_passes,
+      best = {'pass': int(meta['passes_done']),  # A stopped run's too.
               **{k: row[k] for k in ('image_auroc', 'pixel_auroc', 'aupro')}}
     row['best_on_test'] = {k: v for k, v in best.items() if k != 'key'}
   if tb is not None and c.report.tensorboard:

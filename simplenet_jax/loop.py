@@ -69,6 +69,8 @@ class _CategoryRun:
     # a smaller noise (kept in each checkpoint's meta, so that a resumed run
     # neither restarts again nor forgets it did).
     self.saturated_at = None
+    # The pass after which model.stop_on_saturation ended training.
+    self.stopped_at = None
 
   def resume(self):
     """Restores the latest checkpoint; returns (state, meta) if training had
@@ -85,7 +87,8 @@ class _CategoryRun:
       self.saturated_at = meta.get('saturated_at')
       logging.info('%s: continuing from pass %d (%s)', ctx.category,
                    self.start, self.ckpt.directory)
-      if self.start >= self.config.train.num_passes and 'threshold' in meta:
+      if (category.finished(meta, self.config.train.num_passes) and
+          'threshold' in meta):
         ctx.warn_if_data_changed(meta)
         return parallel.put_replicated(state, ctx.mesh), meta
       change = ctx.data_change(meta)
@@ -197,15 +200,37 @@ class _CategoryRun:
     state = _calibrate(ctx, ctx.new_state(), self.cache)
     return state.replace(noise_std=state.noise_std * factor)
 
+  def stops_after(self, p: int, p_fake: float) -> bool:
+    """model.stop_on_saturation: whether training ends after pass p
+    (0-based), whose steps' mean share of fakes past the loss's margin was
+    `p_fake`: the first pass with that share >= train.SATURATED_P_FAKE.
+    The truncated L1 then teaches the head nothing more about its fakes;
+    the run keeps that pass's model (docs/quality.md, fifty-third round)."""
+    if (not self.config.model.stop_on_saturation or
+        p_fake < train.SATURATED_P_FAKE):
+      return False
+    message = (f'{self.ctx.category}: pass {p + 1} saturated the loss '
+               f'(p_fake {p_fake:.3f}); training stops with its model '
+               '(model.stop_on_saturation)')
+    logging.info('%s', message)
+    console.note(message)
+    self.stopped_at = p + 1
+    return True
+
   def meta_extra(self) -> dict:
     """What a checkpoint's meta adds to `ctx.meta` for this run."""
-    return ({} if self.saturated_at is None else
-            {'saturated_at': self.saturated_at})
+    extra = {}
+    if self.saturated_at is not None:
+      extra['saturated_at'] = self.saturated_at
+    if self.stopped_at is not None:
+      extra['stopped_at'] = self.stopped_at
+    return extra
 
   def end_pass(self, p: int, history, state_fn) -> dict:
     """Logs pass p (0-based) from its steps' metrics; checks, evaluates and
-    checkpoints as configured. state_fn() gives the state after the pass.
-    Returns the pass's log record."""
+    checkpoints as configured, and sets `stopped_at` if training ends here
+    (`stops_after`). state_fn() gives the state after the pass. Returns the
+    pass's log record."""
     ctx, c = self.ctx, self.config
     num_passes = c.train.num_passes
     means = {k: float(np.mean([float(m[k]) for m in history]))
@@ -225,8 +250,9 @@ class _CategoryRun:
                  ctx.category, p + 1, num_passes, means['loss'],
                  means['p_true'], means['p_fake'])
     done = p + 1
-    if c.train.eval_every and done % c.train.eval_every == 0 and (
-        done < num_passes):
+    # Its model is the final one: saved and evaluated by `finish`.
+    last = done == num_passes or self.stops_after(p, means['p_fake'])
+    if c.train.eval_every and done % c.train.eval_every == 0 and not last:
       row = evaluate.evaluate_category(ctx, state_fn(), None,
                                        visualize_maps=False, tb=self.tb,
                                        step=done)
@@ -236,19 +262,21 @@ class _CategoryRun:
         self.best = _update_best(self.best, row, done)
     _append_jsonl(self.log_path, record)
     summaries.write_pass(self.tb, record)
-    if done % c.train.checkpoint_every == 0 and done < num_passes:
+    if done % c.train.checkpoint_every == 0 and not last:
       self.ckpt.save(done, state_fn(), ctx.meta(done, **self.meta_extra()))
     return record
 
   def finish(self, state):
-    """The decision threshold, the final checkpoint and the Fig. 3
-    histogram; returns (state, meta)."""
+    """The decision threshold, the final checkpoint (at the pass training
+    stopped at, if it did) and the Fig. 3 histogram; returns (state,
+    meta)."""
     ctx, c = self.ctx, self.config
     extra = evaluate.decision_threshold(ctx, state, self.cache)
     if self.best is not None:
       extra['best_on_test'] = self.best
-    meta = ctx.meta(c.train.num_passes, **extra, **self.meta_extra())
-    self.ckpt.save(c.train.num_passes, state, meta)
+    passes = self.stopped_at or c.train.num_passes
+    meta = ctx.meta(passes, **extra, **self.meta_extra())
+    self.ckpt.save(passes, state, meta)
     if (c.eval.feature_histogram and self.cache is not None and
         c.model.method == 'simplenet'):  # Adapted features: SimpleNet's.
       _feature_histogram(ctx, state, self.cache)
@@ -373,6 +401,8 @@ def _train_alone(run: _CategoryRun, use_cache: bool):
         bar.set_postfix({k: f'{float(v):.4f}' for k, v in metrics.items()})
     bar.close()
     record = run.end_pass(p, history, lambda: state)
+    if run.stopped_at is not None:  # end_pass: model.stop_on_saturation.
+      break
     restart = run.restart_if_saturated(p, record['p_fake'])
     if restart is not None:
       state, p = parallel.put_replicated(restart, ctx.mesh), 0
@@ -443,9 +473,9 @@ def _train_stacked(live: list) -> list:
   together; returns [(state, meta)] in the order of `live`.
 
   Each category is at its own pass (`at`): it starts at its checkpoint's,
-  and model.shrink_on_saturation may send it back to pass 0 while the others
-  go on. Every round of steps takes each unfinished category through its
-  next pass.
+  model.shrink_on_saturation may send it back to pass 0 and
+  model.stop_on_saturation may end it while the others go on. Every round
+  of steps takes each unfinished category through its next pass.
   """
   c = live[0].config
   num_passes, bs = c.train.num_passes, c.train.batch_size
@@ -495,6 +525,9 @@ def _train_stacked(live: list) -> list:
         continue
       record = run.end_pass(at[j], histories[j],
                             functools.partial(_unstacked, states, j, mesh))
+      if run.stopped_at is not None:  # end_pass: model.stop_on_saturation.
+        at[j] = num_passes  # Masked out from here on: its state is kept.
+        continue
       restart = run.restart_if_saturated(at[j], record['p_fake'])
       if restart is None:
         at[j] += 1

@@ -225,6 +225,8 @@ def _training_text(config: dict) -> str:
   if m.get('shrink_on_saturation'):
     noise += (f" (x{m['shrink_on_saturation']:g}, trained again, if the "
               "loss saturates)")
+  if m.get('stop_on_saturation'):
+    noise += ' (training stops if the loss saturates)'
   y = config.get('synthesis', {})
   extras = [f"GAS {y['gas']}" if y.get('gas', 'none') != 'none' else '',
             f"LAS (weight {y['las_weight']})" if y.get('las_weight') else '',
@@ -435,6 +437,9 @@ def _category_section(workdir: str, row: dict, config: dict) -> str:
                  'a smaller noise '
                  '(model.shrink_on_saturation; the first attempt in '
                  'log.saturated.jsonl and checkpoints.saturated/)')
+  if row.get('stopped_at'):  # model.stop_on_saturation ended training.
+    facts.append(f'pass {row["stopped_at"]} saturated the loss: training '
+                 'stopped there (model.stop_on_saturation)')
   if row.get('augment'):  # train.augment='auto' (simplenet_jax/view_check.py).
     facts.append('train.augment=auto: '
                  + f"trained on {augments.WORDS[row['augment']]}"

@@ -336,8 +336,31 @@ def test_augment_trains_on_every_view_cached_or_recomputed(
     assert row[key] == pytest.approx(ref[key], abs=1e-3), key
 
 
+# Noise 10x the features' spread at a raised discriminator rate: the tiny
+# run's loss saturates within a few passes.
+_SATURATING = ['--config.model.noise_rel=10', '--config.optim.disc_lr=0.05']
+
+
+@pytest.fixture(scope='module')
+def saturating(reference, tmp_path_factory, jax_cache_dir):
+  """The workdir of a tiny run with _SATURATING, no switch on saturation."""
+  workdir = tmp_path_factory.mktemp('saturating') / 'plain'
+  proc = run_main(tiny_args(workdir, reference.weights, reference.root,
+                            PASSES, _SATURATING), env=main_env(jax_cache_dir))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+def _first_saturated(workdir) -> int:
+  """The 0-based index of the run's first pass with p_fake >= 0.98."""
+  log = _log(workdir)
+  first = next(i for i, r in enumerate(log) if r['p_fake'] >= 0.98)
+  assert 2 <= first and first + 1 < PASSES, [r['p_fake'] for r in log]
+  return first
+
+
 def test_saturation_restarts_with_less_noise_once_and_resumes(
-    reference, tmp_path, jax_cache_dir):
+    reference, saturating, tmp_path, jax_cache_dir):
   """model.shrink_on_saturation=0.9 with noise 10x the features' spread at a
   raised discriminator rate, whose loss saturates within a few passes, and
   at 9x too: the first pass with p_fake >= 0.98 sets that attempt aside
@@ -345,11 +368,11 @@ def test_saturation_restarts_with_less_noise_once_and_resumes(
   initial state with the noise std x 0.9, as a run at 9x from the start
   does; it saturates again and does not restart twice. Killed in the second
   attempt and run again, it ends bit-identical to the uninterrupted run."""
-  extra = ['--config.model.noise_rel=10', '--config.optim.disc_lr=0.05']
+  extra = _SATURATING
   switch = ['--config.model.shrink_on_saturation=0.9']
   env = main_env(jax_cache_dir)
-  runs, procs = {}, {}
-  for name, more in (('plain', []), ('restarted', switch),
+  runs, procs = {'plain': saturating}, {}
+  for name, more in (('restarted', switch),
                      ('at 9x', ['--config.model.noise_rel=9'])):
     runs[name] = tmp_path / name
     procs[name] = run_main(tiny_args(runs[name], reference.weights,
@@ -357,8 +380,7 @@ def test_saturation_restarts_with_less_noise_once_and_resumes(
                            env=env)
     assert procs[name].returncode == 0, procs[name].stderr[-3000:]
   plain = _log(runs['plain'])
-  first = next(i for i, r in enumerate(plain) if r['p_fake'] >= 0.98)
-  assert first + 1 < PASSES, [r['p_fake'] for r in plain]
+  first = _first_saturated(runs['plain'])
   assert (f'{CATEGORY}: pass {first + 1} saturated the loss' in
           procs['restarted'].stdout)
   set_aside = runs['restarted'] / CATEGORY / 'log.saturated.jsonl'
@@ -403,6 +425,56 @@ def test_saturation_restarts_with_less_noise_once_and_resumes(
   _assert_trees_equal(killed_tree, tree)
   assert killed_meta['saturated_at'] == first + 1
   assert _log(killed) == got
+
+
+def test_saturation_stops_with_that_pass_and_resumes(
+    reference, saturating, tmp_path, jax_cache_dir):
+  """model.stop_on_saturation: the run ends after its first pass with
+  p_fake >= 0.98, logged and trained as the run without the switch up to
+  there; its final checkpoint is that pass's, saved once with the
+  threshold, and counts as finished (a rerun trains nothing, eval mode does
+  not call it unfinished). Killed before that pass and run again, it ends
+  bit-identical to the uninterrupted run."""
+  first = _first_saturated(saturating)
+  env = main_env(jax_cache_dir)
+  workdir = tmp_path / 'stopped'
+  args = tiny_args(workdir, reference.weights, reference.root, PASSES,
+                   _SATURATING + ['--config.model.stop_on_saturation=True'])
+  proc = run_main(args, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (f'{CATEGORY}: pass {first + 1} saturated the loss (p_fake ' in
+          proc.stdout), proc.stdout
+  assert 'training stops with its model (model.stop_on_saturation)' in (
+      proc.stdout)
+  log = _log(workdir)
+  assert log == _log(saturating)[:first + 1]
+  step, meta, tree = _final_tree(workdir)
+  assert step == meta['passes_done'] == meta['stopped_at'] == first + 1
+  assert 'threshold' in meta
+  (row,), _ = _rows(workdir)
+  assert row['stopped_at'] == first + 1
+  assert 'stopped_at' not in _rows(saturating)[0][0]
+
+  again = run_main(args, env=env)  # Finished: nothing is trained again.
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'saturated the loss' not in again.stdout
+  assert _log(workdir) == log
+  assert _final_tree(workdir)[0] == first + 1
+  evaluated = run_main(args + ['--mode=eval'], env=env)
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert 'training did not finish' not in evaluated.stderr
+  assert _rows(workdir)[0][0]['stopped_at'] == first + 1
+
+  killed = tmp_path / 'killed'
+  k_args = tiny_args(killed, reference.weights, reference.root, PASSES,
+                     _SATURATING + ['--config.model.stop_on_saturation=True'])
+  _run_until_killed(k_args, env, killed, first, tmp_path / 'kill')
+  proc = run_main(k_args, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  killed_step, killed_meta, killed_tree = _final_tree(killed)
+  assert killed_step == killed_meta['stopped_at'] == first + 1
+  _assert_trees_equal(killed_tree, tree)
+  assert _log(killed) == log
 
 
 def test_predict_on_a_size_never_seen_in_training(reference, tmp_path,

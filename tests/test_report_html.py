@@ -277,18 +277,24 @@ def test_yardstick_columns_and_facts(tmp_path):
       text)
 
 
-def test_restart_on_saturation_is_a_fact_of_its_category(tmp_path):
-  """A row whose training model.shrink_on_saturation restarted (results.json's
-  'saturated_at') says so in its own section, and no other section does."""
+@pytest.mark.parametrize('key, fact', [
+    ('saturated_at', 'a first attempt saturated the loss at pass 14: trained '
+     'again from the start with a smaller noise (model.shrink_on_saturation'),
+    ('stopped_at', 'pass 14 saturated the loss: training stopped there '
+     '(model.stop_on_saturation)'),
+])
+def test_saturation_is_a_fact_of_its_category(tmp_path, key, fact):
+  """A row whose training model.shrink_on_saturation restarted or
+  model.stop_on_saturation ended (results.json's 'saturated_at' or
+  'stopped_at') says so in its own section, and no other section does."""
   rows = [{'category': 'gravel', 'kind': 'texture', 'image_auroc': 0.97,
-           'pixel_auroc': 0.96, 'aupro': 0.84, 'saturated_at': 28},
+           'pixel_auroc': 0.96, 'aupro': 0.84, key: 14},
           {'category': 'brick', 'kind': 'texture', 'image_auroc': 1.0,
            'pixel_auroc': 0.99, 'aupro': 0.96}]
   report.write_results(str(tmp_path), rows, {'mode': 'train'})
   text = open(report_html.write_report(str(tmp_path)), encoding='utf-8').read()
   gravel = text[text.index('id="cat-gravel"'):text.index('id="cat-brick"')]
-  assert ('a first attempt saturated the loss at pass 28: trained again from '
-          'the start with a smaller noise (model.shrink_on_saturation') in gravel
+  assert fact in gravel
   assert text.count('saturated the loss') == 1
 
 
@@ -371,6 +377,11 @@ def test_run_section_names_the_method_and_its_noise():
   assert report_html._training_text(shrink.to_dict()) == (  # pylint: disable=protected-access
       '160 passes, batch 4, noise absolute: std 0.015 (x0.25, trained '
       'again, if the loss saturates)')
+  stop = default.get_config()
+  stop.model.stop_on_saturation = True
+  assert report_html._training_text(stop.to_dict()) == (  # pylint: disable=protected-access
+      '160 passes, batch 4, noise absolute: std 0.015 (training stops if the '
+      'loss saturates)')
   layered = default.get_config()
   layered.model.noise_shape = 'layers'
   assert report_html._training_text(layered.to_dict()) == (  # pylint: disable=protected-access

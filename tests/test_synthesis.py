@@ -889,3 +889,15 @@ def test_shrink_on_saturation_off_leaves_fingerprints():
   assert category.fingerprint(f) not in (always, '0x54e60c84')
   c.model.shrink_on_saturation = 0.25
   assert category.fingerprint(c) != '0x8e95376f'
+
+
+def test_stop_on_saturation_off_leaves_fingerprints():
+  """model.stop_on_saturation came later still: off, the fingerprint is
+  the one printed before it; on, another (its run ends elsewhere)."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import category  # pylint: disable=g-import-not-at-top
+  c = default.get_config()
+  assert c.model.stop_on_saturation is False
+  assert category.fingerprint(c) == '0x8e95376f'
+  c.model.stop_on_saturation = True
+  assert category.fingerprint(c) != '0x8e95376f'

@@ -463,6 +463,24 @@ _MAIN_SATURATING_AT = textwrap.dedent('''
 ''')
 
 
+def _run_alone_and_together(tmp_path, weights_dir, root, extra, env,
+                            p_fake):
+  """Runs main.py on the three categories one at a time and all stacked
+  (train.categories_per_step 1 and 3), with train.SATURATED_P_FAKE at
+  `p_fake`; returns the two workdirs and the stacked run's process."""
+  alone, together = tmp_path / 'alone', tmp_path / 'together'
+  for workdir, k in ((alone, 1), (together, 3)):
+    code = _MAIN_SATURATING_AT.format(
+        repo=conftest.ROOT, p_fake=p_fake,
+        main=os.path.join(conftest.ROOT, 'main.py'),
+        args=_args(workdir, weights_dir, root, k, extra))
+    proc = subprocess.run([sys.executable, '-c', code], cwd=conftest.ROOT,
+                          env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  return alone, together, proc
+
+
 # 'step': the demo and folder configs' centre, stacked once per run; 'pass':
 # adapted at each pass's start by each category's own state, stacked again
 # every round (`loop._CategoryRun.centre_moves`).
@@ -482,17 +500,9 @@ def test_main_trains_synthesis_categories_together_as_if_alone(
            '--config.synthesis.gas_steps=4', '--config.synthesis.gas_every=2',
            '--config.model.noise_rel=10', '--config.optim.disc_lr=0.05',
            '--config.model.shrink_on_saturation=0.9')
-  env = conftest.main_env(jax_cache_dir)
-  alone, together = tmp_path / 'alone', tmp_path / 'together'
-  for workdir, k in ((alone, 1), (together, 3)):
-    code = _MAIN_SATURATING_AT.format(
-        repo=conftest.ROOT, p_fake=0.49,
-        main=os.path.join(conftest.ROOT, 'main.py'),
-        args=_args(workdir, lite0_weights_dir, root, k, extra))
-    proc = subprocess.run([sys.executable, '-c', code], cwd=conftest.ROOT,
-                          env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+  alone, together, _ = _run_alone_and_together(
+      tmp_path, lite0_weights_dir, root, extra,
+      conftest.main_env(jax_cache_dir), p_fake=0.49)
   log_file = (together / 'logs' / 'simplenet.INFO').read_text()
   assert 'alpha,gamma: trained together' in log_file
   assert 'beta: trained together' in log_file  # A group of one.
@@ -524,6 +534,59 @@ def test_main_trains_synthesis_categories_together_as_if_alone(
       if log == 'log.saturated.jsonl':
         restarts[name] = len(want)
   assert len(restarts) >= 2 and len(set(restarts.values())) >= 2, restarts
+  rows_alone, rows_together = _rows(alone), _rows(together)
+  for name in rows_alone:
+    np.testing.assert_allclose(rows_together[name], rows_alone[name],
+                               atol=1e-3)
+
+
+def test_main_stops_saturated_categories_together_as_if_alone(
+    tmp_path, lite0_weights_dir, jax_cache_dir):
+  """model.stop_on_saturation stacked (the saturation threshold at 0.72 for
+  these tiny runs): each category ends after its own first saturated pass,
+  is masked out of the group's later steps while the others go on, and
+  keeps the checkpoint, log and row of one category trained alone."""
+  root = tmp_path / 'data'
+  _write_categories(root)
+  extra = ('--config.model.noise_rel=10', '--config.optim.disc_lr=0.05',
+           '--config.model.stop_on_saturation=True')
+  alone, together, proc = _run_alone_and_together(
+      tmp_path, lite0_weights_dir, root, extra,
+      conftest.main_env(jax_cache_dir), p_fake=0.72)
+  assert 'alpha,beta,gamma: trained together' in (
+      together / 'logs' / 'simplenet.INFO').read_text()
+  steps = {'alpha': 2, 'beta': 3, 'gamma': 1}
+  stopped = {}
+  for name, per_pass in steps.items():
+    got, want = ([json.loads(l) for l in (w / name / 'log.jsonl')
+                  .read_text().splitlines()] for w in (together, alone))
+    # Where the run alone saturated first, before its last pass (None:
+    # never; saturating at the last pass stops nothing).
+    first = next((r['pass'] for r in want[:3] if r['p_fake'] >= 0.72), None)
+    passes = first or 4
+    assert [r['pass'] for r in got] == [r['pass'] for r in want] == list(
+        range(1, passes + 1))
+    for g, w in zip(got, want):
+      assert g['p_fake'] == pytest.approx(w['p_fake'], abs=1e-4)
+    (s1, a), (s3, b) = _final(alone / name), _final(together / name)
+    assert s1 == s3 == passes
+    # At this lr Adam grows the vmapped step's rounding: 1.0e-5 of the
+    # largest weight (alpha) on a 2-core Xeon VM, 6e-7 and 4e-7 for the
+    # others.
+    helpers.assert_same_training(b, a, steps=passes * per_pass, lr=0.05,
+                                 tol=1e-4)
+    for workdir in (alone, together):
+      _, meta, _ = helpers.final_checkpoint(workdir / name)
+      assert meta['passes_done'] == passes
+      assert meta.get('stopped_at') == first
+      row, = [r for r in json.loads((workdir / 'results.json').read_text())
+              ['rows'] if r['category'] == name]
+      assert row.get('stopped_at') == first
+    stopped[name] = first
+  # At different passes, before the last: the others went on without them.
+  assert len({p for p in stopped.values() if p}) >= 2, stopped
+  assert min(p or 4 for p in stopped.values()) < 4, stopped
+  assert f"beta: pass {stopped['beta']} saturated the loss" in proc.stdout
   rows_alone, rows_together = _rows(alone), _rows(together)
   for name in rows_alone:
     np.testing.assert_allclose(rows_together[name], rows_alone[name],
