@@ -117,7 +117,8 @@ def run(config, workdir: str, mode: str) -> list[dict]:
           laps['kNN yardstick'] = clock.laps['kNN yardstick']
           log = report_html.read_log(ctx.workdir)
           hint = yardstick.advice(row, log[-1] if log else {}, config.model,
-                                  meta.get('saturated_at'), config.train)
+                                  meta.get('saturated_at'), config.train,
+                                  meta.get('stopped_at'))
           if hint:
             row['advice'] = hint
         if config.eval.synthetic_defects:

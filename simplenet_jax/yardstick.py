@@ -73,7 +73,7 @@ def evaluate_knn(ctx) -> dict:
 
 def advice(row: dict, last_pass: dict, model_cfg,
            saturated_at: int | None = None,
-           train_cfg=None) -> str | None:
+           train_cfg=None, stopped_at: int | None = None) -> str | None:
   """One line for the user when the head's loss saturated and it trails kNN
   on the same features (image or pixel AUROC), else None.
 
@@ -94,6 +94,10 @@ def advice(row: dict, last_pass: dict, model_cfg,
       again: the hint names kNN instead.
     train_cfg: config.train, or None; its train.neighbour_mix, which kNN
       runs refuse, is switched off in the kNN hint.
+    stopped_at: the pass at which model.stop_on_saturation ended training
+      (the run's meta 'stopped_at'), or None. Then the hint names the
+      restart: where a stopped model trailed kNN (gravel@80, the cookie
+      photos at 256 px; fifty-third round), the restart did better.
   """
   if (model_cfg.method != 'simplenet' or
       model_cfg.noise_mode == 'absolute' or
@@ -117,6 +121,12 @@ def advice(row: dict, last_pass: dict, model_cfg,
             + (' --config.train.neighbour_mix=0'
                if train_cfg is not None and train_cfg.neighbour_mix else '')
             + " (README, 'More training images').")
+  if stopped_at is not None:
+    return (f"{head}; training stopped at pass {stopped_at} "
+            "(model.stop_on_saturation); training again from the start with "
+            "a quarter of the noise can do better: --config.model."
+            "stop_on_saturation=False --config.model.shrink_on_saturation=0.25"
+            " (README, 'More training images').")
   return (f"{head}; with many training images a smaller noise can do "
           f"better: try --config.model.noise_rel={model_cfg.noise_rel / 4:g} "
           "(README, 'More training images').")

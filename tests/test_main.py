@@ -343,10 +343,13 @@ def test_saturated_head_that_trails_knn_gets_a_hint(tmp_path, weights_dir,
   """yardstick.advice from main.py: noise 4x the features' spread without
   GAS is told apart from normal features within a few steps (at a raised
   discriminator rate), so the loss saturates while the head scores below its
-  kNN yardstick; the console, results.json and report.html all say so."""
+  kNN yardstick; the console, results.json and report.html all say so.
+  With model.stop_on_saturation (the hints of the other runs:
+  tests/test_yardstick.py), the hint names the pass it stopped at."""
   workdir = tmp_path / 'run'
   proc = main_py(tiny_args(workdir, weights_dir, passes=8) + [
-      '--config.model.shrink_on_saturation=0',  # The hint of a plain run.
+      '--config.model.shrink_on_saturation=0',
+      '--config.model.stop_on_saturation=True',
       '--config.model.noise_rel=4', '--config.synthesis.gas=none',
       '--config.optim.disc_lr=0.05', '--config.eval.visualize=none',
       '--config.train.eval_every=0',
@@ -358,7 +361,9 @@ def test_saturated_head_that_trails_knn_gets_a_hint(tmp_path, weights_dir,
   assert row['image_auroc'] < row['knn_image_auroc']
   hint = row['advice']
   assert hint.startswith("brick: the head's loss saturated")
-  assert '--config.model.noise_rel=1 ' in hint
+  assert f"; training stopped at pass {row['stopped_at']} " in hint
+  assert row['stopped_at'] == log[-1]['pass'] < 8
+  assert '--config.model.shrink_on_saturation=0.25 ' in hint
   assert f'hint: {hint}\n' in proc.stdout
   report_text = (workdir / 'report.html').read_text(encoding='utf-8')
   assert "<b>Hint:</b> brick: the head&#x27;s loss saturated" in report_text
