@@ -89,7 +89,8 @@ def get_config():
   c.model.shrink_on_saturation = 0.0
   # False (released): every pass is trained. True: training ends after the
   # first such saturated pass and keeps its model (docs/quality.md,
-  # fifty-third round). One answer to saturation: not with the above.
+  # fifty-third round); with the above, after the first saturated pass of
+  # the second attempt (fifty-fourth round).
   c.model.stop_on_saturation = False
 
   # Anomaly synthesis of SimpleNet's successors (model.method='simplenet'),

@@ -183,12 +183,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          "'isotropic' or a target_embed_dim divisible by it")
   _check(0 <= m.shrink_on_saturation < 1, 'model.shrink_on_saturation',
          f'is {m.shrink_on_saturation}; must be in [0, 1) (0 = off)')
-  _check(not (m.stop_on_saturation and m.shrink_on_saturation),
-         'model.stop_on_saturation',
-         'is True, and model.shrink_on_saturation is '
-         f'{m.shrink_on_saturation}: a saturated run either stops or trains '
-         'again with a smaller noise; set model.shrink_on_saturation=0 or '
-         'model.stop_on_saturation=False')
 
   _one_of(config, 'model.method', scoring.METHODS)
   k = config.knn

@@ -226,7 +226,9 @@ def _training_text(config: dict) -> str:
     noise += (f" (x{m['shrink_on_saturation']:g}, trained again, if the "
               "loss saturates)")
   if m.get('stop_on_saturation'):
-    noise += ' (training stops if the loss saturates)'
+    noise += (' (training stops if the loss saturates again)'
+              if m.get('shrink_on_saturation') else
+              ' (training stops if the loss saturates)')
   y = config.get('synthesis', {})
   extras = [f"GAS {y['gas']}" if y.get('gas', 'none') != 'none' else '',
             f"LAS (weight {y['las_weight']})" if y.get('las_weight') else '',

@@ -96,8 +96,10 @@ def advice(row: dict, last_pass: dict, model_cfg,
       runs refuse, is switched off in the kNN hint.
     stopped_at: the pass at which model.stop_on_saturation ended training
       (the run's meta 'stopped_at'), or None. Then the hint names the
-      restart: where a stopped model trailed kNN (gravel@80, the cookie
-      photos at 256 px; fifty-third round), the restart did better.
+      restart, with the stop kept for a second saturation: where a stopped
+      model trailed kNN (gravel@80, the cookie photos at 256 px; fifty-third
+      round), the restart did better; trained on past a second saturation
+      it can collapse (fifty-fourth round).
   """
   if (model_cfg.method != 'simplenet' or
       model_cfg.noise_mode == 'absolute' or
@@ -124,8 +126,8 @@ def advice(row: dict, last_pass: dict, model_cfg,
   if stopped_at is not None:
     return (f"{head}; training stopped at pass {stopped_at} "
             "(model.stop_on_saturation); training again from the start with "
-            "a quarter of the noise can do better: --config.model."
-            "stop_on_saturation=False --config.model.shrink_on_saturation=0.25"
+            "a quarter of the noise can do better, stopping if the loss "
+            "saturates again: --config.model.shrink_on_saturation=0.25"
             " (README, 'More training images').")
   return (f"{head}; with many training images a smaller noise can do "
           f"better: try --config.model.noise_rel={model_cfg.noise_rel / 4:g} "

@@ -398,11 +398,6 @@ def test_impossible_config_values(key, value, expected):
     ({'model.method': 'knn', 'train.neighbour_mix': 1.0},
      "config.train.neighbour_mix: applies to model.method=simplenet, not "
      "'knn'; set it to 0"),
-    ({'model.stop_on_saturation': True, 'model.shrink_on_saturation': 0.25},
-     'config.model.stop_on_saturation: is True, and '
-     'model.shrink_on_saturation is 0.25: a saturated run either stops or '
-     'trains again with a smaller noise; set model.shrink_on_saturation=0 '
-     'or model.stop_on_saturation=False'),
     ({'model.noise_shape': 'layers', 'model.target_embed_dim': 1535},
      "config.model.noise_shape: is 'layers', but model.target_embed_dim "
      "(1535) is not a multiple of the 2 backbone.layers"),

@@ -346,13 +346,17 @@ def test_saturation_restarts_with_less_noise_once_and_resumes(
   (its log and checkpoints kept beside) and the head trains again from its
   initial state with the noise std x 0.9, as a run at 9x from the start
   does; it saturates again and does not restart twice. Killed in the second
-  attempt and run again, it ends bit-identical to the uninterrupted run."""
+  attempt and run again, it ends bit-identical to the uninterrupted run.
+  With model.stop_on_saturation too, the same second attempt stops at its
+  own first saturated pass."""
   extra = _SATURATING
   switch = ['--config.model.shrink_on_saturation=0.9']
   env = main_env(jax_cache_dir)
   runs, procs = {'plain': saturating}, {}
   for name, more in (('restarted', switch),
-                     ('at 9x', ['--config.model.noise_rel=9'])):
+                     ('at 9x', ['--config.model.noise_rel=9']),
+                     ('then stopped', switch + [
+                         '--config.model.stop_on_saturation=True'])):
     runs[name] = tmp_path / name
     procs[name] = run_main(tiny_args(runs[name], reference.weights,
                                      reference.root, PASSES, extra + more),
@@ -388,6 +392,27 @@ def test_saturation_restarts_with_less_noise_once_and_resumes(
   assert np.shape(tree['noise_std']) == (3,)  # The demo config's heads.
   np.testing.assert_allclose(tree['noise_std'],
                              0.9 * plain_tree['noise_std'], rtol=1e-6)
+
+  # Restarted, then stopped: the restarted run's second attempt up to its
+  # first saturated pass, which ends training there.
+  second = next(i for i, r in enumerate(got) if r['p_fake'] >= 0.98)
+  assert second + 1 < PASSES, [r['p_fake'] for r in got]
+  both = runs['then stopped']
+  first_attempt = [json.loads(l) for l in (
+      both / CATEGORY / 'log.saturated.jsonl').read_text().splitlines()]
+  for r in first_attempt:
+    r.pop('pass_s')
+  assert first_attempt == plain[:first + 1]
+  assert _log(both) == got[:second + 1]
+  step, both_meta, _ = _final_tree(both)
+  assert step == both_meta['passes_done'] == both_meta['stopped_at'] == (
+      second + 1)
+  assert both_meta['saturated_at'] == first + 1
+  out = procs['then stopped'].stdout
+  assert (f'{CATEGORY}: pass {first + 1} saturated the loss' in out and
+          'it stops if the loss saturates again' in out), out
+  assert (f'{CATEGORY}: pass {second + 1} saturated the loss again' in
+          out), out
 
   killed = tmp_path / 'killed'
   args = tiny_args(killed, reference.weights, reference.root, PASSES,

@@ -382,6 +382,11 @@ def test_run_section_names_the_method_and_its_noise():
   assert report_html._training_text(stop.to_dict()) == (  # pylint: disable=protected-access
       '160 passes, batch 4, noise absolute: std 0.015 (training stops if the '
       'loss saturates)')
+  stop.model.shrink_on_saturation = 0.25
+  assert report_html._training_text(stop.to_dict()) == (  # pylint: disable=protected-access
+      '160 passes, batch 4, noise absolute: std 0.015 (x0.25, trained '
+      'again, if the loss saturates) (training stops if the loss saturates '
+      'again)')
   layered = default.get_config()
   layered.model.noise_shape = 'layers'
   assert report_html._training_text(layered.to_dict()) == (  # pylint: disable=protected-access
