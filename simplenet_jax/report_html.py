@@ -224,11 +224,10 @@ def _training_text(config: dict) -> str:
     noise += ", each backbone layer's share at its own spread"
   if m.get('shrink_on_saturation'):
     noise += (f" (x{m['shrink_on_saturation']:g}, trained again, if the "
-              "loss saturates)")
-  if m.get('stop_on_saturation'):
-    noise += (' (training stops if the loss saturates again)'
-              if m.get('shrink_on_saturation') else
-              ' (training stops if the loss saturates)')
+              'loss saturates' + ('; training stops if it saturates again)'
+                                  if m.get('stop_on_saturation') else ')'))
+  elif m.get('stop_on_saturation'):
+    noise += ' (training stops if the loss saturates)'
   y = config.get('synthesis', {})
   extras = [f"GAS {y['gas']}" if y.get('gas', 'none') != 'none' else '',
             f"LAS (weight {y['las_weight']})" if y.get('las_weight') else '',

@@ -185,9 +185,10 @@ def tiny_args(workdir, weights_dir, root, passes=8, extra=()):
       # peak); the flips have their own fixture (exported_knn) and tests.
       '--config.eval.tta=none', '--config.eval.image_score=patch_max',
       '--config.eval.squash=none',
-      # Nor do they start over when the loss saturates (the demo config
-      # does; tests/test_reliability.py has that switch's own test).
+      # Nor do they start over or stop when the loss saturates (the demo
+      # config does; tests/test_reliability.py has those switches' tests).
       '--config.model.shrink_on_saturation=0',
+      '--config.model.stop_on_saturation=False',
       # Nor fit the kNN yardstick (its own compilations, about a third of a
       # cold tiny run): the runs that show or test it pass
       # --config.eval.yardstick=True in `extra`; test_main.py's runs keep it.

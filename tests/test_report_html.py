@@ -385,8 +385,7 @@ def test_run_section_names_the_method_and_its_noise():
   stop.model.shrink_on_saturation = 0.25
   assert report_html._training_text(stop.to_dict()) == (  # pylint: disable=protected-access
       '160 passes, batch 4, noise absolute: std 0.015 (x0.25, trained '
-      'again, if the loss saturates) (training stops if the loss saturates '
-      'again)')
+      'again, if the loss saturates; training stops if it saturates again)')
   layered = default.get_config()
   layered.model.noise_shape = 'layers'
   assert report_html._training_text(layered.to_dict()) == (  # pylint: disable=protected-access
@@ -399,8 +398,8 @@ def test_run_section_names_the_method_and_its_noise():
                   '(up to 1) of the way toward a neighbour in another image '
                   'where a category trains on flips, 40 passes, batch 4, '
                   'noise spread: 0.4 x spread of the adapted features '
-                  '(x0.25, trained again, if the loss saturates); '
-                  'synthesis: GAS hypersphere')
+                  '(x0.25, trained again, if the loss saturates; training '
+                  'stops if it saturates again); synthesis: GAS hypersphere')
   mixed = default.get_config()
   mixed.train.neighbour_mix = 0.5  # In every category ('always').
   assert report_html._training_text(mixed.to_dict()) == (  # pylint: disable=protected-access

@@ -839,6 +839,7 @@ def test_checkpoints_remember_the_switches():
   then = demo.get_config()
   then.model.hidden, then.model.heads = 256, 1
   then.model.shrink_on_saturation = 0.0
+  then.model.stop_on_saturation = False  # True since the fifty-fourth.
   then.train.augment = 'none'  # 'auto' since the thirty-first round.
   then.train.neighbour_mix = 0.0  # On with the flips since the thirty-sixth.
   assert category.fingerprint(then) == '0xcafcc261'
@@ -876,6 +877,7 @@ def test_shrink_on_saturation_off_leaves_fingerprints():
   assert category.fingerprint(c) == '0x8e95376f'
   f = folder.get_config()
   f.model.shrink_on_saturation = 0.0
+  f.model.stop_on_saturation = False  # And before the stop (fifty-fourth).
   f.model.heads = 1  # As the folder config was before three heads.
   f.train.augment = 'none'  # And before 'auto' (thirty-first round).
   f.train.neighbour_mix = 0.0  # And before the mix (thirty-sixth round).
