@@ -439,8 +439,10 @@ def _category_section(workdir: str, row: dict, config: dict) -> str:
                  '(model.shrink_on_saturation; the first attempt in '
                  'log.saturated.jsonl and checkpoints.saturated/)')
   if row.get('stopped_at'):  # model.stop_on_saturation ended training.
-    facts.append(f'pass {row["stopped_at"]} saturated the loss: training '
-                 'stopped there (model.stop_on_saturation)')
+    again = (' of the second attempt saturated the loss again'
+             if row.get('saturated_at') else ' saturated the loss')
+    facts.append(f'pass {row["stopped_at"]}{again}: training stopped there '
+                 '(model.stop_on_saturation)')
   if row.get('augment'):  # train.augment='auto' (simplenet_jax/view_check.py).
     facts.append('train.augment=auto: '
                  + f"trained on {augments.WORDS[row['augment']]}"

@@ -298,6 +298,20 @@ def test_saturation_is_a_fact_of_its_category(tmp_path, key, fact):
   assert text.count('saturated the loss') == 1
 
 
+def test_restart_then_stop_are_both_facts(tmp_path):
+  """Both switches acted (the demo and folder configs): the restart's fact,
+  then the stop in the second attempt."""
+  rows = [{'category': 'folder', 'kind': 'texture', 'image_auroc': 0.96,
+           'pixel_auroc': 0.97, 'aupro': 0.90, 'saturated_at': 15,
+           'stopped_at': 57}]
+  report.write_results(str(tmp_path), rows, {'mode': 'train'})
+  text = open(report_html.write_report(str(tmp_path)), encoding='utf-8').read()
+  restart = text.index('a first attempt saturated the loss at pass 15')
+  stop = text.index('pass 57 of the second attempt saturated the loss '
+                    'again: training stopped there (model.stop_on_saturation)')
+  assert restart < stop
+
+
 def test_synthetic_check_is_a_fact_of_its_category(tmp_path):
   """eval.synthetic_defects' figure shows in its category's section, named
   as a comparison between runs, not a measure of real defects."""
