@@ -58,6 +58,10 @@ def get_config():
   c.model.pretrain_embed_dim = 1536
   c.model.target_embed_dim = 1536
   c.model.hidden = 1024  # Discriminator hidden width (released: dsc_hidden).
+  # Discriminator Linear layers (released: dsc_layers, 2 in its run scripts):
+  # layers - 1 hidden blocks of `hidden` units (Linear, BatchNorm, LeakyReLU)
+  # before the one-unit tail.
+  c.model.disc_layers = 2
   # 1 (released run scripts: --pre_proj 1): a trained Linear(D, D) adaptor
   # before the discriminator. 0 (the released code's other setting): none,
   # the discriminator reads the local features as they are.

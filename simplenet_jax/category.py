@@ -101,6 +101,8 @@ def fingerprint(config) -> str:
     keys['model'].pop('heads')
   if keys['model'].get('pre_proj') == 1:
     keys['model'].pop('pre_proj')
+  if keys['model'].get('disc_layers') == 2:
+    keys['model'].pop('disc_layers')
   if not keys['model'].get('shrink_on_saturation'):
     keys['model'].pop('shrink_on_saturation', None)
   if not keys['model'].get('stop_on_saturation'):

@@ -166,6 +166,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          f'is {m.patch_size}; must be an odd number >= 1')
   for key in ('pretrain_embed_dim', 'target_embed_dim', 'hidden', 'heads'):
     _check(m[key] >= 1, f'model.{key}', f'is {m[key]}; must be >= 1')
+  _check(m.disc_layers >= 2, 'model.disc_layers',
+         f'is {m.disc_layers}; must be >= 2 (one hidden block and the tail)')
   _check(m.pre_proj in (0, 1), 'model.pre_proj',
          f'is {m.pre_proj}; must be 0 (no adaptor) or 1 (the released '
          'one-layer adaptor)')

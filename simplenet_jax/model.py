@@ -102,22 +102,38 @@ class TorchBatchNorm(nn.Module):
 
 
 class Discriminator(nn.Module):
-  """Linear(D, hidden) -> BatchNorm1d -> LeakyReLU(0.2) -> Linear(hidden, 1).
+  """layers - 1 blocks of Linear(., hidden) -> BatchNorm1d -> LeakyReLU(0.2),
+  then Linear(hidden, 1) (the released code's dsc_layers = `layers`, 2 by
+  default: one block).
 
   Returns (N,) scores: high = normal. With after_fc=True, x is already the
   first Linear's output (N, hidden) (training folds that Linear into the
-  adaptor's, see train.loss_fn).
+  adaptor's, see train.loss_fn). The first block is named fc / bn, later
+  ones fc2 / bn2, fc3 / bn3, ... (`block_names`).
   """
   hidden: int
+  layers: int = 2
 
   @nn.compact
   def __call__(self, x, train: bool, mask: Optional[jax.Array] = None,
                after_fc: bool = False):
-    if not after_fc:
-      x = TorchDense(self.hidden, name='fc')(x)
-    x = TorchBatchNorm(name='bn')(x, train=train, mask=mask)
-    x = nn.leaky_relu(x, negative_slope=0.2)
+    for i, (fc, bn) in enumerate(block_names(self.layers)):
+      if i or not after_fc:
+        x = TorchDense(self.hidden, name=fc)(x)
+      x = TorchBatchNorm(name=bn)(x, train=train, mask=mask)
+      x = nn.leaky_relu(x, negative_slope=0.2)
     return TorchDense(1, use_bias=False, name='tail')(x)[..., 0]
+
+
+def block_names(layers: int) -> list[tuple[str, str]]:
+  """The (Linear, BatchNorm) names of a `layers`-layer discriminator's
+  hidden blocks, in order."""
+  return [('fc', 'bn')] + [(f'fc{i}', f'bn{i}') for i in range(2, layers)]
+
+
+def num_layers(disc_params) -> int:
+  """The `layers` of the discriminator whose params these are."""
+  return 1 + sum(name.startswith('fc') for name in disc_params)
 
 
 @functools.partial(jax.jit, static_argnames=('shape', 'mix_noise'))

@@ -389,25 +389,60 @@ def fused_head(head_vars) -> dict:
   act independently, the mean of K heads' scores is one head of K x H units
   (their kernels side by side, the tails divided by K), so everything that
   applies the fused head serves an ensemble unchanged.
+
+  A deeper head (model.disc_layers = L > 2) adds 'blocks': L - 2 pairs
+  (kernel (K, H, H), bias (K, H)), each later Linear and its BatchNorm
+  folded alike, applied per head after the first LeakyReLU (`hidden_out`).
   """
   heads = model_lib.num_heads(head_vars['params'])
   if heads > 1:
     f = jax.vmap(fused_head)(head_vars)  # (K, D, H), (K, H), (K, H).
     d = f['kernel'].shape[1]
-    return {'kernel': jnp.transpose(f['kernel'], (1, 0, 2)).reshape(d, -1),
-            'bias': f['bias'].reshape(-1),
-            'tail': f['tail'].reshape(-1) / heads}
+    out = {'kernel': jnp.transpose(f['kernel'], (1, 0, 2)).reshape(d, -1),
+           'bias': f['bias'].reshape(-1),
+           'tail': f['tail'].reshape(-1) / heads}
+    if 'blocks' in f:  # (K, 1, H, H), (K, 1, H) -> (K, H, H), (K, H).
+      out['blocks'] = [(k[:, 0], b[:, 0]) for k, b in f['blocks']]
+    return out
   p, stats = head_vars['params'], head_vars['batch_stats']['discriminator']
-  adaptor, fc = p['adaptor']['fc'], p['discriminator']['fc']
-  bn = p['discriminator']['bn']
-  gain = bn['scale'] * jax.lax.rsqrt(stats['bn']['var'] +
-                                     model_lib.TorchBatchNorm.epsilon)
+  disc = p['discriminator']
   mm = functools.partial(jnp.matmul, precision=_HIGHEST)
-  kernel = mm(adaptor['kernel'], fc['kernel']) * gain
-  bias = (mm(adaptor['bias'], fc['kernel']) + fc['bias'] -
-          stats['bn']['mean']) * gain + bn['bias']
-  return {'kernel': kernel, 'bias': bias,
-          'tail': p['discriminator']['tail']['kernel'][:, 0]}
+
+  def folded(fc, bn, x_kernel, x_bias):
+    """(x @ x_kernel + x_bias) through Linear `fc` and BatchNorm `bn`."""
+    gain = disc[bn]['scale'] * jax.lax.rsqrt(
+        stats[bn]['var'] + model_lib.TorchBatchNorm.epsilon)
+    kernel = mm(x_kernel, disc[fc]['kernel']) * gain
+    bias = (mm(x_bias, disc[fc]['kernel']) + disc[fc]['bias'] -
+            stats[bn]['mean']) * gain + disc[bn]['bias']
+    return kernel, bias
+
+  adaptor = p['adaptor']['fc']
+  names = model_lib.block_names(model_lib.num_layers(disc))
+  kernel, bias = folded(*names[0], adaptor['kernel'], adaptor['bias'])
+  out = {'kernel': kernel, 'bias': bias, 'tail': disc['tail']['kernel'][:, 0]}
+  if len(names) > 1:
+    eye = jnp.eye(kernel.shape[1], dtype=kernel.dtype)
+    zero = jnp.zeros((kernel.shape[1],), kernel.dtype)
+    out['blocks'] = [tuple(a[None] for a in folded(fc, bn, eye, zero))
+                     for fc, bn in names[1:]]
+  return out
+
+
+def hidden_out(hidden: jax.Array, fused: dict) -> jax.Array:
+  """(..., K*H) first-block outputs (before the LeakyReLU) -> (..., K*H)
+  inputs of the tail: the LeakyReLU, then a deeper head's later blocks
+  (`fused_head`'s 'blocks'), each head's H units through its own. The
+  heads are sliced apart, not batched, so the ONNX lowering's matmuls
+  serve them."""
+  x = jax.nn.leaky_relu(hidden, 0.2)
+  for kernel, bias in fused.get('blocks', ()):
+    k, h = kernel.shape[0], kernel.shape[-1]
+    x = jnp.concatenate([
+        jnp.matmul(x[..., i * h:(i + 1) * h], kernel[i], precision=_HIGHEST)
+        + bias[i] for i in range(k)], axis=-1)
+    x = jax.nn.leaky_relu(x, 0.2)
+  return x
 
 
 @functools.lru_cache(maxsize=None)
@@ -479,7 +514,7 @@ def _folded_scores(backbone_module, layers, model_cfg, backbone_vars, fused,
     g = features_lib.unfold_weighted(m, dy, dx, c, w, patch)
     h = jnp.matmul(g, fused['kernel'][cols])
     hidden = hidden + features_lib.resize_batch(h, grid)
-  return -(jax.nn.leaky_relu(hidden, 0.2) @ fused['tail'])
+  return -(hidden_out(hidden, fused) @ fused['tail'])
 
 
 def make_export_fn(backbone_module, layers: Sequence[str], model_cfg,
@@ -542,7 +577,7 @@ def _cached_features_fn(model_cfg, out_hw, sigma, image_score, tta, squash,
       fused = fused_head(head_vars)
       hidden = jnp.matmul(features, fused['kernel'],
                           precision=_HIGHEST) + fused['bias']
-      scores = -(jax.nn.leaky_relu(hidden, 0.2) @ fused['tail'])
+      scores = -(hidden_out(hidden, fused) @ fused['tail'])
     out = _scored([((), scores)], out_hw, sigma, image_score, scale, cells)
     return {k: out[k] for k in ('image_scores', 'anomaly_maps')}
   return fn

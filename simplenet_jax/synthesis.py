@@ -753,12 +753,23 @@ def _frozen_score_fn(disc, disc_params, hidden_true, hidden_fake, mask_rows):
   """score(x) of the discriminator with BatchNorm fixed to the batch
   statistics of [true; fake] (train-mode normalisation, no gradient through
   the statistics, so every row's score depends on that row only)."""
-  both = jnp.concatenate([hidden_true, hidden_fake])
+  x = jnp.concatenate([hidden_true, hidden_fake])
   w = jnp.concatenate([mask_rows, mask_rows])[:, None]
   n = jnp.maximum(jnp.sum(w), 1.0)
-  mean = jnp.sum(both * w, 0) / n
-  var = jnp.sum(jnp.square(both - mean) * w, 0) / n
-  stats = jax.lax.stop_gradient({'bn': {'mean': mean, 'var': var}})
+  stats, last = {}, None
+  for fc, bn in model_lib.block_names(model_lib.num_layers(disc_params)):
+    if last is not None:
+      # A deeper head's later block: its statistics are those of the
+      # block before's output, normalised with that block's own.
+      x = jax.nn.leaky_relu(
+          (x - stats[last]['mean']) * jax.lax.rsqrt(
+              stats[last]['var'] + model_lib.TorchBatchNorm.epsilon)
+          * disc_params[last]['scale'] + disc_params[last]['bias'], 0.2)
+      x = x @ disc_params[fc]['kernel'] + disc_params[fc]['bias']
+    mean = jnp.sum(x * w, 0) / n
+    stats[bn] = {'mean': mean, 'var': jnp.sum(jnp.square(x - mean) * w, 0) / n}
+    last = bn
+  stats = jax.lax.stop_gradient(stats)
 
   def score(x):
     return disc.apply({'params': disc_params, 'batch_stats': stats}, x,

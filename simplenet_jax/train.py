@@ -159,11 +159,12 @@ def head_modules(params):
   """The head's modules, sized from the parameters they will be applied to."""
   dim = params['adaptor']['fc']['kernel'].shape[1]
   hidden = params['discriminator']['fc']['kernel'].shape[1]
-  return model_lib.Adaptor(dim), model_lib.Discriminator(hidden)
+  return model_lib.Adaptor(dim), model_lib.Discriminator(
+      hidden, model_lib.num_layers(params['discriminator']))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _init_head(key, embed_dim, hidden, pre_proj=1):
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _init_head(key, embed_dim, hidden, pre_proj=1, disc_layers=2):
   """Released init of adaptor and discriminator: (params, batch_stats).
 
   pre_proj=0 (the released code's no-adaptor switch): the adaptor is the
@@ -180,7 +181,8 @@ def _init_head(key, embed_dim, hidden, pre_proj=1):
     adaptor_vars = {'params': {'fc': {
         'kernel': jnp.eye(embed_dim, dtype=jnp.float32),
         'bias': jnp.zeros((embed_dim,), jnp.float32)}}}
-  disc_vars = model_lib.Discriminator(hidden).init(k_disc, x, train=False)
+  disc_vars = model_lib.Discriminator(hidden, disc_layers).init(
+      k_disc, x, train=False)
   params = {'adaptor': adaptor_vars['params'],
             'discriminator': disc_vars['params']}
   return params, {'discriminator': disc_vars['batch_stats']}
@@ -217,7 +219,7 @@ def _one_head_state(key, model_cfg, optim_cfg, embed_dim, steps_per_pass,
                     num_passes, layers) -> TrainState:
   pre_proj = int(model_cfg.pre_proj)
   params, batch_stats = _init_head(key, int(embed_dim), int(model_cfg.hidden),
-                                   pre_proj)
+                                   pre_proj, int(model_cfg.disc_layers))
   tx = make_optimizer(optim_cfg, steps_per_pass, num_passes,
                       train_adaptor=pre_proj == 1)
   std = (float(model_cfg.noise_std) if model_cfg.noise_mode == 'absolute'

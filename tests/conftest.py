@@ -283,12 +283,14 @@ def exported_wrn50(tmp_path_factory, lite0_weights_dir, awkward_root,
                    jax_cache_dir):
   """Wide ResNet-50-2 with random weights, 64 px: the same, with two heads
   (model.heads=2: trained side by side, exported as one head of twice the
-  width)."""
+  width), each a deeper discriminator (model.disc_layers=3: its second
+  block runs per head in the exported graph)."""
   return _exported(tmp_path_factory, lite0_weights_dir, awkward_root,
                    jax_cache_dir, 'wrn50',
                    ('--config.backbone.name=wide_resnet50_2',
                     '--config.backbone.random_init=True',
-                    '--config.model.heads=2'))
+                    '--config.model.heads=2',
+                    '--config.model.disc_layers=3'))
 
 
 @pytest.fixture(scope='session')

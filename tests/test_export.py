@@ -75,8 +75,11 @@ def reference(exported, paths):
                                          bank_rows=meta['bank_rows'])
   _, state, meta = checkpoint.require_latest(ckpt_dir, template)
   if config.model.method == 'simplenet':
-    # The wrn50 run trained two heads (model.heads=2), stacked in the state.
+    # The wrn50 run trained two heads (model.heads=2), stacked in the state,
+    # each with model.disc_layers=3.
     assert model.num_heads(state.params) == config.model.heads
+    assert (model.num_layers(state.params['discriminator']) ==
+            config.model.disc_layers)
   module, backbone_vars = backbones.load_for_run(config.backbone)
   cells = scoring.cells_for(config.eval, module, config.backbone.layers,
                             config.model, backbone_vars, meta['image_hw'],

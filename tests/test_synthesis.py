@@ -866,6 +866,35 @@ def test_checkpoints_remember_the_switches():
   assert category.fingerprint(perlin) not in ('0xda949b63', base)
 
 
+@pytest.mark.parametrize('disc_layers', [2, 3])
+def test_frozen_ascent_scores_are_the_batch_statistics_scores(disc_layers):
+  """GAS's default ascent (gas_bn='frozen') scores a row with every
+  BatchNorm of the discriminator fixed to the statistics of [true; fake]:
+  on those rows themselves its scores are the train-mode forward's, for the
+  released head and for a deeper one (model.disc_layers=3), where the
+  second block's statistics are those of the first block's output."""
+  n, d, hidden = 10, 6, 5
+  params, stats = train._init_head(jax.random.key(1), d, hidden, 1,
+                                   disc_layers)
+  disc = model_lib.Discriminator(hidden, disc_layers)
+  k1, k2 = jax.random.split(jax.random.key(2))
+  true = jax.random.normal(k1, (n, d)) * 2 + 1
+  fake = true + jax.random.normal(k2, (n, d))
+  fc = params['discriminator']['fc']
+  hidden_of = lambda x: x @ fc['kernel'] + fc['bias']
+  mask = jnp.ones((n,), jnp.float32)
+  score = synthesis._frozen_score_fn(disc, params['discriminator'],
+                                     hidden_of(true), hidden_of(fake), mask)
+  want, _ = disc.apply({'params': params['discriminator'],
+                        'batch_stats': stats['discriminator']},
+                       jnp.concatenate([true, fake]), train=True,
+                       mutable=['batch_stats'])
+  np.testing.assert_allclose(np.asarray(score(fake)), np.asarray(want[n:]),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(score(true)), np.asarray(want[:n]),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_shrink_on_saturation_off_leaves_fingerprints():
   """model.shrink_on_saturation came later: at 0 (off) the fingerprints are
   those the code before it printed, so older runs resume; on, it changes

@@ -487,21 +487,23 @@ def test_fused_heads_score_the_mean_of_the_heads():
                              atol=1e-5)
 
 
-@pytest.mark.parametrize('key,other,bads,message', [
-    ('heads', 2, (0, -1), 'must be >= 1$'),
-    ('pre_proj', 0, (2, -1), r'must be 0 \(no adaptor\) or 1'),
+@pytest.mark.parametrize('key,released,other,bads,message', [
+    ('heads', 1, 2, (0, -1), 'must be >= 1$'),
+    ('pre_proj', 1, 0, (2, -1), r'must be 0 \(no adaptor\) or 1'),
+    ('disc_layers', 2, 3, (1, 0), r'must be >= 2 \(one hidden block'),
 ])
 def test_later_model_keys_are_validated_and_their_released_value_keeps_the_fingerprint(
-    key, other, bads, message):
-  """model.heads and model.pre_proj came after checkpoints existed: at the
-  released value (1) the default config's fingerprint is the one the code
-  before them printed, so released runs still resume and export; another
-  valid value changes it; a bad one is one error line naming the key."""
+    key, released, other, bads, message):
+  """model.heads, model.pre_proj and model.disc_layers came after
+  checkpoints existed: at the released value the default config's
+  fingerprint is the one the code before them printed, so released runs
+  still resume and export; another valid value changes it; a bad one is one
+  error line naming the key."""
   from simplenet_jax import category  # pylint: disable=g-import-not-at-top
   from simplenet_jax import config_checks  # pylint: disable=g-import-not-at-top
   from simplenet_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   c = get_config()
-  assert c.model[key] == 1
+  assert c.model[key] == released
   assert category.fingerprint(c) == '0x8e95376f'
   c.model[key] = other
   assert category.fingerprint(c) != '0x8e95376f'
@@ -513,29 +515,41 @@ def test_later_model_keys_are_validated_and_their_released_value_keeps_the_finge
       config_checks.validate(c)
 
 
-def test_no_adaptor_trains_the_discriminator_as_released():
+@pytest.mark.parametrize('disc_layers', [2, 3])
+def test_no_adaptor_trains_the_discriminator_as_released(disc_layers):
   """model.pre_proj=0, the released code's run without its adaptor: the
   discriminator alone, trained on [x; x + noise] with the truncated L1 and
   Adam with coupled L2 (torch, step by step from the same init), while the
   adaptor stays the identity exactly and the fused head scores the features
-  as they are."""
+  as they are. With model.disc_layers=3 (the released dsc_layers) the
+  discriminator is torch's two blocks of Linear, BatchNorm1d and LeakyReLU
+  before the tail, and the fused head's later block (`scoring.hidden_out`)
+  scores as that network does in eval mode."""
   torch = helpers.require_torch()
   cfg = get_config()
   cfg.model.hidden, cfg.model.pre_proj = 6, 0
+  cfg.model.disc_layers = disc_layers
   d, n, th = 8, 12, cfg.model.margin
   state = train.create_train_state(jax.random.key(0), cfg.model, cfg.optim, d,
                                    10, 2)
   disc = state.params['discriminator']
+  names = model.block_names(disc_layers)
+  assert sorted(disc) == sorted([x for pair in names for x in pair] +
+                                ['tail'])
   t = lambda a: torch.from_numpy(np.array(a, np.float32))
-  fc, bn = torch.nn.Linear(d, 6), torch.nn.BatchNorm1d(6)
+  blocks = [(torch.nn.Linear(d if i == 0 else 6, 6), torch.nn.BatchNorm1d(6))
+            for i in range(disc_layers - 1)]
   tail = torch.nn.Linear(6, 1, bias=False)
   with torch.no_grad():
-    fc.weight.copy_(t(disc['fc']['kernel']).T)
-    fc.bias.copy_(t(disc['fc']['bias']))
-    bn.weight.copy_(t(disc['bn']['scale']))
-    bn.bias.copy_(t(disc['bn']['bias']))
+    for (fc, bn), (fc_name, bn_name) in zip(blocks, names):
+      fc.weight.copy_(t(disc[fc_name]['kernel']).T)
+      fc.bias.copy_(t(disc[fc_name]['bias']))
+      bn.weight.copy_(t(disc[bn_name]['scale']))
+      bn.bias.copy_(t(disc[bn_name]['bias']))
     tail.weight.copy_(t(disc['tail']['kernel']).T)
-  net = torch.nn.Sequential(fc, bn, torch.nn.LeakyReLU(0.2), tail)
+  net = torch.nn.Sequential(*[m for fc, bn in blocks
+                              for m in (fc, bn, torch.nn.LeakyReLU(0.2))],
+                            tail)
   opt = torch.optim.Adam(net.parameters(), lr=cfg.optim.disc_lr,
                          weight_decay=cfg.optim.disc_wd)
   rng = np.random.default_rng(0)
@@ -555,23 +569,25 @@ def test_no_adaptor_trains_the_discriminator_as_released():
   np.testing.assert_array_equal(adaptor['kernel'], np.eye(d))
   np.testing.assert_array_equal(adaptor['bias'], np.zeros(d))
   disc = state.params['discriminator']
-  assert _rel(disc['fc']['kernel'], fc.weight.detach().numpy().T) <= 1e-4
-  # fc's bias has a zero gradient in exact arithmetic (BatchNorm follows):
-  # Adam turns rounding noise into steps of up to lr.
-  assert np.abs(np.asarray(disc['fc']['bias']) -
-                fc.bias.detach().numpy()).max() <= 2 * cfg.optim.disc_lr * steps
-  assert _rel(disc['bn']['scale'], bn.weight.detach().numpy()) <= 1e-4
-  assert _rel(disc['bn']['bias'], bn.bias.detach().numpy()) <= 1e-4
+  for (fc, bn), (fc_name, bn_name) in zip(blocks, names):
+    assert _rel(disc[fc_name]['kernel'], fc.weight.detach().numpy().T) <= 1e-4
+    # A Linear's bias has a zero gradient in exact arithmetic (BatchNorm
+    # follows): Adam turns rounding noise into steps of up to lr.
+    assert np.abs(np.asarray(disc[fc_name]['bias']) - fc.bias.detach().numpy()
+                  ).max() <= 2 * cfg.optim.disc_lr * steps
+    assert _rel(disc[bn_name]['scale'], bn.weight.detach().numpy()) <= 1e-4
+    assert _rel(disc[bn_name]['bias'], bn.bias.detach().numpy()) <= 1e-4
+    stats = state.batch_stats['discriminator'][bn_name]
+    assert _rel(stats['var'], bn.running_var.numpy()) <= 1e-4
   assert _rel(disc['tail']['kernel'][:, 0], tail.weight.detach().numpy()[0]
               ) <= 1e-4
-  stats = state.batch_stats['discriminator']['bn']
-  assert _rel(stats['var'], bn.running_var.numpy()) <= 1e-4
   net.eval()
   x = rng.normal(size=(5, d)).astype(np.float32)
   fused = scoring.fused_head({'params': state.params,
                               'batch_stats': state.batch_stats})
+  assert len(fused.get('blocks', ())) == disc_layers - 2
   h = x @ np.asarray(fused['kernel']) + np.asarray(fused['bias'])
-  got = -(np.where(h >= 0, h, 0.2 * h) @ np.asarray(fused['tail']))
+  got = -(np.asarray(scoring.hidden_out(h, fused)) @ np.asarray(fused['tail']))
   want = -net(t(x))[:, 0].detach().numpy()
   np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-3)
 
