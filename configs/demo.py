@@ -45,8 +45,9 @@ the second attempt saturates too, training stops there and keeps that
 model (model.stop_on_saturation=True): trained on past a second
 saturation, a narrowed head on 279 cookie photos at 256 px fell to 86.6 /
 69.7 / 33.1 (fifty-fourth round; the demo's head on those photos at 128
-px saturated once and scored 98.7 / 97.0 / 88.2, fifty-fifth round). The demo's own runs never saturate (p_fake at most 0.82),
-so neither costs them anything. Off: --config.model.shrink_on_saturation=0
+px saturated once and scored 98.7 / 97.0 / 88.2, fifty-fifth round).
+The demo's own runs never saturate (p_fake at most 0.82), so neither
+costs them anything. Off: --config.model.shrink_on_saturation=0
 --config.model.stop_on_saturation=False.
 
 Where a category's training images look normal mirrored, their three flips
