@@ -173,7 +173,7 @@ class CategoryContext:
   augment_why: str = ''  # With 'auto': the measurements it decided on.
   # The training run's feature cache (N, h*w, D), handed to the kNN
   # yardstick (eval.yardstick) so that it does not run the backbone over the
-  # training images again; `yardstick.evaluate_knn` takes it (and drops it).
+  # training images again; `yardstick.memory_bank` takes it (and drops it).
   train_features: Any = None
 
   @property

@@ -1,12 +1,15 @@
 """Evaluation of one category: scores, metrics, heat maps.
 
 Streams the test set: per batch the device returns image scores and smoothed
-maps; the host keeps one float32 copy of the maps for the pixel metrics and
-nothing else, so memory grows only with the per-pixel arrays the metrics need.
-The final evaluation also keeps what the HTML report shows (`eval_record`),
-and every evaluation can go to TensorBoard (`summaries`).
+maps; the host keeps one float32 copy of the maps, which the pixel metrics
+need, and nothing else, so memory grows only with the per-pixel arrays. The
+final evaluation also keeps what the HTML report shows (`eval_record`), and
+every evaluation can go to TensorBoard (`summaries`): their images take the
+kept maps, so each test image goes through the backbone once, for the kNN
+yardstick's scores too (eval.yardstick: one program scores both).
 """
 
+import functools
 import os
 
 from absl import logging
@@ -19,6 +22,7 @@ from simplenet_jax import console
 from simplenet_jax import eval_record
 from simplenet_jax import metrics
 from simplenet_jax import parallel
+from simplenet_jax import report
 from simplenet_jax import scoring
 from simplenet_jax import summaries
 from simplenet_jax import synthesis
@@ -29,12 +33,27 @@ from simplenet_jax.data import loader
 VISUALIZE = ('none', 'top', 'all')
 
 
-def _predict_batches(ctx, state, dataset, indices=None, batch_size=None,
-                     desc=None):
-  """Yields (batch, outputs) with outputs as numpy, padding removed; with
-  `desc`, a progress bar of the images on a terminal."""
+def predictor(ctx, state, bank=None):
+  """fn(images) -> outputs: ctx's predict function with state's head, or
+  with `bank` (M, D) (the yardstick's memory bank, `yardstick.memory_bank`)
+  the paired program (`scoring.make_paired_predict_fn`), which also gives
+  kNN's outputs under scoring.PAIRED_PREFIX from the same backbone pass."""
+  head = state.head_vars()
+  if bank is None:
+    return functools.partial(ctx.predict_fn, ctx.backbone_vars, head)
   c = ctx.config
-  hv = state.head_vars()
+  paired = scoring.make_paired_predict_fn(
+      ctx.module, c.backbone.layers, c.model, ctx.test_set.image_hw, c.eval,
+      ctx.cells)
+  return functools.partial(paired, ctx.backbone_vars, head, bank)
+
+
+def _predict_batches(ctx, predict, dataset, indices=None, batch_size=None,
+                     desc=None):
+  """Yields (batch, outputs of `predict` (`predictor`)) with outputs as
+  numpy, padding removed; with `desc`, a progress bar of the images on a
+  terminal."""
+  c = ctx.config
   batch_size = batch_size or c.eval.batch_size
   total = len(dataset) if indices is None else len(indices)
   with console.progress(total, desc) as bar:
@@ -44,7 +63,7 @@ def _predict_batches(ctx, state, dataset, indices=None, batch_size=None,
       # One shape for every batch (the last one padded): one compilation.
       images, n = parallel.put_batch(batch['image'], ctx.mesh,
                                      min_rows=batch_size)
-      out = ctx.predict_fn(ctx.backbone_vars, hv, images)
+      out = predict(images)
       yield batch, {k: parallel.to_host(v)[:n] for k, v in out.items()}
       bar.update(n)
 
@@ -52,7 +71,8 @@ def _predict_batches(ctx, state, dataset, indices=None, batch_size=None,
 def normal_statistics(ctx, state, dataset, indices):
   """Image scores (N,) of dataset[indices] and [min, max] of their maps."""
   scores, lo, hi = [], np.inf, -np.inf
-  for _, out in _predict_batches(ctx, state, dataset, indices,
+  for _, out in _predict_batches(ctx, predictor(ctx, state), dataset,
+                                indices,
                                 desc=f'{ctx.category} threshold images'):
     scores.append(out['image_scores'])
     lo = min(lo, float(out['anomaly_maps'].min()))
@@ -148,7 +168,8 @@ def synthetic_check(ctx, state) -> dict:
   pixel = metrics.PixelMetrics(expected_images=len(images),
                                max_fpr=c.eval.aupro_max_fpr)
   for batch, out in _predict_batches(
-      ctx, state, images, desc=f'{ctx.category} synthetic defects'):
+      ctx, predictor(ctx, state), images,
+      desc=f'{ctx.category} synthetic defects'):
     pixel.add(out['anomaly_maps'], batch['mask'])
   return {'synthetic_pixel_auroc': pixel.compute()['pixel_auroc'],
           'synthetic_source': f'{len(images)} synthetic defect images made '
@@ -177,9 +198,51 @@ def _cached_statistics(ctx, state, cache):
   return np.concatenate(scores), [lo, hi]
 
 
+class _ScorerPass:
+  """One scorer's image scores and maps over the test set, read from the
+  predict outputs under `prefix` ('' the model's, scoring.PAIRED_PREFIX the
+  yardstick's kNN).
+
+  Every map is kept, one float32 copy (`metrics.PixelMetrics`): the pixel
+  metrics' input, and where the images the report, the heat maps and
+  TensorBoard show take theirs from (`_kept_images`), so no test image goes
+  through the backbone twice.
+  """
+
+  def __init__(self, test, max_fpr: float, prefix: str = ''):
+    self.prefix = prefix
+    self.has_masks = test.has_masks
+    self.batches = []
+    self.maps = metrics.PixelMetrics(expected_images=len(test),
+                                     max_fpr=max_fpr)
+
+  @property
+  def pixel(self):
+    """The pixel metrics' accumulator, or None without masks."""
+    return self.maps if self.has_masks else None
+
+  def add(self, out: dict, batch: dict) -> None:
+    self.batches.append(out[self.prefix + 'image_scores'])
+    self.maps.add(out[self.prefix + 'anomaly_maps'],
+                  batch['mask'] if self.has_masks else None)
+
+  def figures(self, labels, curve_points: int = 0):
+    """(scores (N,), {'image_auroc', 'pixel_auroc', 'aupro'}, PRO curve or
+    None, [lo, hi] of the maps or None (without masks))."""
+    scores = np.concatenate(self.batches)
+    out = {'image_auroc': metrics.image_auroc(scores, labels),
+           'pixel_auroc': float('nan'), 'aupro': float('nan')}
+    if not self.has_masks:
+      return scores, out, None, None
+    # Both pixel metrics (and the report's PRO curve) from one sort.
+    out.update(self.maps.compute(curve_points))
+    return (scores, out, out.pop('pro_curve', None),
+            self.maps.score_range())
+
+
 def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
                       tb=None, step: int | None = None,
-                      yardstick: bool = False) -> dict:
+                      bank=None) -> dict:
   """Image AUROC, pixel AUROC and AUPRO of `state` on the category's test set.
 
   Args:
@@ -189,56 +252,63 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
     visualize_maps: the final evaluation: heat maps (eval.visualize) and the
       report's record (report.html).
     tb: a `summaries.Writer`, or None; `step` is the pass it logs at.
-    yardstick: this is the kNN yardstick of a final evaluation
-      (`yardstick.evaluate_knn`): with report.html, its maps of the images
-      the report's galleries show join the category's record.
+    bank: the kNN yardstick's memory bank (eval.yardstick,
+      `yardstick.memory_bank`), or None. With it each test image goes
+      through the backbone once for both scorers (`predictor`), the row
+      also holds kNN's figures, and the report's record kNN's maps of the
+      images its galleries show.
 
   Returns:
     A table row: category, kind, image_auroc, pixel_auroc, aupro (fractions,
     nan where undefined), n_test, plus the test-set selected best pass when
-    training recorded one, and in a final evaluation (or the yardstick's)
-    of a test set with two or more defect types, by_defect
-    (`metrics.by_defect`).
+    training recorded one, and in a final evaluation of a test set with two
+    or more defect types, by_defect (`metrics.by_defect`). With `bank`,
+    report.YARDSTICK's figures too (and knn_by_defect).
   """
   c = ctx.config
   test = ctx.test_set
-  pixel = (metrics.PixelMetrics(expected_images=len(test),
-                                max_fpr=c.eval.aupro_max_fpr)
-           if test.has_masks else None)
-  scores, labels, names, defects = [], [], [], []
-  for batch, out in _predict_batches(
-      ctx, state, test, desc=f'{ctx.category} '
-      + ('kNN test images' if yardstick else 'test images')):
-    scores.append(out['image_scores'])
+  predict = predictor(ctx, state, bank)
+  scorers = [_ScorerPass(test, c.eval.aupro_max_fpr)]
+  if bank is not None:
+    scorers.append(_ScorerPass(test, c.eval.aupro_max_fpr,
+                               scoring.PAIRED_PREFIX))
+  labels, names, defects = [], [], []
+  for batch, out in _predict_batches(ctx, predict, test,
+                                     desc=f'{ctx.category} test images'):
+    for scorer in scorers:
+      scorer.add(out, batch)
     labels.append(batch['label'])
     names.extend(f'{d}/{os.path.basename(p)}'
                  for d, p in zip(batch['defect'], batch['path']))
     defects.extend(batch['defect'])
-    if pixel is not None:
-      pixel.add(out['anomaly_maps'], batch['mask'])
-  scores = np.concatenate(scores)
   labels = np.concatenate(labels)
-  row = {'category': ctx.category, 'kind': ctx.kind, 'n_test': int(len(labels)),
-         'image_auroc': metrics.image_auroc(scores, labels),
-         'pixel_auroc': float('nan'), 'aupro': float('nan')}
   record = visualize_maps and c.report.html
-  pro_curve = None
-  if pixel is not None:
-    # Both pixel metrics (and the report's PRO curve) from one sort.
-    row.update(pixel.compute(eval_record.PRO_CURVE_POINTS if record else 0))
-    pro_curve = row.pop('pro_curve', None)
-    map_range = pixel.score_range()
-  else:
+  scores, figures, pro_curve, map_range = scorers[0].figures(
+      labels, eval_record.PRO_CURVE_POINTS if record else 0)
+  row = {'category': ctx.category, 'kind': ctx.kind, 'n_test': int(len(labels)),
+         **figures}
+  if not test.has_masks:
     logging.warning('%s: the test set has no masks; pixel AUROC and AUPRO are '
                     'skipped (n/a).', ctx.category)
-    map_range = None
   threshold = meta.get('threshold') if meta else None
   if threshold is not None:
     row['decisions'] = metrics.decision_counts(scores, labels, threshold)
-  if visualize_maps or yardstick:  # A final evaluation: each defect type.
-    by_defect = metrics.by_defect(scores, labels, defects, pixel, threshold)
+  if visualize_maps:  # A final evaluation: each defect type.
+    by_defect = metrics.by_defect(scores, labels, defects, scorers[0].pixel,
+                                  threshold)
     if by_defect:
       row['by_defect'] = by_defect
+  knn = None
+  if bank is not None:
+    knn_scores, knn_figures, _, knn_range = scorers[1].figures(labels)
+    row.update({k: knn_figures[m]
+                for k, m in zip(report.YARDSTICK, report.METRICS)})
+    if visualize_maps:
+      by_defect = metrics.by_defect(knn_scores, labels, defects,
+                                    scorers[1].pixel, None)
+      if by_defect:  # Each defect type, beside the head's.
+        row['knn_by_defect'] = by_defect
+    knn = (knn_scores, knn_range)
   if meta and meta.get('saturated_at'):  # model.shrink_on_saturation acted.
     row['saturated_at'] = int(meta['saturated_at'])
   if meta and meta.get('stopped_at'):  # model.stop_on_saturation acted.
@@ -259,53 +329,59 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
               **{k: row[k] for k in ('image_auroc', 'pixel_auroc', 'aupro')}}
     row['best_on_test'] = {k: v for k, v in best.items() if k != 'key'}
   if tb is not None and c.report.tensorboard:
-    _to_tensorboard(ctx, state, tb, step, row, labels, names, map_range)
+    _to_tensorboard(ctx, scorers[0], tb, step, row, labels, names,
+                    map_range)
   if visualize_maps and c.eval.visualize != 'none':
-    _save_heatmaps(ctx, state, scores, map_range)
+    _save_heatmaps(ctx, scorers[0], scores, names, map_range)
   if record:
-    _save_record(ctx, state, meta, row, scores, labels, names, pro_curve,
-                 map_range)
-  if yardstick and c.report.html:
-    _add_yardstick_maps(ctx, state, scores, map_range)
+    _save_record(ctx, scorers, meta, row, scores, labels, names, pro_curve,
+                 map_range, knn)
   return row
 
 
-def _test_images(ctx, state, indices):
-  """Yields (index, image, anomaly map, mask or None) of test images.
-
-  The batches have the size the test set's evaluation already compiled (the
-  last index repeated to fill them): a few images cost no new compilation.
-  """
-  indices = np.asarray(indices, np.int64)
+def _kept_images(ctx, kept: _ScorerPass, indices):
+  """Yields (index, image, anomaly map, mask or None) of test images, each
+  map the one the evaluation's pass kept (`_ScorerPass`); the images and
+  masks are read again, nothing is predicted."""
+  indices = np.asarray(indices, np.int64).reshape(-1)
   if not indices.size:
     return
-  size = min(ctx.config.eval.batch_size, len(ctx.test_set))
-  padded = np.concatenate([indices, np.full(-indices.size % size,
-                                            indices[-1])])
+  c = ctx.config
+  maps = kept.maps.maps(indices)
   k = 0
-  for batch, out in _predict_batches(ctx, state, ctx.test_set, padded, size):
-    masks = batch['mask'] if ctx.test_set.has_masks else [None] * size
-    for j in range(min(size, indices.size - k)):
-      yield int(indices[k]), batch['image'][j], out['anomaly_maps'][j], masks[j]
+  for batch in loader.batches(ctx.test_set, c.eval.batch_size,
+                              indices=indices,
+                              num_workers=c.dataset.num_workers,
+                              prefetch=c.dataset.prefetch):
+    for j in range(len(batch['image'])):
+      yield (int(indices[k]), batch['image'][j], maps[k],
+             batch['mask'][j] if kept.has_masks else None)
       k += 1
 
 
-def _to_tensorboard(ctx, state, tb, step, row, labels, names, map_range):
-  """The metrics and the heat maps of a fixed few test images (computed on
-  every process of a multi-host run, written by the first's writer)."""
+def _to_tensorboard(ctx, kept, tb, step, row, labels, names, map_range):
+  """The metrics and the heat maps of a fixed few test images (written by
+  the first process's writer)."""
   summaries.write_evaluation(tb, step, row)
   idx = summaries.heatmap_indices(labels,
                                   ctx.config.report.tensorboard_heatmaps)
   scale = visualize.display_scale(ctx.test_set.image_hw)
-  for i, image, amap, mask in _test_images(ctx, state, idx):
+  for i, image, amap, mask in _kept_images(ctx, kept, idx):
     lo, hi = map_range or (float(amap.min()), float(amap.max()))
     tb.image(f'heatmaps/{names[i]}', step, visualize.enlarge(
         visualize.overlay(image, amap, mask, lo, hi), scale))
 
 
-def _save_record(ctx, state, meta, row, scores, labels, names, pro_curve,
-                 map_range):
-  """What the report shows of this evaluation (eval_record)."""
+def _save_record(ctx, scorers, meta, row, scores, labels, names, pro_curve,
+                 map_range, knn=None):
+  """What the report shows of this evaluation (eval_record), written by the
+  first process; with `knn` ((N,) scores, [lo, hi] of the maps) of the
+  yardstick, kNN's maps of the images the galleries show too
+  (`eval_record.add_yardstick`, on kNN's own colour range). The maps are
+  the evaluation's own (`_ScorerPass`, scorers[0] the model's, scorers[1]
+  kNN's)."""
+  if jax.process_index() != 0:
+    return
   c = ctx.config
   galleries = eval_record.select_galleries(scores, labels,
                                            c.report.gallery_size)
@@ -331,32 +407,19 @@ def _save_record(ctx, state, meta, row, scores, labels, names, pro_curve,
       pro_curve=None if pro_curve is None else {
           'fpr': pro_curve[0].tolist(), 'pro': pro_curve[1].tolist()},
       galleries=galleries)
-  items = list(_test_images(ctx, state, shown))  # Every process computes.
-  if jax.process_index() == 0:
-    eval_record.write(ctx.workdir, record, items,
-                      scale=visualize.display_scale(ctx.test_set.image_hw))
+  items = list(_kept_images(ctx, scorers[0], shown))
+  scale = visualize.display_scale(ctx.test_set.image_hw)
+  eval_record.write(ctx.workdir, record, items, scale=scale)
+  if knn is not None:
+    knn_scores, knn_range = knn
+    knn_maps = scorers[1].maps.maps([i for i, *_ in items])
+    eval_record.add_yardstick(
+        ctx.workdir, [(i, image, m, mask) for (i, image, _, mask), m
+                      in zip(items, knn_maps)],
+        {i: knn_scores[i] for i in shown}, knn_range, scale=scale)
 
 
-def _add_yardstick_maps(ctx, state, scores, map_range):
-  """kNN's maps of the images the record's galleries show, beside the head's
-  (eval_record.add_yardstick), on kNN's own colour range over the test set.
-
-  The galleries come from the record the final evaluation has just written.
-  Skipped in multi-process runs: the others cannot know that record's
-  galleries, and the batches are computed by every process together.
-  """
-  rec = eval_record.load(ctx.workdir)
-  if (jax.process_count() > 1 or rec is None or
-      len(rec.get('scores', ())) != len(scores)):
-    return
-  shown = eval_record.shown(rec.get('galleries', {}))
-  items = list(_test_images(ctx, state, shown))
-  eval_record.add_yardstick(
-      ctx.workdir, items, {i: scores[i] for i in shown}, map_range,
-      scale=visualize.display_scale(ctx.test_set.image_hw))
-
-
-def _save_heatmaps(ctx, state, scores, map_range):
+def _save_heatmaps(ctx, kept, scores, names, map_range):
   """Figure-1 style overlays of all or the top-N scoring test images."""
   c = ctx.config
   order = np.argsort(-scores, kind='stable')
@@ -364,17 +427,15 @@ def _save_heatmaps(ctx, state, scores, map_range):
     order = order[:c.eval.visualize_top_n]
   if not len(order):
     return
-  out_dir = os.path.join(ctx.workdir, 'heatmaps')
-  for batch, out in _predict_batches(ctx, state, ctx.test_set,
-                                     np.sort(order),
-                                     desc=f'{ctx.category} heat maps'):
-    maps = out['anomaly_maps']
-    vmin, vmax = map_range if map_range else (float(maps.min()),
-                                              float(maps.max()))
-    masks = batch['mask'] if ctx.test_set.has_masks else [None] * len(maps)
-    names = [f'{d}_{os.path.splitext(os.path.basename(p))[0]}'
-             for d, p in zip(batch['defect'], batch['path'])]
-    visualize.save_overlays(out_dir, batch['image'], maps, masks,
-                            names, out['image_scores'],
-                            vmin=vmin, vmax=vmax,
-                            scale=visualize.display_scale(maps.shape[1:]))
+  shown = list(_kept_images(ctx, kept, np.sort(order)))
+  maps = np.stack([amap for _, _, amap, _ in shown])
+  vmin, vmax = map_range if map_range else (float(maps.min()),
+                                            float(maps.max()))
+  visualize.save_overlays(
+      os.path.join(ctx.workdir, 'heatmaps'),
+      [image for _, image, _, _ in shown], maps,
+      [mask for *_, mask in shown],
+      # 'crack/000.png' -> crack_000.png (save_overlays makes '/' a '_').
+      [os.path.splitext(names[i])[0] for i, *_ in shown],
+      scores[[i for i, *_ in shown]], vmin=vmin, vmax=vmax,
+      scale=visualize.display_scale(maps.shape[1:]))

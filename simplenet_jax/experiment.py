@@ -107,14 +107,18 @@ def run(config, workdir: str, mode: str) -> list[dict]:
       clock.lap('train' if mode == 'train' else 'restore')
       for ctx, tb, (state, meta) in zip(ctxs, tbs, trained):
         laps = dict(clock.laps)
+        bank = None
+        if ctx.runs_yardstick:  # Fitted first: the test set is scored once.
+          bank = yardstick.memory_bank(ctx)
+          clock.lap('kNN yardstick')
+          laps['kNN yardstick'] = clock.laps['kNN yardstick']
         row = evaluate.evaluate_category(ctx, state, meta, tb=tb,
-                                         step=int(meta['passes_done']))
+                                         step=int(meta['passes_done']),
+                                         bank=bank)
+        del bank  # Not kept past the evaluation: it may be large.
         clock.lap('evaluate')
         laps['evaluate'] = clock.laps['evaluate']
         if ctx.runs_yardstick:
-          row.update(yardstick.evaluate_knn(ctx))
-          clock.lap('kNN yardstick')
-          laps['kNN yardstick'] = clock.laps['kNN yardstick']
           log = report_html.read_log(ctx.workdir)
           hint = yardstick.advice(row, log[-1] if log else {}, config.model,
                                   meta.get('saturated_at'), config.train,

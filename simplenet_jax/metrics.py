@@ -295,6 +295,17 @@ class PixelMetrics:
                                     curve_points)
     return out
 
+  def maps(self, images) -> np.ndarray:
+    """(k, H, W) float32: the maps of some of the images added (`images`
+    indexes them in the order they were added), copied."""
+    images = np.asarray(images, np.int64).reshape(-1)
+    if images.size and (images.min() < 0 or images.max() >= self._n):
+      raise IndexError(f'PixelMetrics.maps: images {images.tolist()} of '
+                       f'{self._n} added')
+    if self._scores is None:
+      return np.empty((0, 0, 0), np.float32)
+    return self._scores[:self._n][images]
+
   def subset(self, images) -> 'PixelMetrics':
     """The metrics of some of the images added: `images` indexes them in the
     order they were added. Copies those images' scores and masks."""

@@ -20,7 +20,8 @@ import numpy as np
 METRICS = ('image_auroc', 'pixel_auroc', 'aupro')
 HEADERS = ('I-AUROC %', 'P-AUROC %', 'AUPRO %')
 # eval.yardstick: the same metrics of kNN on the same features
-# (`yardstick.evaluate_knn`), columns after the model's own.
+# (`evaluate.evaluate_category` with `yardstick.memory_bank`), columns after
+# the model's own.
 YARDSTICK = tuple(f'knn_{m}' for m in METRICS)
 YARDSTICK_HEADERS = ('kNN I-AUROC %', 'kNN P-AUROC %', 'kNN AUPRO %')
 # Mean rows: (key in results.json, label in the table and results.csv, kinds).

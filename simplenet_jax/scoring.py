@@ -120,7 +120,7 @@ def outputs(patch_scores: jax.Array, out_hw: Sequence[int], sigma: float,
 
 
 def tta_views(patch_fn, images: jax.Array, tta: str, loop: bool = True,
-              then=None) -> list[tuple[tuple[int, ...], jax.Array]]:
+              then=None) -> list:
   """patch_fn(images (B, H, W, C)) -> (B, h, w) patch scores, per view of
   eval.tta: [(flip axes, (B, h, w) scores flipped back)], the image first.
 
@@ -141,21 +141,29 @@ def tta_views(patch_fn, images: jax.Array, tta: str, loop: bool = True,
   chunked search over every view's rows together (on a 2-core CPU a search
   per view inside the loop was slower). Only with the loop: unrolled, the
   views would have to be stacked, which the ONNX lowering refuses.
+  patch_fn and then may give a tuple of such arrays instead (the head's
+  scores and kNN's features, `make_paired_predict_fn`); each view then
+  holds a tuple of (B, h, w) scores, each flipped back.
   """
   if then is not None and not loop:
     raise ValueError('tta_views: `then` needs loop=True')
   if tta == 'none':
     out = patch_fn(images)
-    return [((), out if then is None else then(out[None])[0])]
+    if then is not None:
+      out = jax.tree.map(lambda a: a[0],
+                         then(jax.tree.map(lambda a: a[None], out)))
+    return [((), out)]
   views = [jnp.flip(images, axes) if axes else images for axes in FLIP_AXES]
   if loop:
-    views = jax.lax.map(patch_fn, jnp.stack(views))
+    stacked = jax.lax.map(patch_fn, jnp.stack(views))
     if then is not None:
-      views = then(views)
+      stacked = then(stacked)
+    views = [jax.tree.map(lambda a, i=i: a[i], stacked)
+             for i in range(len(FLIP_AXES))]
   else:  # A list: the ONNX lowering has neither loops nor jnp.stack.
     views = [patch_fn(v) for v in views]
-  return [(axes, jnp.flip(scores, axes) if axes else scores)
-          for axes, scores in zip(FLIP_AXES, views)]
+  return [(axes, jax.tree.map(lambda s, a=axes: jnp.flip(s, a), scores)
+           if axes else scores) for axes, scores in zip(FLIP_AXES, views)]
 
 
 def _mean_grid(views) -> jax.Array:
@@ -343,10 +351,14 @@ def to_unit_float(images: jax.Array) -> jax.Array:
 
 
 def _features(backbone_module, layers, model_cfg, backbone_vars, images):
-  maps = backbone_module.apply(backbone_vars, to_unit_float(images))
+  return _aggregated(model_cfg, _backbone_maps(backbone_module, layers,
+                                               backbone_vars, images))
+
+
+def _aggregated(model_cfg, maps) -> jax.Array:
+  """(B, h, w, D) local features of the backbone's maps (`_backbone_maps`)."""
   return features_lib.aggregate(
-      [maps[name] for name in layers],
-      pretrain_embed_dim=int(model_cfg.pretrain_embed_dim),
+      maps, pretrain_embed_dim=int(model_cfg.pretrain_embed_dim),
       target_embed_dim=int(model_cfg.target_embed_dim),
       patch_size=int(model_cfg.patch_size))
 
@@ -492,6 +504,13 @@ def layer_taps(channels: tuple[int, ...], patch_size: int,
   return tuple(out)
 
 
+def _backbone_maps(backbone_module, layers, backbone_vars, images) -> list:
+  """The backbone's feature maps [(B, h_l, w_l, C_l)] of `layers`, in the
+  backbone's dtype."""
+  maps = backbone_module.apply(backbone_vars, to_unit_float(images))
+  return [maps[name] for name in layers]
+
+
 def _folded_scores(backbone_module, layers, model_cfg, backbone_vars, fused,
                    images):
   """(B, h, w) patch scores, the head applied per layer before resizing.
@@ -502,8 +521,14 @@ def _folded_scores(backbone_module, layers, model_cfg, backbone_vars, fused,
   quarter of the positions) and the (B, h, w, L*P) concatenation is never
   built.
   """
-  maps = backbone_module.apply(backbone_vars, to_unit_float(images))
-  maps = [maps[name].astype(jnp.float32) for name in layers]
+  return _folded_from_maps(
+      model_cfg, fused,
+      _backbone_maps(backbone_module, layers, backbone_vars, images))
+
+
+def _folded_from_maps(model_cfg, fused, maps) -> jax.Array:
+  """`_folded_scores` of the backbone's maps (`_backbone_maps`)."""
+  maps = [m.astype(jnp.float32) for m in maps]
   grid = maps[0].shape[1:3]
   patch = int(model_cfg.patch_size)
   taps = layer_taps(tuple(m.shape[-1] for m in maps), patch,
@@ -640,13 +665,73 @@ def _predict_fn(backbone_module, layers, model_cfg, out_hw, sigma,
         _folded_scores, backbone_module, layers, model_cfg, backbone_vars,
         fused), images)
 
-  last = {'leaves': (), 'fused': None}  # Strong refs: ids cannot be reused.
+  fuse = _FusedOnce()
+  return lambda backbone_vars, head_vars, images: predict(
+      backbone_vars, fuse(head_vars), images)
 
-  def run(backbone_vars, head_vars, images):
+
+class _FusedOnce:
+  """`fused_head` of the last head_vars it was called with, folded again
+  only when their leaf arrays change (a predict function is called once
+  per batch with the same trained state)."""
+
+  def __init__(self):
+    self.leaves, self.fused = (), None  # Strong refs: ids cannot be reused.
+
+  def __call__(self, head_vars) -> dict:
     leaves = tuple(jax.tree.leaves(head_vars))
-    if len(leaves) != len(last['leaves']) or any(
-        a is not b for a, b in zip(leaves, last['leaves'])):
-      last['leaves'], last['fused'] = leaves, fused_head(head_vars)
-    return predict(backbone_vars, last['fused'], images)
+    if len(leaves) != len(self.leaves) or any(
+        a is not b for a, b in zip(leaves, self.leaves)):
+      self.leaves, self.fused = leaves, fused_head(head_vars)
+    return self.fused
 
-  return run
+
+# make_paired_predict_fn's keys for kNN's outputs: 'knn_' + the head's.
+PAIRED_PREFIX = 'knn_'
+
+
+def make_paired_predict_fn(backbone_module, layers: Sequence[str], model_cfg,
+                           image_hw: Sequence[int], eval_cfg,
+                           cells: cells_lib.Cells | None = None):
+  """fn(backbone_vars, head_vars, bank (M, D), images) -> `make_predict_fn`'s
+  dict for a SimpleNet head, plus the same keys prefixed PAIRED_PREFIX for
+  kNN with memory bank `bank` (eval.yardstick): both scorers on one backbone
+  pass per view.
+
+  Each scorer's outputs are those of its own `make_predict_fn`
+  (model.method='simplenet' with head_vars, 'knn' with {'bank': bank}): the
+  same folded head, the same nearest-row search over every view's features
+  together, the same maps; kNN's scores are never squashed.
+  """
+  if model_cfg.method != 'simplenet':
+    raise ValueError('make_paired_predict_fn: a SimpleNet head and kNN')
+  return _paired_predict_fn(backbone_module, tuple(layers), _frozen(model_cfg),
+                            (int(image_hw[0]), int(image_hw[1])),
+                            *map_args(eval_cfg), cells)
+
+
+@functools.lru_cache(maxsize=32)
+def _paired_predict_fn(backbone_module, layers, model_cfg, out_hw, sigma,
+                       image_score, tta, squash, cells):
+  scale = squash_scale(model_cfg, squash)
+
+  @jax.jit
+  def predict(backbone_vars, fused, bank, images):
+    def patch_fn(x):  # One backbone pass: the head's scores, kNN's features.
+      maps = _backbone_maps(backbone_module, layers, backbone_vars, x)
+      return (_folded_from_maps(model_cfg, fused, maps),
+              _aggregated(model_cfg, maps))
+
+    def then(out):  # Every view's kNN features searched together.
+      return out[0], knn.patch_scores(bank, out[1])
+
+    views = tta_views(patch_fn, images, tta, then=then)
+    head = _scored([(axes, s[0]) for axes, s in views], out_hw, sigma,
+                   image_score, scale, cells)
+    near = _scored([(axes, s[1]) for axes, s in views], out_hw, sigma,
+                   image_score, 0.0, cells)
+    return {**head, **{PAIRED_PREFIX + k: v for k, v in near.items()}}
+
+  fuse = _FusedOnce()
+  return lambda backbone_vars, head_vars, bank, images: predict(
+      backbone_vars, fuse(head_vars), bank, images)

@@ -5,34 +5,36 @@ SimpleNet evaluation can say what a nearest-neighbour scorer on the very
 same backbone features, training images and test set reaches. The figures
 are those a separate `model.method=knn` run of the same config gives: the
 same training images (the hold-out split), the same coreset key, the same
-maps and metrics. `advice` reads the comparison back to the user when the
-head's loss saturated and it trails kNN.
+maps and metrics. `memory_bank` fits the bank; the final evaluation
+(`evaluate.evaluate_category` with it) scores each test image with the head
+and with kNN from one backbone pass. `advice` reads the comparison back to
+the user when the head's loss saturated and it trails kNN.
 """
 
-import dataclasses
 import time
 
 from absl import logging
 
-from simplenet_jax import evaluate
 from simplenet_jax import feature_cache
-from simplenet_jax import knn
 from simplenet_jax import loop
 from simplenet_jax import parallel
 from simplenet_jax import report
-from simplenet_jax import scoring
 from simplenet_jax import train
 
 
-def evaluate_knn(ctx) -> dict:
-  """{'knn_image_auroc', 'knn_pixel_auroc', 'knn_aupro'} (report.YARDSTICK,
-  and 'knn_by_defect' where the row has 'by_defect') of a
-  memory bank of ctx's training features on ctx's test set; {} (with a
-  warning) when those features exceed train.cache_max_gb on the device."""
+def memory_bank(ctx):
+  """The yardstick's memory bank (M, D) float32 (replicated on ctx.mesh)
+  of ctx's training features, what `loop.memory_bank` fits for a
+  model.method=knn run, or None (with a warning) when those features exceed
+  train.cache_max_gb on the device.
+
+  A run that trained from the feature cache left it in ctx.train_features:
+  the very rows a backbone pass would give (same images, views, batches),
+  taken here and dropped; else (--mode=eval, or a run that recomputed its
+  features) the backbone runs over the training images.
+  """
   c = ctx.config
   t0 = time.perf_counter()
-  # A run that trained from the feature cache left it here: the very rows
-  # a backbone pass would give (same images, views, batches), kept once.
   features, ctx.train_features = ctx.train_features, None
   if features is None:
     need = feature_cache.estimate_bytes(ctx.train_rows, ctx.grid_hw,
@@ -43,7 +45,7 @@ def evaluate_knn(ctx) -> dict:
           'exceed train.cache_max_gb; raise it or set '
           'train.cache_dtype=bfloat16 for the kNN yardstick', ctx.category,
           need / 2**30)
-      return {}
+      return None
     features = feature_cache.build(ctx.feature_fn, ctx.backbone_vars,
                                    ctx.train_set, ctx.train_idx,
                                    c.eval.batch_size, c.train, c.dataset,
@@ -51,24 +53,11 @@ def evaluate_knn(ctx) -> dict:
                                    dim=ctx.embed_dim,
                                    desc=f'{ctx.category} kNN features',
                                    image_views=feature_cache.views(c.train))
-  cfg = c.copy_and_resolve_references()
-  cfg.model.method = 'knn'
   bank = loop.memory_bank(ctx, features)
   del features
-  state = parallel.put_replicated(knn.MemoryBank(bank=bank), ctx.mesh)
-  knn_ctx = dataclasses.replace(
-      ctx, config=cfg,
-      predict_fn=scoring.make_predict_fn(ctx.module, tuple(c.backbone.layers),
-                                         cfg.model, ctx.test_set.image_hw,
-                                         c.eval, ctx.cells))
-  row = evaluate.evaluate_category(knn_ctx, state, None, visualize_maps=False,
-                                   yardstick=True)
   logging.info('%s: kNN yardstick (%d bank rows) in %.1f s', ctx.category,
                bank.shape[0], time.perf_counter() - t0)
-  out = {k: row[m] for k, m in zip(report.YARDSTICK, report.METRICS)}
-  if 'by_defect' in row:  # Each defect type, beside the head's.
-    out['knn_by_defect'] = row['by_defect']
-  return out
+  return parallel.put_replicated(bank, ctx.mesh)
 
 
 def advice(row: dict, last_pass: dict, model_cfg,

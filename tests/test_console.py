@@ -59,9 +59,10 @@ def test_main_shows_a_progress_bar_for_every_long_stage_on_a_terminal(
     tmp_path, lite0_weights_dir, awkward_root, jax_cache_dir):
   """main.py on a (pseudo-)terminal: besides the passes, the stages that take
   minutes on a CPU at a few hundred images (the feature cache, the test set,
-  the kNN yardstick's coreset and test images) each draw a bar counting to
-  the right total; redirected output (every other main.py test) has none.
-  The yardstick takes training's feature cache: no second bar for it."""
+  the kNN yardstick's coreset) each draw a bar counting to the right total;
+  redirected output (every other main.py test) has none. The yardstick
+  takes training's feature cache and scores the test images in the head's
+  own pass over them: no second bar for either."""
   import fcntl  # pylint: disable=g-import-not-at-top
   import pty  # pylint: disable=g-import-not-at-top
   import re  # pylint: disable=g-import-not-at-top
@@ -101,13 +102,14 @@ def test_main_shows_a_progress_bar_for_every_long_stage_on_a_terminal(
       text):
     drawn.setdefault(m.group(1), set()).add(int(m.group(3)))
   for desc in ('brick features', 'brick pass 2/2', 'brick test images',
-               'brick kNN coreset', 'brick kNN test images'):
+               'brick kNN coreset'):
     assert desc in drawn, (desc, sorted(drawn))
     assert len(drawn[desc]) == 1, (desc, drawn[desc])
   assert 'brick kNN features' not in drawn, sorted(drawn)
+  assert 'brick kNN test images' not in drawn, sorted(drawn)
   # The totals: the training images, the test images, the bank's rows.
   assert min(drawn['brick features']) > 1
-  assert drawn['brick test images'] == drawn['brick kNN test images'] == {
+  assert drawn['brick test images'] == {
       len(os.listdir(os.path.join(root, 'brick', 'test', 'good')))
       + len(os.listdir(os.path.join(root, 'brick', 'test', 'hole')))}
   assert drawn['brick kNN coreset'] == {knn_rows(tmp_path / 'run')}

@@ -100,7 +100,11 @@ def test_aupro_uses_the_configured_limit(evaluation, max_fpr):
   assert row['aupro'] == pytest.approx(want, abs=1e-6)
 
 
-images_of = evaluate._test_images  # pylint: disable=protected-access
+# pylint: disable=protected-access
+kept_images = evaluate._kept_images
+ScorerPass = evaluate._ScorerPass
+predict_batches = evaluate._predict_batches
+# pylint: enable=protected-access
 
 
 class _Images:
@@ -135,22 +139,32 @@ def _ctx(n_images, batch_size, shapes):
                                predict_fn=predict_fn, cells=None)
 
 
-def test_test_images_in_order_in_full_batches_only():
+@pytest.mark.parametrize('masks', [True, False])
+def test_shown_images_take_the_maps_the_test_pass_kept(masks):
+  """The report's, the heat maps' and TensorBoard's images draw the maps
+  the evaluation's one pass over the test set kept, in the order asked,
+  with their images and masks read again and nothing predicted."""
   shapes = []
   ctx = _ctx(11, 4, shapes)
-  state = types.SimpleNamespace(head_vars=lambda: {})
-  got = list(images_of(ctx, state, [9, 2, 5, 6, 7]))
+  ctx.test_set.has_masks = masks
+  predict = evaluate.predictor(ctx, types.SimpleNamespace(head_vars=lambda: {}))
+  kept = ScorerPass(ctx.test_set, 0.3)
+  for batch, out in predict_batches(ctx, predict, ctx.test_set):
+    kept.add(out, batch)
+  assert shapes == [4, 4, 4]  # The pass: 11 images, the last batch padded.
+  got = list(kept_images(ctx, kept, [9, 2, 5, 6, 7]))
+  assert shapes == [4, 4, 4]  # Nothing predicted again.
   assert [g[0] for g in got] == [9, 2, 5, 6, 7]
   for index, image, amap, mask in got:
-    assert (image == index).all() and (amap == 10 * index).all()
-    assert (mask == index % 2).all()
-  assert shapes == [4, 4]  # 5 images as two batches of 4, none of 1.
-  # A test set smaller than the batch: batches of its size.
-  shapes.clear()
-  ctx = _ctx(3, 8, shapes)
-  got = list(images_of(ctx, state, [1]))
-  assert [g[0] for g in got] == [1] and shapes == [3]
-  assert not list(images_of(ctx, state, []))
+    assert (image == index).all()
+    assert amap.shape == (4, 5) and (amap == 10 * index).all()
+    if masks:
+      assert (mask == index % 2).all()
+    else:
+      assert mask is None
+  assert not list(kept_images(ctx, kept, []))
+  with pytest.raises(IndexError, match='11 added'):
+    list(kept_images(ctx, kept, [11]))
 
 
 def _tiny_config():
@@ -363,7 +377,7 @@ def test_categories_share_compilations(tmp_path):
 
 
 @pytest.mark.parametrize('augment', ['none', 'flips', 'shifts'])
-def test_yardstick_equals_a_knn_run(tmp_path, augment):
+def test_yardstick_equals_a_knn_run(tmp_path, monkeypatch, augment):
   """eval.yardstick's figures are those of a model.method=knn run of the same
   config: the same training images (hold-out split) in the same views
   (train.augment: each image and its three flips or shifts), coreset key,
@@ -384,16 +398,33 @@ def test_yardstick_equals_a_knn_run(tmp_path, augment):
   mesh = parallel.make_mesh(jax.devices()[:1])
   head = _tiny_category(cfg, tmp_path / 'simplenet', mesh, n_train=9,
                         n_test=8)
-  # The head's final evaluation writes the report's record first.
-  evaluate.evaluate_category(head, head.new_state(), None)
-  got = yardstick.evaluate_knn(head)
+  # The head's final evaluation scores kNN from the same backbone passes:
+  # the paired program (scoring.make_paired_predict_fn), not the head's own.
+  bank = yardstick.memory_bank(head)
+  from simplenet_jax import eval_record  # pylint: disable=g-import-not-at-top
+  drawn = {}  # The kNN maps the report's record is given.
+  add_yardstick = eval_record.add_yardstick
+
+  def record_knn_maps(category_dir, items, *args, **kwargs):
+    items = list(items)
+    drawn.update((i, amap) for i, _, amap, _ in items)
+    return add_yardstick(category_dir, items, *args, **kwargs)
+  monkeypatch.setattr(eval_record, 'add_yardstick', record_knn_maps)
+  head_only = head.predict_fn
+  head.predict_fn = lambda *a: pytest.fail('a second program scored the test')
+  row = evaluate.evaluate_category(head, head.new_state(), None, bank=bank)
+  head.predict_fn = head_only
+  got = {k: row[k] for k in report.YARDSTICK}
   knn_cfg = cfg.copy_and_resolve_references()
   knn_cfg.model.method = 'knn'
   ctx = _tiny_category(knn_cfg, tmp_path / 'knn', mesh, n_train=9, n_test=8)
   state, meta = loop.train_category(ctx, None)
-  row = evaluate.evaluate_category(ctx, state, meta)
-  want = {k: row[m] for k, m in zip(report.YARDSTICK, report.METRICS)}
+  knn_row = evaluate.evaluate_category(ctx, state, meta)
+  want = {k: knn_row[m] for k, m in zip(report.YARDSTICK, report.METRICS)}
   assert got == want
+  # One defect type here: no table by type for either (test_main.py has
+  # one of each beside the head's).
+  assert 'by_defect' not in knn_row and 'knn_by_defect' not in row
   assert 0.5 < want['knn_pixel_auroc'] < 1.0  # Not a degenerate case.
   # The bank was chosen from every view of every training image.
   with open(os.path.join(ctx.workdir, 'log.jsonl'), encoding='utf-8') as f:
@@ -403,8 +434,7 @@ def test_yardstick_equals_a_knn_run(tmp_path, augment):
   assert fit['feature_rows'] == views * len(ctx.train_idx) * h * w
 
   # The report's record holds kNN's maps of the head's gallery images: the
-  # image scores and colour range of the kNN run's own record.
-  from simplenet_jax import eval_record  # pylint: disable=g-import-not-at-top
+  # image scores, maps and colour range of the kNN run's own.
   rec = eval_record.load(head.workdir)
   knn_rec = eval_record.load(ctx.workdir)
   shown = eval_record.shown(rec['galleries'])
@@ -417,6 +447,12 @@ def test_yardstick_equals_a_knn_run(tmp_path, augment):
     assert os.path.getsize(tile) > 0
   np.testing.assert_allclose(rec['knn']['map_range'], knn_rec['map_range'],
                              rtol=1e-5)
+  assert sorted(drawn) == shown
+  images = np.stack([ctx.test_set.load(i)['image'] for i in shown])
+  knn_maps = np.asarray(ctx.predict_fn(ctx.backbone_vars, state.head_vars(),
+                                       images)['anomaly_maps'])
+  for i, want in zip(shown, knn_maps):
+    np.testing.assert_allclose(drawn[i], want, rtol=1e-5, atol=1e-6)
 
 
 def test_yardstick_reuses_the_training_features(tmp_path, monkeypatch):
@@ -425,6 +461,7 @@ def test_yardstick_reuses_the_training_features(tmp_path, monkeypatch):
   figures of a yardstick that builds them (what --mode=eval does)."""
   from simplenet_jax import feature_cache  # pylint: disable=g-import-not-at-top
   from simplenet_jax import loop  # pylint: disable=g-import-not-at-top
+  from simplenet_jax import report  # pylint: disable=g-import-not-at-top
   from simplenet_jax import yardstick  # pylint: disable=g-import-not-at-top
   cfg = _tiny_config()
   cfg.eval.yardstick = True
@@ -440,12 +477,16 @@ def test_yardstick_reuses_the_training_features(tmp_path, monkeypatch):
   kept = head.train_features
   assert kept.shape[0] == 4 * len(head.train_idx)  # Each image's 4 views.
   fresh = _tiny_category(cfg, tmp_path / 'built', mesh, n_train=9, n_test=8)
-  want = yardstick.evaluate_knn(fresh)
+  state = head.new_state()
+  figures = lambda ctx: {k: v for k, v in evaluate.evaluate_category(
+      ctx, state, None, bank=yardstick.memory_bank(ctx)).items()
+                         if k in report.YARDSTICK}
+  want = figures(fresh)
   monkeypatch.setattr(
       feature_cache, 'build',
       lambda *a, **k: pytest.fail('the training features were built again'))
-  got = yardstick.evaluate_knn(head)
-  assert got == want
+  got = figures(head)
+  assert got == want and len(got) == 3
   assert 0.5 < want['knn_pixel_auroc'] < 1.0  # Not a degenerate case.
   assert head.train_features is None  # Dropped: not kept past its use.
 
@@ -456,4 +497,4 @@ def test_yardstick_over_the_cache_cap_is_skipped(tmp_path):
   cfg.model.pretrain_embed_dim = cfg.model.target_embed_dim = D
   cfg.train.cache_max_gb = 1e-9
   mesh = parallel.make_mesh(jax.devices()[:1])
-  assert yardstick.evaluate_knn(_tiny_category(cfg, tmp_path, mesh)) == {}
+  assert yardstick.memory_bank(_tiny_category(cfg, tmp_path, mesh)) is None

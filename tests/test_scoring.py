@@ -284,6 +284,50 @@ def test_flips_average_the_four_flipped_back_passes(method):
                       then=lambda v: v)
 
 
+@pytest.mark.parametrize('tta,squash', [('none', 'none'),
+                                         ('flips', 'sigmoid')])
+def test_paired_predict_gives_each_scorers_own_outputs(tta, squash):
+  """The yardstick's paired program (one backbone pass for the head and
+  kNN) gives the head's outputs of its own predict function and kNN's of a
+  model.method=knn predict function; kNN's maps are never squashed."""
+  cfg, module, backbone_vars, images = _setup()
+  cfg.eval.tta, cfg.eval.squash = tta, squash
+  cfg.eval.image_score = 'map_max'
+  layers = ('layer2', 'layer3')
+  state = train.create_train_state(jax.random.key(1), cfg.model, cfg.optim,
+                                   16, 1, 1)
+  head = {'params': state.params, 'batch_stats': state.batch_stats}
+  bank = jnp.asarray(np.random.default_rng(3).normal(size=(40, 16)),
+                     jnp.float32)
+  paired = scoring.make_paired_predict_fn(module, layers, cfg.model, (32, 40),
+                                          cfg.eval)
+  got = paired(backbone_vars, head, bank, images)
+  want = scoring.make_predict_fn(module, layers, cfg.model, (32, 40),
+                                 cfg.eval)(backbone_vars, head, images)
+  knn_cfg = cfg.copy_and_resolve_references()
+  knn_cfg.model.method = 'knn'
+  want_knn = scoring.make_predict_fn(module, layers, knn_cfg.model, (32, 40),
+                                     cfg.eval)(backbone_vars, {'bank': bank},
+                                               images)
+  assert sorted(got) == sorted(
+      list(want) + [scoring.PAIRED_PREFIX + k for k in want_knn])
+  for k in want:
+    np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]),
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got[scoring.PAIRED_PREFIX + k]),
+                               np.asarray(want_knn[k]), rtol=1e-6, atol=1e-6)
+  # The two scorers differ (not one scorer's outputs twice), and kNN's map
+  # is of its raw distances, as large as they are, not squashed into (0, 1).
+  assert np.abs(np.asarray(got['anomaly_maps']) -
+                np.asarray(got['knn_anomaly_maps'])).max() > 0.1
+  assert np.asarray(got['knn_anomaly_maps']).max() > 1.0
+  if squash == 'sigmoid':
+    assert np.asarray(got['anomaly_maps']).max() < 1.0
+  # One backbone pass per view for both: its two convolutions, once.
+  program = str(jax.make_jaxpr(paired)(backbone_vars, head, bank, images))
+  assert program.count('conv_general_dilated[') == 2
+
+
 @pytest.mark.parametrize('tta', ['none', 'flips'])
 def test_squash_takes_the_heads_scores_through_a_sigmoid_of_the_margin(tta):
   """eval.squash='sigmoid': predict's, the cached-feature path's and
