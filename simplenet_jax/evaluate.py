@@ -48,13 +48,12 @@ def predictor(ctx, state, bank=None):
   return functools.partial(paired, ctx.backbone_vars, head, bank)
 
 
-def _predict_batches(ctx, predict, dataset, indices=None, batch_size=None,
-                     desc=None):
+def _predict_batches(ctx, predict, dataset, indices=None, desc=None):
   """Yields (batch, outputs of `predict` (`predictor`)) with outputs as
   numpy, padding removed; with `desc`, a progress bar of the images on a
   terminal."""
   c = ctx.config
-  batch_size = batch_size or c.eval.batch_size
+  batch_size = c.eval.batch_size
   total = len(dataset) if indices is None else len(indices)
   with console.progress(total, desc) as bar:
     for batch in loader.batches(dataset, batch_size, indices=indices,
@@ -72,8 +71,7 @@ def normal_statistics(ctx, state, dataset, indices):
   """Image scores (N,) of dataset[indices] and [min, max] of their maps."""
   scores, lo, hi = [], np.inf, -np.inf
   for _, out in _predict_batches(ctx, predictor(ctx, state), dataset,
-                                indices,
-                                desc=f'{ctx.category} threshold images'):
+                                indices, f'{ctx.category} threshold images'):
     scores.append(out['image_scores'])
     lo = min(lo, float(out['anomaly_maps'].min()))
     hi = max(hi, float(out['anomaly_maps'].max()))
