@@ -1,8 +1,9 @@
 """Evaluation of one category: scores, metrics, heat maps.
 
 Streams the test set: per batch the device returns image scores and smoothed
-maps; the host keeps one float32 copy of the maps, which the pixel metrics
-need, and nothing else, so memory grows only with the per-pixel arrays. The
+maps; the host keeps one float32 copy of each scorer's maps, which the pixel
+metrics need, and nothing else, so memory grows only with the per-pixel
+arrays (twice with the kNN yardstick, whose maps are kept too). The
 final evaluation also keeps what the HTML report shows (`eval_record`), and
 every evaluation can go to TensorBoard (`summaries`): their images take the
 kept maps, so each test image goes through the backbone once, for the kNN
