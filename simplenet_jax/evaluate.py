@@ -1,13 +1,15 @@
 """Evaluation of one category: scores, metrics, heat maps.
 
 Streams the test set: per batch the device returns image scores and smoothed
-maps; the host keeps one float32 copy of each scorer's maps, which the pixel
-metrics need, and nothing else, so memory grows only with the per-pixel
-arrays (twice with the kNN yardstick, whose maps are kept too). The
-final evaluation also keeps what the HTML report shows (`eval_record`), and
-every evaluation can go to TensorBoard (`summaries`): their images take the
-kept maps, so each test image goes through the backbone once, for the kNN
-yardstick's scores too (eval.yardstick: one program scores both).
+maps. With masks the host keeps one float32 copy of each scorer's maps,
+which the pixel metrics need, and nothing else, so memory grows only with
+the per-pixel arrays (twice with the kNN yardstick, whose maps are kept
+too); without masks it keeps only the maps of the images that can be shown
+(`_ShownMaps`). The final evaluation also keeps what the HTML report shows
+(`eval_record`), and every evaluation can go to TensorBoard (`summaries`):
+their images take the kept maps, so each test image goes through the
+backbone once, for the kNN yardstick's scores too (eval.yardstick: one
+program scores both).
 """
 
 import functools
@@ -197,23 +199,90 @@ def _cached_statistics(ctx, state, cache):
   return np.concatenate(scores), [lo, hi]
 
 
+class _ShownMaps:
+  """Without masks: the maps of the test images that can still be shown, and
+  no others.
+
+  The galleries (`eval_record.select_galleries`) and eval.visualize='top'
+  show the images that score highest or lowest within their class (normal
+  or anomalous), ties going to the earlier image (their stable sorts).
+  Keeping each class's `n` highest and `n` lowest finite scores by that
+  order, and every image whose score is not finite, holds every image they
+  can choose whatever the scores still to come, in at most 4 n maps plus
+  those. `always`: indices kept whatever they score (TensorBoard's fixed
+  few); `n=None` keeps every map (eval.visualize='all', or TensorBoard's
+  images where the test set cannot name its labels before the pass).
+  """
+
+  def __init__(self, n: int | None = None, always=()):
+    self.n = n
+    self.always = frozenset(int(i) for i in always)
+    self._maps, self._scores, self._labels = {}, {}, {}
+    self._count = 0
+
+  def add(self, maps, scores, labels) -> None:
+    """Appends a batch: (B, H, W) maps, (B,) image scores and labels."""
+    maps = np.asarray(maps, np.float32)
+    for j in range(len(maps)):
+      i = self._count + j
+      self._maps[i] = maps[j]
+      self._scores[i] = float(scores[j])
+      self._labels[i] = bool(labels[j])
+    self._count += len(maps)
+    if self.n is not None:
+      keep = self._wanted()
+      for i in [i for i in self._maps if i not in keep]:
+        del self._maps[i]
+
+  def _wanted(self) -> set:
+    keep = set(self.always)
+    for label in (False, True):
+      finite = [i for i in self._maps if self._labels[i] == label
+                and np.isfinite(self._scores[i])]
+      keep.update(i for i in self._maps if self._labels[i] == label
+                  and not np.isfinite(self._scores[i]))
+      keep.update(sorted(finite, key=lambda i: (-self._scores[i], i))[:self.n])
+      keep.update(sorted(finite, key=lambda i: (self._scores[i], i))[:self.n])
+    return keep
+
+  def __len__(self) -> int:
+    """How many maps are held."""
+    return len(self._maps)
+
+  def maps(self, images) -> np.ndarray:
+    """(k, H, W) float32: the kept maps of test images `images` (indices in
+    the order they were added)."""
+    images = np.asarray(images, np.int64).reshape(-1)
+    missing = [int(i) for i in images if int(i) not in self._maps]
+    if missing:
+      raise IndexError(f'the maps of test images {missing} were not kept '
+                       f'({self._count} added)')
+    if not images.size:
+      return np.empty((0, 0, 0), np.float32)
+    return np.stack([self._maps[int(i)] for i in images])
+
+
 class _ScorerPass:
   """One scorer's image scores and maps over the test set, read from the
   predict outputs under `prefix` ('' the model's, scoring.PAIRED_PREFIX the
   yardstick's kNN).
 
-  Every map is kept, one float32 copy (`metrics.PixelMetrics`): the pixel
-  metrics' input, and where the images the report, the heat maps and
-  TensorBoard show take theirs from (`_kept_images`), so no test image goes
-  through the backbone twice.
+  With masks every map is kept, one float32 copy (`metrics.PixelMetrics`):
+  the pixel metrics' input. Without masks `shown` (`_ShownMaps`; by default
+  every map) keeps those that can be shown. The images the report, the heat
+  maps and TensorBoard show take theirs from these (`_kept_images`), so no
+  test image goes through the backbone twice.
   """
 
-  def __init__(self, test, max_fpr: float, prefix: str = ''):
+  def __init__(self, test, max_fpr: float, prefix: str = '',
+               shown: '_ShownMaps | None' = None):
     self.prefix = prefix
     self.has_masks = test.has_masks
     self.batches = []
-    self.maps = metrics.PixelMetrics(expected_images=len(test),
-                                     max_fpr=max_fpr)
+    self.maps = (metrics.PixelMetrics(expected_images=len(test),
+                                      max_fpr=max_fpr)
+                 if test.has_masks else
+                 shown if shown is not None else _ShownMaps())
 
   @property
   def pixel(self):
@@ -221,9 +290,13 @@ class _ScorerPass:
     return self.maps if self.has_masks else None
 
   def add(self, out: dict, batch: dict) -> None:
-    self.batches.append(out[self.prefix + 'image_scores'])
-    self.maps.add(out[self.prefix + 'anomaly_maps'],
-                  batch['mask'] if self.has_masks else None)
+    scores = out[self.prefix + 'image_scores']
+    self.batches.append(scores)
+    if self.has_masks:
+      self.maps.add(out[self.prefix + 'anomaly_maps'], batch['mask'])
+    else:  # The shown images are chosen by the model's scores, kNN's too.
+      self.maps.add(out[self.prefix + 'anomaly_maps'], out['image_scores'],
+                    batch['label'])
 
   def figures(self, labels, curve_points: int = 0):
     """(scores (N,), {'image_auroc', 'pixel_auroc', 'aupro'}, PRO curve or
@@ -267,10 +340,12 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
   c = ctx.config
   test = ctx.test_set
   predict = predictor(ctx, state, bank)
-  scorers = [_ScorerPass(test, c.eval.aupro_max_fpr)]
+  scorers = [_ScorerPass(test, c.eval.aupro_max_fpr,
+                         shown=_shown_maps(ctx, visualize_maps, tb))]
   if bank is not None:
     scorers.append(_ScorerPass(test, c.eval.aupro_max_fpr,
-                               scoring.PAIRED_PREFIX))
+                               scoring.PAIRED_PREFIX,
+                               shown=_shown_maps(ctx, visualize_maps, tb)))
   labels, names, defects = [], [], []
   for batch, out in _predict_batches(ctx, predict, test,
                                      desc=f'{ctx.category} test images'):
@@ -336,6 +411,29 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
     _save_record(ctx, scorers, meta, row, scores, labels, names, pro_curve,
                  map_range, knn)
   return row
+
+
+def _shown_maps(ctx, visualize_maps: bool, tb) -> _ShownMaps:
+  """What an evaluation of a test set without masks keeps of its maps: those
+  its galleries (report.html), heat maps (eval.visualize) and TensorBoard
+  images can show (`evaluate_category`'s arguments)."""
+  c = ctx.config
+  if visualize_maps and c.eval.visualize == 'all':
+    return _ShownMaps()
+  n = 0
+  if visualize_maps and c.report.html:
+    n = c.report.gallery_size
+  if visualize_maps and c.eval.visualize == 'top':
+    n = max(n, c.eval.visualize_top_n)
+  always = ()
+  if (tb is not None and c.report.tensorboard
+      and c.report.tensorboard_heatmaps):
+    labels = getattr(ctx.test_set, 'labels', None)
+    if labels is None:  # Its labels come with its images: keep every map.
+      return _ShownMaps()
+    always = summaries.heatmap_indices(labels(),
+                                       c.report.tensorboard_heatmaps)
+  return _ShownMaps(n, always)
 
 
 def _kept_images(ctx, kept: _ScorerPass, indices):

@@ -476,6 +476,8 @@ def test_folder_without_masks(tmp_path):
   got = [(test.load(i)['defect'], test.load(i)['label']) for i in range(3)]
   assert got == [('dent', 1), ('dent', 1), ('normal', 0)]
   assert not any(test.load(i)['mask'].any() for i in range(3))
+  # Named without reading the files (evaluate keeps only what it can show).
+  assert test.labels().tolist() == [1, 1, 0]
 
 
 def test_folder_with_masks(tmp_path):
@@ -629,6 +631,7 @@ def test_cifar10_one_class_with_mock_data():
       assert ex['image'].shape == (48, 48, 3) and ex['image'].dtype == np.uint8
     got = [test.load(i)['label'] for i in range(len(test))]
     assert got == [int(c != 3) for c in test_labels]
+    assert test.labels().tolist() == got and 0 < sum(got) < len(got)
     # Upscaled bilinearly from the stored 32x32 image.
     j = int(train.indices[0])
     ref = PIL.Image.fromarray(raw_train[j]['image']).resize((48, 48), PIL.Image.Resampling.BILINEAR)

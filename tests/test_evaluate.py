@@ -14,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 
 from configs.default import get_config
 import helpers
+from simplenet_jax import eval_record
 from simplenet_jax import evaluate
 from simplenet_jax import parallel
 from simplenet_jax import scoring
@@ -100,6 +101,7 @@ def test_aupro_uses_the_configured_limit(evaluation, max_fpr):
   assert row['aupro'] == pytest.approx(want, abs=1e-6)
 
 
+_ADD_YARDSTICK = eval_record.add_yardstick  # Before any test patches it.
 # pylint: disable=protected-access
 kept_images = evaluate._kept_images
 ScorerPass = evaluate._ScorerPass
@@ -167,6 +169,137 @@ def test_shown_images_take_the_maps_the_test_pass_kept(masks):
     list(kept_images(ctx, kept, [11]))
 
 
+def test_shown_maps_hold_every_image_the_report_can_choose():
+  """Without masks the pass keeps each class's n highest and n lowest
+  scores (and every non-finite one, and the `always` indices): every
+  image the galleries and eval.visualize='top' then choose from the whole
+  test set's scores is there, ties and nan included, and no more."""
+  rng = np.random.default_rng(0)
+  n_images, n = 60, 3
+  scores = rng.integers(0, 6, n_images).astype(np.float64)  # Many ties.
+  scores[[7, 30]] = np.nan
+  scores[41] = np.inf
+  labels = rng.integers(0, 2, n_images)
+  maps = rng.normal(size=(n_images, 2, 3)).astype(np.float32)
+  always = (11, 12)
+  shown = evaluate._ShownMaps(n, always)  # pylint: disable=protected-access
+  held, start = [], 0
+  for size in (7, 1, 13, 20, 19):  # Uneven batches.
+    stop = start + size
+    shown.add(maps[start:stop], scores[start:stop], labels[start:stop])
+    held.append(len(shown))
+    start = stop
+  assert start == n_images
+  galleries = eval_record.select_galleries(scores, labels, n)
+  top = np.argsort(-scores, kind='stable')[:n]  # evaluate._save_heatmaps.
+  wanted = sorted(set(eval_record.shown(galleries)) | set(top.tolist())
+                  | set(always))
+  np.testing.assert_array_equal(shown.maps(wanted), maps[wanted])
+  assert max(held) <= 4 * n + len(always) + 3 + 20  # + the batch it prunes.
+  assert len(shown) <= 4 * n + len(always) + 3
+  # The image in the middle of the order is gone, and asking says so.
+  middle = int(np.argsort(scores, kind='stable')[n_images // 2])
+  with pytest.raises(IndexError, match=f'test images \\[{middle}\\] were '
+                     'not kept'):
+    shown.maps([middle])
+  everything = evaluate._ShownMaps()  # pylint: disable=protected-access
+  everything.add(maps, scores, labels)
+  np.testing.assert_array_equal(everything.maps(range(n_images)), maps)
+
+
+def _drawn_knn_maps(monkeypatch) -> dict:
+  """{test image index: kNN map} that the report's record is given
+  (`eval_record.add_yardstick`, patched to note them) from now on."""
+  drawn = {}
+  add_yardstick = _ADD_YARDSTICK
+
+  def record_knn_maps(category_dir, items, *args, **kwargs):
+    items = list(items)
+    drawn.update((i, amap) for i, _, amap, _ in items)
+    return add_yardstick(category_dir, items, *args, **kwargs)
+  monkeypatch.setattr(eval_record, 'add_yardstick', record_knn_maps)
+  return drawn
+
+
+class _UnmaskedImages(_DefectImages):
+  """_DefectImages without masks, whose labels are known before reading."""
+  has_masks = False
+
+  def labels(self):
+    return self.masks.any(axis=(1, 2)).astype(np.int64)
+
+
+class _Events:
+  """A stand-in TensorBoard writer: the images it was given."""
+
+  def __init__(self):
+    self.images = {}
+
+  def scalars(self, *args):
+    del args
+
+  def image(self, tag, step, image):
+    del step
+    self.images[tag] = np.asarray(image)
+
+
+def test_without_masks_only_the_shown_maps_are_kept(tmp_path, monkeypatch):
+  """Without masks an evaluation keeps only the maps it can show, and shows
+  exactly what keeping every map shows: galleries (the head's and kNN's
+  maps), heat maps and TensorBoard's images."""
+  from simplenet_jax import yardstick  # pylint: disable=g-import-not-at-top
+  cfg = _tiny_config()
+  cfg.eval.batch_size = 5
+  cfg.knn.coreset_fraction = 0.3
+  cfg.eval.visualize = 'top'
+  cfg.eval.visualize_top_n = 3
+  cfg.report.gallery_size = 2
+  n_test = 30
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  ctx = _tiny_category(cfg, tmp_path, mesh, n_train=9, n_test=n_test,
+                       test_cls=_UnmaskedImages)
+  bank = yardstick.memory_bank(ctx)
+  held = []
+  add = evaluate._ShownMaps.add  # pylint: disable=protected-access
+
+  def counted(self, *args):
+    add(self, *args)
+    held.append(len(self))
+  monkeypatch.setattr(evaluate._ShownMaps, 'add', counted)  # pylint: disable=protected-access
+
+  def shows(keep_all):
+    if keep_all:
+      monkeypatch.setattr(evaluate, '_shown_maps',
+                          lambda *a: evaluate._ShownMaps())  # pylint: disable=protected-access
+    drawn = _drawn_knn_maps(monkeypatch)
+    held.clear()
+    tb = _Events()
+    row = evaluate.evaluate_category(ctx, ctx.new_state(), None, tb=tb,
+                                     step=1, bank=bank)
+    rec = eval_record.load(ctx.workdir)
+    tiles = {i: open(eval_record.tile_path(ctx.workdir, rec, i), 'rb').read()
+             for i in eval_record.shown(rec['galleries'])}
+    heat = {f: open(os.path.join(ctx.workdir, 'heatmaps', f), 'rb').read()
+            for f in sorted(os.listdir(os.path.join(ctx.workdir,
+                                                    'heatmaps')))}
+    return row, rec['galleries'], tiles, drawn, tb.images, heat, max(held)
+
+  row, galleries, tiles, drawn, tb_images, heat, most = shows(False)
+  assert np.isnan(row['pixel_auroc']) and 'knn_image_auroc' in row
+  assert len(tiles) >= 4 and len(tb_images) == 4 and len(heat) == 3
+  # Two scorers, each at most 4 x 3 + 4 maps after a batch of 5 is pruned.
+  assert most <= 4 * 3 + 4 + 5 < n_test
+  want = shows(True)
+  assert want[-1] == n_test  # Keeping every map.
+  assert galleries == want[1] and tiles == want[2] and heat == want[5]
+  assert sorted(drawn) == sorted(want[3]) == eval_record.shown(galleries)
+  for i in drawn:
+    np.testing.assert_array_equal(drawn[i], want[3][i])
+  assert sorted(tb_images) == sorted(want[4])
+  for tag in tb_images:
+    np.testing.assert_array_equal(tb_images[tag], want[4][tag])
+
+
 def _tiny_config():
   """The default config with a head sized for the tiny backbone."""
   cfg = get_config()
@@ -177,14 +310,15 @@ def _tiny_config():
 
 
 def _tiny_category(cfg, tmp_path, mesh, name='tiny', n_train=7, n_test=4,
-                   val=None):
+                   val=None, test_cls=None):
   """A CategoryContext on the tiny backbone, random training images,
-  _DefectImages for test and the validation images `val` (or none)."""
+  _DefectImages (or `test_cls`) for test and the validation images `val`
+  (or none)."""
   from simplenet_jax import category as category_lib  # pylint: disable=g-import-not-at-top
   return category_lib.CategoryContext.from_datasets(
       cfg, str(tmp_path), name, 'object', helpers.TinyBackbone(),
       helpers.tiny_backbone_vars(), mesh, helpers.RandomImages(n_train, SIZE),
-      _DefectImages(n_test), val)
+      (test_cls or _DefectImages)(n_test), val)
 
 
 @pytest.mark.parametrize('method', ['simplenet', 'knn'])
@@ -401,15 +535,7 @@ def test_yardstick_equals_a_knn_run(tmp_path, monkeypatch, augment):
   # The head's final evaluation scores kNN from the same backbone passes:
   # the paired program (scoring.make_paired_predict_fn), not the head's own.
   bank = yardstick.memory_bank(head)
-  from simplenet_jax import eval_record  # pylint: disable=g-import-not-at-top
-  drawn = {}  # The kNN maps the report's record is given.
-  add_yardstick = eval_record.add_yardstick
-
-  def record_knn_maps(category_dir, items, *args, **kwargs):
-    items = list(items)
-    drawn.update((i, amap) for i, _, amap, _ in items)
-    return add_yardstick(category_dir, items, *args, **kwargs)
-  monkeypatch.setattr(eval_record, 'add_yardstick', record_knn_maps)
+  drawn = _drawn_knn_maps(monkeypatch)  # What the report's record is given.
   head_only = head.predict_fn
   head.predict_fn = lambda *a: pytest.fail('a second program scored the test')
   row = evaluate.evaluate_category(head, head.new_state(), None, bank=bank)

@@ -2,7 +2,10 @@
 
 A dataset has __len__, load(i) -> dict(image (H,W,3) uint8, mask (H,W) uint8
 in {0,1}, label int 0 normal / 1 anomalous, path str, defect str) and the
-attributes name, has_masks (False: skip pixel metrics), image_hw (H, W).
+attributes name, has_masks (False: skip pixel metrics), image_hw (H, W);
+optionally labels() -> (N,) every label without reading the images (the
+file kinds and cifar10: an evaluation without masks then keeps only the
+maps it can show).
 `loader.batches` turns one into batches; `image_ids` names its images.
 
 dataset.kind:

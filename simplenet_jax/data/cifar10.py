@@ -79,6 +79,11 @@ class Cifar10OneClass:
   def __len__(self) -> int:
     return len(self.indices)
 
+  def labels(self) -> np.ndarray:
+    """(N,) int: each image's label (1 = not the normal class), as `load`
+    gives it, without decoding the images."""
+    return (self.classes != self.normal_class).astype(np.int64)
+
   def load(self, i: int) -> dict:
     j = int(self.indices[i])
     r = self.source[j]

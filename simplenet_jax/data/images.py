@@ -236,6 +236,11 @@ class FileDataset:
   def __len__(self) -> int:
     return len(self.samples)
 
+  def labels(self) -> np.ndarray:
+    """(N,) int: each image's label (0 normal, 1 anomalous), as `load` gives
+    it, without reading the files."""
+    return np.asarray([s.label for s in self.samples], np.int64)
+
   def load(self, i: int) -> dict:
     s = self.samples[i]
     image = load_rgb(s.image)
