@@ -340,12 +340,14 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
   c = ctx.config
   test = ctx.test_set
   predict = predictor(ctx, state, bank)
-  scorers = [_ScorerPass(test, c.eval.aupro_max_fpr,
-                         shown=_shown_maps(ctx, visualize_maps, tb))]
+
+  def scorer(prefix=''):
+    return _ScorerPass(test, c.eval.aupro_max_fpr, prefix,
+                       None if test.has_masks else
+                       _shown_maps(ctx, visualize_maps, tb))
+  scorers = [scorer()]
   if bank is not None:
-    scorers.append(_ScorerPass(test, c.eval.aupro_max_fpr,
-                               scoring.PAIRED_PREFIX,
-                               shown=_shown_maps(ctx, visualize_maps, tb)))
+    scorers.append(scorer(scoring.PAIRED_PREFIX))
   labels, names, defects = [], [], []
   for batch, out in _predict_batches(ctx, predict, test,
                                      desc=f'{ctx.category} test images'):
