@@ -5,6 +5,7 @@ report hooks, with a stand-in model (no backbone)."""
 
 import json
 import os
+import pathlib
 import types
 
 import jax
@@ -195,8 +196,7 @@ def test_shown_maps_hold_every_image_the_report_can_choose():
   wanted = sorted(set(eval_record.shown(galleries)) | set(top.tolist())
                   | set(always))
   np.testing.assert_array_equal(shown.maps(wanted), maps[wanted])
-  assert max(held) <= 4 * n + len(always) + 3 + 20  # + the batch it prunes.
-  assert len(shown) <= 4 * n + len(always) + 3
+  assert max(held) <= 4 * n + len(always) + 3  # Pruned after every batch.
   # The image in the middle of the order is gone, and asking says so.
   middle = int(np.argsort(scores, kind='stable')[n_images // 2])
   with pytest.raises(IndexError, match=f'test images \\[{middle}\\] were '
@@ -277,18 +277,17 @@ def test_without_masks_only_the_shown_maps_are_kept(tmp_path, monkeypatch):
     row = evaluate.evaluate_category(ctx, ctx.new_state(), None, tb=tb,
                                      step=1, bank=bank)
     rec = eval_record.load(ctx.workdir)
-    tiles = {i: open(eval_record.tile_path(ctx.workdir, rec, i), 'rb').read()
-             for i in eval_record.shown(rec['galleries'])}
-    heat = {f: open(os.path.join(ctx.workdir, 'heatmaps', f), 'rb').read()
-            for f in sorted(os.listdir(os.path.join(ctx.workdir,
-                                                    'heatmaps')))}
+    tiles = {i: pathlib.Path(eval_record.tile_path(ctx.workdir, rec, i))
+             .read_bytes() for i in eval_record.shown(rec['galleries'])}
+    heat = {f.name: f.read_bytes() for f in
+            sorted(pathlib.Path(ctx.workdir, 'heatmaps').iterdir())}
     return row, rec['galleries'], tiles, drawn, tb.images, heat, max(held)
 
   row, galleries, tiles, drawn, tb_images, heat, most = shows(False)
   assert np.isnan(row['pixel_auroc']) and 'knn_image_auroc' in row
   assert len(tiles) >= 4 and len(tb_images) == 4 and len(heat) == 3
-  # Two scorers, each at most 4 x 3 + 4 maps after a batch of 5 is pruned.
-  assert most <= 4 * 3 + 4 + 5 < n_test
+  # Two scorers, each holding at most 4 x 3 + 4 maps after every batch.
+  assert most <= 4 * 3 + 4 < n_test
   want = shows(True)
   assert want[-1] == n_test  # Keeping every map.
   assert galleries == want[1] and tiles == want[2] and heat == want[5]
