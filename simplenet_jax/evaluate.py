@@ -225,7 +225,7 @@ class _ShownMaps:
     maps = np.asarray(maps, np.float32)
     for j in range(len(maps)):
       i = self._count + j
-      self._maps[i] = maps[j]
+      self._maps[i] = maps[j].copy()  # Not a view: the batch can go.
       self._scores[i] = float(scores[j])
       self._labels[i] = bool(labels[j])
     self._count += len(maps)

@@ -197,6 +197,8 @@ def test_shown_maps_hold_every_image_the_report_can_choose():
                   | set(always))
   np.testing.assert_array_equal(shown.maps(wanted), maps[wanted])
   assert max(held) <= 4 * n + len(always) + 3  # Pruned after every batch.
+  # Each kept map owns its memory: a view would keep its whole batch alive.
+  assert all(m.base is None for m in shown._maps.values())  # pylint: disable=protected-access
   # The image in the middle of the order is gone, and asking says so.
   middle = int(np.argsort(scores, kind='stable')[n_images // 2])
   with pytest.raises(IndexError, match=f'test images \\[{middle}\\] were '
