@@ -217,49 +217,48 @@ class _ShownMaps:
   def __init__(self, n: int | None = None, always=()):
     self.n = n
     self.always = frozenset(int(i) for i in always)
-    self._maps, self._scores, self._labels = {}, {}, {}
+    self._held = {}  # index -> (map, score, label), the kept images only.
     self._count = 0
 
   def add(self, maps, scores, labels) -> None:
     """Appends a batch: (B, H, W) maps, (B,) image scores and labels."""
     maps = np.asarray(maps, np.float32)
     for j in range(len(maps)):
-      i = self._count + j
-      self._maps[i] = maps[j].copy()  # Not a view: the batch can go.
-      self._scores[i] = float(scores[j])
-      self._labels[i] = bool(labels[j])
+      # A copy, not a view: the batch's array can go.
+      self._held[self._count + j] = (maps[j].copy(), float(scores[j]),
+                                     bool(labels[j]))
     self._count += len(maps)
     if self.n is not None:
       keep = self._wanted()
-      for i in [i for i in self._maps if i not in keep]:
-        del self._maps[i]
+      self._held = {i: v for i, v in self._held.items() if i in keep}
 
   def _wanted(self) -> set:
     keep = set(self.always)
     for label in (False, True):
-      finite = [i for i in self._maps if self._labels[i] == label
-                and np.isfinite(self._scores[i])]
-      keep.update(i for i in self._maps if self._labels[i] == label
-                  and not np.isfinite(self._scores[i]))
-      keep.update(sorted(finite, key=lambda i: (-self._scores[i], i))[:self.n])
-      keep.update(sorted(finite, key=lambda i: (self._scores[i], i))[:self.n])
+      scored = [(score, i) for i, (_, score, lab) in self._held.items()
+                if lab == label]
+      keep.update(i for score, i in scored if not np.isfinite(score))
+      finite = [(score, i) for score, i in scored if np.isfinite(score)]
+      keep.update(i for _, i in
+                  sorted(finite, key=lambda t: (-t[0], t[1]))[:self.n])
+      keep.update(i for _, i in sorted(finite)[:self.n])
     return keep
 
   def __len__(self) -> int:
     """How many maps are held."""
-    return len(self._maps)
+    return len(self._held)
 
   def maps(self, images) -> np.ndarray:
     """(k, H, W) float32: the kept maps of test images `images` (indices in
     the order they were added)."""
     images = np.asarray(images, np.int64).reshape(-1)
-    missing = [int(i) for i in images if int(i) not in self._maps]
+    missing = [int(i) for i in images if int(i) not in self._held]
     if missing:
       raise IndexError(f'the maps of test images {missing} were not kept '
                        f'({self._count} added)')
     if not images.size:
       return np.empty((0, 0, 0), np.float32)
-    return np.stack([self._maps[int(i)] for i in images])
+    return np.stack([self._held[int(i)][0] for i in images])
 
 
 class _ScorerPass:
@@ -268,21 +267,20 @@ class _ScorerPass:
   yardstick's kNN).
 
   With masks every map is kept, one float32 copy (`metrics.PixelMetrics`):
-  the pixel metrics' input. Without masks `shown` (`_ShownMaps`; by default
-  every map) keeps those that can be shown. The images the report, the heat
+  the pixel metrics' input. Without masks a `_ShownMaps(*shown)` (by
+  default every map; `_shown_spec`) keeps those that can be shown. The images the report, the heat
   maps and TensorBoard show take theirs from these (`_kept_images`), so no
   test image goes through the backbone twice.
   """
 
   def __init__(self, test, max_fpr: float, prefix: str = '',
-               shown: '_ShownMaps | None' = None):
+               shown: tuple = (None, ())):
     self.prefix = prefix
     self.has_masks = test.has_masks
     self.batches = []
     self.maps = (metrics.PixelMetrics(expected_images=len(test),
                                       max_fpr=max_fpr)
-                 if test.has_masks else
-                 shown if shown is not None else _ShownMaps())
+                 if test.has_masks else _ShownMaps(*shown))
 
   @property
   def pixel(self):
@@ -340,14 +338,11 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
   c = ctx.config
   test = ctx.test_set
   predict = predictor(ctx, state, bank)
-
-  def scorer(prefix=''):
-    return _ScorerPass(test, c.eval.aupro_max_fpr, prefix,
-                       None if test.has_masks else
-                       _shown_maps(ctx, visualize_maps, tb))
-  scorers = [scorer()]
+  shown = _shown_spec(ctx, visualize_maps, tb)
+  scorers = [_ScorerPass(test, c.eval.aupro_max_fpr, shown=shown)]
   if bank is not None:
-    scorers.append(scorer(scoring.PAIRED_PREFIX))
+    scorers.append(_ScorerPass(test, c.eval.aupro_max_fpr,
+                               scoring.PAIRED_PREFIX, shown))
   labels, names, defects = [], [], []
   for batch, out in _predict_batches(ctx, predict, test,
                                      desc=f'{ctx.category} test images'):
@@ -415,13 +410,15 @@ def evaluate_category(ctx, state, meta, visualize_maps: bool = True,
   return row
 
 
-def _shown_maps(ctx, visualize_maps: bool, tb) -> _ShownMaps:
-  """What an evaluation of a test set without masks keeps of its maps: those
-  its galleries (report.html), heat maps (eval.visualize) and TensorBoard
-  images can show (`evaluate_category`'s arguments)."""
+def _shown_spec(ctx, visualize_maps: bool, tb) -> tuple:
+  """(n, always) of the `_ShownMaps` an evaluation of a test set without
+  masks keeps its maps in: those its galleries (report.html), heat maps
+  (eval.visualize) and TensorBoard images can show (`evaluate_category`'s
+  arguments). (None, ()) keeps every map; with masks, unused."""
   c = ctx.config
-  if visualize_maps and c.eval.visualize == 'all':
-    return _ShownMaps()
+  if ctx.test_set.has_masks or (visualize_maps and
+                                c.eval.visualize == 'all'):
+    return None, ()
   n = 0
   if visualize_maps and c.report.html:
     n = c.report.gallery_size
@@ -432,10 +429,10 @@ def _shown_maps(ctx, visualize_maps: bool, tb) -> _ShownMaps:
       and c.report.tensorboard_heatmaps):
     labels = getattr(ctx.test_set, 'labels', None)
     if labels is None:  # Its labels come with its images: keep every map.
-      return _ShownMaps()
+      return None, ()
     always = summaries.heatmap_indices(labels(),
                                        c.report.tensorboard_heatmaps)
-  return _ShownMaps(n, always)
+  return n, always
 
 
 def _kept_images(ctx, kept: _ScorerPass, indices):

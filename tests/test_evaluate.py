@@ -177,7 +177,7 @@ def test_shown_maps_hold_every_image_the_report_can_choose():
   test set's scores is there, ties and nan included, and no more."""
   rng = np.random.default_rng(0)
   n_images, n = 60, 3
-  scores = rng.integers(0, 6, n_images).astype(np.float64)  # Many ties.
+  scores = rng.integers(0, 3, n_images).astype(np.float64)  # Many ties.
   scores[[7, 30]] = np.nan
   scores[41] = np.inf
   labels = rng.integers(0, 2, n_images)
@@ -198,7 +198,7 @@ def test_shown_maps_hold_every_image_the_report_can_choose():
   np.testing.assert_array_equal(shown.maps(wanted), maps[wanted])
   assert max(held) <= 4 * n + len(always) + 3  # Pruned after every batch.
   # Each kept map owns its memory: a view would keep its whole batch alive.
-  assert all(m.base is None for m in shown._maps.values())  # pylint: disable=protected-access
+  assert all(m.base is None for m, *_ in shown._held.values())  # pylint: disable=protected-access
   # The image in the middle of the order is gone, and asking says so.
   middle = int(np.argsort(scores, kind='stable')[n_images // 2])
   with pytest.raises(IndexError, match=f'test images \\[{middle}\\] were '
@@ -271,8 +271,7 @@ def test_without_masks_only_the_shown_maps_are_kept(tmp_path, monkeypatch):
 
   def shows(keep_all):
     if keep_all:
-      monkeypatch.setattr(evaluate, '_shown_maps',
-                          lambda *a: evaluate._ShownMaps())  # pylint: disable=protected-access
+      monkeypatch.setattr(evaluate, '_shown_spec', lambda *a: (None, ()))
     drawn = _drawn_knn_maps(monkeypatch)
     held.clear()
     tb = _Events()
