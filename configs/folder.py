@@ -47,11 +47,11 @@ textures:
   (two --workdir) with --config.eval.synthetic_defects=16 and keep the run
   whose synthetic-defect pixel AUROC is higher.
 Every evaluation also reports kNN on the same features (eval.yardstick; on
-the cookie photos at 128 px it still localises better than the head);
+the cookie photos at this config's 256 px, with the CPU flags below, the
+head passes it in every column; at 128 px kNN localises better);
 --config.model.method=knn --config.synthesis.gas=none
---config.train.neighbour_mix=0 trains and ships that scorer instead. With
-hundreds of training images, if the loss saturated at the end and the head
-trails kNN, the run's 'hint:' line says what to try.
+--config.train.neighbour_mix=0 trains and ships that scorer instead. If the loss saturated at the end of training and the
+head trails kNN, the run's 'hint:' line says what to try.
 
 On a CPU add --config.model.pretrain_embed_dim=384
 --config.model.target_embed_dim=384 --config.train.num_passes=40 (the
@@ -63,10 +63,10 @@ photos alone) and scored 99.9 / 97.5 / 92.2 (I / P / PRO %, 3 seeds; kNN
 on the same features and views 97.9 / 96.5 / 90.7). One head
 (--config.model.heads=1) took 6-8 s per pass over the photos alone; adding
 --config.model.hidden=256, 2.0 s. The released sizes cost about 25 s per
-pass with one head there. The kNN yardstick adds its
-coreset selection, which grows as the square of the number of training
-images (279 photos at 256x256: about 4 minutes on that CPU);
---config.eval.yardstick=False skips it. A run trained with this config
+pass with one head there. The kNN yardstick adds its coreset selection,
+which grows as the square of the number of training images (279 photos at
+256x256: about 4 minutes on that CPU); --config.eval.yardstick=False skips
+it. A run trained with this config
 before the twenty-fourth round (one head) needs --config.model.heads=1 to
 be resumed or evaluated.
 """
