@@ -50,8 +50,9 @@ Every evaluation also reports kNN on the same features (eval.yardstick; on
 the cookie photos at this config's 256 px, with the CPU flags below, the
 head passes it in every column; at 128 px kNN localises better);
 --config.model.method=knn --config.synthesis.gas=none
---config.train.neighbour_mix=0 trains and ships that scorer instead. If the loss saturated at the end of training and the
-head trails kNN, the run's 'hint:' line says what to try.
+--config.train.neighbour_mix=0 trains and ships that scorer instead. If
+the loss saturated at the end of training and the head trails kNN, the
+run's 'hint:' line says what to try.
 
 On a CPU add --config.model.pretrain_embed_dim=384
 --config.model.target_embed_dim=384 --config.train.num_passes=40 (the
