@@ -12,7 +12,8 @@ its synthesis and restart on saturation off, one head of 256 hidden units
 (the rows' head up to the thirteenth round; 'gas_auto_mix_squash' is
 configs/demo.py as shipped), its training images alone for 40 passes and the row's keys, the final model evaluated (no test-set selection). Rows are
 config overrides (ROWS); 'base+key=value+...' adds or changes keys, e.g.
-'spread+model.noise_rel=0.8'.
+'spread+model.noise_rel=0.8'; a JSON list value is a tuple, e.g.
+'spread+backbone.layers=["layer1","layer2"]'.
 
 Sets: cookies (../shared/datasets/cookies, 576x768 photos resized whole
 to 128x128, configs/demo.py's texture size, so that no part of a cookie is
@@ -171,8 +172,21 @@ def row_overrides(name: str) -> dict:
       value = json.loads(value)
     except ValueError:
       pass
-    out[key] = value
+    # The configs' sequences are tuples ('backbone.layers=["layer1","layer2"]').
+    out[key] = tuple(value) if isinstance(value, list) else value
   return out
+
+
+def split_rows(rows: str) -> list[str]:
+  """--rows at its commas outside brackets, so that a row's list value
+  ('x+backbone.layers=["layer1","layer2"]') stays one row."""
+  out, depth, start = [], 0, 0
+  for i, ch in enumerate(rows):
+    depth += {'[': 1, ']': -1}.get(ch, 0)
+    if ch == ',' and depth == 0:
+      out.append(rows[start:i])
+      start = i + 1
+  return out + [rows[start:]]
 
 
 def set_config(name: str, row: str, seed: int, args):
@@ -347,7 +361,7 @@ def main(argv=None):
                        'grass, gravel); the cookies photos are fixed')
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     for name in a.sets.split(','):
-      for row in a.rows.split(','):
+      for row in split_rows(a.rows):
         for seed in (int(s) for s in a.seeds.split(',')):
           res = run_one(name, row, seed, a)
           print(json.dumps({k: v for k, v in res.items() if k != 'last'}),

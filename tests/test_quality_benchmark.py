@@ -218,3 +218,16 @@ def test_train_tiles_refused_for_cookies():
   with pytest.raises(SystemExit, match='only for the demo sets'):
     quality.main(['--sets', 'cookies,gravel', '--train-tiles', '80',
                   '--out', '/nonexistent/q.jsonl'])
+
+
+def test_a_row_takes_a_tuple_value():
+  # The configs' sequence keys are tuples: a JSON list in a row becomes one,
+  # and --rows keeps it one row though it holds a comma.
+  rows = quality.split_rows(
+      'spread,gas_flips+backbone.layers=["layer1","layer2"]+model.heads=3')
+  assert rows == ['spread',
+                  'gas_flips+backbone.layers=["layer1","layer2"]+model.heads=3']
+  over = quality.row_overrides(rows[1])
+  assert over['backbone.layers'] == ('layer1', 'layer2')
+  assert over['model.heads'] == 3
+  assert quality.split_rows('spread') == ['spread']
