@@ -12,7 +12,7 @@ its synthesis and restart on saturation off, one head of 256 hidden units
 (the rows' head up to the thirteenth round; 'gas_auto_mix_squash' is
 configs/demo.py as shipped), its training images alone for 40 passes and the row's keys, the final model evaluated (no test-set selection). Rows are
 config overrides (ROWS); 'base+key=value+...' adds or changes keys, e.g.
-'spread+model.noise_rel=0.8'; a JSON list value is a tuple, e.g.
+'spread+model.noise_rel=0.8', or with a JSON list,
 'spread+backbone.layers=["layer1","layer2"]'.
 
 Sets: cookies (../shared/datasets/cookies, 576x768 photos resized whole
@@ -172,8 +172,7 @@ def row_overrides(name: str) -> dict:
       value = json.loads(value)
     except ValueError:
       pass
-    # The configs' sequences are tuples ('backbone.layers=["layer1","layer2"]').
-    out[key] = tuple(value) if isinstance(value, list) else value
+    out[key] = value
   return out
 
 

@@ -1,5 +1,6 @@
 """benchmarks/quality.py's table: the kNN yardstick row counts each run once."""
 
+import argparse
 import json
 import os
 import sys
@@ -220,14 +221,16 @@ def test_train_tiles_refused_for_cookies():
                   '--out', '/nonexistent/q.jsonl'])
 
 
-def test_a_row_takes_a_tuple_value():
-  # The configs' sequence keys are tuples: a JSON list in a row becomes one,
-  # and --rows keeps it one row though it holds a comma.
+def test_a_row_takes_a_list_value():
+  # --rows keeps a row with a JSON list one row though the list holds a
+  # comma, and the list reaches the config's tuple key.
   rows = quality.split_rows(
       'spread,gas_flips+backbone.layers=["layer1","layer2"]+model.heads=3')
   assert rows == ['spread',
                   'gas_flips+backbone.layers=["layer1","layer2"]+model.heads=3']
-  over = quality.row_overrides(rows[1])
-  assert over['backbone.layers'] == ('layer1', 'layer2')
-  assert over['model.heads'] == 3
   assert quality.split_rows('spread') == ['spread']
+  args = argparse.Namespace(weights_dir='pretrained', workdir='unused',
+                            train_tiles=0, passes=0)
+  c = quality.set_config('cookies', rows[1], 0, args)
+  assert tuple(c.backbone.layers) == ('layer1', 'layer2')
+  assert c.model.heads == 3
