@@ -233,7 +233,10 @@ def metadata(config, category: str, meta: dict, files: dict) -> dict:
       'method': config.model.method,
       'backbone': config.backbone.name,
       'layers': list(config.backbone.layers),
+      # What predict and model.jaxexport compute the backbone in; model.onnx
+      # computes it in float32 (`backbones.onnx_variant`).
       'backbone_dtype': config.backbone.dtype,
+      'onnx_backbone_dtype': 'float32',
       'image_size': [h, w],
       'input': {'name': INPUT_NAME, 'dtype': 'uint8', 'layout': 'NHWC',
                 'shape': [BATCH_DIM, h, w, 3], 'channels': 'RGB'},

@@ -294,6 +294,16 @@ def exported_wrn50(tmp_path_factory, lite0_weights_dir, awkward_root,
 
 
 @pytest.fixture(scope='session')
+def exported_lite0_bf16(tmp_path_factory, lite0_weights_dir, awkward_root,
+                        jax_cache_dir):
+  """EfficientNet-Lite0 (real weights), 64 px, its backbone computed in
+  bfloat16 (backbone.dtype): trained, exported, predicted."""
+  return _exported(tmp_path_factory, lite0_weights_dir, awkward_root,
+                   jax_cache_dir, 'lite0_bf16',
+                   ('--config.backbone.dtype=bfloat16',))
+
+
+@pytest.fixture(scope='session')
 def exported_knn(tmp_path_factory, lite0_weights_dir, awkward_root,
                  jax_cache_dir):
   """model.method=knn on Lite0 (real weights), 64 px, scored under

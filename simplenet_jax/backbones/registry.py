@@ -124,11 +124,19 @@ def build(name: str, layers: Sequence[str],
 
 def onnx_variant(module: nn.Module) -> nn.Module:
   """`module` as an ONNX graph should compute it: the same variables and
-  outputs, with EfficientNet-Lite's depthwise convolutions as grouped
-  convolutions (one ONNX Conv each) instead of XLA:CPU's faster shifts."""
+  outputs, in float32, with EfficientNet-Lite's depthwise convolutions as
+  grouped convolutions (one ONNX Conv each) instead of XLA:CPU's faster
+  shifts.
+
+  float32 whatever `module.dtype`: ONNX Runtime's CPU kernels have no
+  bfloat16 convolutions (a bfloat16 graph does not load), and the
+  parameters are float32 anyway. A bfloat16 model's graph therefore differs
+  from predict's by bfloat16's rounding, which no float32 graph can repeat
+  exactly: XLA itself drops some of the roundings its bfloat16 ops imply
+  (an f32 -> bf16 -> f32 round trip is simplified away)."""
   if isinstance(module, efficientnet_lite.EfficientNetLite):
-    return module.clone(grouped_depthwise=True)
-  return module
+    return module.clone(grouped_depthwise=True, dtype=jnp.float32)
+  return module.clone(dtype=jnp.float32)
 
 
 def build_full(name: str) -> nn.Module:
