@@ -55,6 +55,11 @@ def get_config():
   # nearest-neighbour scoring on the same local features, no training).
   c.model.method = 'simplenet'
   c.model.patch_size = 3
+  # The backbone layers after the first read the image upsampled by this
+  # factor (bilinear); 1 = the released features. With 2 a stride-16 layer
+  # lands on a stride-8 layer's grid and sees half the share of the image,
+  # so a defect's trace reaches fewer cells round it (docs/switches.md).
+  c.model.coarse_scale = 1
   c.model.pretrain_embed_dim = 1536
   c.model.target_embed_dim = 1536
   c.model.hidden = 1024  # Discriminator hidden width (released: dsc_hidden).

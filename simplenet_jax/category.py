@@ -109,6 +109,8 @@ def fingerprint(config) -> str:
     keys['model'].pop('stop_on_saturation', None)
   if keys['model'].get('noise_shape') == 'isotropic':
     keys['model'].pop('noise_shape')
+  if keys['model'].get('coarse_scale') == 1:
+    keys['model'].pop('coarse_scale')
   syn = keys.get('synthesis', {})
   if syn.get('loss') == 'truncated_l1':
     syn.pop('loss')

@@ -178,6 +178,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(m.mix_noise >= 1, 'model.mix_noise', f'is {m.mix_noise}; must be >= 1')
   _one_of(config, 'model.noise_shape', train.NOISE_SHAPES)
   layers = len(config.backbone.layers)
+  _check(isinstance(m.coarse_scale, int) and 1 <= m.coarse_scale <= 4,
+         'model.coarse_scale', f'is {m.coarse_scale}; must be an integer '
+         'from 1 (the released features) to 4')
+  _check(m.coarse_scale == 1 or layers >= 2, 'model.coarse_scale',
+         f'is {m.coarse_scale}, but backbone.layers has one layer, which '
+         'it reads at the image size; give two layers or set it to 1')
   _check(m.noise_shape == 'isotropic' or m.target_embed_dim % layers == 0,
          'model.noise_shape', f"is 'layers', but model.target_embed_dim "
          f'({m.target_embed_dim}) is not a multiple of the {layers} '

@@ -352,7 +352,8 @@ def to_unit_float(images: jax.Array) -> jax.Array:
 
 def _features(backbone_module, layers, model_cfg, backbone_vars, images):
   return _aggregated(model_cfg, _backbone_maps(backbone_module, layers,
-                                               backbone_vars, images))
+                                               model_cfg, backbone_vars,
+                                               images))
 
 
 def _aggregated(model_cfg, maps) -> jax.Array:
@@ -504,11 +505,20 @@ def layer_taps(channels: tuple[int, ...], patch_size: int,
   return tuple(out)
 
 
-def _backbone_maps(backbone_module, layers, backbone_vars, images) -> list:
+def _backbone_maps(backbone_module, layers, model_cfg, backbone_vars,
+                   images) -> list:
   """The backbone's feature maps [(B, h_l, w_l, C_l)] of `layers`, in the
-  backbone's dtype."""
-  maps = backbone_module.apply(backbone_vars, to_unit_float(images))
-  return [maps[name] for name in layers]
+  backbone's dtype; the layers after the first from the image upsampled by
+  model.coarse_scale (a second pass) when it is above 1."""
+  x = to_unit_float(images)
+  maps = backbone_module.apply(backbone_vars, x)
+  scale = int(model_cfg.coarse_scale)
+  if scale == 1:
+    return [maps[name] for name in layers]
+  _, h, w, _ = x.shape
+  deep = backbone_module.apply(
+      backbone_vars, features_lib.resize_batch(x, (scale * h, scale * w)))
+  return [maps[layers[0]]] + [deep[name] for name in layers[1:]]
 
 
 def _folded_scores(backbone_module, layers, model_cfg, backbone_vars, fused,
@@ -523,7 +533,8 @@ def _folded_scores(backbone_module, layers, model_cfg, backbone_vars, fused,
   """
   return _folded_from_maps(
       model_cfg, fused,
-      _backbone_maps(backbone_module, layers, backbone_vars, images))
+      _backbone_maps(backbone_module, layers, model_cfg, backbone_vars,
+                     images))
 
 
 def _folded_from_maps(model_cfg, fused, maps) -> jax.Array:
@@ -718,7 +729,8 @@ def _paired_predict_fn(backbone_module, layers, model_cfg, out_hw, sigma,
   @jax.jit
   def predict(backbone_vars, fused, bank, images):
     def patch_fn(x):  # One backbone pass: the head's scores, kNN's features.
-      maps = _backbone_maps(backbone_module, layers, backbone_vars, x)
+      maps = _backbone_maps(backbone_module, layers, model_cfg,
+                            backbone_vars, x)
       return (_folded_from_maps(model_cfg, fused, maps),
               _aggregated(model_cfg, maps))
 

@@ -284,13 +284,16 @@ def exported_wrn50(tmp_path_factory, lite0_weights_dir, awkward_root,
   """Wide ResNet-50-2 with random weights, 64 px: the same, with two heads
   (model.heads=2: trained side by side, exported as one head of twice the
   width), each a deeper discriminator (model.disc_layers=3: its second
-  block runs per head in the exported graph)."""
+  block runs per head in the exported graph), layer3 read from the image
+  at twice the size (model.coarse_scale=2: a second backbone pass, in the
+  exported graph too)."""
   return _exported(tmp_path_factory, lite0_weights_dir, awkward_root,
                    jax_cache_dir, 'wrn50',
                    ('--config.backbone.name=wide_resnet50_2',
                     '--config.backbone.random_init=True',
                     '--config.model.heads=2',
-                    '--config.model.disc_layers=3'))
+                    '--config.model.disc_layers=3',
+                    '--config.model.coarse_scale=2'))
 
 
 @pytest.fixture(scope='session')

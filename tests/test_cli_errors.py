@@ -340,6 +340,8 @@ def test_eval_or_predict_before_training(tmp_path, awkward_root,
      "'diagonal'; must be one of ['isotropic', 'layers']"),
     ('model.shrink_on_saturation', 1.0,
      'config.model.shrink_on_saturation: is 1.0; must be in [0, 1) (0 = off)'),
+    ('model.coarse_scale', 0, 'config.model.coarse_scale: is 0; must be an '
+     'integer from 1 (the released features) to 4'),
     ('optim.variant', 'mine', "config.optim.variant: is 'mine'"),
     ('train.cache_dtype', 'int8', "config.train.cache_dtype: is 'int8'"),
     ('train.augment', 'mirror', "config.train.augment: is 'mirror'; must be "
@@ -401,6 +403,8 @@ def test_impossible_config_values(key, value, expected):
     ({'model.noise_shape': 'layers', 'model.target_embed_dim': 1535},
      "config.model.noise_shape: is 'layers', but model.target_embed_dim "
      "(1535) is not a multiple of the 2 backbone.layers"),
+    ({'model.coarse_scale': 2, 'backbone.layers': ('layer2',)},
+     'config.model.coarse_scale: is 2, but backbone.layers has one layer'),
 ])
 def test_synthesis_switches_that_do_not_combine(changes, expected):
   from configs import default  # pylint: disable=g-import-not-at-top

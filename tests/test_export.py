@@ -151,6 +151,7 @@ def test_parity_onnx_and_jax_export(which, request):
   assert meta['tta'] == ('flips' if which == 'knn' else 'none')
   assert meta['squash'] == ('sigmoid' if which == 'lite0' else 'none')
   assert meta['cells'] == ('measured' if which == 'knn' else 'released')
+  assert meta['model_config']['coarse_scale'] == (2 if which == 'wrn50' else 1)
   paths = sorted(exported.predictions)
   images, ref_scores, ref_maps, threshold = reference(exported, paths)
   # The reference is what main.py --mode=predict printed.

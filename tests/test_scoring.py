@@ -172,6 +172,40 @@ def test_feature_fn_aggregates_backbone_layers():
   np.testing.assert_allclose(np.asarray(as_float), np.asarray(got), atol=1e-6)
 
 
+def test_coarse_scale_reads_the_deeper_layers_from_the_image_upsampled():
+  """model.coarse_scale=2: layer3 from the image at twice the size (here on
+  layer2's grid), against jax.image.resize's bilinear upsampling (half-pixel
+  centres, as torch's align_corners=False); the folded predict path (what
+  training's threshold, predict and export score with) agrees."""
+  cfg, module, backbone_vars, images = _setup()
+  cfg.model.coarse_scale = 2
+  layers = ('layer2', 'layer3')
+  got = scoring.make_feature_fn(module, layers, cfg.model)(backbone_vars,
+                                                           images)
+  x = images.astype(np.float32) / 255.0
+  up = jax.image.resize(x, (2, 64, 80, 3), 'bilinear')
+  deep = module.apply(backbone_vars, up)['layer3']
+  assert deep.shape[1:3] == (16, 20)  # layer2's grid.
+  want = features.aggregate(
+      [module.apply(backbone_vars, x)['layer2'], deep], 24, 16, 3)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  # Not the released features (so the switch did something).
+  cfg.model.coarse_scale = 1
+  released = scoring.make_feature_fn(module, layers, cfg.model)(
+      backbone_vars, images)
+  assert np.abs(np.asarray(released) - np.asarray(got)).max() > 1e-2
+  cfg.model.coarse_scale = 2
+  state = train.create_train_state(jax.random.key(1), cfg.model, cfg.optim,
+                                   16, 1, 1)
+  head = {'params': state.params, 'batch_stats': state.batch_stats}
+  out = scoring.make_predict_fn(module, layers, cfg.model, (32, 40),
+                                cfg.eval)(backbone_vars, head, images)
+  np.testing.assert_allclose(
+      np.asarray(out['patch_scores']),
+      np.asarray(helpers.reference_patch_scores(head, want)), rtol=1e-5,
+      atol=1e-5)
+
+
 def test_predict_fn_is_consistent_with_the_parts():
   cfg, module, backbone_vars, images = _setup()
   state = train.create_train_state(jax.random.key(1), cfg.model, cfg.optim,

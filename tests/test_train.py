@@ -491,11 +491,13 @@ def test_fused_heads_score_the_mean_of_the_heads():
     ('heads', 1, 2, (0, -1), 'must be >= 1$'),
     ('pre_proj', 1, 0, (2, -1), r'must be 0 \(no adaptor\) or 1'),
     ('disc_layers', 2, 3, (1, 0), r'must be >= 2 \(one hidden block'),
+    ('coarse_scale', 1, 2, (0, 5), r'must be an integer from 1 \(the '
+     'released features\) to 4'),
 ])
 def test_later_model_keys_are_validated_and_their_released_value_keeps_the_fingerprint(
     key, released, other, bads, message):
-  """model.heads, model.pre_proj and model.disc_layers came after
-  checkpoints existed: at the released value the default config's
+  """model.heads, model.pre_proj, model.disc_layers and model.coarse_scale
+  came after checkpoints existed: at the released value the default config's
   fingerprint is the one the code before them printed, so released runs
   still resume and export; another valid value changes it; a bad one is one
   error line naming the key."""
