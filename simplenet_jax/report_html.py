@@ -211,9 +211,13 @@ def _training_text(config: dict) -> str:
   m, t = config.get('model', {}), config.get('train', {})
   augment = t.get('augment', 'none')
   views = None if augment == 'none' else augments.WORDS.get(augment)
+  # model.coarse_scale changes the features, whatever scores them.
+  scale = m.get('coarse_scale', 1)
+  features = (f'the backbone layers after the first read from the image at '
+              f'{scale}x its size; ' if scale > 1 else '')
   if m.get('method') == 'knn':
     frac = config.get('knn', {}).get('coreset_fraction')
-    return (f'kNN memory bank, coreset fraction {frac}'
+    return (features + f'kNN memory bank, coreset fraction {frac}'
             + (f'; of {views}' if views else ''))
   mode = m.get('noise_mode')
   noise = {'absolute': f"std {m.get('noise_std')}",
@@ -250,7 +254,8 @@ def _training_text(config: dict) -> str:
               'another image'
               + (' where a category trains on flips'
                  if t.get('neighbour_mix_when') == 'flips' else '') + ', ')
-  return (heads + f"{t.get('num_passes')} passes, batch {t.get('batch_size')}, "
+  return (features + heads +
+          f"{t.get('num_passes')} passes, batch {t.get('batch_size')}, "
           f"noise {mode}: {noise}" + (f'; synthesis: {extras}' if extras
                                       else '') + other)
 

@@ -400,6 +400,15 @@ def test_run_section_names_the_method_and_its_noise():
   assert report_html._training_text(stop.to_dict()) == (  # pylint: disable=protected-access
       '160 passes, batch 4, noise absolute: std 0.015 (x0.25, trained '
       'again, if the loss saturates; training stops if it saturates again)')
+  coarse = default.get_config()
+  coarse.model.coarse_scale = 2
+  assert report_html._training_text(coarse.to_dict()) == (  # pylint: disable=protected-access
+      'the backbone layers after the first read from the image at 2x its '
+      'size; 160 passes, batch 4, noise absolute: std 0.015')
+  coarse.model.method = 'knn'
+  assert report_html._training_text(coarse.to_dict()).startswith(  # pylint: disable=protected-access
+      'the backbone layers after the first read from the image at 2x its '
+      'size; kNN memory bank')
   layered = default.get_config()
   layered.model.noise_shape = 'layers'
   assert report_html._training_text(layered.to_dict()) == (  # pylint: disable=protected-access
