@@ -492,7 +492,7 @@ def test_fused_heads_score_the_mean_of_the_heads():
     ('pre_proj', 1, 0, (2, -1), r'must be 0 \(no adaptor\) or 1'),
     ('disc_layers', 2, 3, (1, 0), r'must be >= 2 \(one hidden block'),
     ('coarse_scale', 1, 2, (0, 5), r'must be an integer from 1 \(the '
-     'released features\) to 4'),
+     r'released features\) to 4'),
 ])
 def test_later_model_keys_are_validated_and_their_released_value_keeps_the_fingerprint(
     key, released, other, bads, message):
