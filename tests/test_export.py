@@ -7,8 +7,8 @@ eval.tta='flips'; Lite0 with a bfloat16 backbone): ONNX Runtime and the
 reloaded jax.export artifact against predict's maths on the same images,
 image scores within 1e-4 relative, maps within 1e-4 of the map's range,
 identical decisions (bfloat16: the ONNX graph against predict with a
-float32 backbone, the jax.export within bfloat16's precision). The CLI-to-CLI comparison (serve vs --mode=predict) is
-in test_serve.py.
+float32 backbone, the jax.export within bfloat16's precision). The
+CLI-to-CLI comparison (serve vs --mode=predict) is in test_serve.py.
 """
 
 import hashlib
