@@ -16,13 +16,17 @@ config overrides (ROWS); 'base+key=value+...' adds or changes keys, e.g.
 'spread+backbone.layers=["layer1","layer2"]'.
 
 Sets: cookies (../shared/datasets/cookies, 576x768 photos resized whole
-to 128x128, configs/demo.py's texture size, so that no part of a cookie is
-cropped away; 'cookies256' the same at 256x256, configs/folder.py's size
-for users' photos; 'cookies_crop' is the object transform instead: shorter
-side 256, centre crop 224) and the offline demo's brick, grass, gravel
-(generated once under --workdir, 128 px; --train-tiles N builds them with
-N training tiles instead of 20, the same band cut more often, recorded as
-'gravel@N': docs/quality.md's twelfth round). One JSON line
+to 128x128, configs/demo.py's size until the sixty-first round, so that no
+part of a cookie is cropped away; 'cookies256' the same at 256x256, the
+size of configs/folder.py and now configs/demo.py; 'cookies_crop' is the
+object transform instead: shorter side 256, centre crop 224) and the
+offline demo's brick, grass, gravel (generated once under --workdir as
+128 px tiles and read at 128x128; 'brick256', 'grass256', 'gravel256' the
+same tiles read at 256x256, configs/demo.py's size; --train-tiles N
+builds them with N training tiles instead of 20, the same band cut more
+often, recorded as 'gravel@N': docs/quality.md's twelfth round). Each
+set's size is its own, whatever the row says; a row can still change it
+('+dataset.texture_resize=...'). One JSON line
 per run goes to --out: the three metrics, kNN's on the same features
 (eval.yardstick, on in configs/demo.py; not for the knn rows), the median
 seconds per pass (log.jsonl's pass_s, the first pass left out: it compiles),
@@ -52,7 +56,9 @@ from simplenet_jax import experiment
 from simplenet_jax import report
 from simplenet_jax.data import demo as demo_data
 
-SETS = ('cookies', 'cookies256', 'cookies_crop', 'brick', 'grass', 'gravel')
+SETS = ('cookies', 'cookies256', 'cookies_crop', 'brick', 'grass', 'gravel',
+        'brick256', 'grass256', 'gravel256')
+DEMO_SETS = ('brick', 'grass', 'gravel')  # A demo mean: these, one size.
 SHARED_DATASETS = os.path.join(os.path.dirname(ROOT), 'shared', 'datasets')
 METRICS = report.METRICS
 
@@ -188,6 +194,13 @@ def split_rows(rows: str) -> list[str]:
   return out + [rows[start:]]
 
 
+def split_set(name: str) -> tuple[str, int]:
+  """A set's category and the size its images are squared to:
+  'gravel256' -> ('gravel', 256), 'cookies' -> ('cookies', 128)."""
+  base = name.removesuffix('_crop').removesuffix('256')
+  return base, 256 if name.endswith('256') else 128
+
+
 def set_config(name: str, row: str, seed: int, args):
   """configs/demo.py pointed at one set, with the row's keys."""
   c = demo_config.get_config()
@@ -195,21 +208,20 @@ def set_config(name: str, row: str, seed: int, args):
   c.backbone.weights_dir = args.weights_dir
   c.dataset.num_workers = 2
   c.dataset.kind = 'mvtec'
-  c.dataset.categories = (name,)
-  if name.startswith('cookies'):  # One category, three geometries.
+  base, size = split_set(name)
+  c.dataset.texture_resize = size
+  if base == 'cookies':  # One category, three geometries.
     c.dataset.root = SHARED_DATASETS
     c.dataset.categories = ('cookies',)
     if name != 'cookies_crop':  # Whole photos, squared.
       c.dataset.textures = ('cookies',)
-    if name == 'cookies256':
-      c.dataset.texture_resize = 256
   else:  # The demo's categories, generated once, read as textures.
     tiles = args.train_tiles
     c.dataset.root = str(demo_data.build(
         os.path.join(args.workdir, f'demo_data_{tiles}' if tiles
                      else 'demo_data'),
         **({'num_train': tiles} if tiles else {})))
-    c.dataset.textures = (name,)
+    c.dataset.categories = c.dataset.textures = (base,)
   c.eval.visualize = 'none'
   c.eval.feature_histogram = False
   c.report.html = False
@@ -297,11 +309,15 @@ def table(path: str) -> str:
                 key=lambda s: (order.get(s.split('@')[0], len(SETS)), s))
   rows = list(dict.fromkeys(k[0] for k in groups))
 
+  # A demo mean column per size whose three demo sets are all tabled.
+  means = [m for m in ('', '256')
+           if all(d + m in sets for d in DEMO_SETS)] or ['']
   lines = ['| row | ' + ' | '.join(f'{s} I / P / PRO' for s in sets) +
-           ' | demo mean I / P / PRO | s/pass |',
-           '|---|' + '---|' * (len(sets) + 2)]
+           ''.join(f' | demo{m} mean I / P / PRO' for m in means) +
+           ' | s/pass |',
+           '|---|' + '---|' * (len(sets) + len(means) + 1)]
   for row in rows:
-    cells, demo, tpp = [], [], []
+    cells, demo, tpp = [], {m: [] for m in means}, []
     for s in sets:
       rs = groups.get((row, s), [])
       if not rs:
@@ -309,12 +325,14 @@ def table(path: str) -> str:
         continue
       cells.append(' / '.join(cell(rs, k) for k in METRICS) +
                    f' (n={len(rs)})')
-      if s in ('brick', 'grass', 'gravel'):  # The demo's own tiles.
-        demo.append([np.mean([r[k] for r in rs]) for k in METRICS])
+      for m in means:
+        if s in (d + m for d in DEMO_SETS):  # The demo's own tiles.
+          demo[m].append([np.mean([r[k] for r in rs]) for k in METRICS])
       tpp += [r['sec_per_pass'] for r in rs if r.get('sec_per_pass')]
-    dm = (' / '.join(f'{100 * v:.1f}' for v in np.mean(demo, 0))
-          if len(demo) == 3 else '')
-    lines.append(f'| {row} | ' + ' | '.join(cells) + f' | {dm} | ' +
+    dm = ''.join(
+        ' | ' + (' / '.join(f'{100 * v:.1f}' for v in np.mean(demo[m], 0))
+                 if len(demo[m]) == 3 else '') for m in means)
+    lines.append(f'| {row} | ' + ' | '.join(cells) + f'{dm} | ' +
                  (f'{np.median(tpp):.2f}' if tpp else '-') + ' |')
   # What the stored decision threshold does, summed over seeds (runs from
   # before results.json had 'decisions' are left out).
@@ -354,7 +372,7 @@ def main(argv=None):
     if unknown:
       raise SystemExit(f'--sets: unknown {", ".join(unknown)}; sets: '
                        f'{", ".join(SETS)}')
-    if a.train_tiles and any(s.startswith('cookies')
+    if a.train_tiles and any(split_set(s)[0] == 'cookies'
                              for s in a.sets.split(',')):
       raise SystemExit('--train-tiles: only for the demo sets (brick, '
                        'grass, gravel); the cookies photos are fixed')

@@ -168,24 +168,51 @@ def test_rows_score_as_released_unless_named(tmp_path):
   assert (shipped.model.hidden, shipped.model.heads) == (1024, 3)
 
 
-def test_cookies_sets_are_the_geometries_they_name(tmp_path):
-  """'cookies' is whole photos at the demo config's 128x128, 'cookies256'
-  at the folder config's 256x256, 'cookies_crop' the object transform."""
+def test_sets_are_the_geometries_they_name(tmp_path):
+  """'cookies' is whole photos at 128x128 (the demo config's size until the
+  sixty-first round), 'cookies256' at the folder and demo configs' 256x256,
+  'cookies_crop' the object transform; the demo's tiles at 128 unless the
+  name says 256, whatever configs/demo.py's size."""
   import types  # pylint: disable=g-import-not-at-top
-  from configs import folder  # pylint: disable=g-import-not-at-top
+  from configs import demo, folder  # pylint: disable=g-import-not-at-top
   from simplenet_jax.data import images  # pylint: disable=g-import-not-at-top
   args = types.SimpleNamespace(workdir=str(tmp_path), passes=0,
                                weights_dir='pretrained', train_tiles=0)
 
-  def geometry(name):
+  def geometry(name, category):
     c = quality.set_config(name, 'knn', 0, args)
-    kind = 'texture' if 'cookies' in c.dataset.textures else 'object'
+    assert c.dataset.categories == (category,), name
+    kind = 'texture' if category in c.dataset.textures else 'object'
     return images.geometry_for(c.dataset, kind)
 
-  assert geometry('cookies') == images.Geometry(square=128)
-  assert geometry('cookies256') == images.Geometry(square=256)
+  assert geometry('cookies', 'cookies') == images.Geometry(square=128)
+  assert geometry('cookies256', 'cookies') == images.Geometry(square=256)
   assert folder.get_config().dataset.texture_resize == 256
-  assert geometry('cookies_crop') == images.Geometry(shorter=256, crop=224)
+  assert demo.get_config().dataset.texture_resize == 256
+  assert (geometry('cookies_crop', 'cookies') ==
+          images.Geometry(shorter=256, crop=224))
+  assert geometry('gravel', 'gravel') == images.Geometry(square=128)
+  assert geometry('gravel256', 'gravel') == images.Geometry(square=256)
+  # A row's own size still wins.
+  c = quality.set_config('brick', 'knn+dataset.texture_resize=64', 0, args)
+  assert c.dataset.texture_resize == 64
+
+
+def test_a_demo_mean_per_size(tmp_path):
+  path = tmp_path / 'q.jsonl'
+  recs = []
+  for i, name in enumerate(('brick', 'grass', 'gravel')):
+    for size, base in (('', 0.5), ('256', 0.8)):
+      r = _rec('spread', 0, (base + 0.01 * i, base + 0.02 * i, base), None)
+      r['set'] = name + size
+      recs.append(r)
+  path.write_text(''.join(json.dumps(r) + '\n' for r in recs))
+  header, _, row = quality.table(str(path)).splitlines()[:3]
+  assert header.endswith('| demo mean I / P / PRO | demo256 mean I / P / PRO '
+                         '| s/pass |')
+  # By hand: 128 px (50 + 51 + 52) / 3 = 51, (50 + 52 + 54) / 3 = 52, 50;
+  # 256 px 81, 82, 80.
+  assert row.endswith('| 51.0 / 52.0 / 50.0 | 81.0 / 82.0 / 80.0 | 0.50 |')
 
 
 def test_train_tiles_build_their_own_data_and_label(tmp_path):

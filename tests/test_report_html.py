@@ -487,7 +487,7 @@ def test_run_section_says_how_each_kind_of_image_was_sized():
   assert geometry(mvtec, ['texture', 'object']) == (
       '; textures shorter side 256, no crop; objects shorter side 256, no crop')
   demo = demo_config.get_config().dataset.to_dict()
-  assert geometry(demo, ['texture'] * 3) == '; textures resized whole to 128x128'
+  assert geometry(demo, ['texture'] * 3) == '; textures resized whole to 256x256'
   # The user's photos are no MVTec class: one geometry, no kind named.
   assert geometry(folder.get_config().dataset.to_dict(), ['texture']) == (
       '; resized whole to 256x256')
@@ -511,7 +511,7 @@ def test_run_section_says_where_the_images_came_from():
       'categories folder; resized whole to 256x256')
   demo = demo_config.get_config().dataset.to_dict()
   assert data(demo, [{'category': 'brick', 'kind': 'texture'}]) == (
-      'demo; categories brick; textures resized whole to 128x128')
+      'demo; categories brick; textures resized whole to 256x256')
 
 
 def test_record_round_trip_replaces_old_tiles(tmp_path):
