@@ -14,11 +14,12 @@ Each choice is a switch; docs/switches.md describes each in full with the
 measurements behind it, and docs/quality.md has every round's runs.
 - The 128 px tiles are read at 256x256 (dataset.texture_resize), the
   folder config's size for photos: the backbone's grid is then 32 x 32
-  cells, the released code's density (16 x 16 at 128 px, where a cell of
-  Lite0's layer 3 sees much of the image and the head trails kNN's
-  localisation of the cookie photos; docs/quality.md, sixty-first round).
-  About 4x the time of 128 px: --config.dataset.texture_resize=128 is
-  the quicker look (the configs of the thirty-ninth to sixtieth rounds).
+  cells, as the released code's 224-288 px give 28-36. At 128 px (16 x 16
+  cells) a cell of Lite0's layer 3 sees much of the image and the head
+  trails kNN's localisation of the cookie photos (docs/quality.md,
+  sixty-first round). About 4x the time of 128 px:
+  --config.dataset.texture_resize=128 is the quicker look (this config in
+  the thirty-ninth to sixtieth rounds).
 - Noise std 0.4 x the centred spread of the adapted features
   (model.noise_mode='spread'; the released absolute 0.015 was tuned for
   WRN50-2's features) and GLASS's gradient-ascent synthesis with the
@@ -70,8 +71,8 @@ def get_config():
   c.backbone.layers = ('layer2', 'layer3')
   c.dataset.kind = 'demo'
   c.dataset.categories = ('all',)
-  # The tiles read at 256x256, the folder config's size: the released
-  # code's grid density (32 x 32 cells for layer 2), 4x the cells of 128.
+  # The tiles read at 256x256, the folder config's size: a 32 x 32 grid,
+  # near the released code's density; 4x the cells of 128 px.
   c.dataset.texture_resize = 256
   c.dataset.num_workers = 4
   c.model.pretrain_embed_dim = 384
