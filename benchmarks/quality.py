@@ -25,8 +25,8 @@ offline demo's brick, grass, gravel (generated once under --workdir as
 same tiles read at 256x256, configs/demo.py's size; --train-tiles N
 builds them with N training tiles instead of 20, the same band cut more
 often, recorded as 'gravel@N': docs/quality.md's twelfth round). Each
-set's size is its own, whatever the row says; a row can still change it
-('+dataset.texture_resize=...'). One JSON line
+set's size is its own, not configs/demo.py's, so earlier rows reproduce;
+a row's '+dataset.texture_resize=...' still changes it. One JSON line
 per run goes to --out: the three metrics, kNN's on the same features
 (eval.yardstick, on in configs/demo.py; not for the knn rows), the median
 seconds per pass (log.jsonl's pass_s, the first pass left out: it compiles),
