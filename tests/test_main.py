@@ -199,13 +199,13 @@ def test_augment_auto_trains_on_flips_only_where_they_look_normal(
   """configs/demo.py's train.augment='auto' from main.py, two categories
   with train.categories_per_step=2: at 64 px the brick tiles' flips look
   normal to the check and grass's do not (at the demo's 256 px, and at
-  128, neither does; the cookie photos' do: docs/quality.md, thirty-first round). The
-  console and the report say what each chose and why; brick trains on 4x
-  the rows for a quarter of the passes, its features moved toward
-  neighbours (the demo config's train.neighbour_mix_when='flips'), grass
-  on its tiles for all of them, unmoved, each on its own; eval, predict
-  and export take the same --config (checkpoints are fingerprinted with
-  the config as given)."""
+  128, neither does; the cookie photos' do: docs/quality.md, thirty-first
+  round). The console and the report say what each chose and why; brick
+  trains on 4x the rows for a quarter of the passes, its features moved
+  toward neighbours (the demo config's train.neighbour_mix_when='flips'),
+  grass on its tiles for all of them, unmoved, each on its own; eval,
+  predict and export take the same --config (checkpoints are
+  fingerprinted with the config as given)."""
   workdir = tmp_path / 'auto'
   args = ['--config', 'configs/demo.py', '--workdir', str(workdir),
           f'--config.backbone.weights_dir={weights_dir}',
