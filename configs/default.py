@@ -58,7 +58,8 @@ def get_config():
   # The backbone layers after the first read the image upsampled by this
   # factor (bilinear); 1 = the released features. With 2 a stride-16 layer
   # lands on a stride-8 layer's grid and sees half the share of the image,
-  # so a defect's trace reaches fewer cells round it (docs/switches.md).
+  # so a defect's trace reaches fewer cells round it: for images at 128 px;
+  # at 256 px it lost in every column (docs/switches.md).
   c.model.coarse_scale = 1
   c.model.pretrain_embed_dim = 1536
   c.model.target_embed_dim = 1536
